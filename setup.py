@@ -1,0 +1,53 @@
+"""Builds the llama2 package and its compiled extension, llama2_C.
+
+    pip install --no-build-isolation -e .
+
+The CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built. The CUDA kernels (csrc/cuda/*.cu)
+are added whenever torch is a CUDA build and nvcc is found (CUDA_HOME, e.g. /usr/local/cuda);
+TORCH_CUDA_ARCH_LIST narrows the GPU architectures (CI uses 9.0). LLAMA2_NO_CUDA=1 skips them.
+Without the extension, llama2.py runs its plain PyTorch reference path.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda():
+    if os.environ.get("LLAMA2_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if os.environ.get("LLAMA2_PORTABLE") != "1":
+        cxx.append("-march=native")  # the machine that builds is the machine that runs (pip install -e)
+    cuda_sources = rel("csrc/cuda/*.cu")
+    if want_cuda() and cuda_sources:
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
+        return CUDAExtension("llama2_C", sources + cuda_sources,
+                             extra_compile_args={"cxx": cxx + ["-DLLAMA2_WITH_CUDA"], "nvcc": nvcc},
+                             extra_link_args=["-fopenmp"])
+    return CppExtension("llama2_C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="llama2",
+    version="0.1.0",
+    description="The whole Llama 2 recipe, readable: model, kernels, pretraining, SFT, GAtt, RM, RLHF",
+    py_modules=[m for m in ("llama2", "llama2_kernels", "training", "world")
+                if os.path.exists(os.path.join(HERE, m + ".py"))],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+)
