@@ -1,0 +1,922 @@
+"""A simulated chat world: tasks whose answers code can check, standing instructions, and a judge.
+
+Llama 2's later stages need human demonstrations (SFT), human preference ratings (the reward model)
+and a way to tell whether the model really got better (RLHF, Ghost Attention). Offline, on a laptop,
+we stand in for the humans with this world, in the spirit of AlpacaFarm's simulated annotators:
+
+- task families (addition, subtraction, comparing, spelling, reversing, counting letters, sorting,
+  a capital-city lookup), each with a seeded prompt generator, several phrasings, a difficulty
+  knob (levels 1..4) and a reference answer; a fixed 10% of problems (by a hash of the canonical
+  problem) is held out and never appears in training data;
+- standing instructions of the kind Ghost Attention is for ("answer in capital letters", "start
+  every answer with Ahoy!", ...), each with a text form and a checker `obeys(response)`;
+- a deterministic judge `score(dialog, response)` and a simulated annotator `prefer(dialog, a, b)`;
+- generators for SFT data (JSONL, one {"messages": [...]} per line), held-out eval prompts,
+  12-turn eval dialogs, and the building blocks of GAtt data.
+
+The judge reads everything it needs from the dialog text itself (the prompt is parsed back into its
+problem, the instructions in force are found in the system message or user messages), so it works
+on any dialog the world made, including ones written to JSONL and read back. It imports no model.
+
+    python world.py sft  --n 20000 --out data/sft.jsonl --seed 0
+    python world.py eval --n 500 --out data/eval.jsonl --seed 1
+    python world.py eval --kind multiturn --n 50 --turns 12 --out data/eval_mt.jsonl --seed 2
+    python world.py text --n 20000 --out data/world.txt      # text to train the tokenizer on
+    python world.py demo
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+LEVELS = (1, 2, 3, 4)
+HELDOUT_PERCENT = 10  # share of canonical problems held out for evaluation
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary: a small fixed set of words and facts, so a tiny model and tokenizer can cope.
+
+WORDS = {  # by difficulty level: longer words are harder to spell, reverse and count in
+    1: "cat dog sun moon star tree bird fish king rose ship sea wind rain gold milk book door "
+       "fire lamp bell road hill lake wolf frog duck owl cup hat map pen".split(),
+    2: "apple bread river stone tiger horse queen crown sword honey lemon money music ocean "
+       "paper plant tower water garden castle forest candle silver winter summer flower dragon "
+       "pepper rabbit letter bottle mirror".split(),
+    3: "kitchen lantern monster morning picture rainbow thunder blanket captain chicken diamond "
+       "giraffe library mountain elephant treasure squirrel umbrella sunshine princess dinosaur "
+       "notebook airplane birthday football hospital daughter shoulder triangle painting".split(),
+    4: "adventure butterfly chocolate crocodile dangerous education furniture invisible "
+       "beautiful wonderful strawberry basketball friendship helicopter lighthouse playground "
+       "restaurant television vegetables watermelon everything grandmother imagination "
+       "understand electricity information temperature mathematics celebration".split(),
+}
+
+CAPITALS = {  # the fixed lookup table (single-word names only, so prompts parse unambiguously)
+    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin",
+    "Austria": "Vienna", "Greece": "Athens", "Egypt": "Cairo", "Japan": "Tokyo",
+    "China": "Beijing", "Russia": "Moscow", "Poland": "Warsaw", "Norway": "Oslo",
+    "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Ireland": "Dublin",
+    "Portugal": "Lisbon", "Hungary": "Budapest", "Peru": "Lima", "Chile": "Santiago",
+    "Kenya": "Nairobi", "Canada": "Ottawa", "Cuba": "Havana", "Turkey": "Ankara",
+    "Thailand": "Bangkok", "Iran": "Tehran",
+}
+
+NEUTRAL_SYSTEM = [  # system messages that carry no standing instruction
+    "You are a helpful assistant.",
+    "You are a careful assistant who answers questions about numbers and words.",
+    "Answer the user's questions correctly and briefly.",
+]
+
+
+def _word_level(word: str) -> int:
+    n = len(word)
+    return 1 if n <= 4 else 2 if n <= 6 else 3 if n <= 8 else 4
+
+
+def _join_names(names: list[str]) -> str:
+    # "A", "A and B", "A, B and C"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _split_items(text: str) -> list[str]:
+    # "a, b and c" / "a, b, c" -> ["a", "b", "c"]
+    return [s.strip() for s in re.split(r",\s*|\s+and\s+", text) if s.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Task families. A problem is (family, fields): the fields are the strings that fill a template's
+# {placeholders}, so a prompt can be parsed back into its problem with a regular expression.
+
+# how each placeholder looks in a prompt
+_FIELD_RE = {
+    "a": r"\d+", "b": r"\d+", "word": r"[a-z]+", "letter": r"[a-z]",
+    "which": r"larger|smaller", "order": r"smallest to largest|largest to smallest",
+    "nums": r"\d+(?:, \d+)+", "countries": r"[A-Z][a-z]+(?:(?:, | and )[A-Z][a-z]+)*",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One task family: how to sample a problem at a level, its prompts, and its answer.
+
+    kind says how the judge compares an extracted answer with the reference (see `score`):
+    "number" (partial credit per digit), "letters" (per letter), "items" (per list item),
+    "exact" (no partial credit).
+    """
+    name: str
+    kind: str
+    templates: tuple[str, ...]
+    sample: Callable[[random.Random, int], dict]     # (rng, level) -> fields
+    answer: Callable[[dict], str]                    # fields -> reference answer
+    level: Callable[[dict], int]                     # fields -> difficulty level 1..4
+    phrasings: tuple[str, ...] = ()                  # family-specific ways a human answers
+    usable: Callable[[str, dict], bool] = lambda template, fields: True
+
+
+def _n_digits(rng: random.Random, d: int) -> int:
+    return rng.randint(0 if d == 1 else 10 ** (d - 1), 10 ** d - 1)
+
+
+def _sample_add(rng, level):
+    return {"a": str(_n_digits(rng, level)), "b": str(_n_digits(rng, level))}
+
+
+def _sample_sub(rng, level):
+    a = _n_digits(rng, level)
+    b = rng.randint(0, a)
+    return {"a": str(a), "b": str(b)}
+
+
+def _sample_compare(rng, level):
+    # numbers of level+1 digits that share a random-length prefix: the longer it is, the closer
+    d = level + 1
+    while True:
+        a, b = _n_digits(rng, d), _n_digits(rng, d)
+        keep = rng.randint(0, d - 1)
+        b = int(str(a)[:keep] + str(b)[keep:])
+        if a != b and len(str(b)) == d:
+            return {"a": str(a), "b": str(b), "which": rng.choice(["larger", "smaller"])}
+
+
+def _sample_word(rng, level):
+    return {"word": rng.choice(WORDS[level])}
+
+
+def _sample_count(rng, level):
+    word = rng.choice(WORDS[level])
+    # mostly a letter of the word; sometimes one it lacks (the answer is then 0)
+    if rng.random() < 0.8:
+        letter = rng.choice(sorted(set(word)))
+    else:
+        letter = rng.choice(sorted(set("abcdefghijklmnopqrstuvwxyz") - set(word)))
+    return {"word": word, "letter": letter}
+
+
+def _sample_sort(rng, level):
+    nums = rng.sample(range(1, 100), level + 2)
+    return {"nums": ", ".join(map(str, nums)),
+            "order": rng.choice(["smallest to largest", "largest to smallest"])}
+
+
+def _sample_lookup(rng, level):
+    return {"countries": _join_names(rng.sample(sorted(CAPITALS), level))}
+
+
+def _sorted_answer(f):
+    nums = sorted(int(x) for x in f["nums"].split(", "))
+    return ", ".join(map(str, nums if f["order"].startswith("smallest") else nums[::-1]))
+
+
+def _compare_answer(f):
+    a, b = int(f["a"]), int(f["b"])
+    return str(max(a, b) if f["which"] == "larger" else min(a, b))
+
+
+def _lookup_answer(f):
+    return ", ".join(CAPITALS[c] for c in _split_items(f["countries"]))
+
+
+def _lookup_usable(template, f):
+    # singular wording for one country, plural wording for several
+    return ("capitals" in template) == (len(_split_items(f["countries"])) > 1)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("add", "number", (
+        "What is {a} plus {b}?", "Add {a} and {b}.", "What do you get if you add {a} to {b}?",
+        "Compute {a} + {b}.", "Please work out the sum of {a} and {b}."),
+        _sample_add, lambda f: str(int(f["a"]) + int(f["b"])),
+        lambda f: max(len(f["a"]), len(f["b"])),
+        ("{a} plus {b} is {ans}.", "The sum is {ans}.")),
+    Family("sub", "number", (
+        "What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}.",
+        "What do you get if you take {b} away from {a}?", "Please work out {a} minus {b}."),
+        _sample_sub, lambda f: str(int(f["a"]) - int(f["b"])), lambda f: len(f["a"]),
+        ("{a} minus {b} is {ans}.", "The difference is {ans}.")),
+    Family("compare", "exact", (
+        "Which is {which}, {a} or {b}?", "Which number is {which}: {a} or {b}?",
+        "Of {a} and {b}, which is {which}?",
+        "Tell me the {which} of these two numbers: {a}, {b}."),
+        _sample_compare, _compare_answer, lambda f: min(4, max(1, len(f["a"]) - 1)),
+        ("The {which} number is {ans}.", "The {which} one is {ans}.")),
+    Family("spell", "letters", (
+        "Spell the word {word}.", "Spell {word} letter by letter.", "Spell out {word}.",
+        "What are the letters of {word}, in order?"),
+        _sample_word, lambda f: "-".join(f["word"]), lambda f: _word_level(f["word"]),
+        ("The spelling is {ans}.", "Letter by letter, it is {ans}.")),
+    Family("reverse", "letters", (
+        "Spell the word {word} backwards.", "Reverse the letters of {word}.",
+        "What is {word} spelled backwards?", "Spell {word} from the last letter to the first."),
+        _sample_word, lambda f: "-".join(reversed(f["word"])), lambda f: _word_level(f["word"]),
+        ("Backwards, {word} is {ans}.", "Reversed, it is {ans}.")),
+    Family("count", "exact", (
+        "How many times does the letter {letter} appear in {word}?",
+        "Count the letter {letter} in the word {word}.", "How many {letter}'s are in {word}?",
+        "In the word {word}, how many times does {letter} occur?"),
+        _sample_count, lambda f: str(f["word"].count(f["letter"])),
+        lambda f: _word_level(f["word"]),
+        ("The count is {ans}.", "The letter {letter} appears this many times: {ans}.")),
+    Family("sort", "items", (
+        "Sort these numbers from {order}: {nums}.", "Put {nums} in order from {order}.",
+        "Order from {order}: {nums}.", "Arrange the numbers {nums} from {order}."),
+        _sample_sort, _sorted_answer, lambda f: min(4, len(f["nums"].split(", ")) - 2),
+        ("In order, they are {ans}.", "Sorted, the numbers are {ans}.")),
+    Family("lookup", "items", (
+        "What is the capital of {countries}?", "Name the capital of {countries}.",
+        "Which city is the capital of {countries}?", "What are the capitals of {countries}?",
+        "Name the capitals of {countries}, in order.", "List the capitals of {countries}."),
+        _sample_lookup, _lookup_answer, lambda f: min(4, len(_split_items(f["countries"]))),
+        ("The answer is {ans}.",), _lookup_usable),
+]}
+
+# phrasings any family may use; every phrasing puts the answer after the last "is"/"are"/":"
+COMMON_PHRASINGS = ("{ans}", "The answer is {ans}.", "It is {ans}.")
+
+
+def _template_regex(template: str) -> re.Pattern:
+    # "What is {a} plus {b}?" -> ^What\ is\ (?P<a>\d+)\ plus\ (?P<b>\d+)\?$
+    parts = re.split(r"\{(\w+)\}", template)
+    out = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_FIELD_RE[p]})"
+                  for i, p in enumerate(parts))
+    return re.compile(out)
+
+
+_PARSERS = [(fam, _template_regex(t)) for fam in FAMILIES.values() for t in fam.templates]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A canonical problem: a family and the fields of its prompt templates."""
+    family: str
+    fields: tuple[tuple[str, str], ...]  # sorted (name, value) pairs, so problems hash and compare
+
+    @property
+    def f(self) -> dict:
+        return dict(self.fields)
+
+    @property
+    def key(self) -> str:
+        """Canonical text of the problem, independent of the phrasing: what the split hashes."""
+        return self.family + "|" + "|".join(f"{k}={v}" for k, v in self.fields)
+
+    @property
+    def answer(self) -> str:
+        return FAMILIES[self.family].answer(self.f)
+
+    @property
+    def level(self) -> int:
+        return FAMILIES[self.family].level(self.f)
+
+    @property
+    def heldout(self) -> bool:
+        return is_heldout(self)
+
+    def prompt(self, rng: random.Random) -> str:
+        """One phrasing of the problem, chosen with rng."""
+        fam = FAMILIES[self.family]
+        templates = [t for t in fam.templates if fam.usable(t, self.f)]
+        return rng.choice(templates).format(**self.f)
+
+
+def make_problem(family: str, fields: dict) -> Problem:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+    return Problem(family, tuple(sorted(fields.items())))
+
+
+def is_heldout(problem: Problem) -> bool:
+    """True for the fixed ~10% of problems reserved for evaluation (a hash of the canonical key)."""
+    h = int(hashlib.sha256(problem.key.encode()).hexdigest()[:8], 16)
+    return h % 100 < HELDOUT_PERCENT
+
+
+def sample_problem(rng: random.Random, split: str = "train", family: str | None = None,
+                   level: int | None = None) -> Problem:
+    """Sample a problem of the given split ("train" or "heldout"), family and level (random if None).
+
+    Rejection sampling on the hash split; family and level are re-drawn when left open.
+    """
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    for _ in range(10_000):
+        fam = FAMILIES[family or rng.choice(sorted(FAMILIES))]
+        lvl = level or rng.choice(LEVELS)
+        p = make_problem(fam.name, fam.sample(rng, lvl))
+        if p.heldout == (split == "heldout"):
+            return p
+    raise RuntimeError(f"no {split} problem found for family={family} level={level}")
+
+
+def parse_prompt(text: str) -> Problem | None:
+    """The problem a prompt states (instruction text already removed), or None if it is not one."""
+    text = text.strip()
+    for fam, rx in _PARSERS:
+        m = rx.fullmatch(text)
+        if m is None:
+            continue
+        fields = {k: v for k, v in m.groupdict().items()}
+        try:
+            fam.answer(fields)  # e.g. an unknown country
+        except (KeyError, ValueError):
+            continue
+        return make_problem(fam.name, fields)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Standing instructions: hold for the whole dialog once given; each has a checker.
+
+WORD_LIMIT = 8
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A standing instruction: its full and shortened wording, a checker, and how to obey it."""
+    name: str
+    text: str                        # full wording, e.g. used as a system message
+    short: str                       # shortened wording (the paper sometimes shortened them)
+    obeys: Callable[[str], bool]     # response -> does it follow the instruction
+    decorate: Callable[[str], str]   # how a careful human changes an answer to obey
+
+    @property
+    def wordings(self) -> tuple[str, str]:
+        return (self.text, self.short)
+
+
+def _obeys_brackets(r: str) -> bool:
+    # exactly one [...] pair, in that order, with something inside
+    return (r.count("[") == 1 and r.count("]") == 1 and r.index("[") < r.index("]")
+            and r[r.index("[") + 1:r.index("]")].strip() != "")
+
+
+INSTRUCTIONS: dict[str, Instruction] = {i.name: i for i in [
+    Instruction("caps", "Always answer in capital letters.", "Answer in caps.",
+                lambda r: re.search(r"[a-z]", r) is None, str.upper),
+    Instruction("lower", "Always answer in lowercase letters only.", "Lowercase only.",
+                lambda r: re.search(r"[A-Z]", r) is None, str.lower),
+    Instruction("pirate", 'You are Captain Finn, a pirate: start every answer with "Ahoy!"',
+                "Act as Captain Finn: begin with Ahoy!",
+                lambda r: r.lstrip().lower().startswith("ahoy!"), lambda a: "Ahoy! " + a),
+    Instruction("robot", 'You are Robo the robot: end every answer with "Beep boop."',
+                "Be Robo: end with Beep boop.",
+                lambda r: r.rstrip().lower().endswith("beep boop."), lambda a: a + " Beep boop."),
+    Instruction("brackets", "Put your final answer in square brackets.", "Answer in brackets.",
+                _obeys_brackets, lambda a: a),  # brackets go around the answer itself, see below
+    Instruction("words", f"Answer in at most {WORD_LIMIT} words.", f"Max {WORD_LIMIT} words.",
+                lambda r: len(r.split()) <= WORD_LIMIT, lambda a: a),
+]}
+
+# pairs that contradict each other are never combined
+INCOMPATIBLE = {frozenset({"caps", "lower"}), frozenset({"pirate", "robot"})}
+COMPATIBLE_PAIRS = [(a, b) for i, a in enumerate(INSTRUCTIONS) for b in list(INSTRUCTIONS)[i + 1:]
+                    if frozenset({a, b}) not in INCOMPATIBLE]
+
+
+@dataclass(frozen=True)
+class Standing:
+    """One instruction or a compatible pair of them, with the wording actually used."""
+    names: tuple[str, ...]
+    text: str
+
+    @property
+    def parts(self) -> list[Instruction]:
+        return [INSTRUCTIONS[n] for n in self.names]
+
+    def obeys(self, response: str) -> bool:
+        return all(i.obeys(response) for i in self.parts)
+
+
+def standing(*names: str, short: bool = False) -> Standing:
+    """Build a Standing from instruction names, e.g. standing("caps", "brackets")."""
+    for n in names:
+        if n not in INSTRUCTIONS:
+            raise ValueError(f"unknown instruction {n!r}; known: {sorted(INSTRUCTIONS)}")
+    if len(names) == 2 and frozenset(names) in INCOMPATIBLE:
+        raise ValueError(f"instructions {names} contradict each other; pick a compatible pair")
+    if not 1 <= len(names) <= 2 or len(set(names)) != len(names):
+        raise ValueError(f"give one instruction or two different ones, got {names}")
+    text = " ".join(INSTRUCTIONS[n].short if short else INSTRUCTIONS[n].text for n in names)
+    return Standing(tuple(names), text)
+
+
+def sample_standing(rng: random.Random, p_pair: float = 0.5, p_short: float = 0.3) -> Standing:
+    """Sample one instruction, or (with p_pair) a compatible pair; shortened wording with p_short."""
+    if rng.random() < p_pair:
+        names = rng.choice(COMPATIBLE_PAIRS)
+    else:
+        names = (rng.choice(sorted(INSTRUCTIONS)),)
+    return standing(*names, short=rng.random() < p_short)
+
+
+def find_instructions(dialog: list[dict]) -> list[str]:
+    """Names of the standing instructions in force: any wording found in a system or user message.
+
+    Once given (as the system message, or appended to any user message) an instruction holds
+    for the rest of the dialog.
+    """
+    texts = [m["content"] for m in dialog if m["role"] in ("system", "user")]
+    return [name for name, inst in INSTRUCTIONS.items()
+            if any(w in t for t in texts for w in inst.wordings)]
+
+
+def strip_instructions(text: str) -> str:
+    """Remove every instruction wording from a message (leaves the task prompt)."""
+    for inst in INSTRUCTIONS.values():
+        for w in inst.wordings:
+            text = text.replace(w, " ")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ----------------------------------------------------------------------------------------------
+# The careful human: short, correct answers that obey whatever is in force.
+
+def careful_answer(problem: Problem, rng: random.Random, inst: Standing | None = None) -> str:
+    """A demonstration answer: a random phrasing of the reference answer, made to obey `inst`.
+
+    Falls back to the bare answer when a longer phrasing would break the word limit.
+    """
+    fam = FAMILIES[problem.family]
+    phrasings = list(fam.phrasings + COMMON_PHRASINGS)
+    rng.shuffle(phrasings)
+    names = inst.names if inst else ()
+    for phrasing in phrasings + ["{ans}"]:
+        ans = f"[{problem.answer}]" if "brackets" in names else problem.answer
+        text = phrasing.format(ans=ans, **problem.f)
+        # add persona phrases first, change the case last so the phrases follow it too
+        for n in ("pirate", "robot", "caps", "lower"):
+            if n in names:
+                text = INSTRUCTIONS[n].decorate(text)
+        if inst is None or inst.obeys(text):
+            return text
+    raise RuntimeError(f"cannot answer {problem.key} obeying {names}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The judge.
+
+W_CONTENT, W_INSTRUCTION, W_FORM = 0.6, 0.25, 0.15
+RAMBLING_WORDS = 20  # a response longer than this many words is rambling
+
+
+@dataclass(frozen=True)
+class Score:
+    """The judge's verdict on one response: total in [0, 1] and its parts."""
+    total: float
+    content: float         # 1.0 correct, partial credit in [0, 0.5], 0.0 wrong
+    instruction: float     # fraction of the standing instructions in force that are obeyed
+    form: float            # mean of (ended with EOS, not rambling, not repeating)
+    extracted: str         # the answer as the judge read it from the response
+    expected: str          # the reference answer
+    obeyed: dict = field(default_factory=dict)  # instruction name -> obeyed?
+    ended_with_eos: bool = True
+    rambling: bool = False
+    repeating: bool = False
+
+
+def extract_answer(response: str) -> str:
+    """Read the answer out of a response, undoing what the instructions add (see `score`)."""
+    text = response.strip()
+    text = re.sub(r"^ahoy!\s*", "", text, flags=re.I)
+    text = re.sub(r"\s*beep boop\.?$", "", text, flags=re.I)
+    m = re.search(r"\[([^\[\]]*)\]", text)
+    if m:
+        text = m.group(1)
+    # keep what follows the last "is", "are" or ":" (the answer comes last in every phrasing)
+    text = re.sub(r"^.*(?:\b(?:is|are)\s|:)", "", text, flags=re.I | re.S)
+    return text.strip().strip(".!?\"' ").strip().lower()
+
+
+def _aligned_fraction(got: list, ref: list) -> float:
+    # share of positions that match, over the longer of the two
+    n = max(len(got), len(ref))
+    return sum(g == r for g, r in zip(got, ref)) / n if n else 0.0
+
+
+def content_credit(kind: str, got: str, ref: str) -> float:
+    """Content score of an extracted answer `got` against the reference `ref` (see `score`)."""
+    ref = ref.lower()
+    if kind == "number":
+        if not re.fullmatch(r"-?\d+", got):
+            return 0.0
+        if int(got) == int(ref):
+            return 1.0
+        return 0.5 * _aligned_fraction(got[::-1], ref[::-1])  # digits aligned from the right
+    if kind == "letters":
+        if re.sub(r"\s+", "", got) == ref:
+            return 1.0
+        return 0.5 * _aligned_fraction(re.sub(r"[^a-z]", "", got), ref.replace("-", ""))
+    if kind == "items":
+        got_items, ref_items = _split_items(got), _split_items(ref)
+        if got_items == ref_items:
+            return 1.0
+        return 0.5 * _aligned_fraction(got_items, ref_items)
+    return 1.0 if got == ref else 0.0
+
+
+def _repeats(response: str) -> bool:
+    # any word trigram that occurs twice
+    words = response.lower().split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return len(grams) != len(set(grams))
+
+
+def _as_messages(dialog) -> list[dict]:
+    if isinstance(dialog, dict):
+        dialog = dialog.get("messages")
+    if not isinstance(dialog, list):
+        raise ValueError("a dialog is a list of {'role', 'content'} messages "
+                         "(or a dict with a 'messages' list)")
+    return dialog
+
+
+def parse_dialog(dialog) -> tuple[Problem, list[str]]:
+    """The problem of the dialog's last user message and the instructions in force."""
+    messages = _as_messages(dialog)
+    validate_dialog(messages, ends_with="user")
+    text = strip_instructions(messages[-1]["content"])
+    problem = parse_prompt(text)
+    if problem is None:
+        raise ValueError(f"the last user message is not a prompt this world can judge: {text!r}; "
+                         "use dialogs made by world.py (sft_dialogs, eval_prompts, ...)")
+    return problem, find_instructions(messages)
+
+
+def score(dialog, response: str, ended_with_eos: bool = True) -> Score:
+    """Judge `response` as the assistant's answer to the last user message of `dialog`.
+
+    total = 0.6 * content + 0.25 * instruction + 0.15 * form, each part in [0, 1]:
+
+    content: the answer is extracted from the response by
+      1. stripping whitespace, a leading "Ahoy!" and a trailing "Beep boop." (any case),
+      2. keeping only the inside of the first [...] pair if there is one,
+      3. keeping only the text after the last "is ", "are " or ":" (so "The answer is 81." -> "81"),
+      4. stripping the punctuation . ! ? " ' at both ends and lower-casing.
+      It scores 1.0 if it equals the reference answer (for spelling/reversing, letters joined by
+      "-", spaces ignored; for lists, items split on "," and "and"); otherwise partial credit:
+      0.5 * (matching positions / longer length) of digits aligned from the right for add/sub
+      (only if the answer is a number), of letters for spell/reverse, of items for sort/lookup;
+      compare and count get no partial credit.
+    instruction: the fraction of the standing instructions in force (found in the system message
+      or any user message, see `find_instructions`) whose checker accepts the response; 1.0 when
+      none is in force.
+    form: mean of three checks: ended with EOS, at most 20 words (not rambling), no word trigram
+      (lower-cased) occurring twice (not repeating).
+    """
+    problem, names = parse_dialog(dialog)
+    got = extract_answer(response)
+    content = content_credit(FAMILIES[problem.family].kind, got, problem.answer)
+    obeyed = {n: bool(INSTRUCTIONS[n].obeys(response)) for n in names}
+    instruction = sum(obeyed.values()) / len(obeyed) if obeyed else 1.0
+    rambling = len(response.split()) > RAMBLING_WORDS
+    repeating = _repeats(response)
+    form = (ended_with_eos + (not rambling) + (not repeating)) / 3
+    total = W_CONTENT * content + W_INSTRUCTION * instruction + W_FORM * form
+    return Score(total, content, instruction, form, got, problem.answer.lower(), obeyed,
+                 ended_with_eos, rambling, repeating)
+
+
+# annotator rating buckets, by the gap in total score: (lowest gap, rating)
+RATINGS = [(0.5, "significantly better"), (0.25, "better"), (0.1, "slightly better"),
+           (0.0, "negligibly better/unsure")]
+
+
+def prefer(dialog, a: str, b: str, a_eos: bool = True, b_eos: bool = True) -> tuple[str, str]:
+    """A simulated annotator's preference between responses a and b: (winner "a"|"b", rating).
+
+    The higher total `score` wins; on a tie the shorter response, then the alphabetically first.
+    The rating comes from the gap g = |score(a) - score(b)|: g >= 0.5 "significantly better",
+    g >= 0.25 "better", g >= 0.1 "slightly better", else "negligibly better/unsure".
+    Symmetric: prefer(d, b, a) names the same response with the same rating.
+    """
+    sa, sb = score(dialog, a, a_eos).total, score(dialog, b, b_eos).total
+    gap = abs(sa - sb)
+    if sa != sb:
+        winner = "a" if sa > sb else "b"
+    else:
+        winner = "a" if (len(a), a) <= (len(b), b) else "b"
+    # round so that float noise in the sum does not move a gap across a threshold
+    rating = next(r for lo, r in RATINGS if round(gap, 9) >= lo)
+    return winner, rating
+
+
+# ----------------------------------------------------------------------------------------------
+# Dialog format checks and JSONL.
+
+ROLES = ("system", "user", "assistant")
+
+
+def validate_dialog(messages, ends_with: str | None = "assistant") -> None:
+    """Raise ValueError unless: optional system first, then user/assistant alternating,
+    ending with `ends_with` ("assistant" for SFT data, "user" for prompts, None for either)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("a dialog must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise ValueError(f"message {i} must be a dict with exactly 'role' and 'content', got {m!r}")
+        if m["role"] not in ROLES or not isinstance(m["content"], str):
+            raise ValueError(f"message {i}: role must be one of {ROLES} and content a string")
+        if any(tag in m["content"] for tag in ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")):
+            raise ValueError(f"message {i} contains a chat-format tag; remove [INST]/<<SYS>> text")
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    if not turns:
+        raise ValueError("a dialog needs at least one user message after the system message")
+    for i, m in enumerate(turns):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ValueError(f"role order broken at turn {i}: expected {want}, got {m['role']} "
+                             "(optional system, then user/assistant alternating)")
+    if ends_with is not None and turns[-1]["role"] != ends_with:
+        raise ValueError(f"the dialog must end with a {ends_with} message, "
+                         f"it ends with {turns[-1]['role']}")
+
+
+def write_jsonl(path: str, dialogs: list[list[dict]]) -> None:
+    """Write one {"messages": [...]} per line (directories created, written atomically)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for d in dialogs:
+            f.write(json.dumps({"messages": d}) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str, ends_with: str | None = None) -> list[list[dict]]:
+    """Read and validate a JSONL file of {"messages": [...]} dialogs (ours or real data)."""
+    dialogs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+                validate_dialog(messages, ends_with)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: not a valid dialog line ({e}); expected "
+                                 '{"messages": [{"role": ..., "content": ...}, ...]}') from None
+            dialogs.append(messages)
+    return dialogs
+
+
+# ----------------------------------------------------------------------------------------------
+# Generators: SFT data, eval prompts, multi-turn eval dialogs, GAtt building blocks.
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def _system(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
+def _build(rng: random.Random, problems: list[Problem], inst: Standing | None, placement: str,
+           final_user: bool = False) -> list[dict]:
+    # placement of the instruction: "system", "first" (appended to the first user message),
+    # "every" (appended to every user message); answers obey it when there is one
+    messages = []
+    if inst is not None and placement == "system":
+        neutral = rng.choice(NEUTRAL_SYSTEM) + " " if rng.random() < 0.3 else ""
+        messages.append(_system(neutral + inst.text))
+    elif rng.random() < 0.2:
+        messages.append(_system(rng.choice(NEUTRAL_SYSTEM)))
+    for i, p in enumerate(problems):
+        text = p.prompt(rng)
+        if inst is not None and (placement == "every" or (placement == "first" and i == 0)):
+            text = text + " " + inst.text
+        messages.append(_user(text))
+        if not (final_user and i == len(problems) - 1):
+            messages.append(_assistant(careful_answer(p, rng, inst)))
+    return messages
+
+
+def sft_dialogs(n: int, seed: int = 0, p_instruction: float = 0.35, p_multiturn: float = 0.3,
+                max_turns: int = 6) -> list[list[dict]]:
+    """n SFT dialogs from training problems, answers written by the careful human.
+
+    A share p_instruction carries a standing instruction, and only in short dialogs (1-2 turns),
+    as in Llama 2 before GAtt; p_multiturn are 3..max_turns turn dialogs without one; the rest
+    are single-turn without one.
+    """
+    if n < 0 or max_turns < 3 or not 0 <= p_instruction + p_multiturn <= 1:
+        raise ValueError("need n >= 0, max_turns >= 3 and p_instruction + p_multiturn <= 1")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < p_instruction:
+            inst, n_turns = sample_standing(rng), rng.choice([1, 1, 2])
+        elif r < p_instruction + p_multiturn:
+            inst, n_turns = None, rng.randint(3, max_turns)
+        else:
+            inst, n_turns = None, 1
+        problems = [sample_problem(rng, "train") for _ in range(n_turns)]
+        placement = rng.choice(["system", "system", "first", "every"])
+        out.append(_build(rng, problems, inst, placement))
+    return out
+
+
+def eval_prompts(n: int, seed: int = 0, p_instruction: float = 0.5) -> list[list[dict]]:
+    """n held-out prompts (dialogs ending with a user turn); a share p_instruction carries a
+    standing instruction (as system message or appended to the user message); some have one or
+    two earlier turns answered by the careful human."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        inst = sample_standing(rng) if rng.random() < p_instruction else None
+        n_turns = rng.choice([1, 1, 1, 2, 3])
+        problems = [sample_problem(rng, "heldout") for _ in range(n_turns)]
+        placement = rng.choice(["system", "every"])
+        out.append(_build(rng, problems, inst, placement, final_user=True))
+    return out
+
+
+def eval_multiturn(n: int, seed: int = 0, turns: int = 12) -> list[list[dict]]:
+    """n held-out dialogs of `turns` user turns, the instruction given once as the system message.
+
+    Ends with the last user turn; earlier answers are the careful human's (obeying). To measure
+    adherence at turn k either use `prefix_at_turn(d, k)` (earlier answers as written) or roll the
+    model out turn by turn over `user_turns(d)`.
+    """
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        inst = sample_standing(rng)
+        problems = [sample_problem(rng, "heldout") for _ in range(turns)]
+        messages = [_system(inst.text)]
+        for i, p in enumerate(problems):
+            messages.append(_user(p.prompt(rng)))
+            if i < turns - 1:
+                messages.append(_assistant(careful_answer(p, rng, inst)))
+        out.append(messages)
+    return out
+
+
+def user_turns(dialog) -> list[str]:
+    """The user messages of a dialog, in order."""
+    return [m["content"] for m in _as_messages(dialog) if m["role"] == "user"]
+
+
+def prefix_at_turn(dialog, k: int) -> list[dict]:
+    """The dialog cut right after its k-th user message (k from 1), ready to be answered."""
+    messages = _as_messages(dialog)
+    seen = 0
+    for i, m in enumerate(messages):
+        seen += m["role"] == "user"
+        if seen == k:
+            return messages[:i + 1]
+    raise ValueError(f"the dialog has only {seen} user turns, asked for turn {k}")
+
+
+@dataclass
+class GattSeed:
+    """The start of a GAtt dialog: an instruction and user prompts (plus reference answers that
+    obey it, for checking; GAtt samples the real answers from the latest model)."""
+    inst: Standing
+    prompts: list[str]
+    reference_answers: list[str]
+
+    def dialog(self) -> list[dict]:
+        """The plain dialog (no instruction) with the reference answers."""
+        out = []
+        for p, a in zip(self.prompts, self.reference_answers):
+            out += [_user(p), _assistant(a)]
+        return out
+
+
+def gatt_dialogs(n: int, seed: int = 0, min_turns: int = 2, max_turns: int = 8,
+                 p_pair: float = 0.5, p_short: float = 0.3) -> list[GattSeed]:
+    """n GAtt building blocks from training problems: an instruction (or a compatible pair,
+    sometimes shortened) and a sequence of min_turns..max_turns user prompts."""
+    if not 1 <= min_turns <= max_turns:
+        raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        inst = sample_standing(rng, p_pair, p_short)
+        problems = [sample_problem(rng, "train") for _ in range(rng.randint(min_turns, max_turns))]
+        out.append(GattSeed(inst, [p.prompt(rng) for p in problems],
+                            [careful_answer(p, rng, inst) for p in problems]))
+    return out
+
+
+def _inst_text(inst) -> str:
+    if isinstance(inst, Standing):
+        return inst.text
+    if isinstance(inst, str) and inst.strip():
+        return inst.strip()
+    raise ValueError("inst must be a Standing (see sample_standing) or a non-empty string")
+
+
+def with_instruction_in_every_user_turn(dialog, inst) -> list[dict]:
+    """GAtt step 2: a copy of the dialog with the instruction appended to every user message."""
+    text = _inst_text(inst)
+    return [dict(m, content=m["content"] + " " + text) if m["role"] == "user" else dict(m)
+            for m in _as_messages(dialog)]
+
+
+def with_instruction_as_system(dialog, inst) -> list[dict]:
+    """GAtt step 3: a copy with the instruction only once, as (the end of) the system message,
+    and removed from the user messages."""
+    text = _inst_text(inst)
+    messages = [dict(m) for m in _as_messages(dialog)]
+    for m in messages:
+        if m["role"] == "user":
+            m["content"] = re.sub(r"\s+", " ", m["content"].replace(text, " ")).strip()
+    if messages and messages[0]["role"] == "system":
+        if text not in messages[0]["content"]:
+            messages[0]["content"] = (messages[0]["content"].rstrip() + " " + text).strip()
+        return messages
+    return [_system(text)] + messages
+
+
+def world_text(n: int, seed: int = 0) -> list[str]:
+    """Lines of this world's text (every message of n SFT dialogs and all instruction wordings),
+    to train the tokenizer on alongside other text."""
+    lines = [w for inst in INSTRUCTIONS.values() for w in inst.wordings]
+    for d in sft_dialogs(n, seed):
+        lines += [m["content"] for m in d]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def _demo(seed: int) -> None:
+    rng = random.Random(seed)
+    for d in eval_prompts(4, seed, p_instruction=0.75):
+        problem, names = parse_dialog(d)
+        inst = Standing(tuple(names), "") if names else None
+        good = careful_answer(problem, rng, inst)
+        plain = careful_answer(problem, rng, None)
+        # change the answer's last character: a wrong answer in the right form
+        last = problem.answer[-1]
+        wrong_last = str((int(last) + 1) % 10) if last.isdigit() else chr((ord(last) - 96) % 26 + 97)
+        wrong = good.replace(problem.answer, problem.answer[:-1] + wrong_last)
+        for m in d:
+            print(f"{m['role']:>9}: {m['content']}")
+        for label, resp in (("careful", good), ("plain", plain), ("wrong", wrong)):
+            s = score(d, resp)
+            print(f"{label:>9}: {resp!r}\n{'':>11}total {s.total:.3f} | content {s.content:.2f}"
+                  f" | instruction {s.instruction:.2f} | form {s.form:.2f}")
+        print(f"{'prefer':>9}: careful vs plain {prefer(d, good, plain)},"
+              f" plain vs wrong {prefer(d, plain, wrong)}\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="the simulated chat world (see the module docstring)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sft", help="write SFT dialogs as JSONL")
+    s.add_argument("--n", type=int, default=20000)
+    s.add_argument("--out", default="data/sft.jsonl")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-turns", type=int, default=6)
+    e = sub.add_parser("eval", help="write held-out eval prompts or multi-turn dialogs as JSONL")
+    e.add_argument("--kind", choices=["prompts", "multiturn"], default="prompts")
+    e.add_argument("--n", type=int, default=500)
+    e.add_argument("--out", default="data/eval.jsonl")
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--turns", type=int, default=12, help="user turns per multiturn dialog")
+    t = sub.add_parser("text", help="write this world's text, one message per line")
+    t.add_argument("--n", type=int, default=20000)
+    t.add_argument("--out", default="data/world.txt")
+    t.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="print a few dialogs with judged answers")
+    d.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if args.cmd == "sft":
+        dialogs = sft_dialogs(args.n, args.seed, max_turns=args.max_turns)
+        write_jsonl(args.out, dialogs)
+        print(f"wrote {len(dialogs)} SFT dialogs to {args.out}")
+    elif args.cmd == "eval":
+        dialogs = (eval_prompts(args.n, args.seed) if args.kind == "prompts"
+                   else eval_multiturn(args.n, args.seed, args.turns))
+        write_jsonl(args.out, dialogs)
+        print(f"wrote {len(dialogs)} eval {args.kind} dialogs to {args.out}")
+    elif args.cmd == "text":
+        lines = world_text(args.n, args.seed)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {len(lines)} lines to {args.out}")
+    else:
+        _demo(args.seed)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
