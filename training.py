@@ -353,58 +353,42 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def model_state_dict(model: torch.nn.Module, rt: Runtime) -> dict:
-    """A full (unsharded) state dict on CPU, on every rank; collective under FSDP.
+def model_state_dict(model: torch.nn.Module) -> dict:
+    """A full (unsharded) state dict on CPU with Meta's parameter names; collective under FSDP.
 
     torch.distributed.checkpoint's get_model_state_dict gathers FSDP2 shards into full tensors
-    (full_state_dict=True) so the checkpoint is one ordinary file whatever the parallelism.
-    `model` is the unwrapped module (not the DDP wrapper, not the torch.compile wrapper).
+    (full_state_dict=True), so the checkpoint is one ordinary file whatever the parallelism and
+    can be resumed with any other. `model` is the unwrapped module (not the DDP or
+    torch.compile wrapper).
     """
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=opts)
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {k: v.detach().to("cpu", copy=True)
+            for k, v in get_model_state_dict(model, options=opts).items()}
 
 
 def load_model_state_dict(model: torch.nn.Module, state: dict) -> None:
     """Load a full state dict into a plain or FSDP2-sharded model (every rank passes it)."""
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_model_state_dict)
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-        return
-    model.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer state, gathered to full tensors under FSDP (collective)."""
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_optimizer_state_dict)
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(model, optimizer, options=opts)
-    return optimizer.state_dict()
+    """The optimizer state keyed by parameter name (not position), full tensors on CPU;
+    collective under FSDP. Loadable by load_optimizer_state_dict under any parallelism."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=opts)
 
 
 def load_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                               state: dict) -> None:
-    if _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_optimizer_state_dict)
-        set_optimizer_state_dict(model, optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
-        return
-    optimizer.load_state_dict(state)
-
-
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(model, FSDPModule)
+    """Load what optimizer_state_dict saved (every rank passes the full state)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def check_same_model_args(saved: dict, current: dict, where: str) -> None:
