@@ -1,0 +1,447 @@
+"""Tests of the simulated chat world (world.py): families, instructions, judge, generators.
+
+Expected scores are written by hand from the weights documented in world.score
+(total = 0.6 content + 0.25 instruction + 0.15 form), never by calling the judge.
+"""
+import json
+import random
+
+import pytest
+
+import world
+
+
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+def S(text):
+    return {"role": "system", "content": text}
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge, on hand-written answers
+
+ADD = [U("What is 23 plus 58?")]  # reference 81
+
+
+@pytest.mark.parametrize("response, eos, expected", [
+    ("The answer is 81.", True, 1.0),
+    ("81", True, 1.0),
+    ("23 plus 58 is 81.", True, 1.0),
+    # no EOS: form 2/3 -> 0.6 + 0.25 + 0.15 * 2/3
+    ("The answer is 81.", False, 0.95),
+    # one of two digits right (aligned from the right): content 0.5 * 1/2
+    ("The answer is 80.", True, 0.6 * 0.25 + 0.25 + 0.15),
+    # both digits wrong and one too many: "181" vs "81" -> "181"[::-1]="181", "18": 2 of 3 match
+    ("The answer is 181.", True, 0.6 * 0.5 * 2 / 3 + 0.25 + 0.15),
+    # not a number: no content credit
+    ("Eighty-one.", True, 0.4),
+    # repeating: a word trigram occurs twice -> form 2/3
+    ("The answer is 81. The answer is 81.", True, 0.6 + 0.25 + 0.10),
+    # rambling: 21 words, no trigram repeated -> form 2/3
+    ("Well, I had to think about this one for quite a while before I could finally say that "
+     "the sum is 81.", True, 0.6 + 0.25 + 0.10),
+])
+def test_judge_plain_answers(response, eos, expected):
+    s = world.score(ADD, response, ended_with_eos=eos)
+    assert s.total == pytest.approx(expected)
+    assert 0.0 <= s.total <= 1.0
+
+
+def test_judge_reads_system_instruction():
+    dialog = [S("Always answer in capital letters."), U("Spell the word apple.")]
+    assert world.score(dialog, "A-P-P-L-E").total == pytest.approx(1.0)
+    # correct but lower case: instruction part 0
+    assert world.score(dialog, "a-p-p-l-e").total == pytest.approx(0.75)
+    # 4 of 5 letters right: content 0.5 * 4/5 = 0.4
+    assert world.score(dialog, "THE SPELLING IS A-P-P-L-X.").total == pytest.approx(
+        0.6 * 0.4 + 0.25 + 0.15)
+    # the word unspelled: letters all match but not the spelled form -> 0.5
+    assert world.score(dialog, "APPLE").total == pytest.approx(0.6 * 0.5 + 0.25 + 0.15)
+
+
+def test_judge_pair_of_instructions_and_extraction():
+    dialog = [S('You are Captain Finn, a pirate: start every answer with "Ahoy!" '
+                "Put your final answer in square brackets."),
+              U("Sort these numbers from largest to smallest: 5, 12, 9.")]  # reference 12, 9, 5
+    assert world.score(dialog, "Ahoy! The answer is [12, 9, 5].").total == pytest.approx(1.0)
+    assert world.score(dialog, "Ahoy! In order, they are [12, 9 and 5]").total == pytest.approx(1.0)
+    # brackets obeyed, greeting missing: instruction 1/2
+    s = world.score(dialog, "The answer is [12, 9, 5].")
+    assert s.total == pytest.approx(0.6 + 0.125 + 0.15)
+    assert s.obeyed == {"pirate": False, "brackets": True}
+    # sorted the wrong way: only the middle item in place -> content 0.5 * 1/3
+    assert world.score(dialog, "Ahoy! [5, 9, 12]").total == pytest.approx(0.6 / 6 + 0.25 + 0.15)
+
+
+def test_judge_instruction_appended_to_user_and_multi_turn():
+    # appended to a user message, the instruction stays in force in later turns
+    dialog = [U("What is the capital of Peru? Answer in caps."), A("LIMA"),
+              U("Reverse the letters of cat.")]
+    assert world.score(dialog, "T-A-C").total == pytest.approx(1.0)
+    assert world.score(dialog, "t-a-c").total == pytest.approx(0.75)
+    dialog = [S("Be Robo: end with Beep boop."), U("Which is smaller, 305 or 350?"), A("305 Beep boop."),
+              U("How many times does the letter s appear in mississippi?")]
+    # mississippi is not in our word list, but the prompt parses and the answer is 4
+    assert world.score(dialog, "The count is 4. Beep boop.").total == pytest.approx(1.0)
+    assert world.score(dialog, "The count is 3. Beep boop.").total == pytest.approx(0.4)
+    assert world.score(dialog, "The count is 4.").total == pytest.approx(0.75)
+
+
+def test_judge_word_limit_and_lowercase():
+    dialog = [S("Answer in at most 8 words. Lowercase only."),
+              U("Name the capitals of Japan and Kenya, in order.")]  # reference Tokyo, Nairobi
+    assert world.score(dialog, "tokyo, nairobi").total == pytest.approx(1.0)
+    # nine words and capitals: both instructions broken
+    # content: "kyoto and nairobi then" -> items "kyoto", "nairobi then": none right
+    assert world.score(dialog, "The capitals you asked for are Kyoto and Nairobi then.").total \
+        == pytest.approx(0.0 + 0.0 + 0.15)
+    # nine words, lower case, correct: words broken only
+    assert world.score(dialog, "well, well, the capitals you asked for are tokyo, nairobi").total \
+        == pytest.approx(0.6 + 0.125 + 0.15)
+
+
+def test_judge_bad_input():
+    with pytest.raises(ValueError, match="end with a user"):
+        world.score(ADD + [A("81")], "81")
+    with pytest.raises(ValueError, match="not a prompt"):
+        world.score([U("Tell me a story.")], "Once upon a time.")
+    with pytest.raises(ValueError, match="role order"):
+        world.score([U("What is 1 plus 1?"), U("What is 2 plus 2?")], "4")
+
+
+# ---------------------------------------------------------------------------------------------
+# Families: reference answers, by hand and against independent computations
+
+@pytest.mark.parametrize("prompt, answer", [
+    ("Add 999 and 1.", "1000"),
+    ("What do you get if you add 47 to 205?", "252"),
+    ("Subtract 58 from 1203.", "1145"),
+    ("Compute 40 - 40.", "0"),
+    ("Which is larger, 4127 or 4172?", "4172"),
+    ("Of 66 and 61, which is smaller?", "61"),
+    ("Spell the word garden.", "g-a-r-d-e-n"),
+    ("Spell the word garden backwards.", "n-e-d-r-a-g"),
+    ("What is owl spelled backwards?", "l-w-o"),
+    ("How many times does the letter a appear in banana?", "3"),
+    ("How many z's are in garden?", "0"),
+    ("Order from largest to smallest: 3, 41, 17, 8.", "41, 17, 8, 3"),
+    ("Put 30, 2, 11 in order from smallest to largest.", "2, 11, 30"),
+    ("What is the capital of Norway?", "Oslo"),
+    ("List the capitals of Egypt, Chile and Cuba.", "Cairo, Santiago, Havana"),
+])
+def test_reference_answers_by_hand(prompt, answer):
+    p = world.parse_prompt(prompt)
+    assert p is not None and p.answer == answer
+    assert world.score([U(prompt)], answer).content == 1.0
+
+
+def _independent_answer(p):
+    # each family's answer computed here from the prompt fields, with plain Python
+    f = p.f
+    if p.family == "add":
+        return str(int(f["a"]) + int(f["b"]))
+    if p.family == "sub":
+        return str(int(f["a"]) - int(f["b"]))
+    if p.family == "compare":
+        pick = max if f["which"] == "larger" else min
+        return str(pick(int(f["a"]), int(f["b"])))
+    if p.family == "spell":
+        return "-".join(list(f["word"]))
+    if p.family == "reverse":
+        return "-".join(list(f["word"])[::-1])
+    if p.family == "count":
+        return str(sum(ch == f["letter"] for ch in f["word"]))
+    if p.family == "sort":
+        nums = sorted(int(x) for x in f["nums"].split(","))
+        if f["order"] == "largest to smallest":
+            nums.reverse()
+        return ", ".join(str(x) for x in nums)
+    if p.family == "lookup":
+        names = f["countries"].replace(" and ", ", ").split(", ")
+        return ", ".join(world.CAPITALS[n] for n in names)
+    raise AssertionError(p.family)
+
+
+def _perturb(family, answer):
+    # a wrong answer in the right form, made by hand per family
+    if family in ("add", "sub", "count"):
+        return str(int(answer) + 1)
+    if family == "compare":
+        return answer + "0"
+    if family in ("spell", "reverse"):
+        letters = answer.split("-")
+        letters[-1] = "z" if letters[-1] != "z" else "y"
+        return "-".join(letters)
+    items = answer.split(", ")
+    return ", ".join(items[::-1]) if len(items) > 1 else "Atlantis"
+
+
+def test_every_family_and_level_reference_full_credit_perturbed_not():
+    rng = random.Random(0)
+    assert len(world.FAMILIES) >= 6
+    for family in world.FAMILIES:
+        for level in world.LEVELS:
+            for _ in range(15):
+                p = world.sample_problem(rng, "train", family, level)
+                assert p.family == family and p.level == level
+                assert p.answer == _independent_answer(p)
+                prompt = p.prompt(rng)
+                assert len(prompt.split()) <= 40
+                # the prompt parses back to the same canonical problem
+                assert world.parse_prompt(prompt) == p
+                answer = world.careful_answer(p, rng)
+                assert len(answer.split()) <= 25
+                s = world.score([U(prompt)], answer)
+                assert s.content == 1.0 and s.total == pytest.approx(1.0), (prompt, answer)
+                wrong = world.score([U(prompt)], _perturb(family, p.answer))
+                assert wrong.content < 1.0, (prompt, p.answer)
+
+
+def test_several_phrasings_per_family():
+    for fam in world.FAMILIES.values():
+        assert len(fam.templates) >= 3
+        rng = random.Random(1)
+        p = world.sample_problem(rng, "train", fam.name, 2)
+        assert len({p.prompt(rng) for _ in range(60)}) >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Standing instructions
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("caps", "THE ANSWER IS 81.", "The answer is 81."),
+    ("lower", "the answer is paris.", "The answer is paris."),
+    ("pirate", "Ahoy! The answer is 81.", "The answer is 81. Ahoy!"),
+    ("robot", "The answer is 81. Beep boop.", "Beep boop. The answer is 81."),
+    ("brackets", "The answer is [81].", "The answer is (81)."),
+    ("brackets", "[a-p-p-l-e]", "[] a-p-p-l-e"),
+    ("words", "One two three four five six seven eight", "One two three four five six seven eight nine"),
+])
+def test_instruction_checkers(name, good, bad):
+    inst = world.INSTRUCTIONS[name]
+    assert inst.obeys(good)
+    assert not inst.obeys(bad)
+    # both wordings are recognised in a system message and appended to a user message
+    for w in inst.wordings:
+        assert world.find_instructions([S(w), U("Add 1 and 2.")]) == [name]
+        assert world.find_instructions([U("Add 1 and 2. " + w)]) == [name]
+
+
+def test_instruction_pairs():
+    assert len(world.INSTRUCTIONS) >= 5
+    with pytest.raises(ValueError, match="contradict"):
+        world.standing("caps", "lower")
+    with pytest.raises(ValueError, match="unknown instruction"):
+        world.standing("shout")
+    assert ("caps", "lower") not in world.COMPATIBLE_PAIRS
+    assert ("pirate", "robot") not in world.COMPATIBLE_PAIRS
+    rng = random.Random(2)
+    # the careful human can obey every compatible pair on every family and level
+    for pair in world.COMPATIBLE_PAIRS:
+        inst = world.standing(*pair, short=rng.random() < 0.5)
+        assert world.find_instructions([S(inst.text), U("Add 1 and 2.")]) == \
+            [n for n in world.INSTRUCTIONS if n in pair]
+        for family in world.FAMILIES:
+            p = world.sample_problem(rng, "train", family, 4)
+            ans = world.careful_answer(p, rng, inst)
+            assert inst.obeys(ans)
+            assert world.score([S(inst.text), U(p.prompt(rng))], ans).total == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators
+
+def _user_problems(dialog):
+    return [world.parse_prompt(world.strip_instructions(m["content"]))
+            for m in dialog if m["role"] == "user"]
+
+
+def test_heldout_never_in_training_data():
+    sft = world.sft_dialogs(1500, seed=0)
+    train_prompts, train_problems = set(), set()
+    for d in sft:
+        for m in d:
+            if m["role"] == "user":
+                train_prompts.add(world.strip_instructions(m["content"]))
+        for p in _user_problems(d):
+            assert p is not None and not world.is_heldout(p)
+            train_problems.add(p.key)
+    evals = world.eval_prompts(300, seed=1) + world.eval_multiturn(10, seed=2)
+    for d in evals:
+        for m, p in zip([m for m in d if m["role"] == "user"], _user_problems(d)):
+            assert world.is_heldout(p)
+            assert p.key not in train_problems
+            assert world.strip_instructions(m["content"]) not in train_prompts
+    gatt = world.gatt_dialogs(50, seed=3)
+    assert all(not world.parse_prompt(q).heldout for g in gatt for q in g.prompts)
+
+
+def test_split_is_a_fixed_share():
+    rng = random.Random(4)
+    flags = [world.is_heldout(world.make_problem("add", {"a": str(a), "b": str(b)}))
+             for a in range(100) for b in range(100)]
+    assert 0.07 < sum(flags) / len(flags) < 0.13
+    p = world.sample_problem(rng, "heldout", "add", 2)
+    assert world.is_heldout(p) and world.is_heldout(world.parse_prompt(p.prompt(rng)))
+
+
+def test_generators_deterministic_per_seed():
+    assert world.sft_dialogs(100, seed=5) == world.sft_dialogs(100, seed=5)
+    assert world.sft_dialogs(100, seed=5) != world.sft_dialogs(100, seed=6)
+    assert world.eval_prompts(50, seed=5) == world.eval_prompts(50, seed=5)
+    assert world.eval_multiturn(5, seed=5) == world.eval_multiturn(5, seed=5)
+    a, b = world.gatt_dialogs(20, seed=5), world.gatt_dialogs(20, seed=5)
+    assert [(g.inst, g.prompts) for g in a] == [(g.inst, g.prompts) for g in b]
+
+
+def _check_roles(messages, last):
+    roles = [m["role"] for m in messages]
+    if roles[0] == "system":
+        roles = roles[1:]
+    assert roles and all(r == ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles))
+    assert roles[-1] == last
+
+
+def test_cli_writes_valid_jsonl(tmp_path):
+    out = tmp_path / "sft.jsonl"
+    world.main(["sft", "--n", "300", "--out", str(out), "--seed", "0"])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 300
+    for line in lines:
+        obj = json.loads(line)
+        assert set(obj) == {"messages"}
+        _check_roles(obj["messages"], "assistant")
+    # the same seed writes the same file
+    again = tmp_path / "again.jsonl"
+    world.main(["sft", "--n", "300", "--out", str(again), "--seed", "0"])
+    assert again.read_bytes() == out.read_bytes()
+    assert world.read_jsonl(str(out), ends_with="assistant") == world.sft_dialogs(300, seed=0)
+
+    ev = tmp_path / "eval.jsonl"
+    world.main(["eval", "--n", "40", "--out", str(ev)])
+    for line in ev.read_text().splitlines():
+        _check_roles(json.loads(line)["messages"], "user")
+    mt = tmp_path / "mt.jsonl"
+    world.main(["eval", "--kind", "multiturn", "--n", "3", "--turns", "12", "--out", str(mt)])
+    for d in world.read_jsonl(str(mt), ends_with="user"):
+        _check_roles(d, "user")
+        assert d[0]["role"] == "system" and len(world.user_turns(d)) == 12
+        # the instruction is given once, at the start
+        assert all(world.find_instructions([m]) == [] for m in d[1:])
+        assert world.find_instructions(d[:1]) != []
+
+
+def test_read_jsonl_rejects_bad_lines(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [U("hi"), A("hello")]}) + "\n"
+                   + json.dumps({"messages": [A("hello"), U("hi")]}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        world.read_jsonl(str(bad))
+    with pytest.raises(ValueError, match="chat-format tag"):
+        world.validate_dialog([U("[INST] hi"), A("hello")])
+
+
+def test_sft_instructions_only_in_short_dialogs():
+    dialogs = world.sft_dialogs(2000, seed=7)
+    with_inst = long = 0
+    for d in dialogs:
+        world.validate_dialog(d, ends_with="assistant")
+        n_turns = sum(m["role"] == "user" for m in d)
+        long += n_turns >= 3
+        if world.find_instructions(d):
+            with_inst += 1
+            assert n_turns <= 2
+        # every demonstration is judged perfect
+        for i, m in enumerate(d):
+            if m["role"] == "assistant":
+                assert world.score(d[:i], m["content"]).total == pytest.approx(1.0)
+    assert with_inst > 400 and long > 300
+
+
+# ---------------------------------------------------------------------------------------------
+# Preferences
+
+def test_prefer_ratings_and_symmetry():
+    dialog = [S("Always answer in capital letters."), U("What is 23 plus 58?")]
+    best = "THE ANSWER IS 81."          # 1.0
+    cases = [
+        ("THE ANSWER IS 81", "negligibly better/unsure"),  # same score: tie, shorter wins
+        ("The answer is 81.", "better"),                  # 0.75: gap 0.25
+        ("THE ANSWER IS 80.", "better"),                  # 0.55: gap 0.45
+        ("The answer is 80.", "significantly better"),    # 0.3: gap 0.7
+    ]
+    for other, rating in cases:
+        w1, r1 = world.prefer(dialog, best, other)
+        w2, r2 = world.prefer(dialog, other, best)
+        assert r1 == r2 == rating
+        assert {w1, w2} == {"a", "b"}  # the same response wins both ways
+    # the shorter of two equal answers wins a tie, in either order
+    assert world.prefer(dialog, best, "THE ANSWER IS 81") == ("b", "negligibly better/unsure")
+    assert world.prefer(dialog, "THE ANSWER IS 81", best) == ("a", "negligibly better/unsure")
+    # no EOS: 0.95, gap 0.05 -> negligible
+    assert world.prefer(dialog, best, best, b_eos=False) == ("a", "negligibly better/unsure")
+    # slightly better: one of two instructions broken, gap 0.125
+    d2 = [S("Always answer in capital letters. Answer in brackets."), U("What is 23 plus 58?")]
+    assert world.prefer(d2, "[81]", "[81] done")[1] == "slightly better"
+
+
+def test_prefer_rating_grows_with_gap():
+    order = [r for _, r in world.RATINGS][::-1]  # negligible .. significant
+    dialog = [U("Sort these numbers from smallest to largest: 40, 10, 30, 20.")]
+    ref = "10, 20, 30, 40"
+    rng = random.Random(8)
+    answers = [ref, "10, 20, 40, 30", "10, 30, 20, 40", "20, 10, 40, 30", "forty", "", ref + " ok"]
+    pairs = []
+    for a in answers:
+        for b in answers:
+            for eos in (True, False):
+                gap = abs(world.score(dialog, a).total - world.score(dialog, b, eos).total)
+                pairs.append((gap, order.index(world.prefer(dialog, a, b, True, eos)[1])))
+    rng.shuffle(pairs)
+    pairs.sort()
+    ranks = [r for _, r in pairs]
+    assert ranks == sorted(ranks) and len(set(ranks)) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# GAtt helpers
+
+def test_gatt_helpers():
+    seeds = world.gatt_dialogs(40, seed=9, min_turns=2, max_turns=8)
+    assert any(len(g.inst.names) == 2 for g in seeds) and any(len(g.inst.names) == 1 for g in seeds)
+    for g in seeds:
+        assert 2 <= len(g.prompts) <= 8
+        plain = g.dialog()
+        assert world.find_instructions(plain) == []
+        every = world.with_instruction_in_every_user_turn(plain, g.inst)
+        assert all(m["content"].endswith(g.inst.text) for m in every if m["role"] == "user")
+        assert sorted(world.find_instructions(every)) == sorted(g.inst.names)
+        system = world.with_instruction_as_system(every, g.inst)
+        assert system[0] == S(g.inst.text)
+        assert system[1:] == plain  # the instruction is gone from the user turns
+        for i, m in enumerate(system):
+            if m["role"] == "assistant":  # the reference answers obey it at every turn
+                assert world.score(system[:i], m["content"]).total == pytest.approx(1.0)
+    # an existing system message keeps its text, the instruction is added once
+    d = [S("You are a helpful assistant."), U("Add 1 and 2.")]
+    out = world.with_instruction_as_system(d, "Answer in caps.")
+    assert out[0]["content"] == "You are a helpful assistant. Answer in caps."
+    assert world.with_instruction_as_system(out, "Answer in caps.") == out
+    with pytest.raises(ValueError, match="non-empty string"):
+        world.with_instruction_as_system(d, "")
+
+
+def test_prefix_at_turn():
+    d = world.eval_multiturn(1, seed=10, turns=12)[0]
+    for k in (1, 5, 12):
+        pre = world.prefix_at_turn(d, k)
+        assert pre[-1]["role"] == "user" and len(world.user_turns(pre)) == k
+        world.score(pre, "x")  # every prefix is judgeable
+    with pytest.raises(ValueError, match="only 12 user turns"):
+        world.prefix_at_turn(d, 13)
