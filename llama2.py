@@ -692,12 +692,16 @@ def _hf_tensors(path: str) -> dict:
 def load_hf(path: str, device="cpu", dtype=None):
     """Hugging Face's LlamaForCausalLM layout, undoing its q/k permutation."""
     cfg = json.load(open(os.path.join(path, "config.json")))
-    if cfg.get("rope_scaling"):
-        raise ValueError(f"{path}: rope_scaling {cfg['rope_scaling']} is not Llama 2's RoPE; not supported")
+    # RoPE settings: "rope_theta" (transformers 4) or "rope_parameters" (transformers 5)
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise ValueError(f"{path}: RoPE scaling {scaling} is not Llama 2's RoPE; not supported")
     args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
                      n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
                      vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                     rope_theta=cfg.get("rope_theta", 10000.0),
+                     rope_theta=rope_theta,
                      max_seq_len=cfg.get("max_position_embeddings", 4096))
     if args.hidden_dim != cfg["intermediate_size"]:
         args.ffn_hidden_dim = cfg["intermediate_size"]
@@ -753,7 +757,8 @@ def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] =
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": a.dim, "intermediate_size": a.hidden_dim, "num_hidden_layers": a.n_layers,
         "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads, "vocab_size": a.vocab_size,
-        "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "max_position_embeddings": a.max_seq_len,
+        "rms_norm_eps": a.norm_eps, "max_position_embeddings": a.max_seq_len,
+        "rope_theta": a.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
         "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "pretraining_tp": 1,
         "torch_dtype": str(dtype).removeprefix("torch."),

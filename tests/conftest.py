@@ -1,0 +1,44 @@
+"""Shared fixtures: a tokenizer trained once per session on made-up text, tiny model configs."""
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import llama2  # noqa: E402
+
+WORDS = ("the king queen lord lady sword crown castle night day love death fair sweet noble "
+         "speak thou thee thy hath doth wherefore art gentle heart soul fortune star moon sun "
+         "answer question number sum list word letter count reverse sort first last").split()
+
+
+def make_corpus(path, n_lines=3000, seed=0):
+    """Plain text with words, digits and punctuation, enough to train a small BPE vocab."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n_lines):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+            if rng.random() < 0.4:
+                words.insert(rng.randrange(len(words)), str(rng.randint(0, 99999)))
+            f.write(" ".join(words).capitalize() + rng.choice([".", "!", "?", ","]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    corpus = make_corpus(str(d / "corpus.txt"))
+    return llama2.train_tokenizer([corpus], str(d / "tok"), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    return llama2.Tokenizer(tokenizer_path)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
