@@ -563,7 +563,7 @@ def get_tokenizer(tokenizer_path: str, vocab_size: int, train_docs: list[Documen
     tmp_prefix = str(folder / f"tokenizer.{os.getpid()}")
     try:
         produced = llama2.train_tokenizer([str(corpus)], tmp_prefix, vocab_size)
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, ValueError, OSError) as e:
         msg = str(e)
         m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)",
                       msg)
