@@ -670,6 +670,11 @@ def read_jsonl(path: str, ends_with: str | None = None) -> list[list[dict]]:
 # ----------------------------------------------------------------------------------------------
 # Generators: SFT data, eval prompts, multi-turn eval dialogs, GAtt building blocks.
 
+def _check_levels(levels) -> None:
+    if not levels or any(lv not in LEVELS for lv in levels):
+        raise ValueError(f"levels must be a non-empty selection of {LEVELS}, got {levels!r}")
+
+
 def _user(text: str) -> dict:
     return {"role": "user", "content": text}
 
@@ -703,13 +708,14 @@ def _build(rng: random.Random, problems: list[Problem], inst: Standing | None, p
 
 
 def sft_dialogs(n: int, seed: int = 0, p_instruction: float = 0.35, p_multiturn: float = 0.3,
-                max_turns: int = 6) -> list[list[dict]]:
+                max_turns: int = 6, levels: tuple = LEVELS) -> list[list[dict]]:
     """n SFT dialogs from training problems, answers written by the careful human.
 
     A share p_instruction carries a standing instruction, and only in short dialogs (1-2 turns),
     as in Llama 2 before GAtt; p_multiturn are 3..max_turns turn dialogs without one; the rest
-    are single-turn without one.
+    are single-turn without one. Problems are drawn at a random level of `levels`.
     """
+    _check_levels(levels)
     if n < 0 or max_turns < 3 or not 0 <= p_instruction + p_multiturn <= 1:
         raise ValueError("need n >= 0, max_turns >= 3 and p_instruction + p_multiturn <= 1")
     rng = random.Random(seed)
@@ -722,41 +728,46 @@ def sft_dialogs(n: int, seed: int = 0, p_instruction: float = 0.35, p_multiturn:
             inst, n_turns = None, rng.randint(3, max_turns)
         else:
             inst, n_turns = None, 1
-        problems = [sample_problem(rng, "train") for _ in range(n_turns)]
+        problems = [sample_problem(rng, "train", level=rng.choice(levels)) for _ in range(n_turns)]
         placement = rng.choice(["system", "system", "first", "every"])
         out.append(_build(rng, problems, inst, placement))
     return out
 
 
-def eval_prompts(n: int, seed: int = 0, p_instruction: float = 0.5) -> list[list[dict]]:
+def eval_prompts(n: int, seed: int = 0, p_instruction: float = 0.5,
+                 levels: tuple = LEVELS) -> list[list[dict]]:
     """n held-out prompts (dialogs ending with a user turn); a share p_instruction carries a
     standing instruction (as system message or appended to the user message); some have one or
     two earlier turns answered by the careful human."""
+    _check_levels(levels)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         inst = sample_standing(rng) if rng.random() < p_instruction else None
         n_turns = rng.choice([1, 1, 1, 2, 3])
-        problems = [sample_problem(rng, "heldout") for _ in range(n_turns)]
+        problems = [sample_problem(rng, "heldout", level=rng.choice(levels)) for _ in range(n_turns)]
         placement = rng.choice(["system", "every"])
         out.append(_build(rng, problems, inst, placement, final_user=True))
     return out
 
 
-def eval_multiturn(n: int, seed: int = 0, turns: int = 12) -> list[list[dict]]:
+def eval_multiturn(n: int, seed: int = 0, turns: int = 12,
+                   levels: tuple = (1, 2)) -> list[list[dict]]:
     """n held-out dialogs of `turns` user turns, the instruction given once as the system message.
 
     Ends with the last user turn; earlier answers are the careful human's (obeying). To measure
     adherence at turn k either use `prefix_at_turn(d, k)` (earlier answers as written) or roll the
-    model out turn by turn over `user_turns(d)`.
+    model out turn by turn over `user_turns(d)`. Easy levels by default keep 12 turns short
+    (about 400 tokens with a small tokenizer), since what is measured is the instruction.
     """
+    _check_levels(levels)
     if turns < 1:
         raise ValueError(f"turns must be >= 1, got {turns}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         inst = sample_standing(rng)
-        problems = [sample_problem(rng, "heldout") for _ in range(turns)]
+        problems = [sample_problem(rng, "heldout", level=rng.choice(levels)) for _ in range(turns)]
         messages = [_system(inst.text)]
         for i, p in enumerate(problems):
             messages.append(_user(p.prompt(rng)))
@@ -799,16 +810,19 @@ class GattSeed:
 
 
 def gatt_dialogs(n: int, seed: int = 0, min_turns: int = 2, max_turns: int = 8,
-                 p_pair: float = 0.5, p_short: float = 0.3) -> list[GattSeed]:
+                 p_pair: float = 0.5, p_short: float = 0.3,
+                 levels: tuple = LEVELS) -> list[GattSeed]:
     """n GAtt building blocks from training problems: an instruction (or a compatible pair,
     sometimes shortened) and a sequence of min_turns..max_turns user prompts."""
     if not 1 <= min_turns <= max_turns:
         raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
+    _check_levels(levels)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         inst = sample_standing(rng, p_pair, p_short)
-        problems = [sample_problem(rng, "train") for _ in range(rng.randint(min_turns, max_turns))]
+        problems = [sample_problem(rng, "train", level=rng.choice(levels))
+                    for _ in range(rng.randint(min_turns, max_turns))]
         out.append(GattSeed(inst, [p.prompt(rng) for p in problems],
                             [careful_answer(p, rng, inst) for p in problems]))
     return out
@@ -845,11 +859,15 @@ def with_instruction_as_system(dialog, inst) -> list[dict]:
 
 
 def world_text(n: int, seed: int = 0) -> list[str]:
-    """Lines of this world's text (every message of n SFT dialogs and all instruction wordings),
-    to train the tokenizer on alongside other text."""
+    """Lines of this world's text, to train the tokenizer on alongside other text: every
+    instruction wording and the messages of n SFT dialogs, each user/assistant pair written as
+    "[INST] {user} [/INST] {answer}" so the chat tags become pieces of their own."""
     lines = [w for inst in INSTRUCTIONS.values() for w in inst.wordings]
     for d in sft_dialogs(n, seed):
-        lines += [m["content"] for m in d]
+        if d[0]["role"] == "system":
+            lines += ["[INST] <<SYS>>", d[0]["content"], "<</SYS>>"]
+            d = d[1:]
+        lines += [f"[INST] {u['content']} [/INST] {a['content']}" for u, a in zip(d[::2], d[1::2])]
     return lines
 
 
@@ -877,6 +895,16 @@ def _demo(seed: int) -> None:
               f" plain vs wrong {prefer(d, plain, wrong)}\n")
 
 
+def _levels_arg(text: str) -> tuple:
+    try:
+        levels = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels: expected e.g. 1,2,3 got {text!r}") from None
+    if not levels or any(lv not in LEVELS for lv in levels):
+        raise argparse.ArgumentTypeError(f"levels must be among {LEVELS}, got {text!r}")
+    return levels
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="the simulated chat world (see the module docstring)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -885,12 +913,15 @@ def main(argv=None) -> None:
     s.add_argument("--out", default="data/sft.jsonl")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-turns", type=int, default=6)
+    s.add_argument("--levels", type=_levels_arg, default=LEVELS, help="e.g. 1,2,3,4")
     e = sub.add_parser("eval", help="write held-out eval prompts or multi-turn dialogs as JSONL")
     e.add_argument("--kind", choices=["prompts", "multiturn"], default="prompts")
     e.add_argument("--n", type=int, default=500)
     e.add_argument("--out", default="data/eval.jsonl")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--turns", type=int, default=12, help="user turns per multiturn dialog")
+    e.add_argument("--levels", type=_levels_arg, default=None,
+                   help="e.g. 1,2 (default: all for prompts, 1,2 for multiturn)")
     t = sub.add_parser("text", help="write this world's text, one message per line")
     t.add_argument("--n", type=int, default=20000)
     t.add_argument("--out", default="data/world.txt")
@@ -900,12 +931,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     if args.cmd == "sft":
-        dialogs = sft_dialogs(args.n, args.seed, max_turns=args.max_turns)
+        dialogs = sft_dialogs(args.n, args.seed, max_turns=args.max_turns, levels=args.levels)
         write_jsonl(args.out, dialogs)
         print(f"wrote {len(dialogs)} SFT dialogs to {args.out}")
     elif args.cmd == "eval":
-        dialogs = (eval_prompts(args.n, args.seed) if args.kind == "prompts"
-                   else eval_multiturn(args.n, args.seed, args.turns))
+        if args.kind == "prompts":
+            dialogs = eval_prompts(args.n, args.seed, levels=args.levels or LEVELS)
+        else:
+            dialogs = eval_multiturn(args.n, args.seed, args.turns, levels=args.levels or (1, 2))
         write_jsonl(args.out, dialogs)
         print(f"wrote {len(dialogs)} eval {args.kind} dialogs to {args.out}")
     elif args.cmd == "text":

@@ -445,3 +445,17 @@ def test_prefix_at_turn():
         world.score(pre, "x")  # every prefix is judgeable
     with pytest.raises(ValueError, match="only 12 user turns"):
         world.prefix_at_turn(d, 13)
+
+
+def test_levels_and_world_text():
+    for d in world.eval_multiturn(3, seed=11, turns=12):  # easy levels by default
+        assert all(world.parse_prompt(u).level in (1, 2) for u in world.user_turns(d))
+    for d in world.sft_dialogs(50, seed=11, levels=(4,)):
+        assert all(p.level == 4 for p in _user_problems(d))
+    with pytest.raises(ValueError, match="levels must be"):
+        world.sft_dialogs(5, levels=(0, 5))
+    with pytest.raises(ValueError, match="split must be"):
+        world.sample_problem(random.Random(0), "test")
+    lines = world.world_text(20, seed=0)
+    assert any(line.startswith("[INST] ") and " [/INST] " in line for line in lines)
+    assert all("\n" not in line for line in lines)
