@@ -577,8 +577,8 @@ def encode_dialog(tokenizer: Tokenizer, messages: list, for_training: bool = Fal
                              "roles go: optional system, then user/assistant alternating")
     last = "assistant" if for_training else "user"
     if roles[-1] != last:
-        raise ValueError(f"encode_dialog: a dialog for {'training' if for_training else 'generation'} "
-                         f"must end with a {last} message, not {roles[-1]!r}")
+        purpose = "training must end with an assistant" if for_training else "generation must end with a user"
+        raise ValueError(f"encode_dialog: a dialog for {purpose} message, not {roles[-1]!r}")
     ids, mask = [], []
     for user, answer in zip(messages[0::2], messages[1::2]):
         prompt = f"{B_INST} {user['content'].strip()} {E_INST}"
@@ -898,4 +898,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what was wrong, no traceback
+        sys.exit(f"error: {e}")

