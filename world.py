@@ -592,6 +592,44 @@ def score(dialog, response: str, ended_with_eos: bool = True) -> Score:
                  ended_with_eos, rambling, repeating)
 
 
+def summarize(dialogs: list, responses: list[str], ended_with_eos: list[bool] | None = None) -> dict:
+    """Mean judge scores of responses to prompt dialogs: overall, per family, per level, and the
+    instruction part over the dialogs that carry a standing instruction (what RLHF/GAtt improve).
+
+    Returns {"n", "total", "content", "instruction", "form", "by_family": {name: mean total},
+    "by_level": {level: mean total}, "adherence": mean instruction part or None}.
+    """
+    if len(dialogs) != len(responses) or (ended_with_eos is not None
+                                          and len(ended_with_eos) != len(responses)):
+        raise ValueError(f"got {len(dialogs)} dialogs, {len(responses)} responses"
+                         + ("" if ended_with_eos is None else f", {len(ended_with_eos)} eos flags")
+                         + "; give one of each per dialog")
+    if not dialogs:
+        raise ValueError("summarize: no dialogs given")
+    eos = ended_with_eos if ended_with_eos is not None else [True] * len(responses)
+    rows = []
+    for d, r, e in zip(dialogs, responses, eos):
+        problem, names = parse_dialog(d)
+        rows.append((problem, names, score(d, r, e)))
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "n": len(rows),
+        "total": mean(s.total for _, _, s in rows),
+        "content": mean(s.content for _, _, s in rows),
+        "instruction": mean(s.instruction for _, _, s in rows),
+        "form": mean(s.form for _, _, s in rows),
+        "by_family": {f: mean(s.total for p, _, s in rows if p.family == f)
+                      for f in FAMILIES if any(p.family == f for p, _, _ in rows)},
+        "by_level": {lv: mean(s.total for p, _, s in rows if p.level == lv)
+                     for lv in LEVELS if any(p.level == lv for p, _, _ in rows)},
+        "adherence": mean(s.instruction for _, names, s in rows if names),
+    }
+
+
 # annotator rating buckets, by the gap in total score: (lowest gap, rating)
 RATINGS = [(0.5, "significantly better"), (0.25, "better"), (0.1, "slightly better"),
            (0.0, "negligibly better/unsure")]

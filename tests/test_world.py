@@ -459,3 +459,20 @@ def test_levels_and_world_text():
     lines = world.world_text(20, seed=0)
     assert any(line.startswith("[INST] ") and " [/INST] " in line for line in lines)
     assert all("\n" not in line for line in lines)
+
+
+def test_summarize():
+    dialogs = [[U("What is 23 plus 58?")],                                     # add, level 2
+               [S("Always answer in capital letters."), U("Spell the word cat.")],  # spell, level 1
+               [U("Spell the word dog.")]]                                     # spell, level 1
+    responses = ["81", "c-a-t", "d-o-g"]
+    out = world.summarize(dialogs, responses, [True, True, False])
+    # totals by hand: 1.0; 0.6 + 0 + 0.15 = 0.75; 0.6 + 0.25 + 0.10 = 0.95
+    assert out["n"] == 3
+    assert out["total"] == pytest.approx((1.0 + 0.75 + 0.95) / 3)
+    assert out["instruction"] == pytest.approx(2 / 3)
+    assert out["adherence"] == pytest.approx(0.0)  # the one dialog with an instruction broke it
+    assert out["by_family"] == pytest.approx({"add": 1.0, "spell": 0.85})
+    assert out["by_level"] == pytest.approx({1: 0.85, 2: 1.0})
+    with pytest.raises(ValueError, match="one of each"):
+        world.summarize(dialogs, responses[:2])
