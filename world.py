@@ -44,17 +44,31 @@ HELDOUT_PERCENT = 10  # share of canonical problems held out for evaluation
 
 WORDS = {  # by difficulty level: longer words are harder to spell, reverse and count in
     1: "cat dog sun moon star tree bird fish king rose ship sea wind rain gold milk book door "
-       "fire lamp bell road hill lake wolf frog duck owl cup hat map pen".split(),
+       "fire lamp bell road hill lake wolf frog duck owl cup hat map pen cow pig hen ant bee "
+       "egg ice sky car bus box key leg arm eye ear boat cake coat nest ring sand seed song "
+       "wall bear deer corn rice lion".split(),
     2: "apple bread river stone tiger horse queen crown sword honey lemon money music ocean "
        "paper plant tower water garden castle forest candle silver winter summer flower dragon "
-       "pepper rabbit letter bottle mirror".split(),
+       "pepper rabbit letter bottle mirror bridge butter carrot cherry circle cookie dinner "
+       "doctor finger friend hammer island jacket kitten ladder monkey orange pencil pillow "
+       "planet potato rocket saddle school shadow spider sugar table tomato turtle window "
+       "yellow".split(),
     3: "kitchen lantern monster morning picture rainbow thunder blanket captain chicken diamond "
        "giraffe library mountain elephant treasure squirrel umbrella sunshine princess dinosaur "
-       "notebook airplane birthday football hospital daughter shoulder triangle painting".split(),
+       "notebook airplane birthday football hospital daughter shoulder triangle painting "
+       "balloon bicycle brother cabbage cartoon chimney cupboard dolphin feather fortune "
+       "goldfish hamster harvest iceberg kangaroo ketchup ladybug lemonade mushroom necklace "
+       "octopus pancake penguin pumpkin sandwich scissors seashell skeleton snowman spinach "
+       "station teacher tractor vampire volcano whisper".split(),
     4: "adventure butterfly chocolate crocodile dangerous education furniture invisible "
        "beautiful wonderful strawberry basketball friendship helicopter lighthouse playground "
        "restaurant television vegetables watermelon everything grandmother imagination "
-       "understand electricity information temperature mathematics celebration".split(),
+       "understand electricity information temperature mathematics celebration alligator "
+       "astronaut blueberry breakfast carpenter caterpillar chameleon dandelion detective "
+       "dictionary dragonfly earthquake fireworks gingerbread grasshopper hamburger harmonica "
+       "hurricane jellyfish microscope nightingale orchestra pineapple porcupine raspberry "
+       "rhinoceros sandcastle scarecrow snowflake spaghetti submarine telescope tournament "
+       "trampoline volleyball waterfall wheelbarrow xylophone".split(),
 }
 
 CAPITALS = {  # the fixed lookup table (single-word names only, so prompts parse unambiguously)

@@ -476,3 +476,14 @@ def test_summarize():
     assert out["by_level"] == pytest.approx({1: 0.85, 2: 1.0})
     with pytest.raises(ValueError, match="one of each"):
         world.summarize(dialogs, responses[:2])
+
+
+def test_word_lists_match_their_levels():
+    seen = set()
+    for level, words in world.WORDS.items():
+        assert len(words) >= 30
+        for w in words:
+            n = len(w)  # levels by length: 3-4, 5-6, 7-8, 9-11 letters
+            assert {1: 3 <= n <= 4, 2: 5 <= n <= 6, 3: 7 <= n <= 8, 4: 9 <= n <= 11}[level], w
+            assert w.isalpha() and w.islower() and w not in seen
+            seen.add(w)
