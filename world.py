@@ -319,7 +319,7 @@ def is_heldout(problem: Problem) -> bool:
 
 def sample_problem(rng: random.Random, split: str = "train", family: str | None = None,
                    level: int | None = None) -> Problem:
-    """Sample a problem of the given split ("train" or "heldout"), family and level (random if None).
+    """Sample a problem of the given split ("train" or "heldout"), family and level (None: random).
 
     Rejection sampling on the hash split; family and level are re-drawn when left open.
     """
@@ -431,7 +431,7 @@ def standing(*names: str, short: bool = False) -> Standing:
 
 
 def sample_standing(rng: random.Random, p_pair: float = 0.5, p_short: float = 0.3) -> Standing:
-    """Sample one instruction, or (with p_pair) a compatible pair; shortened wording with p_short."""
+    """Sample one instruction, or with p_pair a compatible pair; shortened wording with p_short."""
     if rng.random() < p_pair:
         names = rng.choice(COMPATIBLE_PAIRS)
     else:
@@ -606,7 +606,8 @@ def score(dialog, response: str, ended_with_eos: bool = True) -> Score:
                  ended_with_eos, rambling, repeating)
 
 
-def summarize(dialogs: list, responses: list[str], ended_with_eos: list[bool] | None = None) -> dict:
+def summarize(dialogs: list, responses: list[str],
+              ended_with_eos: list[bool] | None = None) -> dict:
     """Mean judge scores of responses to prompt dialogs: overall, per family, per level, and the
     instruction part over the dialogs that carry a standing instruction (what RLHF/GAtt improve).
 
@@ -681,7 +682,8 @@ def validate_dialog(messages, ends_with: str | None = "assistant") -> None:
         raise ValueError("a dialog must be a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise ValueError(f"message {i} must be a dict with exactly 'role' and 'content', got {m!r}")
+            raise ValueError(f"message {i} must be a dict with exactly 'role' and 'content', "
+                             f"got {m!r}")
         if m["role"] not in ROLES or not isinstance(m["content"], str):
             raise ValueError(f"message {i}: role must be one of {ROLES} and content a string")
         if any(tag in m["content"] for tag in ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")):
@@ -804,7 +806,8 @@ def eval_prompts(n: int, seed: int = 0, p_instruction: float = 0.5,
     for _ in range(n):
         inst = sample_standing(rng) if rng.random() < p_instruction else None
         n_turns = rng.choice([1, 1, 1, 2, 3])
-        problems = [sample_problem(rng, "heldout", level=rng.choice(levels)) for _ in range(n_turns)]
+        problems = [sample_problem(rng, "heldout", level=rng.choice(levels))
+                    for _ in range(n_turns)]
         placement = rng.choice(["system", "every"])
         out.append(_build(rng, problems, inst, placement, final_user=True))
     return out
@@ -942,7 +945,10 @@ def _demo(seed: int) -> None:
         plain = careful_answer(problem, rng, None)
         # change the answer's last character: a wrong answer in the right form
         last = problem.answer[-1]
-        wrong_last = str((int(last) + 1) % 10) if last.isdigit() else chr((ord(last) - 96) % 26 + 97)
+        if last.isdigit():
+            wrong_last = str((int(last) + 1) % 10)
+        else:
+            wrong_last = chr((ord(last.lower()) - 96) % 26 + 97)
         wrong = good.replace(problem.answer, problem.answer[:-1] + wrong_last)
         for m in d:
             print(f"{m['role']:>9}: {m['content']}")

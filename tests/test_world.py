@@ -85,7 +85,8 @@ def test_judge_instruction_appended_to_user_and_multi_turn():
               U("Reverse the letters of cat.")]
     assert world.score(dialog, "T-A-C").total == pytest.approx(1.0)
     assert world.score(dialog, "t-a-c").total == pytest.approx(0.75)
-    dialog = [S("Be Robo: end with Beep boop."), U("Which is smaller, 305 or 350?"), A("305 Beep boop."),
+    dialog = [S("Be Robo: end with Beep boop."), U("Which is smaller, 305 or 350?"),
+              A("305 Beep boop."),
               U("How many times does the letter s appear in mississippi?")]
     # mississippi is not in our word list, but the prompt parses and the answer is 4
     assert world.score(dialog, "The count is 4. Beep boop.").total == pytest.approx(1.0)
@@ -221,7 +222,8 @@ def test_several_phrasings_per_family():
     ("robot", "The answer is 81. Beep boop.", "Beep boop. The answer is 81."),
     ("brackets", "The answer is [81].", "The answer is (81)."),
     ("brackets", "[a-p-p-l-e]", "[] a-p-p-l-e"),
-    ("words", "One two three four five six seven eight", "One two three four five six seven eight nine"),
+    ("words", "One two three four five six seven eight",
+     "One two three four five six seven eight nine"),
 ])
 def test_instruction_checkers(name, good, bad):
     inst = world.INSTRUCTIONS[name]
