@@ -1,0 +1,259 @@
+// RMSNorm on the GPU, forward and backward (Meta's Llama RMSNorm).
+//
+// Formula, per row x of C features, r = rstd = 1 / sqrt(mean(x^2) + eps):
+//   forward   out = round(round(x * r) * w)     (Meta: self._norm(x.float()).type_as(x) * weight)
+//   backward  with gw = g * w:  dx = r * gw - x * r^3 * mean(gw * x)
+//             dw = sum over rows of g * round(x * r)
+// Shapes: x, out, grad_out, grad_x (..., C) seen as N rows; weight, grad_weight (C); rstd (N)
+// float32. float32, float16 and bfloat16 in, float32 arithmetic, one rounding on store.
+//
+// Memory traffic aimed at: forward reads x from DRAM once (its second pass hits L1/L2 in the same
+// block) and writes out once: 2*N*C elements, plus the weight from L2. Backward reads g and x and
+// writes dx (3*N*C elements); grad_weight is summed per block in shared memory (each thread owns
+// fixed columns, so no atomics) into a float32 (blocks, C) buffer, then one small kernel sums the
+// buffer's columns in a fixed order (deterministic) and casts.
+// One block per row (grid-stride over rows), 16-byte vector loads when C and the pointers allow.
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace llama2 {
+namespace cuda {
+namespace {
+
+// Threads per block for rows of C elements moved VEC at a time: one vector per thread when that
+// fits, multiples of a warp, 32 to 512.
+int row_threads(int64_t C, int vec) {
+  const int64_t vectors = (C + vec - 1) / vec;
+  const int64_t warps = (vectors + 31) / 32;
+  return static_cast<int>(std::min<int64_t>(16, std::max<int64_t>(1, warps)) * 32);
+}
+
+template <typename T, int VEC>
+__global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                                    T* __restrict__ out, float* __restrict__ rstd, int64_t N,
+                                    int C, float eps) {
+  using V = Vec<T, VEC>;
+  __shared__ float shm[32];
+  const int n_vec = C / VEC;
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const V* xr = reinterpret_cast<const V*>(x + row * C);
+    V* outr = reinterpret_cast<V*>(out + row * C);
+    // Pass 1: sum of squares.
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      const V xv = xr[i];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float f = to_float(xv.v[k]);
+        ss += f * f;
+      }
+    }
+    ss = block_sum(ss, shm);
+    const float r = rsqrtf(ss / C + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    // Pass 2: scale (the row is in L1/L2 now).
+    const V* wv = reinterpret_cast<const V*>(weight);
+    for (int i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      const V xv = xr[i];
+      const V w = wv[i];
+      V o;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float normed = to_float(from_float<T>(to_float(xv.v[k]) * r));
+        o.v[k] = from_float<T>(normed * to_float(w.v[k]));
+      }
+      outr[i] = o;
+    }
+  }
+}
+
+// Each block handles rows blockIdx.x, blockIdx.x + gridDim.x, ...; its grad_weight partial sums
+// live in dynamic shared memory (C floats) and land in partial[blockIdx.x, :].
+template <typename T, int VEC>
+__global__ void rms_norm_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
+                                    const T* __restrict__ weight, const float* __restrict__ rstd,
+                                    T* __restrict__ grad_x, float* __restrict__ partial, int64_t N,
+                                    int C) {
+  using V = Vec<T, VEC>;
+  extern __shared__ float dw_acc[];  // (C)
+  __shared__ float shm[32];
+  const int n_vec = C / VEC;
+  const V* wv = reinterpret_cast<const V*>(weight);
+  // Thread i owns columns [i*VEC, i*VEC + VEC) for every i = threadIdx.x + k*blockDim.x.
+  for (int i = threadIdx.x; i < n_vec; i += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) dw_acc[i * VEC + k] = 0.0f;
+  }
+  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+    const V* gr = reinterpret_cast<const V*>(grad_out + row * C);
+    const V* xr = reinterpret_cast<const V*>(x + row * C);
+    V* dxr = reinterpret_cast<V*>(grad_x + row * C);
+    const float r = rstd[row];
+    // Pass 1: dot = sum(g * w * x); accumulate dw += g * round(x * r) on the way.
+    float dot = 0.0f;
+    for (int i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      const V gv = gr[i], xv = xr[i], w = wv[i];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const float g = to_float(gv.v[k]), xf = to_float(xv.v[k]);
+        dot += g * to_float(w.v[k]) * xf;
+        dw_acc[i * VEC + k] += g * to_float(from_float<T>(xf * r));
+      }
+    }
+    dot = block_sum(dot, shm);
+    const float c = r * r * r * dot / C;
+    // Pass 2: dx = r * g * w - c * x.
+    for (int i = threadIdx.x; i < n_vec; i += blockDim.x) {
+      const V gv = gr[i], xv = xr[i], w = wv[i];
+      V o;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        o.v[k] = from_float<T>(r * to_float(gv.v[k]) * to_float(w.v[k]) - c * to_float(xv.v[k]));
+      }
+      dxr[i] = o;
+    }
+  }
+  float* part = partial + static_cast<int64_t>(blockIdx.x) * C;
+  for (int i = threadIdx.x; i < n_vec; i += blockDim.x) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) part[i * VEC + k] = dw_acc[i * VEC + k];
+  }
+}
+
+// grad_weight[j] = sum over blocks b of partial[b, j], in order b = 0, 1, ... (deterministic).
+template <typename T>
+__global__ void sum_columns_kernel(const float* __restrict__ partial, T* __restrict__ out,
+                                   int rows, int C) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= C) return;
+  float s = 0.0f;
+  for (int b = 0; b < rows; ++b) s += partial[static_cast<int64_t>(b) * C + j];
+  out[j] = from_float<T>(s);
+}
+
+// Checks shared by forward and backward; returns C.
+int64_t check_rms_inputs(const at::Tensor& x, const at::Tensor& weight, const char* op) {
+  check_cuda(x, op, "x");
+  check_same_device(x, weight, op, "x", "weight");
+  check_same_dtype(x, weight, op, "x", "weight");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dim (..., C), got a scalar");
+  check_dim(weight, 1, op, "weight", "(C)");
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(weight.size(0) == C, op, ": weight has ", weight.size(0),
+              " elements but x's last dim is ", C, "; they must match");
+  TORCH_CHECK(C > 0 && C < (int64_t(1) << 31), op, ": the last dim of x must be in [1, 2^31), got ", C);
+  return C;
+}
+
+// 16-byte vectors when every row starts on a 16-byte boundary.
+template <typename T>
+bool use_vec(int64_t C, std::initializer_list<const void*> ptrs) {
+  if (C % vec16<T>() != 0) return false;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+int rows_grid(int64_t N, int mult) {
+  const int sms = sm_count();
+  return static_cast<int>(std::min<int64_t>(N, static_cast<int64_t>(sms) * mult));
+}
+
+// x (..., C), weight (C) -> out (..., C), rstd (N) float32
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                     double eps) {
+  const char* op = "llama2::rms_norm_fwd";
+  const int64_t C = check_rms_inputs(x_in, weight_in, op);
+  TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
+  const c10::cuda::OptionalCUDAGuard guard(device_of(x_in));
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t N = x.numel() / C;
+  at::Tensor out = at::empty_like(x);
+  at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
+  if (N == 0) return {out, rstd};
+  auto stream = current_stream();
+  LLAMA2_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
+    const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
+    const auto* wp = reinterpret_cast<const scalar_t*>(weight.data_ptr());
+    auto* op_ = reinterpret_cast<scalar_t*>(out.data_ptr());
+    const int grid = rows_grid(N, 16);
+    if (use_vec<scalar_t>(C, {xp, wp, op_})) {
+      constexpr int VEC = vec16<scalar_t>();
+      rms_norm_fwd_kernel<scalar_t, VEC><<<grid, row_threads(C, VEC), 0, stream>>>(
+          xp, wp, op_, rstd.data_ptr<float>(), N, static_cast<int>(C), static_cast<float>(eps));
+    } else {
+      rms_norm_fwd_kernel<scalar_t, 1><<<grid, row_threads(C, 1), 0, stream>>>(
+          xp, wp, op_, rstd.data_ptr<float>(), N, static_cast<int>(C), static_cast<float>(eps));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, rstd};
+}
+
+// grad_out, x (..., C), weight (C), rstd (N) float32 -> grad_x (..., C), grad_weight (C)
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                     const at::Tensor& weight_in,
+                                                     const at::Tensor& rstd_in) {
+  const char* op = "llama2::rms_norm_bwd";
+  const int64_t C = check_rms_inputs(x_in, weight_in, op);
+  check_same_device(x_in, grad_out_in, op, "x", "grad_out");
+  check_same_device(x_in, rstd_in, op, "x", "rstd");
+  check_same_dtype(x_in, grad_out_in, op, "x", "grad_out");
+  TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), op, ": grad_out has shape ", grad_out_in.sizes(),
+              " but x has shape ", x_in.sizes(), "; they must match");
+  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat, op, ": rstd must be float32 (as rms_norm_fwd returns it), got ",
+              rstd_in.scalar_type());
+  const int64_t N = x_in.numel() / C;
+  TORCH_CHECK(rstd_in.numel() == N, op, ": rstd has ", rstd_in.numel(), " elements but x has ", N,
+              " rows of ", C, "; pass the rstd that rms_norm_fwd returned for this x");
+  const c10::cuda::OptionalCUDAGuard guard(device_of(x_in));
+  const at::Tensor x = x_in.contiguous(), g = grad_out_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight = at::empty_like(weight);
+  if (N == 0) return {grad_x, grad_weight.zero_()};
+  const int grid = rows_grid(N, 4);
+  at::Tensor partial = at::empty({grid, C}, x.options().dtype(at::kFloat));
+  const size_t shmem = static_cast<size_t>(C) * sizeof(float);
+  auto stream = current_stream();
+  LLAMA2_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
+    const auto* gp = reinterpret_cast<const scalar_t*>(g.data_ptr());
+    const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
+    const auto* wp = reinterpret_cast<const scalar_t*>(weight.data_ptr());
+    auto* dxp = reinterpret_cast<scalar_t*>(grad_x.data_ptr());
+    if (use_vec<scalar_t>(C, {gp, xp, wp, dxp})) {
+      constexpr int VEC = vec16<scalar_t>();
+      auto kernel = rms_norm_bwd_kernel<scalar_t, VEC>;
+      set_shared_memory(kernel, shmem + 32 * sizeof(float), op);
+      kernel<<<grid, row_threads(C, VEC), shmem, stream>>>(gp, xp, wp, rstd.data_ptr<float>(), dxp,
+                                                           partial.data_ptr<float>(), N,
+                                                           static_cast<int>(C));
+    } else {
+      auto kernel = rms_norm_bwd_kernel<scalar_t, 1>;
+      set_shared_memory(kernel, shmem + 32 * sizeof(float), op);
+      kernel<<<grid, row_threads(C, 1), shmem, stream>>>(gp, xp, wp, rstd.data_ptr<float>(), dxp,
+                                                         partial.data_ptr<float>(), N,
+                                                         static_cast<int>(C));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int threads = 256;
+    const int blocks = static_cast<int>((C + threads - 1) / threads);
+    sum_columns_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        partial.data_ptr<float>(), reinterpret_cast<scalar_t*>(grad_weight.data_ptr()), grid,
+        static_cast<int>(C));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama2, CUDA, m) {
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cuda);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cuda);
+}
+
+}  // namespace cuda
+}  // namespace llama2

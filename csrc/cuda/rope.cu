@@ -1,0 +1,153 @@
+// Rotary position embedding (RoPE) on the GPU, Meta's interleaved-pair layout.
+//
+// Formula, for each token at position p and each pair i of a head vector x (D even):
+//   c = cos[p, i], s = sin[p, i]  (s negated when inverse, which is the backward)
+//   out[2i]   = x[2i] * c - x[2i+1] * s
+//   out[2i+1] = x[2i] * s + x[2i+1] * c
+// Shapes: x (B, T, H, D) with last-dim stride 1 (other strides passed to the kernel, so q/k views
+// of a fused projection need no copy), positions (B, T) int64, cos/sin (P, D/2) float32 or x's
+// dtype -> out (B, T, H, D) contiguous in x's dtype. Arithmetic in float32.
+//
+// Memory traffic aimed at: x read once and out written once (2*B*T*H*D elements), with 16-byte
+// vector loads/stores when the rows are aligned; the cos/sin rows of a token (D floats) are shared
+// by its H heads and come from L1/L2. One thread per 16 bytes of x (or per pair when unaligned).
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace llama2 {
+namespace cuda {
+namespace {
+
+// VEC elements (VEC/2 pairs) per thread; VEC == 2 is the unaligned fallback with scalar loads.
+template <typename T, typename CT, int VEC>
+__global__ void rope_kernel(const T* __restrict__ x, const int64_t* __restrict__ positions,
+                            const CT* __restrict__ cos, const CT* __restrict__ sin,
+                            T* __restrict__ out, int64_t n_items, int T_, int H, int D, int64_t P,
+                            int64_t sb, int64_t st, int64_t sh, float sign) {
+  using V = Vec<T, VEC>;
+  const int per_row = D / VEC;
+  const int half_d = D / 2;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n_items;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // idx -> (b, t, h, chunk v); row = (b*T + t)*H + h indexes the contiguous output.
+    const int v = static_cast<int>(idx % per_row);
+    const int64_t row = idx / per_row;
+    const int h = static_cast<int>(row % H);
+    const int64_t bt = row / H;
+    const int t = static_cast<int>(bt % T_);
+    const int64_t b = bt / T_;
+    const int64_t p = positions[bt];
+    CUDA_KERNEL_ASSERT(p >= 0 && p < P);
+    const T* xs = x + b * sb + t * st + h * sh + v * VEC;
+    V xv;
+    if constexpr (VEC == 2) {
+      xv.v[0] = xs[0];
+      xv.v[1] = xs[1];
+    } else {
+      xv = *reinterpret_cast<const V*>(xs);
+    }
+    const CT* cr = cos + p * half_d + v * (VEC / 2);
+    const CT* sr = sin + p * half_d + v * (VEC / 2);
+    V o;
+#pragma unroll
+    for (int k = 0; k < VEC / 2; ++k) {
+      const float c = to_float(cr[k]), s = sign * to_float(sr[k]);
+      const float x0 = to_float(xv.v[2 * k]), x1 = to_float(xv.v[2 * k + 1]);
+      o.v[2 * k] = from_float<T>(x0 * c - x1 * s);
+      o.v[2 * k + 1] = from_float<T>(x0 * s + x1 * c);
+    }
+    T* os = out + row * D + v * VEC;
+    if constexpr (VEC == 2) {
+      os[0] = o.v[0];
+      os[1] = o.v[1];
+    } else {
+      *reinterpret_cast<V*>(os) = o;
+    }
+  }
+}
+
+template <typename T, typename CT, int VEC>
+void launch_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
+                 const at::Tensor& sin, at::Tensor& out, bool inverse) {
+  const int B = static_cast<int>(x.size(0)), T_ = static_cast<int>(x.size(1));
+  const int H = static_cast<int>(x.size(2)), D = static_cast<int>(x.size(3));
+  const int64_t n_items = static_cast<int64_t>(B) * T_ * H * (D / VEC);
+  const int threads = 256;
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 32;
+  const int blocks = static_cast<int>(std::min<int64_t>((n_items + threads - 1) / threads, max_blocks));
+  rope_kernel<T, CT, VEC><<<blocks, threads, 0, current_stream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), positions.data_ptr<int64_t>(),
+      reinterpret_cast<const CT*>(cos.data_ptr()), reinterpret_cast<const CT*>(sin.data_ptr()),
+      reinterpret_cast<T*>(out.data_ptr()), n_items, T_, H, D, cos.size(0), x.stride(0),
+      x.stride(1), x.stride(2), inverse ? -1.0f : 1.0f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x (B, T, H, D), positions (B, T) int64, cos/sin (P, D/2) -> out (B, T, H, D)
+at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& positions_in, const at::Tensor& cos_in,
+                     const at::Tensor& sin_in, bool inverse) {
+  const char* op = "llama2::rope";
+  check_cuda(x_in, op, "x");
+  check_same_device(x_in, positions_in, op, "x", "positions");
+  check_same_device(x_in, cos_in, op, "x", "cos");
+  check_same_device(x_in, sin_in, op, "x", "sin");
+  check_dim(x_in, 4, op, "x", "(B, T, H, D)");
+  check_dim(positions_in, 2, op, "positions", "(B, T)");
+  check_dim(cos_in, 2, op, "cos", "(P, D/2)");
+  const int64_t B = x_in.size(0), T_ = x_in.size(1), H = x_in.size(2), D = x_in.size(3);
+  TORCH_CHECK(D % 2 == 0 && D > 0, op, ": the head dim D of x must be even (pairs are rotated), got ", D);
+  TORCH_CHECK(positions_in.scalar_type() == at::kLong, op, ": positions must be int64, got ",
+              positions_in.scalar_type());
+  TORCH_CHECK(positions_in.size(0) == B && positions_in.size(1) == T_, op, ": positions has shape ",
+              positions_in.sizes(), " but x is ", x_in.sizes(), "; positions must be (B, T) = (", B,
+              ", ", T_, ")");
+  TORCH_CHECK(cos_in.sizes() == sin_in.sizes(), op, ": cos has shape ", cos_in.sizes(), " but sin has ",
+              sin_in.sizes(), "; they must match (both from rope_table)");
+  TORCH_CHECK(cos_in.size(1) == D / 2, op, ": cos/sin have ", cos_in.size(1),
+              " columns but x's head dim is ", D, "; they need D/2 = ", D / 2);
+  check_same_dtype(cos_in, sin_in, op, "cos", "sin");
+  TORCH_CHECK(cos_in.scalar_type() == at::kFloat || cos_in.scalar_type() == x_in.scalar_type(), op,
+              ": cos/sin must be float32 or x's dtype (", x_in.scalar_type(), "), got ", cos_in.scalar_type());
+  TORCH_CHECK(B * T_ < (int64_t(1) << 31) && H < (int64_t(1) << 31), op, ": x is too large: ", x_in.sizes());
+  const int64_t P = cos_in.size(0);
+  const c10::cuda::OptionalCUDAGuard guard(device_of(x_in));
+
+  at::Tensor out = at::empty({B, T_, H, D}, x_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor positions = positions_in.contiguous();
+  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  // Positions must index the table (reading them back synchronizes, so not during graph capture,
+  // where the kernel's device-side assert guards instead).
+  if (!capturing()) {
+    const auto [lo, hi] = at::aminmax(positions);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK(lo_v >= 0 && hi_v < P, op, ": positions range over [", lo_v, ", ", hi_v,
+                "] but the cos/sin table has ", P, " rows; build rope_table with more positions");
+  }
+
+  LLAMA2_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
+    constexpr int VEC = vec16<scalar_t>();
+    const bool vec_ok = D % VEC == 0 && aligned16(x.data_ptr()) && x.stride(0) % VEC == 0 &&
+                        x.stride(1) % VEC == 0 && x.stride(2) % VEC == 0;
+    const bool table_f32 = cos.scalar_type() == at::kFloat;
+    if (vec_ok && table_f32) {
+      launch_rope<scalar_t, float, VEC>(x, positions, cos, sin, out, inverse);
+    } else if (vec_ok) {
+      launch_rope<scalar_t, scalar_t, VEC>(x, positions, cos, sin, out, inverse);
+    } else if (table_f32) {
+      launch_rope<scalar_t, float, 2>(x, positions, cos, sin, out, inverse);
+    } else {
+      launch_rope<scalar_t, scalar_t, 2>(x, positions, cos, sin, out, inverse);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama2, CUDA, m) { m.impl("rope", &rope_cuda); }
+
+}  // namespace cuda
+}  // namespace llama2
