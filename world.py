@@ -645,6 +645,24 @@ def summarize(dialogs: list, responses: list[str],
     }
 
 
+def adherence_by_turn(dialogs: list, responses_by_turn: list[list[str]]) -> list[float]:
+    """Share of dialogs whose k-th answer obeys every standing instruction in force, for each turn
+    k (the Ghost Attention plot). responses_by_turn[i][k] answers user turn k+1 of dialogs[i]
+    (e.g. a model rolled out over `eval_multiturn` dialogs); turns a dialog lacks are skipped."""
+    if len(dialogs) != len(responses_by_turn):
+        raise ValueError(f"got {len(dialogs)} dialogs but {len(responses_by_turn)} answer lists")
+    obeyed: dict[int, list[bool]] = {}
+    for d, answers in zip(dialogs, responses_by_turn):
+        if len(answers) > len(user_turns(d)):
+            raise ValueError(f"{len(answers)} answers for a dialog of {len(user_turns(d))} turns")
+        for k, r in enumerate(answers):
+            prefix = prefix_at_turn(d, k + 1)
+            if not find_instructions(prefix):
+                raise ValueError(f"turn {k + 1} of a dialog has no standing instruction in force")
+            obeyed.setdefault(k, []).append(score(prefix, r).instruction == 1.0)
+    return [sum(v) / len(v) for _, v in sorted(obeyed.items())]
+
+
 # annotator rating buckets, by the gap in total score: (lowest gap, rating)
 RATINGS = [(0.5, "significantly better"), (0.25, "better"), (0.1, "slightly better"),
            (0.0, "negligibly better/unsure")]

@@ -489,3 +489,21 @@ def test_word_lists_match_their_levels():
             assert {1: 3 <= n <= 4, 2: 5 <= n <= 6, 3: 7 <= n <= 8, 4: 9 <= n <= 11}[level], w
             assert w.isalpha() and w.islower() and w not in seen
             seen.add(w)
+
+
+def test_adherence_by_turn():
+    d1 = [S("Always answer in capital letters."), U("Add 1 and 2."), A("3"),
+          U("Spell the word cat."), A("C-A-T"), U("What is the capital of Peru?")]
+    d2 = [S("Answer in brackets."), U("Add 2 and 2."), A("[4]"), U("Spell the word dog.")]
+    answers = [["3", "C-A-T", "Lima"],   # turn 3 breaks caps
+               ["[4]", "d-o-g"]]         # turn 2 breaks brackets
+    # turn 1: both obey; turn 2: d1 obeys, d2 does not; turn 3: only d1, which breaks it
+    assert world.adherence_by_turn([d1, d2], answers) == [1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="no standing instruction"):
+        world.adherence_by_turn([[U("Add 1 and 2.")]], [["3"]])
+
+
+def test_demo_runs(capsys):
+    world.main(["demo", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "total" in out and "prefer" in out
