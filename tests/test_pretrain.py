@@ -11,6 +11,7 @@ Run: pytest tests/test_pretrain.py -q
 """
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,16 @@ def run(argv, check=True, launcher=(sys.executable,)):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def run_here(argv):
+    """Run the script in this process (no interpreter start-up: errors and short runs)."""
+    old = sys.argv
+    sys.argv = ["train_pretrain.py", *argv]
+    try:
+        runpy.run_path(str(ROOT / "train_pretrain.py"), run_name="__main__")
+    finally:
+        sys.argv = old
 
 
 def train_losses(out_dir):
@@ -130,7 +141,8 @@ def test_torchrun_two_processes_match_one_process(corpus):
     # global batch: 2 ranks x 2 sequences x 1 micro-step == 1 process x 2 sequences x 2 micro-steps
     common = dict(batch_size=2, batch_tokens=4 * SEQ, max_steps=8, save_every=0)
     single = corpus / "single"
-    run(["train_pretrain.py", *flags(corpus, single, **common)])
+    torch.set_num_threads(1)
+    run_here(flags(corpus, single, **common))
     ddp = corpus / "ddp"
     proc = run(["--standalone", "--nproc_per_node=2", "train_pretrain.py",
                 *flags(corpus, ddp, **common)],
@@ -145,18 +157,23 @@ def test_torchrun_two_processes_match_one_process(corpus):
 
 def test_bad_input_is_a_clear_error(corpus, baseline, tmp_path):
     # a sequence longer than the model's context
-    p = run(["train_pretrain.py", *flags(corpus, tmp_path / "a", seq_len=4096)], check=False)
-    assert p.returncode != 0 and "does not fit the model's context" in p.stderr
-    assert "Traceback" not in p.stderr
+    with pytest.raises(SystemExit, match="does not fit the model's context"):
+        run_here(flags(corpus, tmp_path / "a", seq_len=4096))
+    # a global batch that is not a whole number of micro-batches
+    with pytest.raises(SystemExit, match="--batch_tokens 100 is not a multiple"):
+        run_here(flags(corpus, tmp_path / "a", batch_tokens=100))
     # resuming a checkpoint with a different model shape
     shutil.copytree(baseline[0], tmp_path / "b")
-    p = run(["train_pretrain.py", *flags(corpus, tmp_path / "b", dim=128), "--resume"],
-            check=False)
-    assert p.returncode != 0 and "the model shape differs" in p.stderr
-    assert "dim: checkpoint has 64, this run asks for 128" in p.stderr
-    assert "Traceback" not in p.stderr
-    # missing data
-    p = run(["train_pretrain.py", *flags(corpus, tmp_path / "c", data=tmp_path / "nope.txt")],
-            check=False)
-    assert p.returncode != 0 and "no such file or folder" in p.stderr
-    assert "Traceback" not in p.stderr
+    with pytest.raises(SystemExit, match="the model shape differs") as e:
+        run_here([*flags(corpus, tmp_path / "b", dim=128), "--resume"])
+    assert "dim: checkpoint has 64, this run asks for 128" in str(e.value)
+    # --resume with nothing to resume
+    with pytest.raises(SystemExit, match="does not exist; drop --resume"):
+        run_here([*flags(corpus, tmp_path / "c"), "--resume"])
+    # missing data, a value that is not a number
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        run_here(flags(corpus, tmp_path / "c", data=tmp_path / "nope.txt"))
+    # and as a user sees it: one line on stderr, no traceback
+    p = run(["train_pretrain.py", *flags(corpus, tmp_path / "a", seq_len=4096)], check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --seq_len 4096 does not fit")
