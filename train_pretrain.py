@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import llama2
 import training
@@ -71,7 +72,7 @@ class Config:
     grad_clip: float = 1.0  # clip the global gradient norm to this (Llama 2: 1.0; 0 = off)
     # evaluation and logging
     eval_every: int = 100  # evaluate validation loss / perplexity every N steps (and at the end)
-    eval_batches: int = 8  # validation micro-batches per process per evaluation
+    eval_batches: int = 8  # validation loss over eval_batches x batch_size held-out sequences
     samples: int = 2  # text samples printed at each evaluation
     sample_tokens: int = 160  # new tokens per sample
     sample_prompt: str = ""  # text the samples start from (after BOS)
@@ -199,20 +200,31 @@ if cfg.compile:
 
 @torch.no_grad()
 def evaluate() -> float:
-    """Mean validation loss over the first windows of the held-out documents (all ranks)."""
+    """Mean validation loss over the first eval_batches * batch_size windows of the held-out
+    documents. The windows are dealt round-robin to the ranks, so the number is the same for
+    any number of processes; every rank runs the same number of forward passes (FSDP needs
+    that), padding rows count for nothing."""
     model.eval()
-    n_batches = max(1, min(cfg.eval_batches, n_val_windows // (cfg.batch_size * rt.world_size)))
-    total, count = 0.0, 0
-    for b in range(n_batches):
-        first = (b * rt.world_size + rt.rank) * cfg.batch_size
-        rows = [data.val.window(i % n_val_windows, seq_len)
-                for i in range(first, first + cfg.batch_size)]
-        xy = torch.from_numpy(np.stack(rows).astype(np.int64)).to(rt.device)  # (B, T+1)
+    n = min(n_val_windows, cfg.eval_batches * cfg.batch_size)
+    mine = list(range(rt.rank, n, rt.world_size))
+    per_rank = math.ceil(math.ceil(n / rt.world_size) / cfg.batch_size) * cfg.batch_size
+    mine += [-1] * (per_rank - len(mine))  # -1: padding
+    total = torch.zeros(2, dtype=torch.float64, device=rt.device)  # (sum of row losses, rows)
+    for b in range(0, per_rank, cfg.batch_size):
+        idx = mine[b:b + cfg.batch_size]
+        rows = np.stack([data.val.window(max(i, 0), seq_len) for i in idx]).astype(np.int64)
+        xy = torch.from_numpy(rows).to(rt.device)  # (B, T+1)
         with rt.autocast():
-            _, loss = model(xy[:, :-1], xy[:, 1:])
-        total, count = total + loss.item(), count + 1
+            logits, _ = model(xy[:, :-1])
+        # (B, T) token losses -> (B,) mean per row
+        row_loss = F.cross_entropy(logits.float().transpose(1, 2), xy[:, 1:],
+                                   reduction="none").mean(dim=1)
+        keep = torch.tensor([i >= 0 for i in idx], device=rt.device)
+        total += torch.stack([(row_loss * keep).sum().double(), keep.sum().double()])
+    if rt.distributed:
+        torch.distributed.all_reduce(total)
     model.train()
-    return training.all_reduce_mean(total / count, rt)
+    return (total[0] / total[1]).item()
 
 
 def print_samples(step: int) -> None:

@@ -4,8 +4,9 @@
 - a run killed with SIGKILL after a checkpoint and resumed with --resume ends bitwise equal to an
   uninterrupted run (same losses at every step, same final weights): the data order is a pure
   function of (seed, step), and nothing else random is drawn during training;
-- `torchrun --nproc_per_node=2` (gloo, CPU) follows the loss trajectory of one process that
-  accumulates the same global batch, within 2e-5 (float32 sums in another order);
+- `torchrun --nproc_per_node=2` (gloo, CPU), with DDP and with FSDP2, follows the loss trajectory
+  of one process that accumulates the same global batch, within 2e-5 (the same float32 gradients
+  summed in another order: all-reduce vs accumulation), and writes the same full checkpoint;
 - bad input ends in a one-line error, not a traceback.
 Run: pytest tests/test_pretrain.py -q
 """
@@ -137,22 +138,38 @@ def test_sigkill_then_resume_matches_uninterrupted_run(corpus, baseline):
                            b["optimizer"]["state"][k]["exp_avg_sq"]), k
 
 
-def test_torchrun_two_processes_match_one_process(corpus):
+def val_losses(out_dir):
+    recs = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one_process(corpus, parallel):
     # global batch: 2 ranks x 2 sequences x 1 micro-step == 1 process x 2 sequences x 2 micro-steps
-    common = dict(batch_size=2, batch_tokens=4 * SEQ, max_steps=8, save_every=0)
+    common = dict(batch_size=2, batch_tokens=4 * SEQ, max_steps=8, save_every=0, eval_every=4)
     single = corpus / "single"
-    torch.set_num_threads(1)
-    run_here(flags(corpus, single, **common))
-    ddp = corpus / "ddp"
+    if not (single / "ckpt.pt").exists():
+        torch.set_num_threads(1)
+        run_here(flags(corpus, single, **common))
+    multi = corpus / parallel
     proc = run(["--standalone", "--nproc_per_node=2", "train_pretrain.py",
-                *flags(corpus, ddp, **common)],
+                *flags(corpus, multi, parallel=parallel, **common)],
                launcher=(sys.executable, "-m", "torch.distributed.run"))
     assert "1 accumulation x 2 processes" in proc.stdout
-    one, two = train_losses(single), train_losses(ddp)
+    one, two = train_losses(single), train_losses(multi)
     assert sorted(one) == sorted(two) == list(range(1, 9))
     for s in one:
         assert abs(one[s] - two[s]) < 2e-5, (s, one[s], two[s])
     assert one[8] < one[1] - 0.3  # and it learned something
+    # the validation set is the same whatever the number of processes
+    v1, v2 = val_losses(single), val_losses(multi)
+    assert sorted(v1) == sorted(v2) == [4, 8]
+    assert all(abs(v1[s] - v2[s]) < 2e-5 for s in v1), (v1, v2)
+    # rank 0 wrote one ordinary full checkpoint, also under FSDP
+    model, _ = llama2.load_model(str(multi))
+    ref = torch.load(single / "ckpt.pt", weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-4)
 
 
 def test_bad_input_is_a_clear_error(corpus, baseline, tmp_path):
