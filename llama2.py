@@ -341,6 +341,8 @@ class Transformer(nn.Module):
     def hidden(self, tokens, *, positions=None, cu_seqlens=None, start_pos=None):
         """The final normed hidden states (B, T, dim); see forward for the arguments."""
         B, T = tokens.shape
+        if cu_seqlens is not None and start_pos is not None:
+            raise ValueError("forward: packed sequences (cu_seqlens) and the KV cache (start_pos) do not mix")
         offset = 0 if start_pos is None else start_pos
         if offset + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {offset + T} tokens is longer than the context "
