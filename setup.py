@@ -27,12 +27,12 @@ def want_cuda():
 def extension():
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers need C++20
     if os.environ.get("LLAMA2_PORTABLE") != "1":
         cxx.append("-march=native")  # the machine that builds is the machine that runs (pip install -e)
     cuda_sources = rel("csrc/cuda/*.cu")
     if want_cuda() and cuda_sources:
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
         return CUDAExtension("llama2_C", sources + cuda_sources,

@@ -1,0 +1,139 @@
+// Shared helpers for the CPU kernels: input checks that speak in words, a dynamic work queue over
+// at::parallel_for, a vectorizable exp, and row-major GEMM on top of the BLAS that torch links.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+// Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS underneath). Column-major, 32-bit ints.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc);
+}
+
+namespace llama2 {
+
+// ---------------------------------------------------------------------------------------------
+// Input checks
+// ---------------------------------------------------------------------------------------------
+
+inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(),
+              " but this is the CPU kernel; move all inputs to the same device");
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " has dtype ", t.scalar_type(),
+              "; the CPU kernels take float32 or float64 (cast with .float() or use the reference path)");
+}
+
+inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " is ", a.scalar_type(),
+              " but ", name_b, " is ", b.scalar_type(), "; they must have the same dtype");
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* name_a, const char* name_b) {
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_a, " is on ", a.device(), " but ", name_b,
+              " is on ", b.device(), "; move all inputs to the same device");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work distribution
+// ---------------------------------------------------------------------------------------------
+
+// Runs fn(item) for item in [0, n) on all intra-op threads, each thread pulling the next item from a
+// shared counter. Causal attention tiles have very different costs, so a static split would leave a
+// thread idle; list the expensive items first for the best balance.
+template <typename F>
+void parallel_items(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (n_threads <= 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp that the compiler can vectorize
+// ---------------------------------------------------------------------------------------------
+
+// exp(x) for float: 2^n * p(r) with x = n*ln2 + r, |r| <= ln2/2, p a degree-6 polynomial
+// (relative error ~2e-7, close to float rounding). Plain arithmetic and a bit cast, no libm call,
+// so loops over it turn into AVX2/AVX-512 code. x <= -88 gives exactly 0 (masked scores are -inf).
+inline float fast_exp(float x) {
+  x = std::max(x, -88.0f);
+  x = std::min(x, 88.0f);
+  // Round to nearest by adding and removing 1.5 * 2^23 (exact in float; vectorizes everywhere).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // Cody-Waite: ln2 split in a high part exact in float and a small correction.
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = p * scale;
+  return x <= -88.0f ? 0.0f : y;
+}
+
+// float64 keeps libm's exp: gradcheck needs it exact to the last bits.
+template <typename T>
+inline T exp_of(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fast_exp(x);
+  } else {
+    return std::exp(x);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row-major GEMM: C (m x n) = alpha * op(A) @ op(B) + beta * C
+// ---------------------------------------------------------------------------------------------
+
+// A row-major matrix is the column-major transpose, so C^T = op(B)^T op(A)^T is one BLAS call with
+// the operands swapped. trans_a: A is stored (k x m) and used transposed; same for trans_b (n x k).
+// lda/ldb/ldc are row strides in elements.
+template <typename T>
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+                    const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const char ta = trans_b ? 'T' : 'N';
+  const char tb = trans_a ? 'T' : 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  } else {
+    dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+  }
+}
+
+}  // namespace llama2

@@ -1,0 +1,399 @@
+// Flash-style grouped-query attention on CPU, forward and backward.
+//
+//   out_i = sum_j softmax_j(scale * q_i . k_j) v_j      over the keys j that query i may see
+//   lse_i = log sum_j exp(scale * q_i . k_j)            (natural log, saved for the backward)
+//   causal is bottom-right aligned: query i of Tq sees keys j <= i + (Tk - Tq).
+//   With cu_seqlens (B == 1, Tq == Tk) the tokens are packed sequences; attention never crosses a
+//   sequence boundary (causal within each sequence, or full within each when causal=False).
+//
+// Shapes: q (B, Tq, H, D), k/v (B, Tk, KV, D), H = G * KV; any strides with the last one 1 (so KV
+// cache slices are read in place); out (B, Tq, H, D) contiguous; lse (B, H, Tq), float32 for
+// float32 inputs and float64 for float64 ones.
+//
+// How it is computed (FlashAttention-2, Dao 2023, arranged for a CPU):
+// - A work item is (sequence, kv head, tile of BQ query tokens). The G query heads that share the
+//   kv head are packed together as G*BQ rows, so each K/V tile is read once per group and the
+//   products are large enough for BLAS. Query heads never read a repeated copy of K/V.
+// - Forward: for each K/V tile of BK keys, S = Q K^T (rows x BK) in a small buffer, online softmax
+//   (running max m, running sum l, rescale the accumulator), acc += P V. The T x T score matrix is
+//   never formed: extra memory is O(threads * rows * (BK + D)).
+// - Backward: one work item per (sequence, kv head) owns dK/dV of its keys and dQ of its rows, so no
+//   atomics. For each K/V tile, and each query tile that sees it, P is recomputed from the saved
+//   lse, then dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q.
+// Memory traffic: forward reads Q once, K/V once per query tile (from cache when they fit), writes
+// O once; backward reads Q/dO once per K/V tile of the item (they stay in L2 for moderate T).
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../common.h"
+
+namespace llama2 {
+namespace {
+
+// Query tokens per tile (times G heads = rows of a tile) and keys per K/V tile.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
+
+// One sequence: batch row b, queries [q0, q0 + q_len), keys [k0, k0 + k_len) of that batch row.
+struct Segment {
+  int64_t b, q0, k0, q_len, k_len;
+};
+
+// A (B, T, heads, D) tensor with unit stride in D, addressed by (b, t, head).
+template <typename T>
+struct View {
+  T* p;
+  int64_t sb, st, sh;
+  T* row(int64_t b, int64_t t, int64_t h) const { return p + b * sb + t * st + h * sh; }
+};
+
+template <typename T>
+View<T> view_of(const at::Tensor& t) {
+  return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Keys of a sequence that query token t may see: [0, limit(t)). Non-causal sees them all.
+inline int64_t key_limit(bool causal, int64_t t, const Segment& s) {
+  if (!causal) return s.k_len;
+  return std::min(s.k_len, std::max<int64_t>(0, t + (s.k_len - s.q_len) + 1));
+}
+
+template <typename T>
+void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, View<T> out, T* lse,
+                          const std::vector<Segment>& segs, int64_t H, int64_t KV, int64_t D,
+                          int64_t Tq, T scale, bool causal) {
+  const int64_t G = H / KV;
+  // Work items (segment, kv head, query tile), the most expensive first for load balance.
+  struct Item {
+    int64_t seg, kvh, t0, cost;
+  };
+  std::vector<Item> items;
+  for (int64_t si = 0; si < static_cast<int64_t>(segs.size()); ++si) {
+    const Segment& s = segs[si];
+    for (int64_t t0 = 0; t0 < s.q_len; t0 += kBlockQ) {
+      const int64_t t_last = std::min(s.q_len, t0 + kBlockQ) - 1;
+      const int64_t cost = key_limit(causal, t_last, s) + 1;
+      for (int64_t kvh = 0; kvh < KV; ++kvh) items.push_back({si, kvh, t0, cost});
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+
+  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t idx) {
+    const Item& it = items[idx];
+    const Segment& s = segs[it.seg];
+    const int64_t nt = std::min(kBlockQ, s.q_len - it.t0);  // query tokens in this tile
+    const int64_t M = nt * G;                               // rows: (token, head in group)
+    // Per-item buffers: packed scaled Q (M, D), scores (M, BK), accumulator (M, D), m and l (M).
+    std::vector<T> qp(M * D), sc(M * kBlockK), acc(M * D, T(0));
+    std::vector<T> row_max(M, -std::numeric_limits<T>::infinity()), row_sum(M, T(0));
+
+    // Pack the G heads of each token as consecutive rows, pre-multiplied by the softmax scale.
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t g = 0; g < G; ++g) {
+        const T* src = q.row(s.b, s.q0 + it.t0 + t, it.kvh * G + g);
+        T* dst = qp.data() + (t * G + g) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+      }
+    }
+
+    const int64_t k_end = key_limit(causal, it.t0 + nt - 1, s);
+    for (int64_t j0 = 0; j0 < k_end; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, k_end - j0);
+      const T* kp = k.row(s.b, s.k0 + j0, it.kvh);
+      const T* vp = v.row(s.b, s.k0 + j0, it.kvh);
+      // (M, nk) scores of this tile
+      gemm_rm<T>(false, true, M, nk, D, T(1), qp.data(), D, kp, k.st, T(0), sc.data(), kBlockK);
+
+      for (int64_t t = 0; t < nt; ++t) {
+        // Keys past the causal limit of token t get no weight.
+        const int64_t n_ok = std::min(nk, std::max<int64_t>(0, key_limit(causal, it.t0 + t, s) - j0));
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t r = t * G + g;
+          T* sr = sc.data() + r * kBlockK;
+          for (int64_t c = n_ok; c < nk; ++c) sr[c] = -std::numeric_limits<T>::infinity();
+          T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = 0; c < nk; ++c) mx = std::max(mx, sr[c]);
+          const T m_new = std::max(row_max[r], mx);
+          if (m_new == -std::numeric_limits<T>::infinity()) {
+            // Nothing visible yet: zero weights, keep the running state.
+            for (int64_t c = 0; c < nk; ++c) sr[c] = T(0);
+            continue;
+          }
+          // Online softmax: rescale what was summed so far to the new running max.
+          const T alpha = exp_of<T>(row_max[r] - m_new);
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t c = 0; c < nk; ++c) {
+            const T p = exp_of<T>(sr[c] - m_new);
+            sr[c] = p;
+            sum += p;
+          }
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_max[r] = m_new;
+          T* ar = acc.data() + r * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+        }
+      }
+      // acc (M, D) += P (M, nk) @ V (nk, D)
+      gemm_rm<T>(false, false, M, D, nk, T(1), sc.data(), kBlockK, vp, v.st, T(1), acc.data(), D);
+    }
+
+    // Normalize and write out (B, Tq, H, D) and lse (B, H, Tq).
+    for (int64_t t = 0; t < nt; ++t) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g;
+        const int64_t h = it.kvh * G + g, tq = s.q0 + it.t0 + t;
+        const T l = row_sum[r];
+        const T inv = l > T(0) ? T(1) / l : T(0);
+        T* dst = out.row(s.b, tq, h);
+        const T* ar = acc.data() + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
+        lse[(s.b * H + h) * Tq + tq] = l > T(0) ? row_max[r] + std::log(l)
+                                                : -std::numeric_limits<T>::infinity();
+      }
+    }
+  });
+}
+
+template <typename T>
+void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, View<const T> v,
+                          View<const T> out, const T* lse, View<T> dq, View<T> dk, View<T> dv,
+                          const std::vector<Segment>& segs, int64_t H, int64_t KV, int64_t D,
+                          int64_t Tq, T scale, bool causal) {
+  const int64_t G = H / KV;
+  // Work items (segment, kv head): each owns dK/dV of its keys and dQ of its query rows.
+  struct Item {
+    int64_t seg, kvh, cost;
+  };
+  std::vector<Item> items;
+  for (int64_t si = 0; si < static_cast<int64_t>(segs.size()); ++si) {
+    const int64_t cost = segs[si].q_len * segs[si].k_len;
+    for (int64_t kvh = 0; kvh < KV; ++kvh) items.push_back({si, kvh, cost});
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+
+  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t idx) {
+    const Item& it = items[idx];
+    const Segment& s = segs[it.seg];
+    const int64_t M = s.q_len * G;
+    // Packed rows (token, head in group) of Q, dO, and their lse and delta = rowsum(dO * O).
+    std::vector<T> qp(M * D), dop(M * D), dqa(M * D, T(0)), lp(M), delta(M);
+    std::vector<T> p_buf(kBlockQ * G * kBlockK), ds_buf(kBlockQ * G * kBlockK);
+    std::vector<T> dk_t(kBlockK * D), dv_t(kBlockK * D);
+
+    for (int64_t t = 0; t < s.q_len; ++t) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = t * G + g, h = it.kvh * G + g, tq = s.q0 + t;
+        const T* qs = q.row(s.b, tq, h);
+        const T* gs = dout.row(s.b, tq, h);
+        const T* os = out.row(s.b, tq, h);
+        T* qd = qp.data() + r * D;
+        T* gd = dop.data() + r * D;
+        T dsum = 0;
+#pragma omp simd reduction(+ : dsum)
+        for (int64_t d = 0; d < D; ++d) {
+          qd[d] = qs[d];
+          gd[d] = gs[d];
+          dsum += gs[d] * os[d];
+        }
+        delta[r] = dsum;
+        lp[r] = lse[(s.b * H + h) * Tq + tq];
+      }
+    }
+
+    for (int64_t j0 = 0; j0 < s.k_len; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, s.k_len - j0);
+      const T* kp = k.row(s.b, s.k0 + j0, it.kvh);
+      const T* vp = v.row(s.b, s.k0 + j0, it.kvh);
+      std::fill(dk_t.begin(), dk_t.end(), T(0));
+      std::fill(dv_t.begin(), dv_t.end(), T(0));
+      // First query token that sees key j0 (causal); earlier ones skip this tile.
+      int64_t t_start = 0;
+      if (causal) t_start = std::max<int64_t>(0, j0 - (s.k_len - s.q_len));
+      for (int64_t t0 = t_start; t0 < s.q_len; t0 += kBlockQ) {
+        const int64_t nt = std::min(kBlockQ, s.q_len - t0);
+        const int64_t Mq = nt * G, r0 = t0 * G;
+        // P (Mq, nk) = exp(scale * Q K^T - lse), recomputed
+        gemm_rm<T>(false, true, Mq, nk, D, scale, qp.data() + r0 * D, D, kp, k.st, T(0),
+                   p_buf.data(), kBlockK);
+        // dP (Mq, nk) = dO V^T
+        gemm_rm<T>(false, true, Mq, nk, D, T(1), dop.data() + r0 * D, D, vp, v.st, T(0),
+                   ds_buf.data(), kBlockK);
+        for (int64_t t = 0; t < nt; ++t) {
+          const int64_t n_ok = std::min(nk, std::max<int64_t>(0, key_limit(causal, t0 + t, s) - j0));
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t r = t * G + g;
+            T* pr = p_buf.data() + r * kBlockK;
+            T* dsr = ds_buf.data() + r * kBlockK;
+            const T l = lp[r0 + r], dl = delta[r0 + r];
+#pragma omp simd
+            for (int64_t c = 0; c < nk; ++c) {
+              const T p = c < n_ok ? exp_of<T>(pr[c] - l) : T(0);
+              pr[c] = p;
+              dsr[c] = p * (dsr[c] - dl);  // dS = P * (dP - delta)
+            }
+          }
+        }
+        // dV (nk, D) += P^T dO;  dK (nk, D) += scale * dS^T Q;  dQ (Mq, D) += scale * dS K
+        gemm_rm<T>(true, false, nk, D, Mq, T(1), p_buf.data(), kBlockK, dop.data() + r0 * D, D,
+                   T(1), dv_t.data(), D);
+        gemm_rm<T>(true, false, nk, D, Mq, scale, ds_buf.data(), kBlockK, qp.data() + r0 * D, D,
+                   T(1), dk_t.data(), D);
+        gemm_rm<T>(false, false, Mq, D, nk, scale, ds_buf.data(), kBlockK, kp, k.st, T(1),
+                   dqa.data() + r0 * D, D);
+      }
+      for (int64_t c = 0; c < nk; ++c) {
+        std::copy_n(dk_t.data() + c * D, D, dk.row(s.b, s.k0 + j0 + c, it.kvh));
+        std::copy_n(dv_t.data() + c * D, D, dv.row(s.b, s.k0 + j0 + c, it.kvh));
+      }
+    }
+    for (int64_t t = 0; t < s.q_len; ++t) {
+      for (int64_t g = 0; g < G; ++g) {
+        std::copy_n(dqa.data() + (t * G + g) * D, D, dq.row(s.b, s.q0 + t, it.kvh * G + g));
+      }
+    }
+  });
+}
+
+// Checks shared by forward and backward; returns the sequences to attend within.
+std::vector<Segment> check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v,
+                                            const std::optional<at::Tensor>& cu_seqlens,
+                                            double scale, bool causal) {
+  check_cpu(q, op, "q");
+  check_cpu(k, op, "k");
+  check_cpu(v, op, "v");
+  check_float(q, op, "q");
+  check_same_dtype(q, k, op, "q", "k");
+  check_same_dtype(q, v, op, "q", "v");
+  TORCH_CHECK(q.dim() == 4, op, ": q must be 4-D (B, Tq, H, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, op, ": k must be 4-D (B, Tk, KV, D), got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v has shape ", v.sizes(), " but k has ", k.sizes(),
+              "; they must match");
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Tk = k.size(1), KV = k.size(2);
+  TORCH_CHECK(k.size(0) == B, op, ": q has batch ", B, " but k/v have batch ", k.size(0));
+  TORCH_CHECK(k.size(3) == D, op, ": q has head_dim ", D, " but k/v have head_dim ", k.size(3));
+  TORCH_CHECK(D >= 1 && D <= 256, op, ": head_dim ", D,
+              " is out of range; the CPU kernel supports 1 <= head_dim <= 256");
+  TORCH_CHECK(KV >= 1 && H % KV == 0, op, ": n_heads (", H, ") must be a multiple of n_kv_heads (",
+              KV, ")");
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", scale);
+
+  std::vector<Segment> segs;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor& cu = *cu_seqlens;
+    check_cpu(cu, op, "cu_seqlens");
+    TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ",
+                cu.scalar_type());
+    TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, op,
+                ": cu_seqlens must be 1-D (S+1,) with S >= 1 sequences, got shape ", cu.sizes());
+    TORCH_CHECK(B == 1, op, ": packed sequences (cu_seqlens) need batch 1, got B=", B,
+                "; flatten the batch into one row of tokens");
+    TORCH_CHECK(Tq == Tk, op, ": packed sequences (cu_seqlens) need Tq == Tk, got Tq=", Tq,
+                " and Tk=", Tk);
+    const at::Tensor cc = cu.contiguous();
+    const int32_t* c = cc.data_ptr<int32_t>();
+    const int64_t S = cu.size(0) - 1;
+    TORCH_CHECK(c[0] == 0, op, ": cu_seqlens must start at 0, got ", c[0]);
+    TORCH_CHECK(c[S] == Tq, op, ": cu_seqlens ends at ", c[S], " but there are T=", Tq,
+                " tokens; the last entry must equal T");
+    for (int64_t i = 0; i < S; ++i) {
+      TORCH_CHECK(c[i + 1] >= c[i], op, ": cu_seqlens must be non-decreasing, but entry ", i + 1,
+                  " (", c[i + 1], ") < entry ", i, " (", c[i], ")");
+      if (c[i + 1] > c[i]) segs.push_back({0, c[i], c[i], c[i + 1] - c[i], c[i + 1] - c[i]});
+    }
+  } else {
+    TORCH_CHECK(!causal || Tq <= Tk, op, ": causal attention needs Tq <= Tk (queries are the last Tq",
+                " of the Tk positions), got Tq=", Tq, " and Tk=", Tk);
+    for (int64_t b = 0; b < B; ++b) segs.push_back({b, 0, 0, Tq, Tk});
+  }
+  return segs;
+}
+
+// Unit stride in the last dimension is all the kernels need; copy only what lacks it.
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+// q (B, Tq, H, D), k/v (B, Tk, KV, D), cu_seqlens (S+1) int32 or None -> out (B, Tq, H, D), lse (B, H, Tq)
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in,
+                                                     const std::optional<at::Tensor>& cu_seqlens,
+                                                     double scale, bool causal) {
+  const char* op = "llama2::attention_fwd";
+  const auto segs = check_attention_inputs(op, q_in, k_in, v_in, cu_seqlens, scale, causal);
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), KV = k.size(2);
+  at::Tensor out = at::empty({B, Tq, H, D}, q.options());
+  at::Tensor lse = at::empty({B, H, Tq}, q.options());
+  if (out.numel() == 0) return {out, lse};
+  if (k.size(1) == 0) {
+    // No keys at all: nothing to attend to.
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
+    attention_fwd_kernel<scalar_t>(view_of<const scalar_t>(q), view_of<const scalar_t>(k),
+                                   view_of<const scalar_t>(v), view_of<scalar_t>(out),
+                                   lse.data_ptr<scalar_t>(), segs, H, KV, D, Tq,
+                                   static_cast<scalar_t>(scale), causal);
+  });
+  return {out, lse};
+}
+
+// grad_out/out (B, Tq, H, D), q, k, v, lse (B, H, Tq) -> dq (B, Tq, H, D), dk/dv (B, Tk, KV, D)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& cu_seqlens, double scale, bool causal) {
+  const char* op = "llama2::attention_bwd";
+  const auto segs = check_attention_inputs(op, q_in, k_in, v_in, cu_seqlens, scale, causal);
+  check_cpu(grad_out_in, op, "grad_out");
+  check_cpu(out_in, op, "out");
+  check_cpu(lse_in, op, "lse");
+  check_same_dtype(q_in, grad_out_in, op, "q", "grad_out");
+  check_same_dtype(q_in, out_in, op, "q", "out");
+  check_same_dtype(q_in, lse_in, op, "q", "lse");
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op,
+              ": grad_out ", grad_out_in.sizes(), " and out ", out_in.sizes(),
+              " must have the shape of q ", q_in.sizes());
+  const int64_t B = q_in.size(0), Tq = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
+                  lse_in.size(2) == Tq,
+              op, ": lse must have shape (B, H, Tq) = (", B, ", ", H, ", ", Tq, "), got ",
+              lse_in.sizes(), "; pass the lse returned by attention_fwd");
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor g = unit_last_stride(grad_out_in), o = unit_last_stride(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const int64_t KV = k.size(2);
+  at::Tensor dq = at::zeros({B, Tq, H, D}, q.options());
+  at::Tensor dk = at::zeros({B, k.size(1), KV, D}, q.options());
+  at::Tensor dv = at::zeros({B, k.size(1), KV, D}, q.options());
+  if (q.numel() == 0 || k.size(1) == 0) return {dq, dk, dv};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
+    attention_bwd_kernel<scalar_t>(view_of<const scalar_t>(g), view_of<const scalar_t>(q),
+                                   view_of<const scalar_t>(k), view_of<const scalar_t>(v),
+                                   view_of<const scalar_t>(o), lse.data_ptr<scalar_t>(),
+                                   view_of<scalar_t>(dq), view_of<scalar_t>(dk),
+                                   view_of<scalar_t>(dv), segs, H, KV, D, Tq,
+                                   static_cast<scalar_t>(scale), causal);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace llama2
+
+TORCH_LIBRARY_IMPL(llama2, CPU, m) {
+  m.impl("attention_fwd", &llama2::attention_fwd_cpu);
+  m.impl("attention_bwd", &llama2::attention_bwd_cpu);
+}

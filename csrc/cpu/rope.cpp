@@ -1,0 +1,96 @@
+// Rotary position embedding (RoPE) on CPU, Meta's interleaved layout.
+//
+//   for each pair i < D/2 of a head vector:  (x[2i], x[2i+1]) rotated by angle = positions * freq_i
+//   out[2i]   = x[2i] * cos - x[2i+1] * sin
+//   out[2i+1] = x[2i] * sin + x[2i+1] * cos
+//   inverse=True rotates by -angle (sin -> -sin); the rotation is orthogonal, so that is the backward.
+//
+// Shapes: x (B, T, H, D), D even, any strides with the last one 1; positions (B, T) int64;
+// cos/sin (P, D/2) tables, rows indexed by position; out (B, T, H, D) contiguous.
+// Memory traffic: x read once, out written once; the table row of a token is reused for all heads.
+#include <torch/library.h>
+
+#include "../common.h"
+
+namespace llama2 {
+namespace {
+
+template <typename T>
+void rope_kernel(const T* x, const int64_t* pos, const T* cos, const T* sin, T* out, int64_t B,
+                 int64_t Tn, int64_t H, int64_t D, int64_t sb, int64_t st, int64_t sh,
+                 bool inverse) {
+  const int64_t half = D / 2;
+  const T sign = inverse ? T(-1) : T(1);
+  at::parallel_for(0, B * Tn, std::max<int64_t>(1, 4096 / (H * D)), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / Tn, t = row % Tn;
+      // (D/2,) cos and sin of this token's position, shared by all H heads
+      const T* c = cos + pos[row] * half;
+      const T* s = sin + pos[row] * half;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* xi = x + b * sb + t * st + h * sh;
+        T* yo = out + (row * H + h) * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const T x0 = xi[2 * i], x1 = xi[2 * i + 1];
+          const T si = sign * s[i];
+          yo[2 * i] = x0 * c[i] - x1 * si;
+          yo[2 * i + 1] = x0 * si + x1 * c[i];
+        }
+      }
+    }
+  });
+}
+
+// x (B, T, H, D), positions (B, T) int64, cos/sin (P, D/2) -> out (B, T, H, D)
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
+                    const at::Tensor& sin, bool inverse) {
+  const char* op = "llama2::rope";
+  check_cpu(x, op, "x");
+  check_cpu(positions, op, "positions");
+  check_cpu(cos, op, "cos");
+  check_cpu(sin, op, "sin");
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, T, H, D), got shape ", x.sizes());
+  const int64_t B = x.size(0), Tn = x.size(1), H = x.size(2), D = x.size(3);
+  TORCH_CHECK(D % 2 == 0, op, ": head_dim D must be even (pairs are rotated), got D=", D);
+  TORCH_CHECK(positions.scalar_type() == at::kLong, op, ": positions must be int64, got ",
+              positions.scalar_type());
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == B && positions.size(1) == Tn, op,
+              ": positions must have shape (B, T) = (", B, ", ", Tn, "), got ", positions.sizes());
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == D / 2, op,
+              ": cos must have shape (P, D/2) with D/2 = ", D / 2, ", got ", cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": sin has shape ", sin.sizes(), " but cos has ",
+              cos.sizes(), "; build both with the same rope_table call");
+  TORCH_CHECK(cos.is_floating_point() && sin.is_floating_point(), op,
+              ": cos/sin must be floating point tables, got ", cos.scalar_type());
+  const int64_t P = cos.size(0);
+  at::Tensor out = at::empty({B, Tn, H, D}, x.options());
+  if (x.numel() == 0) return out;
+
+  // Every position must index a row of the table; say which one does not.
+  const at::Tensor pc = positions.contiguous();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * Tn; ++i) {
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < P, op, ": position ", pp[i], " (at flat index ", i,
+                ") is outside the rope table of ", P,
+                " positions; build a longer table (rope_table n_positions) or check positions");
+  }
+  // Tables in x's dtype (tiny: P x D/2), x with unit stride in its last dimension.
+  const at::Tensor cc = cos.to(x.scalar_type()).contiguous();
+  const at::Tensor sc = sin.to(x.scalar_type()).contiguous();
+  const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rope_cpu", [&] {
+    rope_kernel<scalar_t>(xc.data_ptr<scalar_t>(), pp, cc.data_ptr<scalar_t>(),
+                          sc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, Tn, H, D,
+                          xc.stride(0), xc.stride(1), xc.stride(2), inverse);
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace llama2
+
+TORCH_LIBRARY_IMPL(llama2, CPU, m) {
+  m.impl("rope", &llama2::rope_cpu);
+}
