@@ -57,13 +57,13 @@ class Config:
     n_kv_heads: int = 0  # override the preset's key/value heads (0 = keep)
     max_seq_len: int = 0  # override the preset's context length (0 = keep)
     # batch
-    seq_len: int = 0  # tokens per training sequence (0 = the model's context; Llama 2: 4096)
+    seq_len: int = 128  # tokens per training sequence (0 = the model's context; Llama 2: 4096)
     batch_size: int = 16  # sequences per micro-batch on each process
     batch_tokens: int = 0  # global batch in tokens, reached by gradient accumulation (Llama 2: 4M; 0 = one micro-batch per process)
     # optimization (Llama 2, §2.2)
-    max_steps: int = 600  # optimizer steps in total
+    max_steps: int = 400  # optimizer steps in total
     lr: float = 2e-3  # peak learning rate (Llama 2: 3e-4 for 7B/13B, 1.5e-4 for 34B/70B)
-    warmup_steps: int = 60  # linear warmup steps (Llama 2: 2000)
+    warmup_steps: int = 40  # linear warmup steps (Llama 2: 2000)
     min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak lr (Llama 2: 0.1)
     weight_decay: float = 0.1  # AdamW weight decay on the weight matrices (Llama 2: 0.1)
     beta1: float = 0.9  # AdamW beta1 (Llama 2: 0.9)
@@ -74,14 +74,14 @@ class Config:
     eval_every: int = 100  # evaluate validation loss / perplexity every N steps (and at the end)
     eval_batches: int = 8  # validation loss over eval_batches x batch_size held-out sequences
     samples: int = 2  # text samples printed at each evaluation
-    sample_tokens: int = 160  # new tokens per sample
+    sample_tokens: int = 120  # new tokens per sample
     sample_prompt: str = ""  # text the samples start from (after BOS)
     temperature: float = 0.8  # sampling temperature for the samples
     top_p: float = 0.9  # nucleus sampling for the samples (Llama 2: 0.9)
     log_every: int = 1  # print a step line every N steps (every step goes to the JSONL)
     # checkpoints
     out_dir: str = "out/pretrain"  # where ckpt.pt and metrics.jsonl go
-    save_every: int = 200  # write ckpt.pt every N steps (and at the end); 0 = only at the end
+    save_every: int = 100  # write ckpt.pt every N steps (and at the end); 0 = only at the end
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -90,6 +90,7 @@ class Config:
     kernels: str = "auto"  # hot paths: auto (extension when built), ext, ref (plain PyTorch)
     parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 fully_shard)
     seed: int = 1337  # seeds the model init, the data order and the samples
+    threads: int = 0  # CPU threads for torch (0 = torch's default; torchrun sets 1 per process)
 
 
 cfg = training.parse_config(Config, description=__doc__)
@@ -97,7 +98,7 @@ cfg = training.parse_config(Config, description=__doc__)
 # -----------------------------------------------------------------------------------------------
 # setup
 
-rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
 out_dir = Path(cfg.out_dir)
 ckpt_path = out_dir / "ckpt.pt"
 if cfg.kernels != "auto":

@@ -135,14 +135,19 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> Runtime:
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0,
+                  threads: int = 0) -> Runtime:
     """Pick the device and autocast dtype, join the process group under torchrun, seed RNGs.
 
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N". Under torchrun each
     rank takes cuda:LOCAL_RANK and the backend is nccl on GPU, gloo on CPU.
     dtype: "auto" (bfloat16 autocast on GPU, float32 on CPU), "float32" or "bfloat16".
     Every rank gets the same seed, so models are built identically before DDP broadcasts.
+    threads > 0 sets torch's CPU thread count (fewer threads than cores is faster when other
+    processes share the machine).
     """
+    if threads > 0:
+        torch.set_num_threads(threads)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
