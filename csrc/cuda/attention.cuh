@@ -64,8 +64,9 @@ __device__ __forceinline__ int find_seq(const int* cu, int n_seqs, int i) {
 __device__ __forceinline__ void key_range(const AttnParams& p, int i, int& lo, int& hi) {
   if (p.cu_seqlens != nullptr) {
     const int s = find_seq(p.cu_seqlens, p.n_seqs, i);
-    lo = p.cu_seqlens[s];
-    hi = p.causal ? i + 1 : p.cu_seqlens[s + 1];
+    // Clamped so that even unchecked values (graph capture) never index outside [0, Tk).
+    lo = max(0, min(p.cu_seqlens[s], i));
+    hi = min(p.Tk, p.causal ? i + 1 : max(p.cu_seqlens[s + 1], i + 1));
   } else {
     lo = 0;
     hi = p.causal ? static_cast<int>(min(static_cast<int64_t>(p.Tk),
@@ -176,10 +177,11 @@ inline bool rows_aligned16(const at::Tensor& t) {
 }
 
 // Checks q/k/v/cu_seqlens as the schema in csrc/ops.cpp documents them and fills the input part
-// of the parameters. q, k, v must already have last-dim stride 1.
+// of the parameters. q, k, v must already have last-dim stride 1. cu_seqlens may be on the CPU
+// (checked without a sync, then copied) or on q's device; cu_device receives the device copy.
 inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const c10::optional<at::Tensor>& cu_seqlens, double scale,
-                                   bool causal, const char* op) {
+                                   bool causal, const char* op, at::Tensor& cu_device) {
   check_cuda(q, op, "q");
   check_same_device(q, k, op, "q", "k");
   check_same_device(q, v, op, "q", "v");
@@ -218,16 +220,17 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
   p.n_seqs = 0;
   if (cu_seqlens.has_value()) {
     const at::Tensor& cu = *cu_seqlens;
-    check_same_device(q, cu, op, "q", "cu_seqlens");
+    TORCH_CHECK(cu.device().is_cpu() || cu.device() == q.device(), op, ": cu_seqlens is on ", cu.device(),
+                " but q is on ", q.device(), "; pass cu_seqlens on q's device (or on the CPU)");
     TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu.scalar_type());
     check_dim(cu, 1, op, "cu_seqlens", "(S+1)");
     TORCH_CHECK(cu.size(0) >= 2, op, ": cu_seqlens needs at least 2 entries (0 and the total), got ", cu.size(0));
-    TORCH_CHECK(cu.is_contiguous(), op, ": cu_seqlens must be contiguous");
     TORCH_CHECK(B == 1 && Tq == Tk, op, ": packed sequences (cu_seqlens) need B == 1 and Tq == Tk, got B=", B,
                 " Tq=", Tq, " Tk=", Tk);
-    // The kernels trust these bounds; reading them back synchronizes, so not during graph capture.
-    if (!capturing()) {
-      const at::Tensor c = cu.cpu();
+    // Check the values on the host: free for a CPU tensor; a CUDA one is read back (a sync), except
+    // during graph capture, where the kernels' clamping keeps bad values from reading out of bounds.
+    if (cu.device().is_cpu() || !capturing()) {
+      const at::Tensor c = cu.cpu().contiguous();
       const int* cp = c.data_ptr<int>();
       const int64_t S = c.size(0) - 1;
       TORCH_CHECK(cp[0] == 0 && cp[S] == Tq, op, ": cu_seqlens must start at 0 and end at the token count ", Tq,
@@ -237,7 +240,9 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
                     cp[s + 1], " at index ", s);
       }
     }
-    p.cu_seqlens = cu.data_ptr<int>();
+    // The caller keeps cu_device alive until the kernels are launched.
+    cu_device = cu.to(q.device()).contiguous();
+    p.cu_seqlens = cu_device.data_ptr<int>();
     p.n_seqs = static_cast<int>(cu.size(0) - 1);
   }
   return p;

@@ -116,8 +116,8 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_kernel(const AttnPar
   if (p.cu_seqlens != nullptr) {
     const int s_first = find_seq(p.cu_seqlens, p.n_seqs, n0);
     const int s_last = find_seq(p.cu_seqlens, p.n_seqs, n_last);
-    q_begin = p.causal ? n0 : p.cu_seqlens[s_first];
-    q_end = p.cu_seqlens[s_last + 1];
+    q_begin = max(0, p.causal ? n0 : p.cu_seqlens[s_first]);
+    q_end = min(p.Tq, p.cu_seqlens[s_last + 1]);
   } else {
     q_begin = p.causal ? max(0, n0 - (p.Tk - p.Tq)) : 0;
     q_end = p.Tq;
@@ -238,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_cuda(q_in, op, "q");
   const c10::cuda::OptionalCUDAGuard guard(device_of(q_in));
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op);
+  at::Tensor cu_device;
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op, cu_device);
   check_same_device(q_in, grad_out_in, op, "q", "grad_out");
   check_same_device(q_in, out_in, op, "q", "out");
   check_same_device(q_in, lse_in, op, "q", "lse");

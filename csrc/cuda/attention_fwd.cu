@@ -192,7 +192,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   check_cuda(q_in, op, "q");
   const c10::cuda::OptionalCUDAGuard guard(device_of(q_in));
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
-  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op);
+  at::Tensor cu_device;
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op, cu_device);
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
