@@ -251,6 +251,13 @@ def test_shards_round_trip_to_the_original_text(corpus):
             assert tok.decode(ids[b + 1:e].tolist()) == docs[name]
     assert set(data.meta["train"]["documents"]).isdisjoint(data.meta["val"]["documents"])
 
+    # an existing tokenizer.model (as Meta's would be passed) gives the same tokens
+    given = training.prepare_data(str(corpus / "texts"), val_fraction=0.2, cache_dir=str(cache),
+                                  tokenizer_path=str(data.folder / "tokenizer.model"),
+                                  seed=0, shard_tokens=5000)
+    assert given.tokenizer.model_bytes == tok.model_bytes
+    assert np.array_equal(given.train.tokens(), data.train.tokens())
+
     # a second call reuses the cache; changing one document rebuilds it elsewhere
     again = training.prepare_data(str(corpus / "texts"), vocab_size=400, val_fraction=0.2,
                                   cache_dir=str(cache), seed=0, shard_tokens=5000)
