@@ -29,7 +29,6 @@ import os
 import random
 import re
 import struct
-import sys
 import time
 import typing
 import warnings

@@ -11,7 +11,6 @@ import math
 import random
 import struct
 import sys
-import warnings
 import zlib
 from pathlib import Path
 
