@@ -1,0 +1,84 @@
+"""The whole model with the compiled kernels equals the model with the PyTorch references."""
+import pytest
+import torch
+
+import llama2
+import llama2_kernels
+from llama2 import ModelArgs, Transformer
+from test_model import CONFIGS, randomize_norms
+
+pytestmark = pytest.mark.skipif(not llama2_kernels.AVAILABLE,
+                                reason="llama2_C extension not built (pip install --no-build-isolation -e .)")
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernels():
+    before = llama2.kernels_in_use()
+    yield
+    llama2.set_kernels(before)
+
+
+def run(model, path, tokens, targets, **kw):
+    llama2.set_kernels(path)
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(tokens, targets, **kw)
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_logits_and_parameter_grads_ext_equal_ref(cfg, dtype, tol):
+    torch.manual_seed(5)
+    model = randomize_norms(Transformer(ModelArgs(**CONFIGS[cfg]))).to(dtype)
+    V = model.args.vocab_size
+    tokens, targets = torch.randint(0, V, (2, 33)), torch.randint(0, V, (2, 33))
+    targets[:, :5] = -100
+    ref_logits, ref_grads = run(model, "ref", tokens, targets)
+    ext_logits, ext_grads = run(model, "ext", tokens, targets)
+    torch.testing.assert_close(ext_logits, ref_logits, rtol=tol, atol=tol)
+    for name in ref_grads:
+        scale = ref_grads[name].abs().max().item() + 1e-30
+        err = (ext_grads[name] - ref_grads[name]).abs().max().item()
+        assert err <= tol * max(1.0, scale), f"{name}: max grad difference {err:.3g}"
+
+
+def test_packed_batch_ext_equals_ref():
+    torch.manual_seed(6)
+    model = randomize_norms(Transformer(ModelArgs(**CONFIGS["gqa"]))).double()
+    tokens, targets = torch.randint(0, 300, (2, 20)), torch.randint(0, 300, (2, 20))
+    cu = torch.tensor([0, 7, 20, 23, 31, 40], dtype=torch.int32)  # examples cross no row boundary
+    ref_logits, ref_grads = run(model, "ref", tokens, targets, cu_seqlens=cu)
+    ext_logits, ext_grads = run(model, "ext", tokens, targets, cu_seqlens=cu)
+    torch.testing.assert_close(ext_logits, ref_logits, rtol=1e-10, atol=1e-10)
+    for name in ref_grads:
+        torch.testing.assert_close(ext_grads[name], ref_grads[name], rtol=1e-9, atol=1e-10)
+
+
+def test_kv_cache_generation_ext_equals_ref():
+    torch.manual_seed(7)
+    model = randomize_norms(Transformer(ModelArgs(**CONFIGS["odd"]))).eval()
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (4, 11, 1)]
+    llama2.set_kernels("ref")
+    ref, ref_logits = model.generate(prompts, max_new_tokens=12, temperature=0, return_logits=True)
+    llama2.set_kernels("ext")
+    ext, ext_logits = model.generate(prompts, max_new_tokens=12, temperature=0, return_logits=True)
+    assert ext == ref
+    for a, b in zip(ext_logits, ref_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_training_step_fullgraph():
+    torch.manual_seed(8)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
+    model = Transformer(args)
+    llama2.set_kernels("ext")
+    tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    eager_logits, eager_grads = run(model, "ext", tokens, targets)
+    compiled = torch.compile(model, fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    logits, loss = compiled(tokens, targets)
+    loss.backward()
+    torch.testing.assert_close(logits.detach(), eager_logits, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-5)
