@@ -1,0 +1,530 @@
+"""Stage 2 of the Llama 2 recipe: supervised fine-tuning (paper §3.1, SPEC.md §5) and Ghost
+Attention (paper §3.3 and A.3.5, SPEC.md §6), plus the judged evaluation of a chat model.
+
+SFT. Dialogs in {"messages": [{"role": ..., "content": ...}, ...]} JSONL (ours or any real data
+set) are encoded in Meta's chat format with llama2.encode_dialog. The loss covers only the
+assistant's answer tokens and the EOS that ends each answer, so the model learns to stop: the
+target at position t is token t+1 when token t+1 is an answer token, else -100. Examples are
+packed into rows of the context length; attention never crosses from one example into another
+(cu_seqlens) and RoPE positions restart at 0 for each example. `--pack false` pads instead.
+
+Ghost Attention (`--gatt`). From the SFT model: take multi-turn user prompts and a standing
+instruction, append the instruction to EVERY user message and sample each reply with the model
+(best of K by the world's judge, as in rejection sampling), turn by turn, the chosen reply going
+into the history. For training, the instruction is kept only once, as the system message, and the
+loss is zeroed on every earlier turn: each dialog of n turns becomes n training samples, sample k
+being the dialog cut after the k-th answer with loss ONLY on that k-th answer (its tokens and its
+EOS); all tokens of turns 1..k-1, assistant answers included, and all prompts carry no loss.
+Turns whose chosen reply does not obey the instruction or does not end with EOS give no sample.
+
+Evaluation (`--eval`): held-out judged score overall and per family, EOS rate and answer length
+with greedy decoding; pass@1 against best-of-8 by the judge; instruction adherence at each turn
+1..12 of dialogs whose instruction is given once, as the system message, the model's own replies
+going into the history. Writes <out_dir>/eval.jsonl and <out_dir>/adherence.png.
+
+    # SFT from a pretraining checkpoint (ours, Meta's or Hugging Face's), on the world's dialogs
+    python train_sft.py --checkpoint out/pretrain --data world --out_dir out/sft
+    # ... or on your own JSONL, the Llama 2 hyperparameters (SPEC.md §5)
+    python train_sft.py --checkpoint llama-2-7b --data sft.jsonl --seq_len 4096 --batch_size 64
+    # Ghost Attention on top of the SFT model
+    python train_sft.py --gatt --checkpoint out/sft --out_dir out/gatt
+    # evaluate, and draw the adherence curve beside earlier evaluations
+    python train_sft.py --eval --checkpoint out/gatt --out_dir out/eval_gatt \\
+        --plot_with out/eval_sft/eval.jsonl
+    # chat with the result
+    python llama2.py --checkpoint out/gatt --chat --system "Always answer in capital letters."
+
+Checkpoint: <out_dir>/ckpt.pt in our format ("model_args", "model", "tokenizer", "config",
+"stage": "sft" or "gatt", plus optimizer, step, RNG and data position for `--resume`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import llama2
+import training
+import world
+
+# -----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    # model
+    checkpoint: str = "out/pretrain"  # start (or, with --eval, evaluate) from this: our ckpt dir/file, a Meta dir or a Hugging Face dir
+    tokenizer: str = ""  # tokenizer.model, only if the checkpoint carries none (Meta / HF dirs)
+    # data
+    data: str = "world"  # JSONL files of {"messages": [...]}, comma-separated; "world" = generate world.sft_dialogs
+    world_n: int = 20000  # dialogs generated when --data world
+    world_levels: str = "1,2,3,4"  # difficulty levels of the generated dialogs
+    pack: bool = True  # pack examples into full rows (no attention across examples); false = one padded example per row
+    seq_len: int = 0  # tokens per row (0 = the model's context; Llama 2: 4096); longer examples are dropped
+    # optimization (Llama 2 SFT, §3.1)
+    epochs: float = 2.0  # passes over the data (Llama 2: 2)
+    batch_size: int = 64  # rows per optimizer step (Llama 2: 64)
+    micro_batch: int = 1  # rows per forward pass (gradient accumulation up to batch_size)
+    lr: float = 2e-5  # peak learning rate (Llama 2: 2e-5)
+    warmup_steps: int = 0  # linear warmup steps before the cosine
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak lr
+    weight_decay: float = 0.1  # AdamW weight decay on the weight matrices (Llama 2: 0.1)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-5  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    # Ghost Attention
+    gatt: bool = False  # build Ghost Attention data with the checkpoint's model and fine-tune on it (stage "gatt")
+    gatt_n: int = 64  # GAtt dialogs (instruction + user prompts) to roll out
+    gatt_min_turns: int = 2  # user turns per GAtt dialog, at least
+    gatt_max_turns: int = 12  # user turns per GAtt dialog, at most
+    gatt_levels: str = "1,2"  # difficulty levels of the GAtt prompts
+    gatt_k: int = 4  # replies sampled per turn; the judge keeps the best (rejection sampling)
+    gatt_temperature: float = 0.7  # sampling temperature of the GAtt replies
+    gatt_mix: int = 0  # dialogs of --data mixed into the GAtt fine-tuning set (keeps the plain SFT skills)
+    # evaluation
+    eval: bool = False  # evaluate --checkpoint instead of training
+    eval_n: int = 200  # held-out prompts scored with greedy decoding
+    eval_bestof_n: int = 64  # held-out prompts for pass@1 vs best-of-K
+    eval_k: int = 8  # samples per prompt for best-of-K
+    eval_temperature: float = 0.7  # sampling temperature for pass@1 / best-of-K
+    eval_mt_n: int = 32  # 12-turn dialogs for adherence by turn
+    eval_turns: int = 12  # user turns per adherence dialog
+    eval_levels: str = "1,2,3,4"  # difficulty levels of the held-out prompts
+    fewshot: int = 0  # solved example turns put before each prompt (for a pretrained model); also cuts replies at "[INST]"
+    max_new_tokens: int = 48  # longest reply generated in evaluation and GAtt sampling
+    plot_with: str = ""  # other eval.jsonl files whose adherence curves go into the same PNG
+    label: str = ""  # name of this model in plots (default: the checkpoint's stage)
+    gen_batch: int = 64  # prompts per batched generate call
+    # logging and checkpoints
+    out_dir: str = "out/sft"  # where ckpt.pt, metrics.jsonl (and eval.jsonl) go
+    log_every: int = 1  # print a step line every N steps
+    save_every: int = 0  # write ckpt.pt every N steps (0 = only at the end)
+    resume: bool = False  # continue from <out_dir>/ckpt.pt
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # autocast: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    kernels: str = "auto"  # hot paths: auto, ext, ref
+    seed: int = 1337  # seeds data order, generated data and sampling
+
+
+# -----------------------------------------------------------------------------------------------
+# data: JSONL dialogs -> (ids, loss mask) examples -> packed rows -> batches
+
+
+@dataclass
+class Example:
+    """One encoded dialog: token ids and the loss mask over them (1 = a token the model learns
+    to produce: an answer token or the EOS that ends an answer)."""
+    ids: list[int]
+    mask: list[int]
+    where: str = ""  # "file:line" of its source, for messages
+
+    def __len__(self) -> int:
+        return len(self.ids) - 1  # input tokens once shifted (the last token is only a target)
+
+
+TRAIN_ON = ("all", "last")  # which answers of a dialog carry loss: every one, or only the last
+
+
+def read_dialogs(path: str) -> list[tuple[list[dict], str, str]]:
+    """Read a JSONL file of {"messages": [...]} (optionally "train_on": "all" | "last") lines.
+
+    Returns (messages, train_on, "path:line") per dialog. A malformed line (bad JSON, no
+    "messages" list, an unknown role, roles out of order, not ending with an assistant message)
+    raises ValueError naming the file and line number and what was wrong.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file; give JSONL files or --data world")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be "
+                                 '{"messages": [{"role": ..., "content": ...}, ...]}') from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                raise ValueError(f'{where}: no "messages" list; each line must be '
+                                 '{"messages": [{"role": ..., "content": ...}, ...]}')
+            train_on = obj.get("train_on", "all")
+            if train_on not in TRAIN_ON:
+                raise ValueError(f'{where}: "train_on" must be one of {TRAIN_ON}, got {train_on!r}')
+            try:
+                world.validate_dialog(obj["messages"], ends_with="assistant")
+            except ValueError as e:
+                raise ValueError(f"{where}: bad dialog: {e}") from None
+            out.append((obj["messages"], train_on, where))
+    return out
+
+
+def write_dialogs(path: str | Path, dialogs: list[tuple[list[dict], str]]) -> None:
+    """Write (messages, train_on) pairs as JSONL, atomically (the GAtt data of a run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for messages, train_on in dialogs:
+            f.write(json.dumps({"messages": messages, "train_on": train_on}) + "\n")
+    os.replace(tmp, path)
+
+
+def encode_example(tokenizer, messages: list[dict], train_on: str = "all", where: str = ""):
+    """Encode a dialog ending with an assistant answer; the mask marks the answers that carry loss.
+
+    train_on "all": every assistant answer and its EOS (SFT). "last": only the final answer and
+    its EOS; every earlier token, earlier answers included, gets no loss (Ghost Attention).
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    ids, mask = llama2.encode_dialog(tokenizer, messages, for_training=True)
+    if train_on == "last":
+        # the final answer is the last run of 1s (the ids end with it and its EOS)
+        start = len(mask)
+        while start > 0 and mask[start - 1] == 1:
+            start -= 1
+        mask = [0] * start + mask[start:]
+    return Example(ids, mask, where)
+
+
+def example_io(ex: Example) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of one example: inputs ids[:-1]; target t is ids[t+1] where token t+1
+    carries loss (mask 1), else -100 (ignored by the cross-entropy)."""
+    x = ex.ids[:-1]
+    y = [tok if m else -100 for tok, m in zip(ex.ids[1:], ex.mask[1:])]
+    return x, y
+
+
+def pack_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Greedily fill rows of at most seq_len tokens with examples in the given order.
+
+    Returns the example indices of each row. Every length must be <= seq_len (drop longer
+    examples first, see fit_examples).
+    """
+    rows, cur, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if n > seq_len:
+            raise ValueError(f"example {i} has {n} tokens, more than a row of {seq_len}")
+        if cur and used + n > seq_len:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        rows.append(cur)
+    return rows
+
+
+def fit_examples(examples: list[Example], seq_len: int) -> tuple[list[Example], list[Example]]:
+    """Split examples into (kept, dropped): an example whose inputs exceed seq_len is DROPPED
+    (truncating it would cut off its answer's EOS and teach the model not to stop)."""
+    kept = [e for e in examples if len(e) <= seq_len]
+    dropped = [e for e in examples if len(e) > seq_len]
+    return kept, dropped
+
+
+PAD_ID = 0  # filler token in unused row slots: never a target, and in a segment of its own
+
+
+def make_batch(examples: list[Example], rows: list[list[int]], pack: bool = True,
+               device="cpu") -> dict:
+    """Tensors for one micro-batch of rows.
+
+    tokens, targets, positions: (B, T) int64 with T the longest row; unused slots are PAD_ID with
+    target -100. pack=True: a row holds several examples back to back, positions restart at 0
+    for each, and cu_seqlens (int32, over the flattened B*T tokens) marks every example and every
+    row's padding as a segment of its own, so attention stays within an example. pack=False: one
+    example per row, positions 0..T-1, no cu_seqlens (causal attention never sees the padding
+    that follows a sequence).
+    """
+    ios = [[example_io(examples[i]) for i in row] for row in rows]
+    if not pack and any(len(r) != 1 for r in rows):
+        raise ValueError("make_batch(pack=False) needs exactly one example per row")
+    T = max(sum(len(x) for x, _ in row) for row in ios)
+    tokens, targets, positions, seqlens = [], [], [], []
+    for row in ios:
+        tok = [t for x, _ in row for t in x]
+        tgt = [t for _, y in row for t in y]
+        pos = [p for x, _ in row for p in range(len(x))]
+        pad = T - len(tok)
+        tokens.append(tok + [PAD_ID] * pad)
+        targets.append(tgt + [-100] * pad)
+        positions.append(pos + list(range(pad)))
+        seqlens += [len(x) for x, _ in row] + ([pad] if pad else [])
+    batch = {"tokens": torch.tensor(tokens, dtype=torch.long, device=device),
+             "targets": torch.tensor(targets, dtype=torch.long, device=device),
+             "positions": torch.tensor(positions, dtype=torch.long, device=device),
+             "cu_seqlens": None}
+    if pack:
+        cu = [0]
+        for n in seqlens:
+            cu.append(cu[-1] + n)
+        batch["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32, device=device)
+    else:
+        batch["positions"] = None  # the model's default 0..T-1
+    return batch
+
+
+def forward_batch(model, batch: dict):
+    """model(tokens, targets) with the batch's positions / cu_seqlens -> (logits, loss)."""
+    return model(batch["tokens"], batch["targets"], positions=batch["positions"],
+                 cu_seqlens=batch["cu_seqlens"])
+
+
+class RowSampler:
+    """Deterministic order of rows over epochs: epoch e visits the rows in a permutation seeded by
+    (seed, e); global row number g is epoch g // R, slot g % R. One integer (the step) is the data
+    position, so a resumed run continues exactly where it stopped."""
+
+    def __init__(self, n_rows: int, seed: int):
+        if n_rows == 0:
+            raise ValueError("no training rows: every example was dropped or the data is empty")
+        self.R, self.seed = n_rows, seed
+        self._epoch, self._perm = -1, None
+
+    def row(self, g: int) -> int:
+        epoch, slot = divmod(g, self.R)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.R, generator=gen), epoch
+        return int(self._perm[slot])
+
+
+def _levels(text: str, flag: str) -> tuple:
+    try:
+        levels = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"error: --{flag} {text!r}: expected levels like 1,2,3") from None
+    if not levels or any(lv not in world.LEVELS for lv in levels):
+        raise SystemExit(f"error: --{flag} {text!r}: levels must be among {world.LEVELS}")
+    return levels
+
+
+def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dict], str, str]]:
+    """The --data dialogs: JSONL files, or freshly generated world dialogs (seeded)."""
+    if cfg.data == "world":
+        n = cfg.world_n if n_world is None else n_world
+        dialogs = world.sft_dialogs(n, seed=cfg.seed, levels=_levels(cfg.world_levels,
+                                                                      "world_levels"))
+        return [(d, "all", f"world.sft_dialogs[{i}]") for i, d in enumerate(dialogs)]
+    out = []
+    for path in [p for p in cfg.data.split(",") if p]:
+        try:
+            out += read_dialogs(path)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {e}") from None
+    if n_world is not None:
+        out = out[:n_world]
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# the script
+
+
+def main(argv=None) -> None:
+    cfg = training.parse_config(Config, argv, description=__doc__)
+    rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    if rt.distributed:
+        raise SystemExit("error: train_sft.py runs in one process (the demo is small); "
+                         "run it without torchrun")
+    if cfg.kernels != "auto":
+        try:
+            llama2.set_kernels(cfg.kernels)
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: --kernels {cfg.kernels}: {e}") from None
+    if cfg.eval and cfg.gatt:
+        raise SystemExit("error: give --eval or --gatt, not both (evaluate the GAtt checkpoint "
+                         "in a second command)")
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    stage = "gatt" if cfg.gatt else "sft"
+
+    # ---- model: the parent checkpoint, or our own when resuming
+    resumed = None
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"error: --resume given but {ckpt_path} does not exist; drop "
+                             "--resume to start, or point --out_dir at the run to continue")
+        resumed = training.load_checkpoint(ckpt_path)
+        if resumed.get("stage") != stage:
+            raise SystemExit(f"error: {ckpt_path} is a {resumed.get('stage')!r} checkpoint, this "
+                             f"run is {stage!r}; use another --out_dir")
+    try:
+        model, tokenizer = llama2.load_model(cfg.checkpoint, device=str(rt.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
+    if cfg.tokenizer:
+        tokenizer = llama2.Tokenizer(cfg.tokenizer)
+    if tokenizer is None:
+        raise SystemExit(f"error: {cfg.checkpoint} carries no tokenizer; pass --tokenizer "
+                         "path/to/tokenizer.model")
+    model = model.float()  # train and sample in float32 weights (autocast handles bf16)
+    parent_stage = _stage_of(cfg.checkpoint)
+
+    if cfg.eval:
+        import gatt
+        gatt.run_eval(model, tokenizer, cfg, rt, label=cfg.label or parent_stage)
+        return
+
+    seq_len = cfg.seq_len or model.args.max_seq_len
+    if seq_len > model.args.max_seq_len:
+        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
+                         f"({model.args.max_seq_len}); lower it")
+    if cfg.batch_size % cfg.micro_batch:
+        raise SystemExit(f"error: --batch_size {cfg.batch_size} is not a multiple of "
+                         f"--micro_batch {cfg.micro_batch}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = training.MetricsLog(out_dir / "metrics.jsonl", rt)
+
+    # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)
+    if cfg.gatt:
+        gatt_file = out_dir / "gatt_data.jsonl"
+        if resumed and gatt_file.exists():
+            dialogs = read_dialogs(str(gatt_file))
+            log.print(f"GAtt data read back from {gatt_file} ({len(dialogs)} samples)")
+        else:
+            import gatt
+            t0 = time.perf_counter()
+            samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt)
+            # the RoPE table cached during generation is an inference tensor: rebuild it
+            model._rope_cache.clear()
+            mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
+            write_dialogs(gatt_file, samples + [(m, t) for m, t, _ in mix])
+            dialogs = read_dialogs(str(gatt_file))
+            log.write({"gatt_data": stats, "seconds": time.perf_counter() - t0},
+                      f"GAtt data: {stats['samples']} samples from {stats['dialogs']} dialogs "
+                      f"({stats['turns']} turns sampled, {stats['kept_turns']} kept: "
+                      f"{stats['obey_rate']:.1%} of chosen replies obey, "
+                      f"{stats['eos_rate']:.1%} end with EOS) + {len(mix)} SFT dialogs mixed in; "
+                      f"{time.perf_counter() - t0:.0f}s -> {gatt_file}")
+    else:
+        dialogs = load_dialogs(cfg)
+    examples = []
+    for messages, train_on, where in dialogs:
+        try:
+            examples.append(encode_example(tokenizer, messages, train_on, where))
+        except ValueError as e:
+            raise SystemExit(f"error: {where}: {e}") from None
+    examples, dropped = fit_examples(examples, seq_len)
+    if dropped:
+        log.print(f"dropped {len(dropped)} of {len(dropped) + len(examples)} examples longer "
+                  f"than --seq_len {seq_len} (e.g. {dropped[0].where}, {len(dropped[0])} tokens)")
+    # a seeded shuffle, then greedy packing (or one example per row)
+    random.Random(cfg.seed).shuffle(examples)
+    rows = (pack_rows([len(e) for e in examples], seq_len) if cfg.pack
+            else [[i] for i in range(len(examples))])
+    sampler = RowSampler(len(rows), cfg.seed)
+    data_key = hashlib.sha256(json.dumps([examples[i].ids for r in rows for i in r]).encode()
+                              ).hexdigest()[:16]
+    max_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
+    n_loss = sum(sum(e.mask[1:]) for e in examples)
+    n_tok = sum(len(e) for e in examples)
+    log.print(f"data: {len(examples)} examples, {n_tok:,} tokens ({n_loss:,} with loss) in "
+              f"{len(rows)} rows of <= {seq_len} ({'packed' if cfg.pack else 'padded'}, "
+              f"fill {n_tok / (len(rows) * seq_len):.0%}); {max_steps} steps of "
+              f"{cfg.batch_size} rows = {cfg.epochs:g} epochs")
+
+    # ---- optimizer
+    optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                        device_type=rt.device_type)
+    start_step = 0
+    if resumed:
+        training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
+        if resumed["data"]["key"] != data_key or resumed["data"]["batch_size"] != cfg.batch_size:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: the data or --batch_size "
+                             "differ from the run that wrote it; use the same flags")
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        training.set_rng_state(resumed["rng"])
+        start_step = resumed["step"]
+        del resumed
+        log.print(f"resumed from {ckpt_path} at step {start_step}")
+
+    def save(step: int) -> None:
+        training.save_checkpoint(ckpt_path, {
+            "model_args": asdict(model.args),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+            "config": asdict(cfg),
+            "stage": stage,
+            "parent": cfg.checkpoint,
+            "step": step,
+            "rng": training.rng_state(),
+            "data": {"key": data_key, "rows": len(rows), "batch_size": cfg.batch_size,
+                     "rows_seen": step * cfg.batch_size},
+        })
+        log.print(f"saved {ckpt_path} at step {step}")
+
+    # ---- training loop: the loss of a step is the mean over all its answer tokens
+    log.print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters from {cfg.checkpoint} "
+              f"({parent_stage}); {rt.device}, kernels {llama2.kernels_in_use()}")
+    model.train()
+    step = start_step
+    while step < max_steps:
+        t0 = time.perf_counter()
+        lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                total_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        step_rows = [rows[sampler.row(step * cfg.batch_size + i)] for i in range(cfg.batch_size)]
+        n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)
+        loss_sum, tokens = 0.0, 0
+        for m in range(0, cfg.batch_size, cfg.micro_batch):
+            batch = make_batch(examples, step_rows[m:m + cfg.micro_batch], cfg.pack, rt.device)
+            k = int((batch["targets"] != -100).sum())
+            if k == 0:
+                continue
+            with rt.autocast():
+                _, loss = forward_batch(model, batch)
+            # weight each micro-batch by its share of the step's answer tokens
+            (loss * (k / n_kept)).backward()
+            loss_sum += loss.item() * k
+            tokens += batch["tokens"].numel()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_loss = loss_sum / n_kept
+        if not math.isfinite(train_loss):
+            raise SystemExit(f"error: the loss became {train_loss} at step {step}; lower --lr")
+        dt = time.perf_counter() - t0
+        line = training.step_line(step, max_steps, train_loss, lr, gnorm.item(), dt, tokens / dt)
+        log.write({"step": step, "loss": train_loss, "lr": lr, "gnorm": gnorm.item(),
+                   "answer_tokens": n_kept, "ms": dt * 1000, "tok_s": tokens / dt},
+                  line if step % cfg.log_every == 0 or step == max_steps else None)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
+            save(step)
+    if start_step >= max_steps:
+        log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
+    log.print(f"done: {stage} checkpoint {ckpt_path}")
+
+
+def _stage_of(path: str) -> str:
+    """The "stage" recorded in one of our checkpoints ("pretrain", "sft", ...), else "external"."""
+    p = Path(path)
+    p = p / "ckpt.pt" if p.is_dir() else p
+    if p.is_file() and p.suffix == ".pt":
+        try:
+            return str(torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+                       .get("stage", "external"))
+        except Exception:
+            return "external"
+    return "external"
+
+
+if __name__ == "__main__":
+    main()
