@@ -366,7 +366,7 @@ def plot_adherence(curves: dict[str, list[float]], png, width: int = 800, height
     training._draw_line(img, left, bottom, right, bottom, black, 2)
     training._draw_line(img, left, top, left, bottom, black, 2)
     _text(img, (left + right) // 2 - 24, height - 24, "turn", black)
-    _text(img, 8, 10, "instruction adherence (given once, turn 1)", black)
+    _text(img, 8, 10, "instruction adherence (given once at turn 1)", black)
     for (name, ys), color in zip(curves.items(), _COLORS):
         pts = [px(t + 1, a) for t, a in enumerate(ys)]
         for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
