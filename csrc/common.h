@@ -13,6 +13,11 @@
 #include <limits>
 #include <type_traits>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LLAMA2_AVX2 1
+#endif
+
 // Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS underneath). Column-major, 32-bit ints.
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -112,6 +117,72 @@ inline T exp_of(T x) {
   } else {
     return std::exp(x);
   }
+}
+
+#ifdef LLAMA2_AVX2
+// fast_exp on 8 floats at once, the same steps written with AVX2/FMA intrinsics.
+inline __m256 fast_exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-88.0f), _CMP_LE_OQ);
+  return _mm256_andnot_ps(underflow, y);
+}
+#endif
+
+// Softmax row helpers. max over s[0, n):
+template <typename T>
+inline T row_max(const T* s, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t c = 0;
+#ifdef LLAMA2_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 vm = _mm256_set1_ps(m);
+    for (; c + 8 <= n; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + c));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vm);
+    for (float l : lanes) m = std::max(m, l);
+  }
+#endif
+  for (; c < n; ++c) m = std::max(m, s[c]);
+  return m;
+}
+
+// s[c] = exp(s[c] - shift) for c in [0, n); returns the sum of the new values.
+template <typename T>
+inline T exp_shift_sum(T* s, int64_t n, T shift) {
+  T sum = 0;
+  int64_t c = 0;
+#ifdef LLAMA2_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 vs = _mm256_set1_ps(shift);
+    __m256 acc = _mm256_setzero_ps();
+    for (; c + 8 <= n; c += 8) {
+      const __m256 p = fast_exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vs));
+      _mm256_storeu_ps(s + c, p);
+      acc = _mm256_add_ps(acc, p);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    for (float l : lanes) sum += l;
+  }
+#endif
+  for (; c < n; ++c) {
+    s[c] = exp_of<T>(s[c] - shift);
+    sum += s[c];
+  }
+  return sum;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, Vie
     const int64_t M = nt * G;                               // rows: (token, head in group)
     // Per-item buffers: packed scaled Q (M, D), scores (M, BK), accumulator (M, D), m and l (M).
     std::vector<T> qp(M * D), sc(M * kBlockK), acc(M * D, T(0));
-    std::vector<T> row_max(M, -std::numeric_limits<T>::infinity()), row_sum(M, T(0));
+    std::vector<T> run_max(M, -std::numeric_limits<T>::infinity()), run_sum(M, T(0));
 
     // Pack the G heads of each token as consecutive rows, pre-multiplied by the softmax scale.
     for (int64_t t = 0; t < nt; ++t) {
@@ -113,27 +113,20 @@ void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, Vie
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = t * G + g;
           T* sr = sc.data() + r * kBlockK;
-          for (int64_t c = n_ok; c < nk; ++c) sr[c] = -std::numeric_limits<T>::infinity();
-          T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < nk; ++c) mx = std::max(mx, sr[c]);
-          const T m_new = std::max(row_max[r], mx);
+          // Only the first n_ok scores are visible; the rest get probability 0.
+          const T mx = row_max(sr, n_ok);
+          const T m_new = std::max(run_max[r], mx);
+          std::fill(sr + n_ok, sr + nk, T(0));
           if (m_new == -std::numeric_limits<T>::infinity()) {
             // Nothing visible yet: zero weights, keep the running state.
-            for (int64_t c = 0; c < nk; ++c) sr[c] = T(0);
+            std::fill(sr, sr + n_ok, T(0));
             continue;
           }
           // Online softmax: rescale what was summed so far to the new running max.
-          const T alpha = exp_of<T>(row_max[r] - m_new);
-          T sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < nk; ++c) {
-            const T p = exp_of<T>(sr[c] - m_new);
-            sr[c] = p;
-            sum += p;
-          }
-          row_sum[r] = row_sum[r] * alpha + sum;
-          row_max[r] = m_new;
+          const T alpha = exp_of<T>(run_max[r] - m_new);
+          const T sum = exp_shift_sum(sr, n_ok, m_new);
+          run_sum[r] = run_sum[r] * alpha + sum;
+          run_max[r] = m_new;
           T* ar = acc.data() + r * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
@@ -148,13 +141,13 @@ void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, Vie
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = t * G + g;
         const int64_t h = it.kvh * G + g, tq = s.q0 + it.t0 + t;
-        const T l = row_sum[r];
+        const T l = run_sum[r];
         const T inv = l > T(0) ? T(1) / l : T(0);
         T* dst = out.row(s.b, tq, h);
         const T* ar = acc.data() + r * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
-        lse[(s.b * H + h) * Tq + tq] = l > T(0) ? row_max[r] + std::log(l)
+        lse[(s.b * H + h) * Tq + tq] = l > T(0) ? run_max[r] + std::log(l)
                                                 : -std::numeric_limits<T>::infinity();
       }
     }
@@ -233,12 +226,10 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
             T* pr = p_buf.data() + r * kBlockK;
             T* dsr = ds_buf.data() + r * kBlockK;
             const T l = lp[r0 + r], dl = delta[r0 + r];
+            exp_shift_sum(pr, n_ok, l);
+            std::fill(pr + n_ok, pr + nk, T(0));
 #pragma omp simd
-            for (int64_t c = 0; c < nk; ++c) {
-              const T p = c < n_ok ? exp_of<T>(pr[c] - l) : T(0);
-              pr[c] = p;
-              dsr[c] = p * (dsr[c] - dl);  // dS = P * (dP - delta)
-            }
+            for (int64_t c = 0; c < nk; ++c) dsr[c] = pr[c] * (dsr[c] - dl);  // dS = P * (dP - delta)
           }
         }
         // dV (nk, D) += P^T dO;  dK (nk, D) += scale * dS^T Q;  dQ (Mq, D) += scale * dS K
