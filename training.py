@@ -805,7 +805,7 @@ def model_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) 
 # plot: metrics.jsonl -> PNG with numpy + zlib
 
 # a 5x7 bitmap font for the characters the plot writes (rows top to bottom, 5 bits each)
-_FONT = {
+FONT = {
     "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
     "2": "01110 10001 00001 00010 00100 01000 11111", "3": "11110 00001 00001 01110 00001 00001 11110",
     "4": "00010 00110 01010 10010 11111 00010 00010", "5": "11111 10000 11110 00001 00001 10001 01110",
@@ -822,9 +822,10 @@ _FONT = {
 }
 
 
-def _draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2) -> None:
+def draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2) -> None:
+    """Write `text` into an (H, W, 3) image with the 5x7 FONT (unknown characters are blanks)."""
     for ch in text:
-        rows = _FONT.get(ch, _FONT[" "]).split()
+        rows = FONT.get(ch, FONT[" "]).split()
         for r, bits in enumerate(rows):
             for c, bit in enumerate(bits):
                 if bit == "1":
@@ -833,7 +834,8 @@ def _draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2
         x += 6 * scale
 
 
-def _draw_line(img: np.ndarray, x0, y0, x1, y1, color, width: int = 2) -> None:
+def draw_line(img: np.ndarray, x0, y0, x1, y1, color, width: int = 2) -> None:
+    """Draw a straight line of `width` pixels from (x0, y0) to (x1, y1), clipped to the image."""
     n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
     xs = np.rint(np.linspace(x0, x1, n)).astype(int)
     ys = np.rint(np.linspace(y0, y1, n)).astype(int)
@@ -842,6 +844,10 @@ def _draw_line(img: np.ndarray, x0, y0, x1, y1, color, width: int = 2) -> None:
         for dy in range(width):
             xx, yy = np.clip(xs + dx, 0, w - 1), np.clip(ys + dy, 0, h - 1)
             img[yy, xx] = color
+
+
+# the old private names, still used by gatt.py
+_FONT, _draw_text, _draw_line = FONT, draw_text, draw_line
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
@@ -910,30 +916,30 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, width: int = 
     # grid, ticks and labels
     for t in _nice_ticks(y_lo, y_hi):
         _, y = px(x_lo, t)
-        _draw_line(img, left, y, right, y, grey, 1)
+        draw_line(img, left, y, right, y, grey, 1)
         label = f"{t:.2f}"
-        _draw_text(img, left - 12 - 12 * len(label), int(y) - 7, label, black)
+        draw_text(img, left - 12 - 12 * len(label), int(y) - 7, label, black)
     for t in _nice_ticks(x_lo, x_hi):
         x, _ = px(t, y_lo)
-        _draw_line(img, x, top, x, bottom, grey, 1)
+        draw_line(img, x, top, x, bottom, grey, 1)
         label = _fmt_tokens(t)
-        _draw_text(img, int(x) - 6 * len(label), bottom + 10, label, black)
-    _draw_line(img, left, bottom, right, bottom, black, 2)
-    _draw_line(img, left, top, left, bottom, black, 2)
-    _draw_text(img, (left + right) // 2 - 36, height - 24, "tokens", black)
-    _draw_text(img, 8, 10, "loss", black)
+        draw_text(img, int(x) - 6 * len(label), bottom + 10, label, black)
+    draw_line(img, left, bottom, right, bottom, black, 2)
+    draw_line(img, left, top, left, bottom, black, 2)
+    draw_text(img, (left + right) // 2 - 36, height - 24, "tokens", black)
+    draw_text(img, 8, 10, "loss", black)
     # the curves
     for series, color in ((sorted(train), (31, 119, 180)), (sorted(val), (255, 127, 14))):
         for (xa, ya), (xb, yb) in zip(series, series[1:]):
-            _draw_line(img, *px(xa, ya), *px(xb, yb), color, 2)
+            draw_line(img, *px(xa, ya), *px(xb, yb), color, 2)
         for x, y in series if len(series) < 50 else []:
             cx, cy = px(x, y)
             img[int(cy) - 2:int(cy) + 3, int(cx) - 2:int(cx) + 3] = color
     # legend
     for i, (name, color) in enumerate((("train", (31, 119, 180)), ("val", (255, 127, 14)))):
         y = top + 10 + 22 * i
-        _draw_line(img, right - 120, y + 6, right - 90, y + 6, color, 3)
-        _draw_text(img, right - 80, y, name, black)
+        draw_line(img, right - 120, y + 6, right - 90, y + 6, color, 3)
+        draw_text(img, right - 80, y, name, black)
     write_png(png, img)
     return {"train": train, "val": val}
 
