@@ -3,7 +3,8 @@
 #   1. build llama2_C with its CUDA kernels for this GPU (pip install --no-build-isolation -e .)
 #   2. the kernel tests: tests/test_kernels_cuda.py (CUDA vs float64) and tests/test_kernels.py
 #   3. the benchmark: bench/bench_ops.py --device cuda
-# and a short summary at the end. Logs go to $OUT (the device tool's output folder) or /tmp/gpu_check.
+# and a short summary at the end. Logs go to $OUT (the device tool's output folder) or
+# /tmp/gpu_check.
 #
 #     bash bench/gpu_check.sh
 set -euo pipefail
@@ -50,7 +51,7 @@ if [ "${STATUS[build]}" != ok ]; then
   grep -n -i -B2 -A8 "error" "$LOGS/build.log" | head -80 || tail -60 "$LOGS/build.log"
   exit 1
 fi
-"$PY" -c "import llama2_kernels as K; assert K.has_cuda(), 'llama2_C was built without CUDA kernels'; \
+"$PY" -c "import llama2_kernels as K; assert K.has_cuda(), 'llama2_C has no CUDA kernels'; \
 print('llama2_C CUDA kernels registered')"
 
 TESTS=(tests/test_kernels_cuda.py)

@@ -19,7 +19,7 @@ import llama2
 import llama2_kernels as K
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA GPU on this machine: the CUDA kernels cannot run here")
+                                reason="no CUDA GPU on this machine: the CUDA kernels cannot run")
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -48,8 +48,8 @@ def assert_rule(name, got, ref64, ref_lowp):
     err = (got.double() - ref64).abs().max().item()
     base = (ref_lowp.double() - ref64).abs().max().item()
     slack = SLACK[got.dtype] * max(1.0, ref64.abs().max().item())
-    assert err <= 2 * base + slack, (f"{name} ({got.dtype}): kernel error {err:.3g} > 2 x reference "
-                                     f"error {base:.3g} + {slack:.1g}")
+    assert err <= 2 * base + slack, (f"{name} ({got.dtype}): kernel error {err:.3g} > "
+                                     f"2 x reference error {base:.3g} + {slack:.1g}")
 
 
 def grads(fn, inputs, grad_out):
@@ -72,7 +72,7 @@ def three_ways(kernel_fn, ref_fn, inputs, grad_out, names):
 
 def test_extension_has_cuda_kernels():
     assert K.AVAILABLE, "llama2_C is not built: pip install --no-build-isolation -e ."
-    assert K.has_cuda(), "llama2_C was built without its CUDA kernels (was nvcc found at build time?)"
+    assert K.has_cuda(), "llama2_C was built without its CUDA kernels (was nvcc found at build?)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +99,8 @@ def test_rms_norm_non_contiguous_and_unaligned(dtype):
     w = (1 + 0.5 * torch.randn(64, device=DEV)).to(dtype)
     for x in (base.t(), torch.randn(9 * 64 + 2, device=DEV).to(dtype)[2:].view(9, 64)):
         g = torch.randn(x.shape, device=DEV).to(dtype)
-        three_ways(lambda a, b: K.rms_norm(a, b, 1e-5), lambda a, b: llama2.ref_rms_norm(a, b, 1e-5),
+        three_ways(lambda a, b: K.rms_norm(a, b, 1e-5),
+                   lambda a, b: llama2.ref_rms_norm(a, b, 1e-5),
                    [x, w], g, ("grad_x", "grad_weight"))
 
 
@@ -121,7 +122,7 @@ def test_rms_norm_bad_inputs():
     with pytest.raises(RuntimeError, match="same CUDA device|CUDA kernel"):
         torch.ops.llama2.rms_norm_fwd(x, torch.ones(64), 1e-5)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
-        torch.ops.llama2.rms_norm_fwd(x.double(), torch.ones(64, device=DEV, dtype=torch.float64), 1e-5)
+        torch.ops.llama2.rms_norm_fwd(x.double(), torch.ones(64, device=DEV).double(), 1e-5)
     _out, rstd = torch.ops.llama2.rms_norm_fwd(x, torch.ones(64, device=DEV), 1e-5)
     with pytest.raises(RuntimeError, match="rstd has 3 elements"):
         torch.ops.llama2.rms_norm_bwd(x, x, torch.ones(64, device=DEV), rstd[:3])
@@ -173,7 +174,8 @@ def test_rope_strided_views(dtype):
     cos, sin = llama2.rope_table(D, P, device=DEV)
     for x in (fused[:, :, H:2 * H], shifted):
         got = K.rope(x, positions, cos, sin)
-        ref64 = llama2.ref_rope(x.double(), positions, *llama2.rope_table(D, P, device=DEV, dtype=torch.float64))
+        table64 = llama2.rope_table(D, P, device=DEV, dtype=torch.float64)
+        ref64 = llama2.ref_rope(x.double(), positions, *table64)
         assert_rule("rope strided", got, ref64, llama2.ref_rope(x, positions, cos, sin))
 
 
@@ -219,8 +221,8 @@ def qkv(B, Tq, Tk, H, KV, D, dtype):
     return q, k, v
 
 
-# (B, Tq, Tk, H, KV): T=1, one key; decoding one query against a cache; sizes that are not a multiple
-# of any tile; Tq < Tk (bottom-right causal offset); MHA, GQA and MQA; more than one tile of keys.
+# (B, Tq, Tk, H, KV): T=1, one key; decoding one query against a cache; sizes that are not a
+# multiple of any tile; Tq < Tk (bottom-right causal offset); MHA, GQA and MQA; several key tiles.
 SHAPES = [
     (1, 1, 1, 2, 1),
     (2, 1, 37, 4, 2),
@@ -255,7 +257,8 @@ def test_attention_packed_equals_per_sequence(dtype, causal):
     pieces = []
     for s in range(len(lens)):
         a, b = int(cu[s]), int(cu[s + 1])
-        pieces.append(llama2.ref_attention(q[:, a:b].double(), k[:, a:b].double(), v[:, a:b].double(), causal=causal))
+        qs, ks, vs = (t[:, a:b].double() for t in (q, k, v))
+        pieces.append(llama2.ref_attention(qs, ks, vs, causal=causal))
     ref64 = torch.cat(pieces, dim=1)
     low = llama2.ref_attention(q, k, v, causal=causal, cu_seqlens=cu)
     assert_rule("packed out vs per-sequence", got.to(dtype), ref64, low)
@@ -296,7 +299,8 @@ def test_attention_lse(dtype):
     s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) * scale
     allowed = torch.ones(19, 40, dtype=torch.bool, device=DEV).tril(40 - 19)
     ref = s.masked_fill(~allowed, float("-inf")).logsumexp(-1)
-    torch.testing.assert_close(lse.double(), ref, rtol=0, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lse.double(), ref, rtol=0, atol=atol)
 
 
 def test_attention_long_sequence_bf16():

@@ -89,14 +89,17 @@ __device__ __forceinline__ void load_tile(T* dst, int ldd, const T* src, int64_t
       const int r = c / CH, col = (c % CH) * V;
       const int row = row0 + r;
       uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (row < n_rows) val = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row) * row_stride + col);
+      if (row < n_rows) {
+        val = *reinterpret_cast<const uint4*>(src + static_cast<int64_t>(row) * row_stride + col);
+      }
       *reinterpret_cast<uint4*>(dst + r * ldd + col) = val;
     }
   } else {
     for (int c = threadIdx.x; c < ROWS * D; c += NT) {
       const int r = c / D, col = c % D;
       const int row = row0 + r;
-      dst[r * ldd + col] = row < n_rows ? src[static_cast<int64_t>(row) * row_stride + col] : from_float<T>(0.0f);
+      dst[r * ldd + col] =
+          row < n_rows ? src[static_cast<int64_t>(row) * row_stride + col] : from_float<T>(0.0f);
     }
   }
 }
@@ -117,7 +120,8 @@ __device__ __forceinline__ void load_tile(T* dst, int ldd, const T* src, int64_t
 // multiples of 8, ldc a multiple of 4). float32: lane l computes row l/2, columns
 // (l%2)*N/2 ... +N/2 with FMAs. The caller syncs the warp before reading C.
 template <typename T, int K, int N, bool A_T, bool B_T, bool ACC>
-__device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int ldb, float* c, int ldc) {
+__device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int ldb, float* c,
+                                          int ldc) {
   static_assert(K % 16 == 0 && N % 16 == 0, "warp_gemm works on 16x16 blocks");
 #if LLAMA2_ATTN_WMMA
   if constexpr (!std::is_same<T, float>::value) {
@@ -137,7 +141,8 @@ __device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int l
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb;
         wmma::load_matrix_sync(fa, A_T ? a + kk * 16 * lda : a + kk * 16, lda);
-        wmma::load_matrix_sync(fb, B_T ? b + nn * 16 * ldb + kk * 16 : b + kk * 16 * ldb + nn * 16, ldb);
+        wmma::load_matrix_sync(fb, B_T ? b + nn * 16 * ldb + kk * 16 : b + kk * 16 * ldb + nn * 16,
+                               ldb);
         wmma::mma_sync(acc, fa, fb, acc);
       }
       wmma::store_matrix_sync(c + nn * 16, acc, ldc, wmma::mem_row_major);
@@ -168,20 +173,25 @@ __device__ __forceinline__ void warp_gemm(const T* a, int lda, const T* b, int l
 // ---------------------------------------------------------------------------------------------
 
 // A view with last-dim stride 1 (copied only when it is not).
-inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.stride(-1) == 1 ? t : t.contiguous();
+}
 
 // 16-byte tile loads need the data pointer and the batch/token/head strides 16-byte aligned.
 inline bool rows_aligned16(const at::Tensor& t) {
   const int64_t v = 16 / t.element_size();
-  return aligned16(t.data_ptr()) && t.stride(0) % v == 0 && t.stride(1) % v == 0 && t.stride(2) % v == 0;
+  return aligned16(t.data_ptr()) && t.stride(0) % v == 0 && t.stride(1) % v == 0 &&
+         t.stride(2) % v == 0;
 }
 
 // Checks q/k/v/cu_seqlens as the schema in csrc/ops.cpp documents them and fills the input part
 // of the parameters. q, k, v must already have last-dim stride 1. cu_seqlens may be on the CPU
 // (checked without a sync, then copied) or on q's device; cu_device receives the device copy.
+// check_cu_values: read a CUDA cu_seqlens back to check its values (a sync).
 inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const c10::optional<at::Tensor>& cu_seqlens, double scale,
-                                   bool causal, const char* op, at::Tensor& cu_device) {
+                                   bool causal, const char* op, at::Tensor& cu_device,
+                                   bool check_cu_values) {
   check_cuda(q, op, "q");
   check_same_device(q, k, op, "q", "k");
   check_same_device(q, v, op, "q", "v");
@@ -194,15 +204,21 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
               "; they must match (B, Tk, KV, D)");
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t Tk = k.size(1), KV = k.size(2);
-  TORCH_CHECK(k.size(0) == B, op, ": q has batch ", B, " but k/v have ", k.size(0), "; they must match");
-  TORCH_CHECK(k.size(3) == D, op, ": q has head dim ", D, " but k/v have ", k.size(3), "; they must match");
+  TORCH_CHECK(k.size(0) == B, op, ": q has batch ", B, " but k/v have ", k.size(0),
+              "; they must match");
+  TORCH_CHECK(k.size(3) == D, op, ": q has head dim ", D, " but k/v have ", k.size(3),
+              "; they must match");
   TORCH_CHECK(KV > 0 && H % KV == 0, op, ": the number of query heads (", H,
               ") must be a multiple of the number of key/value heads (", KV, ")");
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": the CUDA kernel supports head dim 32, 64 or 128, got ",
-              D, "; use the reference path for other sizes");
-  TORCH_CHECK(B <= 65535 && H <= 65535, op, ": at most 65535 batch rows and 65535 heads, got B=", B, " H=", H);
-  TORCH_CHECK(Tq < INT_MAX && Tk < INT_MAX, op, ": sequences longer than 2^31 - 1 tokens are not supported");
-  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, op, ": scale must be a positive finite number, got ", scale);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, op,
+              ": the CUDA kernel supports head dim 32, 64 or 128, got ", D,
+              "; use the reference path for other sizes");
+  TORCH_CHECK(B <= 65535 && H <= 65535, op, ": at most 65535 batch rows and 65535 heads, got B=",
+              B, " H=", H);
+  TORCH_CHECK(Tq < INT_MAX && Tk < INT_MAX, op,
+              ": sequences longer than 2^31 - 1 tokens are not supported");
+  TORCH_CHECK(std::isfinite(scale) && scale > 0.0, op,
+              ": scale must be a positive finite number, got ", scale);
 
   AttnParams p{};
   p.q = q.data_ptr();
@@ -220,24 +236,30 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
   p.n_seqs = 0;
   if (cu_seqlens.has_value()) {
     const at::Tensor& cu = *cu_seqlens;
-    TORCH_CHECK(cu.device().is_cpu() || cu.device() == q.device(), op, ": cu_seqlens is on ", cu.device(),
-                " but q is on ", q.device(), "; pass cu_seqlens on q's device (or on the CPU)");
-    TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", cu.scalar_type());
+    TORCH_CHECK(cu.device().is_cpu() || cu.device() == q.device(), op, ": cu_seqlens is on ",
+                cu.device(), " but q is on ", q.device(),
+                "; pass cu_seqlens on q's device (or on the CPU)");
+    TORCH_CHECK(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ",
+                cu.scalar_type());
     check_dim(cu, 1, op, "cu_seqlens", "(S+1)");
-    TORCH_CHECK(cu.size(0) >= 2, op, ": cu_seqlens needs at least 2 entries (0 and the total), got ", cu.size(0));
-    TORCH_CHECK(B == 1 && Tq == Tk, op, ": packed sequences (cu_seqlens) need B == 1 and Tq == Tk, got B=", B,
-                " Tq=", Tq, " Tk=", Tk);
-    // Check the values on the host: free for a CPU tensor; a CUDA one is read back (a sync), except
-    // during graph capture, where the kernels' clamping keeps bad values from reading out of bounds.
-    if (cu.device().is_cpu() || !capturing()) {
+    TORCH_CHECK(cu.size(0) >= 2, op,
+                ": cu_seqlens needs at least 2 entries (0 and the total), got ", cu.size(0));
+    TORCH_CHECK(B == 1 && Tq == Tk, op,
+                ": packed sequences (cu_seqlens) need B == 1 and Tq == Tk, got B=", B, " Tq=", Tq,
+                " Tk=", Tk);
+    // Check the values on the host: free for a CPU tensor; a CUDA one is read back (a sync), so
+    // only when asked (the forward; the backward gets the same cu_seqlens), not in graph capture.
+    // Unchecked values cannot read out of bounds: the kernels clamp every key range.
+    if (cu.device().is_cpu() || (check_cu_values && !capturing())) {
       const at::Tensor c = cu.cpu().contiguous();
       const int* cp = c.data_ptr<int>();
       const int64_t S = c.size(0) - 1;
-      TORCH_CHECK(cp[0] == 0 && cp[S] == Tq, op, ": cu_seqlens must start at 0 and end at the token count ", Tq,
-                  ", got ", cp[0], " ... ", cp[S]);
+      TORCH_CHECK(cp[0] == 0 && cp[S] == Tq, op,
+                  ": cu_seqlens must start at 0 and end at the token count ", Tq, ", got ", cp[0],
+                  " ... ", cp[S]);
       for (int64_t s = 0; s < S; ++s) {
-        TORCH_CHECK(cp[s] <= cp[s + 1], op, ": cu_seqlens must be nondecreasing, got ", cp[s], " then ",
-                    cp[s + 1], " at index ", s);
+        TORCH_CHECK(cp[s] <= cp[s + 1], op, ": cu_seqlens must be nondecreasing, got ", cp[s],
+                    " then ", cp[s + 1], " at index ", s);
       }
     }
     // The caller keeps cu_device alive until the kernels are launched.

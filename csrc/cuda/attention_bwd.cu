@@ -16,7 +16,8 @@
 // query heads of its group (so the GQA sum over heads needs no atomics) and over the query tiles
 // that can see its keys, rebuilding P from lse. dQ is summed across key tiles with float32 atomics
 // into a (B, Tq, H, D) buffer, cast at the end. All five products per tile run on tensor cores
-// (WMMA) for float16/bfloat16 and on FMAs for float32. Nothing of size Tq x Tk touches global memory.
+// (WMMA) for float16/bfloat16 and on FMAs for float32. Nothing of size Tq x Tk touches global
+// memory.
 //
 // Memory traffic aimed at: K, V read once, dK, dV written once; Q, dO, lse, delta read once per
 // key tile (from L2 mostly); dQ accumulated once per key tile with atomics in L2, then cast.
@@ -155,8 +156,10 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_kernel(const AttnPar
       __syncthreads();
 
       // S = Q K^T and dP = dO V^T for this warp's 16 query rows (16 x BN each).
-      warp_gemm<T, D, BN, false, true, false>(Qs + warp * 16 * LDT, LDT, Ks, LDT, Sc + warp * 16 * LDS, LDS);
-      warp_gemm<T, D, BN, false, true, false>(dOs + warp * 16 * LDT, LDT, Vs, LDT, dPc + warp * 16 * LDD, LDD);
+      warp_gemm<T, D, BN, false, true, false>(Qs + warp * 16 * LDT, LDT, Ks, LDT,
+                                              Sc + warp * 16 * LDS, LDS);
+      warp_gemm<T, D, BN, false, true, false>(dOs + warp * 16 * LDT, LDT, Vs, LDT,
+                                              dPc + warp * 16 * LDD, LDD);
       __syncwarp();
 
       // P = exp(S * scale - lse), dS = P (dP - delta); masked entries are exactly 0.
@@ -178,10 +181,13 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_kernel(const AttnPar
       __syncthreads();  // dV and dK read P and dS columns written by every warp
 
       // dV (warp's 16 keys x D) += P^T dO ; dK += dS^T Q (scaled at the end).
-      warp_gemm<T, BM, D, true, false, true>(Ps + warp * 16, LDP, dOs, LDT, dVa + warp * 16 * LDA, LDA);
-      warp_gemm<T, BM, D, true, false, true>(dSs + warp * 16, LDP, Qs, LDT, dKa + warp * 16 * LDA, LDA);
+      warp_gemm<T, BM, D, true, false, true>(Ps + warp * 16, LDP, dOs, LDT,
+                                             dVa + warp * 16 * LDA, LDA);
+      warp_gemm<T, BM, D, true, false, true>(dSs + warp * 16, LDP, Qs, LDT,
+                                             dKa + warp * 16 * LDA, LDA);
       // dQ (warp's 16 query rows x D) = dS K, into this warp's rows of the score scratch.
-      warp_gemm<T, BN, D, false, false, false>(dSs + warp * 16 * LDP, LDP, Ks, LDT, Sc + warp * 16 * LDS, LDS);
+      warp_gemm<T, BN, D, false, false, false>(dSs + warp * 16 * LDP, LDP, Ks, LDT,
+                                               Sc + warp * 16 * LDS, LDS);
       __syncwarp();
       for (int idx = lane; idx < 16 * D; idx += 32) {
         const int r = idx / D, col = idx % D;
@@ -231,15 +237,17 @@ void launch_bwd(const AttnParams& p, const char* op) {
 // grad_out (B, Tq, H, D), q (B, Tq, H, D), k/v (B, Tk, KV, D), out (B, Tq, H, D),
 // lse (B, H, Tq) float32, cu_seqlens (S+1) int32 or None -> dq, dk, dv shaped like q, k, v
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& cu_seqlens,
-    double scale, bool causal) {
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const c10::optional<at::Tensor>& cu_seqlens, double scale, bool causal) {
   const char* op = "llama2::attention_bwd";
   check_cuda(q_in, op, "q");
   const c10::cuda::OptionalCUDAGuard guard(device_of(q_in));
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);
+  const at::Tensor v = last_dim_contiguous(v_in);
   at::Tensor cu_device;
-  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op, cu_device);
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op, cu_device,
+                                  /*check_cu_values=*/false);
   check_same_device(q_in, grad_out_in, op, "q", "grad_out");
   check_same_device(q_in, out_in, op, "q", "out");
   check_same_device(q_in, lse_in, op, "q", "lse");
@@ -250,14 +258,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   TORCH_CHECK(out_in.sizes() == q_in.sizes(), op, ": out has shape ", out_in.sizes(), " but q has ",
               q_in.sizes(), "; pass the out that attention_fwd returned");
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32 (as attention_fwd returns it), got ",
-              lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == Tq, op,
-              ": lse has shape ", lse_in.sizes(), " but must be (B, H, Tq) = (", B, ", ", H, ", ", Tq,
-              "); pass the lse that attention_fwd returned");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat, op,
+              ": lse must be float32 (as attention_fwd returns it), got ", lse_in.scalar_type());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
+                  lse_in.size(2) == Tq,
+              op, ": lse has shape ", lse_in.sizes(), " but must be (B, H, Tq) = (", B, ", ", H,
+              ", ", Tq, "); pass the lse that attention_fwd returned");
 
   if (q.numel() == 0 || k.numel() == 0) {
-    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()),
+            at::zeros(v.sizes(), v.options())};
   }
   // Every key row is written by the block of its key tile.
   at::Tensor dk = at::empty(k.sizes(), k.options());

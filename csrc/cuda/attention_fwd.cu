@@ -109,7 +109,8 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const AttnPar
     __syncthreads();
 
     // S (16 x BN) = Q (16 x D) @ K^T for this warp's rows.
-    warp_gemm<T, D, BN, false, true, false>(Qs + warp * 16 * LDT, LDT, Ks, LDT, Sc + warp * 16 * LDS, LDS);
+    warp_gemm<T, D, BN, false, true, false>(Qs + warp * 16 * LDT, LDT, Ks, LDT,
+                                            Sc + warp * 16 * LDS, LDS);
     __syncwarp();
 
     // Online softmax: masked scores are -inf; the two lanes of a row combine through a shuffle.
@@ -139,7 +140,8 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const AttnPar
     __syncwarp();
 
     // PV (16 x D) = P (16 x BN) @ V (BN x D), into the scratch the scores just left.
-    warp_gemm<T, BN, D, false, false, false>(Ps + warp * 16 * LDP, LDP, Vs, LDT, Sc + warp * 16 * LDS, LDS);
+    warp_gemm<T, BN, D, false, false, false>(Ps + warp * 16 * LDP, LDP, Vs, LDT,
+                                             Sc + warp * 16 * LDS, LDS);
     __syncwarp();
 #pragma unroll
     for (int k = 0; k < OC; k += 4) {
@@ -156,7 +158,8 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const AttnPar
   if (i < p.Tq) {
     const float inv_l = l > 0.0f ? 1.0f / l : 0.0f;
     constexpr int V = vec16<T>();
-    T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.Tq + i) * p.H + h) * D + half * OC;
+    T* orow = static_cast<T*>(p.out) + ((static_cast<int64_t>(b) * p.Tq + i) * p.H + h) * D +
+              half * OC;
 #pragma unroll
     for (int k = 0; k < OC; k += V) {
       Vec<T, V> ov;
@@ -165,7 +168,8 @@ __global__ void __launch_bounds__(32 * WARPS) attention_fwd_kernel(const AttnPar
       *reinterpret_cast<Vec<T, V>*>(orow + k) = ov;
     }
     if (half == 0) {
-      p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Tq + i] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+      p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Tq + i] =
+          l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
     }
   }
 }
@@ -184,16 +188,17 @@ void launch_fwd(const AttnParams& p, const char* op) {
 
 // q (B, Tq, H, D), k/v (B, Tk, KV, D), cu_seqlens (S+1) int32 or None
 //   -> out (B, Tq, H, D), lse (B, H, Tq) float32
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in,
-                                                      const c10::optional<at::Tensor>& cu_seqlens,
-                                                      double scale, bool causal) {
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const c10::optional<at::Tensor>& cu_seqlens, double scale, bool causal) {
   const char* op = "llama2::attention_fwd";
   check_cuda(q_in, op, "q");
   const c10::cuda::OptionalCUDAGuard guard(device_of(q_in));
-  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in), v = last_dim_contiguous(v_in);
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);
+  const at::Tensor v = last_dim_contiguous(v_in);
   at::Tensor cu_device;
-  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op, cu_device);
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens, scale, causal, op, cu_device,
+                                  /*check_cu_values=*/true);
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));

@@ -1,5 +1,5 @@
 // Shared helpers for the CUDA kernels: dtype dispatch onto CUDA's own 16-bit types, float
-// conversions, 16-byte vector loads, warp/block sums, and host-side input checks that speak in words.
+// conversions, 16-byte vector loads, warp/block sums, and host-side input checks in words.
 #pragma once
 
 #include <ATen/ATen.h>

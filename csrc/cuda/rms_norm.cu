@@ -142,7 +142,8 @@ int64_t check_rms_inputs(const at::Tensor& x, const at::Tensor& weight, const ch
   const int64_t C = x.size(-1);
   TORCH_CHECK(weight.size(0) == C, op, ": weight has ", weight.size(0),
               " elements but x's last dim is ", C, "; they must match");
-  TORCH_CHECK(C > 0 && C < (int64_t(1) << 31), op, ": the last dim of x must be in [1, 2^31), got ", C);
+  TORCH_CHECK(C > 0 && C < (int64_t(1) << 31), op, ": the last dim of x must be in [1, 2^31), got ",
+              C);
   return C;
 }
 
@@ -161,8 +162,8 @@ int rows_grid(int64_t N, int mult) {
 }
 
 // x (..., C), weight (C) -> out (..., C), rstd (N) float32
-std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                                     double eps) {
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x_in,
+                                                     const at::Tensor& weight_in, double eps) {
   const char* op = "llama2::rms_norm_fwd";
   const int64_t C = check_rms_inputs(x_in, weight_in, op);
   TORCH_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
@@ -193,7 +194,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x_in, con
 }
 
 // grad_out, x (..., C), weight (C), rstd (N) float32 -> grad_x (..., C), grad_weight (C)
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out_in,
+                                                     const at::Tensor& x_in,
                                                      const at::Tensor& weight_in,
                                                      const at::Tensor& rstd_in) {
   const char* op = "llama2::rms_norm_bwd";
@@ -203,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out_
   check_same_dtype(x_in, grad_out_in, op, "x", "grad_out");
   TORCH_CHECK(grad_out_in.sizes() == x_in.sizes(), op, ": grad_out has shape ", grad_out_in.sizes(),
               " but x has shape ", x_in.sizes(), "; they must match");
-  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat, op, ": rstd must be float32 (as rms_norm_fwd returns it), got ",
-              rstd_in.scalar_type());
+  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat, op,
+              ": rstd must be float32 (as rms_norm_fwd returns it), got ", rstd_in.scalar_type());
   const int64_t N = x_in.numel() / C;
   TORCH_CHECK(rstd_in.numel() == N, op, ": rstd has ", rstd_in.numel(), " elements but x has ", N,
               " rows of ", C, "; pass the rstd that rms_norm_fwd returned for this x");

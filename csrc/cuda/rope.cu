@@ -75,7 +75,8 @@ void launch_rope(const at::Tensor& x, const at::Tensor& positions, const at::Ten
   const int64_t n_items = static_cast<int64_t>(B) * T_ * H * (D / VEC);
   const int threads = 256;
   const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 32;
-  const int blocks = static_cast<int>(std::min<int64_t>((n_items + threads - 1) / threads, max_blocks));
+  const int blocks =
+      static_cast<int>(std::min<int64_t>((n_items + threads - 1) / threads, max_blocks));
   rope_kernel<T, CT, VEC><<<blocks, threads, 0, current_stream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), positions.data_ptr<int64_t>(),
       reinterpret_cast<const CT*>(cos.data_ptr()), reinterpret_cast<const CT*>(sin.data_ptr()),
@@ -85,8 +86,8 @@ void launch_rope(const at::Tensor& x, const at::Tensor& positions, const at::Ten
 }
 
 // x (B, T, H, D), positions (B, T) int64, cos/sin (P, D/2) -> out (B, T, H, D)
-at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& positions_in, const at::Tensor& cos_in,
-                     const at::Tensor& sin_in, bool inverse) {
+at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& positions_in,
+                     const at::Tensor& cos_in, const at::Tensor& sin_in, bool inverse) {
   const char* op = "llama2::rope";
   check_cuda(x_in, op, "x");
   check_same_device(x_in, positions_in, op, "x", "positions");
@@ -96,20 +97,23 @@ at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& positions_in, con
   check_dim(positions_in, 2, op, "positions", "(B, T)");
   check_dim(cos_in, 2, op, "cos", "(P, D/2)");
   const int64_t B = x_in.size(0), T_ = x_in.size(1), H = x_in.size(2), D = x_in.size(3);
-  TORCH_CHECK(D % 2 == 0 && D > 0, op, ": the head dim D of x must be even (pairs are rotated), got ", D);
+  TORCH_CHECK(D % 2 == 0 && D > 0, op,
+              ": the head dim D of x must be even (pairs are rotated), got ", D);
   TORCH_CHECK(positions_in.scalar_type() == at::kLong, op, ": positions must be int64, got ",
               positions_in.scalar_type());
   TORCH_CHECK(positions_in.size(0) == B && positions_in.size(1) == T_, op, ": positions has shape ",
               positions_in.sizes(), " but x is ", x_in.sizes(), "; positions must be (B, T) = (", B,
               ", ", T_, ")");
-  TORCH_CHECK(cos_in.sizes() == sin_in.sizes(), op, ": cos has shape ", cos_in.sizes(), " but sin has ",
-              sin_in.sizes(), "; they must match (both from rope_table)");
+  TORCH_CHECK(cos_in.sizes() == sin_in.sizes(), op, ": cos has shape ", cos_in.sizes(),
+              " but sin has ", sin_in.sizes(), "; they must match (both from rope_table)");
   TORCH_CHECK(cos_in.size(1) == D / 2, op, ": cos/sin have ", cos_in.size(1),
               " columns but x's head dim is ", D, "; they need D/2 = ", D / 2);
   check_same_dtype(cos_in, sin_in, op, "cos", "sin");
-  TORCH_CHECK(cos_in.scalar_type() == at::kFloat || cos_in.scalar_type() == x_in.scalar_type(), op,
-              ": cos/sin must be float32 or x's dtype (", x_in.scalar_type(), "), got ", cos_in.scalar_type());
-  TORCH_CHECK(B * T_ < (int64_t(1) << 31) && H < (int64_t(1) << 31), op, ": x is too large: ", x_in.sizes());
+  TORCH_CHECK(cos_in.scalar_type() == at::kFloat || cos_in.scalar_type() == x_in.scalar_type(),
+              op, ": cos/sin must be float32 or x's dtype (", x_in.scalar_type(), "), got ",
+              cos_in.scalar_type());
+  TORCH_CHECK(B * T_ < (int64_t(1) << 31) && H < (int64_t(1) << 31), op, ": x is too large: ",
+              x_in.sizes());
   const int64_t P = cos_in.size(0);
   const c10::cuda::OptionalCUDAGuard guard(device_of(x_in));
 
@@ -118,11 +122,13 @@ at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& positions_in, con
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   const at::Tensor positions = positions_in.contiguous();
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
-  // Positions must index the table (reading them back synchronizes, so not during graph capture,
-  // where the kernel's device-side assert guards instead).
-  if (!capturing()) {
+  // Positions must index the table. Reading them back synchronizes, so it is done for the forward
+  // rotation only (the backward, inverse=True, gets the positions the forward checked) and not
+  // during graph capture; there the kernel's device-side assert guards instead.
+  if (!inverse && !capturing()) {
     const auto [lo, hi] = at::aminmax(positions);
-    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    const at::Tensor range = at::stack({lo, hi}).cpu();  // one device-to-host copy
+    const int64_t lo_v = range[0].item<int64_t>(), hi_v = range[1].item<int64_t>();
     TORCH_CHECK(lo_v >= 0 && hi_v < P, op, ": positions range over [", lo_v, ", ", hi_v,
                 "] but the cos/sin table has ", P, " rows; build rope_table with more positions");
   }
