@@ -194,3 +194,26 @@ def test_bad_input_is_a_clear_error(corpus, baseline, tmp_path):
     p = run(["train_pretrain.py", *flags(corpus, tmp_path / "a", seq_len=4096)], check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: --seq_len 4096 does not fit")
+
+
+def test_bench_train_measures_both_paths_on_the_same_model(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_train
+    import llama2_kernels
+    torch.set_num_threads(1)
+    before = llama2.kernels_in_use()
+    out = bench_train.main(["--preset", "tiny", "--batch_size", "2", "--seq_len", "16",
+                            "--steps", "1", "--warmup", "0", "--device", "cpu",
+                            "--json", str(tmp_path / "b.json")])
+    by = {r["path"]: r for r in out["results"]}
+    assert json.loads((tmp_path / "b.json").read_text())["results"] == out["results"]
+    assert by["ref"]["tokens_per_s"] > 0 and 0 < by["ref"]["mfu"]
+    assert out["flops_per_token"] == 6 * out["n_params"] + 12 * 2 * 64 * 16
+    if llama2_kernels.AVAILABLE:
+        # same seed, same batch: the first step's loss agrees across the two kernel paths
+        assert abs(by["ext"]["loss"] - by["ref"]["loss"]) < 1e-5
+        assert out["ext_over_ref"] == pytest.approx(by["ext"]["tokens_per_s"]
+                                                    / by["ref"]["tokens_per_s"])
+    else:
+        assert "ext" not in by
+    llama2.set_kernels(before)
