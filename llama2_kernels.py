@@ -67,31 +67,47 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_same_device(op: str, **tensors) -> None:
+    # The fake kernels see mixed devices first (e.g. under torch.compile), so they say it too.
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise RuntimeError(f"llama2::{op}: {first_name} is on {first.device} but {name} is on "
+                               f"{t.device}; move all inputs to the same device")
+
+
 if AVAILABLE:
     # ---- fake kernels: output shapes/dtypes without computing (torch.compile, meta tensors) ----
 
     @torch.library.register_fake("llama2::rms_norm_fwd")
     def _rms_norm_fwd_fake(x, weight, eps):
+        _check_same_device("rms_norm_fwd", x=x, weight=weight)
         n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
         return out, x.new_empty((n_rows,), dtype=_stat_dtype(x.dtype))
 
     @torch.library.register_fake("llama2::rms_norm_bwd")
     def _rms_norm_bwd_fake(grad_out, x, weight, rstd):
+        _check_same_device("rms_norm_bwd", grad_out=grad_out, x=x, weight=weight, rstd=rstd)
         return (torch.empty_like(x, memory_format=torch.contiguous_format),
                 torch.empty_like(weight, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake("llama2::rope")
     def _rope_fake(x, positions, cos, sin, inverse):
+        _check_same_device("rope", x=x, positions=positions, cos=cos, sin=sin)
         return x.new_empty(x.shape)
 
     @torch.library.register_fake("llama2::attention_fwd")
     def _attention_fwd_fake(q, k, v, cu_seqlens, scale, causal):
+        _check_same_device("attention_fwd", q=q, k=k, v=v, cu_seqlens=cu_seqlens)
         B, Tq, H, D = q.shape
         return q.new_empty((B, Tq, H, D)), q.new_empty((B, H, Tq), dtype=_stat_dtype(q.dtype))
 
     @torch.library.register_fake("llama2::attention_bwd")
     def _attention_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, scale, causal):
+        _check_same_device("attention_bwd", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse,
+                           cu_seqlens=cu_seqlens)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     # ---- autograd: each backward is an op of its own ----

@@ -1,0 +1,371 @@
+"""The compiled CPU kernels (llama2_C via llama2_kernels) against the plain-PyTorch references.
+
+The oracle is llama2.ref_rms_norm / ref_rope / ref_attention run in float64 on the same inputs, with
+gradients from torch.autograd.grad of the reference. Also: gradcheck in float64, opcheck (schemas,
+fake kernels, autograd registration), torch.compile(fullgraph=True), and bad-input errors.
+
+    pytest -q tests/test_kernels.py
+"""
+import math
+
+import pytest
+import torch
+
+import llama2
+import llama2_kernels as K
+
+pytestmark = pytest.mark.skipif(
+    not K.AVAILABLE,
+    reason="llama2_C extension is not built (pip install --no-build-isolation -e .): "
+           + getattr(K, "IMPORT_ERROR", ""))
+
+F64 = torch.float64
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def _close(a, b, tol, what):
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.1e}"
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 5, 64), (2, 7, 100), (4, 768), (2, 3, 1)])
+def test_rms_norm_matches_reference_float64(shape):
+    torch.manual_seed(0)
+    x, w = _leaves(torch.randn(*shape, dtype=F64) * 3, torch.randn(shape[-1], dtype=F64))
+    xr, wr = _leaves(x, w)
+    out = K.rms_norm(x, w, 1e-5)
+    ref = llama2.ref_rms_norm(xr, wr, 1e-5)
+    g = torch.randn_like(ref)
+    _close(out, ref, 1e-12, "rms_norm out")
+    for a, b, name in zip(_grads(out, (x, w), g), _grads(ref, (xr, wr), g), ("grad x", "grad weight")):
+        _close(a, b, 1e-10, f"rms_norm {name}")
+
+
+def test_rms_norm_float32_close_to_float64_reference():
+    torch.manual_seed(1)
+    x, w = torch.randn(8, 33, 4096), torch.randn(4096)
+    out = K.rms_norm(x, w, 1e-5)
+    ref = llama2.ref_rms_norm(x.double(), w.double(), 1e-5)
+    assert out.dtype == torch.float32
+    _close(out.double(), ref, 1e-5, "rms_norm float32")
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 2), (2, 7, 3, 16), (2, 33, 4, 64), (1, 5, 2, 80)])
+def test_rope_matches_reference_float64(B, T, H, D):
+    torch.manual_seed(0)
+    P = 64
+    cos, sin = llama2.rope_table(D, P, dtype=F64)
+    positions = torch.randint(0, P, (B, T))
+    (x,) = _leaves(torch.randn(B, T, H, D, dtype=F64))
+    (xr,) = _leaves(x)
+    out = K.rope(x, positions, cos, sin)
+    ref = llama2.ref_rope(xr, positions, cos, sin)
+    g = torch.randn_like(ref)
+    _close(out, ref, 1e-12, "rope out")
+    _close(_grads(out, x, g)[0], _grads(ref, xr, g)[0], 1e-12, "rope grad x")
+
+
+def test_rope_positions_broadcast_and_float32_table():
+    torch.manual_seed(0)
+    B, T, H, D = 3, 10, 2, 32
+    cos, sin = llama2.rope_table(D, 40)  # float32 table, float64 x
+    x = torch.randn(B, T, H, D, dtype=F64)
+    pos_1d = torch.arange(5, 5 + T)
+    out = K.rope(x, pos_1d, cos, sin)
+    ref = llama2.ref_rope(x, pos_1d.expand(B, T), cos.double(), sin.double())
+    _close(out, ref, 1e-6, "rope with (T,) positions")
+
+
+def test_rope_inverse_undoes_forward():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 3, 24, dtype=F64)
+    cos, sin = llama2.rope_table(24, 16, dtype=F64)
+    pos = torch.randint(0, 16, (2, 9))
+    y = torch.ops.llama2.rope(x, pos, cos, sin, False)
+    _close(torch.ops.llama2.rope(y, pos, cos, sin, True), x, 1e-12, "rope inverse(rope(x))")
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+def _qkv(B, Tq, Tk, H, KV, D, dtype=F64, seed=0):
+    torch.manual_seed(seed)
+    return (torch.randn(B, Tq, H, D, dtype=dtype), torch.randn(B, Tk, KV, D, dtype=dtype),
+            torch.randn(B, Tk, KV, D, dtype=dtype))
+
+
+def _check_attention(q, k, v, causal=True, cu_seqlens=None, tol=1e-10):
+    q, k, v = _leaves(q, k, v)
+    qr, kr, vr = _leaves(q, k, v)
+    out = K.attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens)
+    ref = llama2.ref_attention(qr, kr, vr, causal=causal, cu_seqlens=cu_seqlens)
+    g = torch.randn_like(ref)
+    _close(out, ref, tol, "attention out")
+    for a, b, name in zip(_grads(out, (q, k, v), g), _grads(ref, (qr, kr, vr), g), "qkv"):
+        _close(a, b, tol, f"attention grad {name}")
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,KV,D,causal", [
+    (1, 1, 1, 1, 1, 32, True),        # a single token
+    (2, 67, 67, 4, 2, 64, True),      # T not a multiple of any tile, G = 2
+    (1, 150, 150, 4, 1, 40, True),    # odd head_dim, one kv head (MQA), > 1 query tile
+    (2, 33, 33, 4, 4, 128, True),     # plain MHA, head_dim 128
+    (1, 130, 130, 2, 1, 80, False),   # non-causal
+    (2, 1, 45, 6, 3, 32, True),       # decoding: one query against a KV cache
+    (1, 70, 200, 4, 2, 64, True),     # a query block at an offset (bottom-right causal)
+    (1, 5, 9, 2, 2, 256, False),      # largest head_dim, non-causal with Tq < Tk
+])
+def test_attention_matches_reference_float64(B, Tq, Tk, H, KV, D, causal):
+    _check_attention(*_qkv(B, Tq, Tk, H, KV, D), causal=causal)
+
+
+def test_attention_float32_close_to_float64_reference():
+    q, k, v = _qkv(2, 200, 200, 6, 2, 64, dtype=torch.float32)
+    out = K.attention(q, k, v)
+    ref = llama2.ref_attention(q.double(), k.double(), v.double())
+    _close(out.double(), ref, 2e-5, "attention float32")
+
+
+def test_attention_lse_is_logsumexp_of_scores():
+    q, k, v = _qkv(1, 20, 50, 4, 2, 16)
+    scale = 0.3
+    out, lse = torch.ops.llama2.attention_fwd(q, k, v, None, scale, True)
+    G = 2
+    kk = k.repeat_interleave(G, dim=2)  # (B, Tk, H, D), an independent oracle only
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) * scale
+    allowed = torch.ones(20, 50, dtype=torch.bool).tril(50 - 20)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    _close(lse, torch.logsumexp(scores, -1), 1e-12, "lse")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_packed_sequences_match_separate_runs(causal):
+    lens = [5, 1, 70, 0, 33]
+    H, KV, D = 4, 2, 32
+    T = sum(lens)
+    q, k, v = _leaves(*_qkv(1, T, T, H, KV, D))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    out = K.attention(q, k, v, causal=causal, cu_seqlens=cu)
+    g = torch.randn_like(out)
+    dq, dk, dv = _grads(out, (q, k, v), g)
+    # The oracle: each sequence on its own through the reference.
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if s == e:
+            continue
+        qs, ks, vs = _leaves(q[:, s:e], k[:, s:e], v[:, s:e])
+        ref = llama2.ref_attention(qs, ks, vs, causal=causal)
+        _close(out[:, s:e], ref, 1e-10, f"packed out [{s}:{e}]")
+        for a, b, name in zip((dq, dk, dv), _grads(ref, (qs, ks, vs), g[:, s:e]), "qkv"):
+            _close(a[:, s:e], b, 1e-10, f"packed grad {name} [{s}:{e}]")
+
+
+def test_attention_reads_kv_cache_slices_in_place():
+    torch.manual_seed(0)
+    Bmax, Tmax, H, KV, D = 4, 64, 4, 2, 32
+    k_cache = torch.randn(Bmax, Tmax, KV, D, dtype=F64)
+    v_cache = torch.randn(Bmax, Tmax, KV, D, dtype=F64)
+    B, Tk, Tq = 2, 37, 3
+    k, v = k_cache[:B, :Tk], v_cache[:B, :Tk]
+    assert not k.is_contiguous() and k.stride(-1) == 1
+    q = torch.randn(B, Tq, H, D, dtype=F64)
+    out = K.attention(q, k, v)
+    ref = llama2.ref_attention(q, k.contiguous(), v.contiguous())
+    _close(out, ref, 1e-12, "attention on cache slices")
+    # A head_dim that is not the unit-stride dimension is copied, never misread.
+    q_t = torch.randn(B, Tq, D, H, dtype=F64).transpose(2, 3)
+    _close(K.attention(q_t, k, v), llama2.ref_attention(q_t.contiguous(), k.contiguous(),
+                                                       v.contiguous()), 1e-12, "transposed q")
+    # Gradients flow back into the cache slices.
+    q, k_cache, v_cache = _leaves(q, k_cache, v_cache)
+    K.attention(q, k_cache[:B, :Tk], v_cache[:B, :Tk]).sum().backward()
+    assert k_cache.grad[B:].abs().max() == 0 and k_cache.grad[:B, Tk:].abs().max() == 0
+    qr, kr, vr = _leaves(q, k_cache[:B, :Tk], v_cache[:B, :Tk])
+    llama2.ref_attention(qr, kr, vr).sum().backward()
+    _close(k_cache.grad[:B, :Tk], kr.grad, 1e-10, "grad into k cache slice")
+    _close(v_cache.grad[:B, :Tk], vr.grad, 1e-10, "grad into v cache slice")
+
+
+def test_attention_scale_argument():
+    q, k, v = _qkv(1, 9, 9, 2, 1, 16)
+    out = K.attention(q, k, v, scale=0.5)
+    ref = llama2.ref_attention(q, k, v, scale=0.5)
+    _close(out, ref, 1e-12, "attention scale=0.5")
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck and opcheck
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x, w = _leaves(torch.randn(3, 6, dtype=F64), torch.randn(6, dtype=F64))
+    assert torch.autograd.gradcheck(lambda x, w: K.rms_norm(x, w, 1e-5), (x, w))
+    cos, sin = llama2.rope_table(8, 10, dtype=F64)
+    (xr,) = _leaves(torch.randn(2, 3, 2, 8, dtype=F64))
+    assert torch.autograd.gradcheck(lambda x: K.rope(x, torch.tensor([[1, 4, 9], [0, 2, 3]]), cos, sin), (xr,))
+    for (Tq, Tk, causal) in [(5, 5, True), (3, 7, True), (4, 6, False)]:
+        q, k, v = _leaves(*_qkv(2, Tq, Tk, 4, 2, 8))
+        assert torch.autograd.gradcheck(lambda q, k, v: K.attention(q, k, v, causal=causal), (q, k, v))
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    q, k, v = _leaves(*_qkv(1, 7, 7, 2, 1, 4))
+    assert torch.autograd.gradcheck(lambda q, k, v: K.attention(q, k, v, cu_seqlens=cu), (q, k, v))
+
+
+def _opcheck_samples():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 16), torch.randn(16)
+    cos, sin = llama2.rope_table(8, 12)
+    xr, pos = torch.randn(2, 5, 3, 8), torch.randint(0, 12, (2, 5))
+    q, k, v = _qkv(2, 5, 7, 4, 2, 8, dtype=torch.float32)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    qp, kp, vp = _qkv(1, 7, 7, 4, 2, 8, dtype=torch.float32)
+    return [
+        (torch.ops.llama2.rms_norm_fwd.default, (x, w, 1e-5), (0, 1)),
+        (torch.ops.llama2.rope.default, (xr, pos, cos, sin, False), (0,)),
+        (torch.ops.llama2.attention_fwd.default, (q, k, v, None, 0.35, True), (0, 1, 2)),
+        (torch.ops.llama2.attention_fwd.default, (qp, kp, vp, cu, 0.35, True), (0, 1, 2)),
+        (torch.ops.llama2.attention_fwd.default, (q, k, v, None, 0.35, False), (0, 1, 2)),
+    ]
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    for op, args, grad_idx in _opcheck_samples():
+        if requires_grad:
+            args = tuple(a.clone().requires_grad_(True) if i in grad_idx else a for i, a in enumerate(args))
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_backward_ops():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 16), torch.randn(16)
+    _, rstd = torch.ops.llama2.rms_norm_fwd(x, w, 1e-5)
+    torch.library.opcheck(torch.ops.llama2.rms_norm_bwd.default, (torch.randn_like(x), x, w, rstd))
+    q, k, v = _qkv(2, 5, 7, 4, 2, 8, dtype=torch.float32)
+    out, lse = torch.ops.llama2.attention_fwd(q, k, v, None, 0.35, True)
+    torch.library.opcheck(torch.ops.llama2.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, None, 0.35, True))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    B, T, H, KV, D, C = 2, 9, 4, 2, 16, 32
+    cos, sin = llama2.rope_table(D, 32)
+    pos = torch.arange(T).expand(B, T)
+
+    def block(x, w, q, k, v):
+        h = K.rms_norm(x, w, 1e-5)  # (B, T, C)
+        q = K.rope(q * h.mean(-1)[..., None, None], pos, cos, sin)
+        k = K.rope(k, pos, cos, sin)
+        return K.attention(q, k, v).square().sum()
+
+    inputs = [torch.randn(B, T, C), torch.randn(C), torch.randn(B, T, H, D), torch.randn(B, T, KV, D),
+              torch.randn(B, T, KV, D)]
+    eager_in, comp_in = _leaves(*inputs), _leaves(*inputs)
+    eager = block(*eager_in)
+    eager.backward()
+    compiled = torch.compile(block, fullgraph=True)(*comp_in)
+    compiled.backward()
+    _close(compiled, eager, 1e-4 * eager.abs().item(), "compiled loss")
+    for a, b in zip(comp_in, eager_in):
+        _close(a.grad, b.grad, 1e-4 * (1 + b.grad.abs().max().item()), "compiled grad")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input gets a clear error from the op itself
+
+def _raises(match, fn, *args):
+    with pytest.raises(RuntimeError, match=match):
+        fn(*args)
+
+
+def test_rms_norm_bad_inputs():
+    op = torch.ops.llama2.rms_norm_fwd
+    x = torch.randn(2, 8)
+    _raises("weight has 7 elements but the last dimension of x is 8", op, x, torch.randn(7), 1e-5)
+    _raises("weight must be 1-D", op, x, torch.randn(1, 8), 1e-5)
+    _raises("float32 or float64", op, x.half(), torch.randn(8).half(), 1e-5)
+    _raises("same dtype", op, x, torch.randn(8, dtype=F64), 1e-5)
+    _raises("rstd has 3 elements but x has 2 rows", torch.ops.llama2.rms_norm_bwd, x, x,
+            torch.randn(8), torch.randn(3))
+    # Mixed devices: the fake kernel (what the dispatcher runs once a meta tensor is involved) and
+    # the CPU kernel itself both refuse.
+    _raises("x is on cpu but weight is on meta", op, x, torch.randn(8, device="meta"), 1e-5)
+    cpu_only = torch._C.DispatchKeySet("CPU")
+    _raises("weight is on meta but this is the CPU kernel", op.default.redispatch, cpu_only, x,
+            torch.randn(8, device="meta"), 1e-5)
+
+
+def test_rope_bad_inputs():
+    op = torch.ops.llama2.rope
+    cos, sin = llama2.rope_table(8, 10)
+    x, pos = torch.randn(1, 3, 2, 8), torch.tensor([[0, 1, 2]])
+    _raises("position 10 .* outside the rope table of 10", op, x, torch.tensor([[0, 1, 10]]), cos, sin, False)
+    _raises("position -1", op, x, torch.tensor([[0, -1, 2]]), cos, sin, False)
+    _raises("must be even", op, torch.randn(1, 3, 2, 7), pos, cos, sin, False)
+    _raises("must be 4-D", op, torch.randn(3, 2, 8), pos, cos, sin, False)
+    _raises("positions must be int64", op, x, pos.int(), cos, sin, False)
+    _raises(r"positions must have shape \(B, T\)", op, x, torch.tensor([[0, 1]]), cos, sin, False)
+    _raises(r"cos must have shape \(P, D/2\)", op, x, pos, cos[:, :3], sin[:, :3], False)
+    _raises("float32 or float64", op, x.to(torch.bfloat16), pos, cos, sin, False)
+
+
+def test_attention_bad_inputs():
+    op = torch.ops.llama2.attention_fwd
+    q, k, v = _qkv(1, 6, 6, 4, 2, 8, dtype=torch.float32)
+    _raises(r"n_heads \(4\) must be a multiple of n_kv_heads \(3\)", op, q, *_qkv(1, 6, 6, 4, 3, 8,
+            dtype=torch.float32)[1:], None, 1.0, True)
+    _raises("head_dim 300 is out of range", op, *_qkv(1, 2, 2, 1, 1, 300, dtype=torch.float32),
+            None, 1.0, True)
+    _raises("q must be 4-D", op, q[0], k, v, None, 1.0, True)
+    _raises("q has head_dim 8 but k/v have head_dim 4", op, q, k[..., :4], v[..., :4], None, 1.0, True)
+    _raises("v has shape", op, q, k, v[:, :5], None, 1.0, True)
+    _raises("float32 or float64", op, q.half(), k.half(), v.half(), None, 1.0, True)
+    _raises("q is .* but k is", op, q, k.double(), v, None, 1.0, True)
+    _raises("causal attention needs Tq <= Tk", op, *_qkv(1, 7, 6, 2, 1, 8, dtype=torch.float32),
+            None, 1.0, True)
+    _raises("q is on cpu but k is on meta", op, q, k.to("meta"), v, None, 1.0, True)
+    _raises("k is on meta but this is the CPU kernel", op.default.redispatch,
+            torch._C.DispatchKeySet("CPU"), q, k.to("meta"), v, None, 1.0, True)
+    # cu_seqlens inconsistent with the tokens
+    cu = lambda *vals: torch.tensor(vals, dtype=torch.int32)
+    _raises("ends at 5 but there are T=6", op, q, k, v, cu(0, 2, 5), 1.0, True)
+    _raises("must start at 0", op, q, k, v, cu(1, 6), 1.0, True)
+    _raises("non-decreasing", op, q, k, v, cu(0, 4, 3, 6), 1.0, True)
+    _raises("cu_seqlens must be int32", op, q, k, v, torch.tensor([0, 6]), 1.0, True)
+    _raises("need batch 1", op, *_qkv(2, 6, 6, 4, 2, 8, dtype=torch.float32), cu(0, 6), 1.0, True)
+    _raises("need Tq == Tk", op, *_qkv(1, 5, 6, 4, 2, 8, dtype=torch.float32), cu(0, 6), 1.0, True)
+    out, lse = op(q, k, v, None, 1.0, True)
+    _raises(r"lse must have shape \(B, H, Tq\)", torch.ops.llama2.attention_bwd, out, q, k, v, out,
+            lse[:, :2], None, 1.0, True)
+
+
+# --------------------------------------------------------------------------------------------
+# The module's contract
+
+def test_supports():
+    x = torch.randn(2, 3)
+    assert K.supports(x) and K.supports(x.double(), x.double())
+    assert not K.supports(x.half()) and not K.supports(x.long())
+    assert not K.supports(x, x.to("meta"))
+    assert not K.supports()
+
+
+def test_cuda_kernels_compiled_when_expected():
+    # A CUDA build of torch with nvcc present must have compiled csrc/cuda/*.cu into llama2_C, so a
+    # .cu file that breaks the build fails CI instead of silently falling back to the CPU path.
+    if K.has_cuda_build_expected():
+        assert K.has_cuda(), ("torch is a CUDA build and nvcc exists, but llama2_C has no CUDA "
+                              "kernels: the CUDA sources did not build (see setup.py output)")
