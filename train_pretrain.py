@@ -167,7 +167,8 @@ with torch.device(rt.device):
 n_params = raw_model.num_params()
 
 # -----------------------------------------------------------------------------------------------
-# optimizer: AdamW, weight decay on the matrices only (see training.weight_decay_groups)
+# resume (weights now, optimizer state once it exists), then the optimizer: AdamW, weight decay
+# on the matrices only (see training.weight_decay_groups)
 
 start_step = 0
 if resumed:
