@@ -289,6 +289,9 @@ log.print(f"batch: {global_batch} x {seq_len} = {global_batch * seq_len:,} token
           f"kernels {llama2.kernels_in_use()}" + (", compiled" if cfg.compile else ""))
 if start_step:
     log.print(f"resumed from {ckpt_path} at step {start_step}")
+if start_step >= cfg.max_steps:
+    log.print(f"nothing to do: the checkpoint is at step {start_step} and --max_steps is "
+              f"{cfg.max_steps}; raise --max_steps to train longer")
 
 tokens_per_step = global_batch * seq_len
 val_loss = None
