@@ -108,6 +108,7 @@ class Config:
     out_dir: str = "out/sft"  # where ckpt.pt, metrics.jsonl (and eval.jsonl) go
     log_every: int = 1  # print a step line every N steps
     save_every: int = 0  # write ckpt.pt every N steps (0 = only at the end)
+    stop_at_step: int = 0  # stop (and save) after this step, e.g. to test --resume (0 = run to the end)
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -403,6 +404,10 @@ def main(argv=None) -> None:
             mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
             write_dialogs(gatt_file, samples + [(m, t) for m, t, _ in mix])
             dialogs = read_dialogs(str(gatt_file))
+            if stats["samples"] == 0:
+                log.print("warning: no GAtt sample: no chosen reply both obeyed its instruction "
+                          "and ended with EOS; fine-tune the SFT model further, raise --gatt_k, "
+                          "or check the model with --eval first")
             log.write({"gatt_data": stats, "seconds": time.perf_counter() - t0},
                       f"GAtt data: {stats['samples']} samples from {stats['dialogs']} dialogs "
                       f"({stats['turns']} turns sampled, {stats['kept_turns']} kept: "
@@ -474,7 +479,8 @@ def main(argv=None) -> None:
               f"({parent_stage}); {rt.device}, kernels {llama2.kernels_in_use()}")
     model.train()
     step = start_step
-    while step < max_steps:
+    end_step = min(max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else max_steps
+    while step < end_step:
         t0 = time.perf_counter()
         lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                 total_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio)
@@ -506,7 +512,7 @@ def main(argv=None) -> None:
         log.write({"step": step, "loss": train_loss, "lr": lr, "gnorm": gnorm.item(),
                    "answer_tokens": n_kept, "ms": dt * 1000, "tok_s": tokens / dt},
                   line if step % cfg.log_every == 0 or step == max_steps else None)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == max_steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == end_step:
             save(step)
     if start_step >= max_steps:
         log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")

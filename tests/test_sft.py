@@ -336,6 +336,22 @@ def test_sft_end_to_end_checkpoint_and_reports(tokenizer, tiny_ckpt, tmp_path, c
     assert (ev / "adherence.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_stop_then_resume_matches_an_uninterrupted_run(tiny_ckpt, tmp_path):
+    data = _write(tmp_path / "sft.jsonl", [json.dumps({"messages": d}) for d in
+                                           world.sft_dialogs(30, seed=6)])
+    flags = ["--checkpoint", str(tiny_ckpt), "--data", data, "--batch_size", "2", "--lr", "3e-3",
+             "--epochs", "1", "--seq_len", "128", "--device", "cpu"]
+    train_sft.main(flags + ["--out_dir", str(tmp_path / "a")])
+    train_sft.main(flags + ["--out_dir", str(tmp_path / "b"), "--stop_at_step", "2"])
+    mid = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    train_sft.main(flags + ["--out_dir", str(tmp_path / "b"), "--resume"])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert mid["step"] == 2 and a["step"] == b["step"] > 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_script_errors_are_clear(tiny_ckpt, tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [json.dumps({"messages": _dialog()}), "{oops"])
     with pytest.raises(SystemExit, match=r"bad\.jsonl:2: not valid JSON"):
