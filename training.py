@@ -286,10 +286,12 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 0
                    device_type: str = "cpu") -> torch.optim.AdamW:
     """AdamW with Llama 2's settings (betas 0.9/0.95, eps 1e-5, weight decay 0.1 on matrices).
 
-    On GPU the fused kernel is used (one launch for all parameters).
+    On GPU the fused kernel is used (one launch for all parameters), except for FSDP2's sharded
+    (DTensor) parameters, where the default foreach implementation is the safe choice.
     """
     groups, _, _ = weight_decay_groups(model, weight_decay)
-    extra = {"fused": True} if device_type == "cuda" else {}
+    sharded = any(hasattr(p, "device_mesh") for p in model.parameters())
+    extra = {"fused": True} if device_type == "cuda" and not sharded else {}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
 
 
@@ -748,8 +750,8 @@ class WindowSampler:
         t = torch.from_numpy(rows)
         x, y = t[:, :-1], t[:, 1:]
         if device.type == "cuda":
-            return (x.pin_memory().to(device, non_blocking=True),
-                    y.pin_memory().to(device, non_blocking=True))
+            return (x.contiguous().pin_memory().to(device, non_blocking=True),
+                    y.contiguous().pin_memory().to(device, non_blocking=True))
         return x.contiguous(), y.contiguous()
 
     def micro_batch(self, step: int, micro: int, *, batch_size: int, grad_accum: int, rank: int,
