@@ -67,12 +67,51 @@ else
   SECONDS_TAKEN[bench]=0
 fi
 
+# Our own quick numbers, independent of bench_ops.py: attention fwd and fwd+bwd against PyTorch's
+# scaled_dot_product_attention (flash backend) at a Llama-2-7B-like head shape, bf16.
+run_step attn_timing 90 "$PY" - <<'PYEOF'
+import torch, torch.nn.functional as F
+import llama2_kernels as K
+torch.manual_seed(0)
+B, T, H, KV, D = 2, 2048, 32, 8, 128
+q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+k = torch.randn(B, T, KV, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+v = torch.randn(B, T, KV, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+g = torch.randn_like(q)
+def ours():
+    return K.attention(q, k, v, causal=True)
+def sdpa():
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+def ms(fn, n=20):
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(n):
+        start.record(); fn(); end.record(); torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[n // 2]
+flops_fwd = 4 * B * H * T * T * D / 2  # causal: half the scores
+print(f"attention bf16 B={B} T={T} H={H} KV={KV} D={D} causal (median ms, TFLOP/s)")
+for name, fn in (("llama2_C", ours), ("sdpa", sdpa)):
+    with torch.no_grad():
+        f = ms(fn)
+    fb = ms(lambda: torch.autograd.grad(fn(), (q, k, v), g))
+    print(f"{name:9s} fwd {f:7.3f} ms {flops_fwd / f / 1e9:6.1f} | fwd+bwd {fb:7.3f} ms "
+          f"{3.5 * flops_fwd / fb / 1e9:6.1f}")
+err = (ours().float() - sdpa().float()).abs().max().item()
+print(f"max |llama2_C - sdpa| = {err:.3g}")
+PYEOF
+tail -5 "$LOGS/attn_timing.log"
+
 echo
 echo "==================== gpu_check summary ===================="
 nvidia-smi --query-gpu=name --format=csv,noheader
-printf "%-8s %-32s %6s\n" step status seconds
-for s in build tests bench; do
-  printf "%-8s %-32s %6s\n" "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
+printf "%-12s %-32s %6s\n" step status seconds
+for s in build tests bench attn_timing; do
+  printf "%-12s %-32s %6s\n" "$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}"
 done
 grep -E "^[0-9]+ (passed|failed)|passed|failed" "$LOGS/tests.log" | tail -1 || true
 echo "total $(($(date +%s) - T0))s"

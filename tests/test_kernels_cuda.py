@@ -235,7 +235,7 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("D", [16, 32, 48, 64, 128])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_Tq{}_Tk{}_H{}_KV{}".format(*s))
 def test_attention_matches_float64(dtype, D, causal, shape):
@@ -311,8 +311,8 @@ def test_attention_long_sequence_bf16():
 def test_attention_bad_inputs():
     q, k, v = qkv(1, 8, 8, 4, 2, 64, torch.float16)
     op = torch.ops.llama2.attention_fwd
-    with pytest.raises(RuntimeError, match="head dim 32, 64 or 128"):
-        op(q[..., :48], k[..., :48], v[..., :48], None, 0.1, True)
+    with pytest.raises(RuntimeError, match="head dim 16, 32, 48, 64 or 128"):
+        op(q[..., :40], k[..., :40], v[..., :40], None, 0.1, True)
     with pytest.raises(RuntimeError, match="multiple of the number of key/value heads"):
         op(q[:, :, :3], k, v, None, 0.1, True)
     with pytest.raises(RuntimeError, match="same dtype"):

@@ -210,8 +210,10 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
               "; they must match");
   TORCH_CHECK(KV > 0 && H % KV == 0, op, ": the number of query heads (", H,
               ") must be a multiple of the number of key/value heads (", KV, ")");
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, op,
-              ": the CUDA kernel supports head dim 32, 64 or 128, got ", D,
+  // 32, 64, 128 for real models; 16 and 48 for the small presets (any multiple of 16 would work,
+  // each one is another set of compiled kernels).
+  TORCH_CHECK(D == 16 || D == 32 || D == 48 || D == 64 || D == 128, op,
+              ": the CUDA kernel supports head dim 16, 32, 48, 64 or 128, got ", D,
               "; use the reference path for other sizes");
   TORCH_CHECK(B <= 65535 && H <= 65535, op, ": at most 65535 batch rows and 65535 heads, got B=",
               B, " H=", H);

@@ -9,7 +9,8 @@
 //   dQ_i    = scale * sum_j dS_ij K_j
 //   dK_j    = scale * sum_i dS_ij Q_i
 // Shapes: grad_out, q, out (B, Tq, H, D), k/v (B, Tk, KV, D), lse (B, H, Tq) float32
-//   -> dq (B, Tq, H, D), dk/dv (B, Tk, KV, D), contiguous, in q's dtype.
+//   -> dq (B, Tq, H, D), dk/dv (B, Tk, KV, D), contiguous, in q's dtype. D is a template
+//   parameter (16, 32, 48, 64, 128).
 //
 // Algorithm (FlashAttention-2's backward): one block per (tile of BN keys, K/V head, batch). The
 // block keeps its K and V tiles and float dK/dV accumulators in shared memory and loops over the
@@ -289,9 +290,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dv = dv.data_ptr();
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
     switch (D) {
+      case 16: launch_bwd<scalar_t, 16>(p, op); break;
       case 32: launch_bwd<scalar_t, 32>(p, op); break;
+      case 48: launch_bwd<scalar_t, 48>(p, op); break;
       case 64: launch_bwd<scalar_t, 64>(p, op); break;
-      default: launch_bwd<scalar_t, 128>(p, op); break;
+      default: launch_bwd<scalar_t, 128>(p, op); break;  // D checked above
     }
   });
   return {dq_accum.to(q.scalar_type()), dk, dv};

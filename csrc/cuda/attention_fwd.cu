@@ -5,7 +5,7 @@
 //         row's own packed sequence), out_i = sum_j softmax(s)_j v_j, lse_i = log sum_j exp(s_j).
 // Shapes: q (B, Tq, H, D), k/v (B, Tk, KV, D), any strides with last-dim stride 1
 //   -> out (B, Tq, H, D) contiguous in q's dtype, lse (B, H, Tq) float32.
-// D is a template parameter (32, 64, 128).
+// D is a template parameter (16, 32, 48, 64, 128).
 //
 // Algorithm (FlashAttention, Dao et al. 2022): one block per (tile of BM query rows, h, b); each
 // warp owns 16 query rows. The block streams K/V tiles of BN keys through shared memory and keeps
@@ -208,9 +208,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   p.lse = lse.data_ptr<float>();
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
     switch (D) {
+      case 16: launch_fwd<scalar_t, 16>(p, op); break;
       case 32: launch_fwd<scalar_t, 32>(p, op); break;
+      case 48: launch_fwd<scalar_t, 48>(p, op); break;
       case 64: launch_fwd<scalar_t, 64>(p, op); break;
-      default: launch_fwd<scalar_t, 128>(p, op); break;
+      default: launch_fwd<scalar_t, 128>(p, op); break;  // D checked above
     }
   });
   return {out, lse};
