@@ -162,8 +162,20 @@ if n_val_windows == 0:
                      f"one sequence of --seq_len {seq_len} + 1; raise --val_fraction or lower "
                      "--seq_len")
 
-with torch.device(rt.device):
-    raw_model = llama2.Transformer(model_args)
+fsdp = cfg.parallel == "fsdp" and rt.distributed
+if fsdp:
+    # FSDP2: no device ever holds the whole model. Rank 0 builds the initial weights in host
+    # memory (the same seeded init as one process); every rank builds an empty shell on the meta
+    # device, which is sharded and filled from rank 0's copy further down.
+    full_state = {}
+    if rt.is_master and not resumed:
+        with torch.device("cpu"):
+            full_state = llama2.Transformer(model_args).state_dict()
+    with torch.device("meta"):
+        raw_model = llama2.Transformer(model_args)
+else:
+    with torch.device(rt.device):
+        raw_model = llama2.Transformer(model_args)
 n_params = raw_model.num_params()
 
 # -----------------------------------------------------------------------------------------------
@@ -180,12 +192,19 @@ if resumed:
             f" sequences of {saved_data['seq_len']} tokens per step, this run asks for "
             f"{global_batch} of {seq_len}; the data position would not line up. Use the same "
             "--batch_size / --batch_tokens / --seq_len (any number of processes is fine).")
-    raw_model.load_state_dict(resumed["model"])
+    if fsdp:
+        full_state = resumed["model"] if rt.is_master else {}
+    else:
+        raw_model.load_state_dict(resumed["model"])
     start_step = resumed["step"]
 
-# wrap for data parallel (FSDP2 shards the weights in place), then build the optimizer over the
-# parameters as they will be trained (sharded ones under FSDP)
+# wrap for data parallel (FSDP2 shards the meta shell, allocates each rank's shards and receives
+# them from rank 0), then build the optimizer over the parameters as they will be trained
 model = training.wrap_model(raw_model, rt, cfg.parallel)
+if fsdp:
+    raw_model.to_empty(device=rt.device)
+    training.load_model_state_dict(raw_model, full_state, broadcast_from_rank0=True)
+    del full_state
 optimizer = training.make_optimizer(raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                     device_type=rt.device_type)
@@ -247,7 +266,6 @@ def print_samples(step: int) -> None:
 
 def save(step: int, val_loss: float | None) -> None:
     """Write <out_dir>/ckpt.pt atomically (FSDP: every rank helps gather, rank 0 writes)."""
-    fsdp = cfg.parallel == "fsdp" and rt.distributed
     if not (rt.is_master or fsdp):
         return
     state = {

@@ -356,7 +356,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         path = path / "ckpt.pt"
     if not path.exists():
         raise SystemExit(f"error: no checkpoint at {path}; train one first or fix the path")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    # mmap: tensors are paged in on use, and ranks on one machine share the page cache
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
 def model_state_dict(model: torch.nn.Module) -> dict:
@@ -373,10 +374,14 @@ def model_state_dict(model: torch.nn.Module) -> dict:
             for k, v in get_model_state_dict(model, options=opts).items()}
 
 
-def load_model_state_dict(model: torch.nn.Module, state: dict) -> None:
-    """Load a full state dict into a plain or FSDP2-sharded model (every rank passes it)."""
+def load_model_state_dict(model: torch.nn.Module, state: dict,
+                          broadcast_from_rank0: bool = False) -> None:
+    """Load a full state dict into a plain or FSDP2-sharded model. Every rank passes the full
+    state, or with broadcast_from_rank0 only rank 0 does (the others pass {}) and each rank
+    receives just its shards, so only rank 0 needs the whole model in host memory."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast_from_rank0)
+    set_model_state_dict(model, state, options=opts)
 
 
 def optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
