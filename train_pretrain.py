@@ -19,8 +19,11 @@ global batch measured in tokens (4M tokens in the paper). bfloat16 autocast on G
     python training.py plot out/pretrain/metrics.jsonl
 
 Writes <out_dir>/ckpt.pt (model, optimizer, step, RNG, data position, config and the tokenizer,
-all that the later stages and `--resume` need) and <out_dir>/metrics.jsonl. Under torchrun only
-rank 0 logs and saves; an FSDP model is gathered into one ordinary full checkpoint first.
+all that the later stages and `--resume` need) and <out_dir>/metrics.jsonl. Under torchrun each
+rank trains on its own slice of every global batch; only rank 0 logs and saves. With
+--parallel fsdp the model is built on the meta device and filled from rank 0, so no GPU ever
+holds all of it, and checkpoints are gathered (torch.distributed.checkpoint's full state dict)
+into the same single ckpt.pt, which resumes under any parallelism.
 """
 from __future__ import annotations
 
