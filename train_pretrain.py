@@ -317,6 +317,7 @@ if start_step >= cfg.max_steps:
 tokens_per_step = global_batch * seq_len
 val_loss = None
 step = start_step
+t_start = time.perf_counter()
 while step < cfg.max_steps:
     t0 = time.perf_counter()
     lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -368,6 +369,7 @@ while step < cfg.max_steps:
 # done
 
 if val_loss is not None:
-    log.print(f"done: {step} steps, {step * tokens_per_step:,} tokens, val loss {val_loss:.4f}, "
-              f"val ppl {math.exp(val_loss):.2f}; checkpoint {ckpt_path}")
+    minutes, seconds = divmod(time.perf_counter() - t_start, 60)
+    log.print(f"done: {step} steps, {step * tokens_per_step:,} tokens in {minutes:.0f}m{seconds:02.0f}s"
+              f", val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}; checkpoint {ckpt_path}")
 training.cleanup_runtime()
