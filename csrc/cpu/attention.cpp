@@ -18,7 +18,7 @@
 //   (running max m, running sum l, rescale the accumulator), acc += P V. The T x T score matrix is
 //   never formed: extra memory is O(threads * rows * (BK + D)).
 // - Backward: one work item per (sequence, kv head) owns dK/dV of its keys and dQ of its rows, so no
-//   atomics. For each K/V tile, and each query tile that sees it, P is recomputed from the saved
+//   atomics (with fewer such pairs than threads, the keys are split and dQ summed from partials). For each K/V tile, and each query tile that sees it, P is recomputed from the saved
 //   lse, then dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ += dS K, dK += dS^T Q.
 // Memory traffic: forward reads Q once, K/V once per query tile (from cache when they fit), writes
 // O once; backward reads Q/dO once per K/V tile of the item (they stay in L2 for moderate T).
@@ -160,17 +160,35 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
                           const std::vector<Segment>& segs, int64_t H, int64_t KV, int64_t D,
                           int64_t Tq, T scale, bool causal) {
   const int64_t G = H / KV;
-  // Work items (segment, kv head): each owns dK/dV of its keys and dQ of its query rows.
+  // Work items (segment, kv head, chunk of keys): each owns dK/dV of its keys. dQ of the rows of a
+  // (segment, kv head) is owned by its item when the keys are not split; with fewer pairs than
+  // threads the keys are split into chunks, each summing dQ into a private buffer, added up after.
+  const int64_t n_pairs = static_cast<int64_t>(segs.size()) * KV;
+  const int64_t want_chunks = std::max<int64_t>(1, (2 * at::get_num_threads() + n_pairs - 1) / n_pairs);
   struct Item {
-    int64_t seg, kvh, cost;
+    int64_t seg, kvh, j_begin, j_end, n_chunks, cost;
   };
   std::vector<Item> items;
   for (int64_t si = 0; si < static_cast<int64_t>(segs.size()); ++si) {
-    const int64_t cost = segs[si].q_len * segs[si].k_len;
-    for (int64_t kvh = 0; kvh < KV; ++kvh) items.push_back({si, kvh, cost});
+    const Segment& s = segs[si];
+    const int64_t n_tiles = (s.k_len + kBlockK - 1) / kBlockK;
+    const int64_t n_chunks = std::max<int64_t>(1, std::min(want_chunks, n_tiles));
+    const int64_t tiles_per_chunk = (n_tiles + n_chunks - 1) / std::max<int64_t>(1, n_chunks);
+    for (int64_t kvh = 0; kvh < KV; ++kvh) {
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t jb = c * tiles_per_chunk * kBlockK;
+        const int64_t je = std::min(s.k_len, (c + 1) * tiles_per_chunk * kBlockK);
+        if (jb >= je) continue;
+        // Query rows that see these keys (causal: the later ones) times the keys.
+        const int64_t first_t = causal ? std::max<int64_t>(0, jb - (s.k_len - s.q_len)) : 0;
+        items.push_back({si, kvh, jb, je, n_chunks, (je - jb) * std::max<int64_t>(1, s.q_len - first_t)});
+      }
+    }
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  // Private dQ (rows, D) of the items whose keys were split, indexed like items.
+  std::vector<std::vector<T>> dq_partial(items.size());
 
   parallel_items(static_cast<int64_t>(items.size()), [&](int64_t idx) {
     const Item& it = items[idx];
@@ -201,8 +219,8 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
       }
     }
 
-    for (int64_t j0 = 0; j0 < s.k_len; j0 += kBlockK) {
-      const int64_t nk = std::min(kBlockK, s.k_len - j0);
+    for (int64_t j0 = it.j_begin; j0 < it.j_end; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, it.j_end - j0);
       const T* kp = k.row(s.b, s.k0 + j0, it.kvh);
       const T* vp = v.row(s.b, s.k0 + j0, it.kvh);
       std::fill(dk_t.begin(), dk_t.end(), T(0));
@@ -245,12 +263,33 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
         std::copy_n(dv_t.data() + c * D, D, dv.row(s.b, s.k0 + j0 + c, it.kvh));
       }
     }
+    if (it.n_chunks > 1) {
+      dq_partial[idx] = std::move(dqa);
+      return;
+    }
     for (int64_t t = 0; t < s.q_len; ++t) {
       for (int64_t g = 0; g < G; ++g) {
         std::copy_n(dqa.data() + (t * G + g) * D, D, dq.row(s.b, s.q0 + t, it.kvh * G + g));
       }
     }
   });
+
+  // Add up the private dQ of split items into dq (zero-initialized by the caller).
+  for (size_t idx = 0; idx < items.size(); ++idx) {
+    if (dq_partial[idx].empty()) continue;
+    const Item& it = items[idx];
+    const Segment& s = segs[it.seg];
+    at::parallel_for(0, s.q_len, 64, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        for (int64_t g = 0; g < G; ++g) {
+          const T* src = dq_partial[idx].data() + (t * G + g) * D;
+          T* dst = dq.row(s.b, s.q0 + t, it.kvh * G + g);
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+        }
+      }
+    });
+  }
 }
 
 // Checks shared by forward and backward; returns the sequences to attend within.
