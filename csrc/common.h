@@ -63,12 +63,13 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 // Runs fn(item) for item in [0, n) on all intra-op threads, each thread pulling the next item from a
 // shared counter. Causal attention tiles have very different costs, so a static split would leave a
-// thread idle; list the expensive items first for the best balance.
+// thread idle; list the expensive items first for the best balance. total_flops below ~1e6 runs on
+// the calling thread: waking the others would cost more than the work.
 template <typename F>
-void parallel_items(int64_t n, const F& fn) {
+void parallel_items(int64_t n, double total_flops, const F& fn) {
   if (n <= 0) return;
   const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (n_threads <= 1 || at::in_parallel_region()) {
+  if (n_threads <= 1 || total_flops < 1e6 || at::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) fn(i);
     return;
   }

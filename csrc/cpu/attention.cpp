@@ -79,8 +79,10 @@ void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, Vie
   }
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  double flops = 0;  // two products of (rows x keys x D)
+  for (const Item& it : items) flops += 4.0 * double(it.cost) * double(kBlockQ * G * D);
 
-  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t idx) {
+  parallel_items(static_cast<int64_t>(items.size()), flops, [&](int64_t idx) {
     const Item& it = items[idx];
     const Segment& s = segs[it.seg];
     const int64_t nt = std::min(kBlockQ, s.q_len - it.t0);  // query tokens in this tile
@@ -189,8 +191,10 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
   // Private dQ (rows, D) of the items whose keys were split, indexed like items.
   std::vector<std::vector<T>> dq_partial(items.size());
+  double flops = 0;  // five products of (rows x keys x D)
+  for (const Item& it : items) flops += 10.0 * double(it.cost) * double(G * D);
 
-  parallel_items(static_cast<int64_t>(items.size()), [&](int64_t idx) {
+  parallel_items(static_cast<int64_t>(items.size()), flops, [&](int64_t idx) {
     const Item& it = items[idx];
     const Segment& s = segs[it.seg];
     const int64_t M = s.q_len * G;
