@@ -73,12 +73,15 @@ def median_ms(fns, device, warmup=1, reps=5, budget_s=4.0):
 
 
 def copy_bandwidth(device):
-    """Bytes per second of a large tensor copy (read + write), the floor for memory-bound ops."""
+    """Bytes per second (read + write) of a large tensor copy: into a ready buffer (the floor for
+    memory-bound ops), and into a freshly allocated one (what an op that returns a new tensor pays:
+    on CPU the OS maps and zeroes fresh pages on first touch)."""
     n = 64 * 2**20 if device.type == "cpu" else 512 * 2**20  # floats: 256 MB / 2 GB
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms({"copy": lambda: dst.copy_(src)}, device, warmup=2, reps=7)["copy"]
-    return 2 * n * 4 / (ms * 1e-3)
+    ms = median_ms({"copy": lambda: dst.copy_(src), "alloc": lambda: torch.empty_like(src).copy_(src)},
+                   device, warmup=2, reps=7)
+    return 2 * n * 4 / (ms["copy"] * 1e-3), 2 * n * 4 / (ms["alloc"] * 1e-3)
 
 
 def fwd_and_fwdbwd(contenders, device):
@@ -143,7 +146,7 @@ def sdpa_bhtd(qt, kt, vt, backend=None):
 ROWS = []
 
 
-def report(op, shape, times, floor_ms=None, extra=""):
+def report(op, shape, times, floor_ms=None, extra="", alloc_floor_ms=None):
     """times: {"ours": (fwd, fwdbwd), "ref": ..., "stock": ...}; prints one line per pass."""
     for i, pass_name in enumerate(("fwd", "fwd+bwd")):
         t = {k: v[i] for k, v in times.items()}
@@ -160,6 +163,8 @@ def report(op, shape, times, floor_ms=None, extra=""):
             f = floor_ms[i]
             parts.append(f"| floor {f:7.2f} ms ({t['ref'] / f:4.1f}x ref; ours at {f / ours:4.0%})"
                          if "ref" in t else f"| floor {f:7.2f} ms")
+            if alloc_floor_ms is not None:
+                parts.append(f"| with fresh outputs {alloc_floor_ms[i]:7.2f} ms")
         if extra and i == 1:
             parts.append(extra)
         line = " ".join(parts)
@@ -179,8 +184,9 @@ def bench_rms_norm(device, dtype, bw):
         }, device)
         # fwd reads x, writes out; bwd reads grad_out and x, writes grad_x (weight is negligible)
         nbytes = x.numel() * x.element_size()
-        floor = (2 * nbytes / bw * 1e3, 5 * nbytes / bw * 1e3)
-        report("rms_norm", str(tuple(shape)), times, floor)
+        floor = (2 * nbytes / bw[0] * 1e3, 5 * nbytes / bw[0] * 1e3)
+        alloc = (2 * nbytes / bw[1] * 1e3, 5 * nbytes / bw[1] * 1e3)
+        report("rms_norm", str(tuple(shape)), times, floor, alloc_floor_ms=alloc)
 
 
 def bench_rope(device, dtype, bw):
@@ -198,8 +204,9 @@ def bench_rope(device, dtype, bw):
     }, device)
     # q and k read and written once per pass
     nbytes = (q.numel() + k.numel()) * q.element_size()
-    floor = (2 * nbytes / bw * 1e3, 4 * nbytes / bw * 1e3)
-    report("rope", f"q{tuple(q.shape)} k {KV} heads", times, floor)
+    floor = (2 * nbytes / bw[0] * 1e3, 4 * nbytes / bw[0] * 1e3)
+    alloc = (2 * nbytes / bw[1] * 1e3, 4 * nbytes / bw[1] * 1e3)
+    report("rope", f"q{tuple(q.shape)} k {KV} heads", times, floor, alloc_floor_ms=alloc)
 
 
 def attention_inputs(B, T, H, KV, D, device, dtype, seed=0):
@@ -312,8 +319,9 @@ def main(argv=None):
     bw = copy_bandwidth(device)
     where = (torch.cuda.get_device_name() if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")
-    print(f"# bench_ops on {where}, torch {torch.__version__}; copy bandwidth {bw / 1e9:.1f} GB/s; "
-          "medians; 'x' = speedup (higher is better for ours)", flush=True)
+    print(f"# bench_ops on {where}, torch {torch.__version__}; copy bandwidth {bw[0] / 1e9:.1f} GB/s "
+          f"({bw[1] / 1e9:.1f} GB/s into fresh memory); medians; 'x' = speedup (higher is better "
+          "for ours)", flush=True)
     dtype = torch.float32
     bench_rms_norm(device, dtype, bw)
     bench_rope(device, dtype, bw)
