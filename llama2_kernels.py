@@ -5,6 +5,8 @@ csrc/ops.cpp). This module adds what makes them first-class PyTorch ops:
 - autograd formulas (torch.library.register_autograd), each made of the backward ops,
 - fake (meta) kernels (torch.library.register_fake), so torch.compile(fullgraph=True) can trace them,
 - the wrappers llama2.py calls: rms_norm, rope, attention.
+The statistics the forwards save for their backwards (RMSNorm's rstd, attention's lse) are float32,
+except float64 for float64 inputs on CPU, so that gradcheck in float64 is exact.
 
 If llama2_C is not built, AVAILABLE is False and llama2.py runs its plain PyTorch reference path.
 
@@ -177,6 +179,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     if x.dim() != 4:
         raise ValueError(f"rope: x must be (B, T, H, D), got shape {tuple(x.shape)}")
     B, T = x.shape[0], x.shape[1]
+    if positions.dim() not in (1, 2) or positions.shape[-1] != T:
+        raise ValueError(f"rope: positions must be (T,) or (B, T) with T={T}, got shape "
+                         f"{tuple(positions.shape)}")
     if positions.dim() == 1:
         positions = positions.unsqueeze(0)
     positions = positions.to(torch.int64).expand(B, T)

@@ -320,6 +320,8 @@ def test_rope_bad_inputs():
     _raises(r"positions must have shape \(B, T\)", op, x, torch.tensor([[0, 1]]), cos, sin, False)
     _raises(r"cos must have shape \(P, D/2\)", op, x, pos, cos[:, :3], sin[:, :3], False)
     _raises("float32 or float64", op, x.to(torch.bfloat16), pos, cos, sin, False)
+    with pytest.raises(ValueError, match=r"positions must be \(T,\) or \(B, T\) with T=3"):
+        K.rope(x, torch.arange(4), cos, sin)
 
 
 def test_attention_bad_inputs():
