@@ -387,7 +387,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --batch_size {cfg.batch_size} is not a multiple of "
                          f"--micro_batch {cfg.micro_batch}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = training.MetricsLog(out_dir / "metrics.jsonl", rt)
+    metrics = out_dir / "metrics.jsonl"
+    if not cfg.resume and metrics.exists():
+        metrics.unlink()  # a fresh run starts a fresh log (a resumed one appends)
+    log = training.MetricsLog(metrics, rt)
 
     # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)
     if cfg.gatt:
