@@ -323,7 +323,7 @@ _EXTRA_FONT = {
     "u": "00000 00000 10001 10001 10001 10011 01101", "d": "00001 00001 01101 10011 10001 10001 01111",
     "h": "10000 10000 10110 11001 10001 10001 10001", "c": "00000 00000 01110 10000 10000 10001 01110",
     "p": "00000 00000 11110 10001 11110 10000 10000", "w": "00000 00000 10001 10001 10101 10101 01010",
-    "f": "00110 01001 01000 11100 01000 01000 01000", "g": "00000 00000 01111 10001 01111 00001 01110",
+    "f": "00110 01001 01000 11100 01000 01000 01000", "g": "00000 01111 10001 10011 01101 00001 01110",
     "b": "10000 10000 10110 11001 10001 10001 11110", "m": "00000 00000 11010 10101 10101 10001 10001",
     "y": "00000 00000 10001 10001 01111 00001 01110", "%": "11000 11001 00010 00100 01000 10011 00011",
     "_": "00000 00000 00000 00000 00000 00000 11111", "/": "00001 00010 00010 00100 01000 01000 10000",
@@ -347,7 +347,7 @@ def _text(img, x, y, text, color, scale=2):
 def plot_adherence(curves: dict[str, list[float]], png, width: int = 800, height: int = 500):
     """Adherence (0..100%) against turn, one line per model (e.g. without and with GAtt)."""
     img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 90, width - 30, 40, height - 60
+    left, right, top, bottom = 90, width - 30, 40, height - 90
     n_turns = max([len(c) for c in curves.values()] + [2])
     black, grey = (0, 0, 0), (225, 225, 225)
 
@@ -365,7 +365,7 @@ def plot_adherence(curves: dict[str, list[float]], png, width: int = 800, height
         _text(img, int(x) - 6 * len(str(t)), bottom + 10, str(t), black)
     training._draw_line(img, left, bottom, right, bottom, black, 2)
     training._draw_line(img, left, top, left, bottom, black, 2)
-    _text(img, (left + right) // 2 - 24, height - 24, "turn", black)
+    _text(img, (left + right) // 2 - 24, bottom + 34, "turn", black)
     _text(img, 8, 10, "instruction adherence (given once at turn 1)", black)
     for (name, ys), color in zip(curves.items(), _COLORS):
         pts = [px(t + 1, a) for t, a in enumerate(ys)]
@@ -373,11 +373,9 @@ def plot_adherence(curves: dict[str, list[float]], png, width: int = 800, height
             training._draw_line(img, xa, ya, xb, yb, color, 3)
         for x, y in pts:
             img[int(y) - 3:int(y) + 4, int(x) - 3:int(x) + 4] = color
-    # the legend on a white box, bottom right
-    n = min(len(curves), len(_COLORS))
-    img[bottom - 36 - 22 * (n - 1):bottom - 6, right - 230:right - 2] = 255
+    # the legend in a row under the axis label
     for i, (name, color) in enumerate(zip(curves, _COLORS)):
-        y = bottom - 30 - 22 * (n - 1 - i)
-        training._draw_line(img, right - 220, y + 6, right - 190, y + 6, color, 3)
-        _text(img, right - 180, y, name[:14], black)
+        x = left + 250 * i
+        training._draw_line(img, x, height - 22, x + 30, height - 22, color, 3)
+        _text(img, x + 40, height - 28, name[:16], black)
     training.write_png(png, img)
