@@ -161,7 +161,7 @@ def ref_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Grouped-query attention (see ref_attention): the extension's flash kernel when available."""
-    if _use_ext(q, k, v):
+    if _KERNELS == "ext" and _ext.supports_attention(q, k, v):
         return _ext.attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens)
     return ref_attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens)
 

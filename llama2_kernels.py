@@ -64,6 +64,18 @@ def supports(*tensors: torch.Tensor) -> bool:
     return all(t.dtype in dtypes for t in tensors)
 
 
+_CUDA_HEAD_DIMS = (16, 32, 48, 64, 128)  # the head sizes the CUDA attention kernels are built for
+_CPU_MAX_HEAD_DIM = 256
+
+
+def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """supports(q, k, v), and the head size is one the attention kernel of that device takes."""
+    if not supports(q, k, v):
+        return False
+    D = q.shape[-1]
+    return D in _CUDA_HEAD_DIMS if q.device.type == "cuda" else 1 <= D <= _CPU_MAX_HEAD_DIM
+
+
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     # rstd and lse: float32, except float64 for float64 inputs (keeps gradcheck exact)
     return torch.float64 if dtype == torch.float64 else torch.float32

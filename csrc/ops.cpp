@@ -6,13 +6,14 @@
 // torch.compile(fullgraph=True) and torch.library.opcheck.
 //
 // Shapes (B batch, T tokens, H query heads, KV key/value heads, D head dim, N rows):
-//   rms_norm_fwd   x (..., C), weight (C)            -> out (..., C), rstd (N) float32, N = numel/C
+//   rms_norm_fwd   x (..., C), weight (C)            -> out (..., C), rstd (N), N = numel/C
+//                  (rstd and lse below are float32, or float64 for float64 inputs: exact gradcheck)
 //   rms_norm_bwd   grad_out, x (..., C), weight (C), rstd (N) -> grad_x (..., C), grad_weight (C)
 //   rope           x (B, T, H, D) D even, positions (B, T) int64, cos/sin (P, D/2) -> (B, T, H, D)
 //                  Meta's interleaved pairs (x[2i], x[2i+1]) rotated by positions*freq_i;
 //                  inverse=True rotates by the negative angle (that is the backward).
 //   attention_fwd  q (B, Tq, H, D), k/v (B, Tk, KV, D), H % KV == 0
-//                  -> out (B, Tq, H, D), lse (B, H, Tq) float32 (natural-log log-sum-exp per row)
+//                  -> out (B, Tq, H, D), lse (B, H, Tq) (natural-log log-sum-exp per row)
 //                  causal is bottom-right aligned: query i sees keys j <= i + (Tk - Tq).
 //                  cu_seqlens (S+1) int32, when given: packed sequences, B == 1, Tq == Tk,
 //                  causal within each sequence, nothing across sequences.

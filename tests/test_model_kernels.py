@@ -82,3 +82,12 @@ def test_compiled_training_step_fullgraph():
     torch.testing.assert_close(logits.detach(), eager_logits, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-5)
+
+
+def test_head_dim_without_a_kernel_falls_back_to_the_reference():
+    # The CPU kernel takes head_dim <= 256; a larger head must run on the reference, not fail.
+    q, k, v = torch.randn(1, 5, 2, 272), torch.randn(1, 5, 1, 272), torch.randn(1, 5, 1, 272)
+    assert not llama2_kernels.supports_attention(q, k, v)
+    assert llama2_kernels.supports_attention(q[..., :256], k[..., :256], v[..., :256])
+    llama2.set_kernels("ext")
+    torch.testing.assert_close(llama2.attention(q, k, v), llama2.ref_attention(q, k, v))
