@@ -36,7 +36,7 @@ t2=$(t)
 python train_sft.py --eval --checkpoint "$OUT/sft" $EVAL --label sft --out_dir "$OUT/eval_sft" \
   --plot_with "$OUT/eval_pretrain/eval.jsonl"
 t3=$(t)
-python train_sft.py --gatt --checkpoint "$OUT/sft" --gatt_n 48 --gatt_min_turns 2 \
+python train_sft.py --gatt --checkpoint "$OUT/sft" --gatt_n 48 --gatt_min_turns 6 \
   --gatt_max_turns 12 --gatt_k 8 --gatt_temperature 0.8 --gatt_mix 200 --world_n 2000 \
   --world_levels 1,2 --epochs 3 --batch_size 8 --lr 1e-3 --warmup_steps 2 --log_every 10 \
   --out_dir "$OUT/gatt"
