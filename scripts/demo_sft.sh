@@ -8,8 +8,11 @@
 # Why the demo departs from SPEC.md §5: a 3M-parameter model and a few dozen steps, so the peak
 # lr is 1.5e-3 (2e-5 would barely move it) with a short warmup, and a batch is 8 packed rows of
 # 512 tokens instead of 64 rows of 4096. The world's levels 1-2 only: with levels 1-4 (first try,
-# 600 dialogs) the 3M model collapsed to "The answer is 1." and obeyed 17% of instructions. Everything else (cosine to 10%, weight decay 0.1, AdamW
-# 0.9/0.95, clip 1.0, 2 epochs, packing, answer-only loss) is the recipe.
+# 600 dialogs) the 3M model collapsed to "The answer is 1." and obeyed 17% of instructions.
+# Everything else (cosine to 10%, weight decay 0.1, AdamW 0.9/0.95, clip 1.0, 2 epochs, packing,
+# answer-only loss) is the recipe. GAtt dialogs have 6-12 turns: with 2-12, the rollouts (the
+# instruction in every user message) overflow the 512-token context around turn 8, few samples
+# cover turns 9-12, and adherence fell there (88% at turn 1, 33% at turn 12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # on a busy 2-core box one thread is ~3x faster
