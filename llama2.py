@@ -334,8 +334,10 @@ class Transformer(nn.Module):
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         key = (str(device), table_dtype)
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_table(self.args.head_dim, 2 * self.args.max_seq_len,
-                                               self.args.rope_theta, device, table_dtype)
+            # Built outside inference mode, so a table first made while generating can serve training.
+            with torch.inference_mode(False):
+                self._rope_cache[key] = rope_table(self.args.head_dim, 2 * self.args.max_seq_len,
+                                                   self.args.rope_theta, device, table_dtype)
         return self._rope_cache[key]
 
     def hidden(self, tokens, *, positions=None, cu_seqlens=None, start_pos=None):

@@ -402,8 +402,6 @@ def main(argv=None) -> None:
             import gatt
             t0 = time.perf_counter()
             samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt)
-            # the RoPE table cached during generation is an inference tensor: rebuild it
-            model._rope_cache.clear()
             mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
             write_dialogs(gatt_file, samples + [(m, t) for m, t, _ in mix])
             dialogs = read_dialogs(str(gatt_file))

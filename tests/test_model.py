@@ -213,3 +213,12 @@ def test_top_p_keeps_the_nucleus_only():
     seen = {int(llama2.sample(logits, 1.0, 0.7, g)) for _ in range(300)}
     assert seen == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
     assert int(llama2.sample(logits, 0.0, 0.9)) == 0
+
+
+def test_training_after_generation():
+    # generate() runs in inference mode; what it caches (the RoPE table) must still serve training.
+    model = Transformer(ModelArgs(**CONFIGS["gqa"]))
+    model.generate([[1, 2, 3]], max_new_tokens=2, temperature=0)
+    _, loss = model(torch.randint(0, 300, (1, 8)), torch.randint(0, 300, (1, 8)))
+    loss.backward()
+    assert model.output.weight.grad is not None
