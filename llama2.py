@@ -383,14 +383,17 @@ class Transformer(nn.Module):
         return logits, loss
 
     def setup_cache(self, max_batch: int, max_len: int) -> None:
-        """Preallocate each layer's KV cache, (max_batch, max_len, n_kv, hd), in the model's dtype."""
+        """Preallocate each layer's KV cache, (max_batch, max_len, n_kv, hd), in the compute dtype."""
         p = self.output.weight
+        # Under autocast the keys and values come out of wk/wv in the autocast dtype: cache that.
+        on = p.device.type
+        dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else p.dtype
         for layer in self.layers:
             a = layer.attention
             shape = (max_batch, max_len, a.n_kv_heads, a.head_dim)
-            if a.cache_k is None or a.cache_k.shape != shape or a.cache_k.dtype != p.dtype or a.cache_k.device != p.device:
-                a.cache_k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                a.cache_v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            if a.cache_k is None or a.cache_k.shape != shape or a.cache_k.dtype != dtype or a.cache_k.device != p.device:
+                a.cache_k = torch.zeros(shape, dtype=dtype, device=p.device)
+                a.cache_v = torch.zeros(shape, dtype=dtype, device=p.device)
 
     def free_cache(self) -> None:
         for layer in self.layers:

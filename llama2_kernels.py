@@ -70,7 +70,7 @@ _CPU_MAX_HEAD_DIM = 256
 
 def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """supports(q, k, v), and the head size is one the attention kernel of that device takes."""
-    if not supports(q, k, v):
+    if not supports(q, k, v) or not (q.dtype == k.dtype == v.dtype):
         return False
     D = q.shape[-1]
     return D in _CUDA_HEAD_DIMS if q.device.type == "cuda" else 1 <= D <= _CPU_MAX_HEAD_DIM

@@ -261,10 +261,16 @@ def print_samples(step: int) -> None:
     if cfg.samples <= 0:
         return
     prompt = tokenizer.encode(cfg.sample_prompt, bos=True)
+    # generate() never calls forward, so FSDP2's root hook does not gather the root's own weights
+    sharded = hasattr(raw_model, "unshard")
+    if sharded:
+        raw_model.unshard()
     with rt.autocast():
         outs = raw_model.generate([prompt] * cfg.samples, cfg.sample_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=cfg.seed + step, eos_id=tokenizer.eos_id)
+    if sharded:
+        raw_model.reshard()
     raw_model.free_cache()
     for i, out in enumerate(outs):
         log.print(f"--- sample {i + 1} (step {step}) ---\n"

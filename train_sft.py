@@ -388,8 +388,11 @@ def main(argv=None) -> None:
                          f"--micro_batch {cfg.micro_batch}")
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
-    if not cfg.resume and metrics.exists():
-        metrics.unlink()  # a fresh run starts a fresh log (a resumed one appends)
+    if metrics.exists():
+        # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
+        done = resumed["step"] if resumed else 0
+        keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= done]
+        metrics.write_text("".join(ln + "\n" for ln in keep) if done else "")
     log = training.MetricsLog(metrics, rt)
 
     # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)

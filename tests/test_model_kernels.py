@@ -91,3 +91,27 @@ def test_head_dim_without_a_kernel_falls_back_to_the_reference():
     assert llama2_kernels.supports_attention(q[..., :256], k[..., :256], v[..., :256])
     llama2.set_kernels("ext")
     torch.testing.assert_close(llama2.attention(q, k, v), llama2.ref_attention(q, k, v))
+
+
+def test_mixed_dtypes_and_expanded_keys_fall_back_or_copy_never_misread():
+    llama2.set_kernels("ext")
+    q = torch.randn(1, 4, 4, 32, dtype=torch.float64)
+    k, v = torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32)
+    assert not llama2_kernels.supports_attention(q, k, v)  # mixed dtypes: not sent to a kernel
+    assert llama2_kernels.supports_attention(q, k.double(), v.double())
+    # keys/values expanded along time (stride 0): the kernel must copy them, not read a bad layout
+    k1, v1 = torch.randn(1, 1, 2, 32).expand(1, 6, 2, 32), torch.randn(1, 1, 2, 32).expand(1, 6, 2, 32)
+    q1 = torch.randn(1, 6, 4, 32)
+    torch.testing.assert_close(llama2_kernels.attention(q1, k1, v1), llama2.ref_attention(q1, k1, v1),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_generate_under_autocast_caches_in_the_autocast_dtype():
+    # The stage scripts sample under autocast: keys/values then arrive in bfloat16, and the cache
+    # must hold them in bfloat16 so attention sees one dtype (the CUDA kernel refuses a mix).
+    model = Transformer(ModelArgs(**CONFIGS["gqa"])).eval()
+    llama2.set_kernels("ext")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate([[1, 2, 3], [4]], max_new_tokens=4, temperature=0)
+    assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
+    assert [len(o) for o in out] == [4, 4]

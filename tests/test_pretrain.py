@@ -153,9 +153,10 @@ def test_torchrun_two_processes_match_one_process(corpus, parallel):
         run_here(flags(corpus, single, **common))
     multi = corpus / parallel
     proc = run(["--standalone", "--nproc_per_node=2", "train_pretrain.py",
-                *flags(corpus, multi, parallel=parallel, **common)],
+                *flags(corpus, multi, parallel=parallel, samples=1, sample_tokens=4, **common)],
                launcher=(sys.executable, "-m", "torch.distributed.run"))
     assert "1 accumulation x 2 processes" in proc.stdout
+    assert "--- sample 1 (step 8) ---" in proc.stdout  # sampling works on sharded (FSDP) weights too
     one, two = train_losses(single), train_losses(multi)
     assert sorted(one) == sorted(two) == list(range(1, 9))
     for s in one:

@@ -352,9 +352,10 @@ std::vector<Segment> check_attention_inputs(const char* op, const at::Tensor& q,
   return segs;
 }
 
-// Unit stride in the last dimension is all the kernels need; copy only what lacks it.
+// Unit stride in the last dimension, and rows at least D apart (BLAS's leading dimension), is all
+// the kernels need; copy only what lacks it (e.g. an expanded K with time stride 0).
 at::Tensor unit_last_stride(const at::Tensor& t) {
-  return t.stride(-1) == 1 ? t : t.contiguous();
+  return (t.stride(-1) == 1 && t.stride(1) >= t.size(-1)) ? t : t.contiguous();
 }
 
 // q (B, Tq, H, D), k/v (B, Tk, KV, D), cu_seqlens (S+1) int32 or None -> out (B, Tq, H, D), lse (B, H, Tq)
