@@ -318,30 +318,7 @@ def format_summary(s: dict) -> str:
 # -----------------------------------------------------------------------------------------------
 # plot: adherence against turn (PNG, with training.py's numpy + zlib writer)
 
-# glyphs the training.py font lacks (5x7, rows top to bottom)
-_EXTRA_FONT = {
-    "u": "00000 00000 10001 10001 10001 10011 01101", "d": "00001 00001 01101 10011 10001 10001 01111",
-    "h": "10000 10000 10110 11001 10001 10001 10001", "c": "00000 00000 01110 10000 10000 10001 01110",
-    "p": "00000 00000 11110 10001 11110 10000 10000", "w": "00000 00000 10001 10001 10101 10101 01010",
-    "f": "00110 01001 01000 11100 01000 01000 01000", "g": "00000 01111 10001 10011 01101 00001 01110",
-    "b": "10000 10000 10110 11001 10001 10001 11110", "m": "00000 00000 11010 10101 10101 10001 10001",
-    "y": "00000 00000 10001 10001 01111 00001 01110", "%": "11000 11001 00010 00100 01000 10011 00011",
-    "_": "00000 00000 00000 00000 00000 00000 11111", "/": "00001 00010 00010 00100 01000 01000 10000",
-    "(": "00010 00100 01000 01000 01000 00100 00010", ")": "01000 00100 00010 00010 00010 00100 01000",
-    "x": "00000 00000 10001 01010 00100 01010 10001", "+": "00000 00100 00100 11111 00100 00100 00000",
-}
-_FONT = {**training._FONT, **_EXTRA_FONT}
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-
-
-def _text(img, x, y, text, color, scale=2):
-    for ch in text:
-        rows = (_FONT.get(ch) or _FONT.get(ch.lower()) or _FONT[" "]).split()
-        for r, bits in enumerate(rows):
-            for c, bit in enumerate(bits):
-                if bit == "1":
-                    img[y + r * scale:y + (r + 1) * scale, x + c * scale:x + (c + 1) * scale] = color
-        x += 6 * scale
 
 
 def plot_adherence(curves: dict[str, list[float]], png, width: int = 800, height: int = 500):
@@ -357,25 +334,25 @@ def plot_adherence(curves: dict[str, list[float]], png, width: int = 800, height
 
     for pct in range(0, 101, 20):
         _, y = px(1, pct / 100)
-        training._draw_line(img, left, y, right, y, grey, 1)
-        _text(img, left - 14 - 12 * len(f"{pct}%"), int(y) - 7, f"{pct}%", black)
+        training.draw_line(img, left, y, right, y, grey, 1)
+        training.draw_text(img, left - 14 - 12 * len(f"{pct}%"), int(y) - 7, f"{pct}%", black)
     for t in range(1, n_turns + 1):
         x, _ = px(t, 0)
-        training._draw_line(img, x, top, x, bottom, grey, 1)
-        _text(img, int(x) - 6 * len(str(t)), bottom + 10, str(t), black)
-    training._draw_line(img, left, bottom, right, bottom, black, 2)
-    training._draw_line(img, left, top, left, bottom, black, 2)
-    _text(img, (left + right) // 2 - 24, bottom + 34, "turn", black)
-    _text(img, 8, 10, "instruction adherence (given once at turn 1)", black)
+        training.draw_line(img, x, top, x, bottom, grey, 1)
+        training.draw_text(img, int(x) - 6 * len(str(t)), bottom + 10, str(t), black)
+    training.draw_line(img, left, bottom, right, bottom, black, 2)
+    training.draw_line(img, left, top, left, bottom, black, 2)
+    training.draw_text(img, (left + right) // 2 - 24, bottom + 34, "turn", black)
+    training.draw_text(img, 8, 10, "instruction adherence (given once at turn 1)", black)
     for (name, ys), color in zip(curves.items(), _COLORS):
         pts = [px(t + 1, a) for t, a in enumerate(ys)]
         for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
-            training._draw_line(img, xa, ya, xb, yb, color, 3)
+            training.draw_line(img, xa, ya, xb, yb, color, 3)
         for x, y in pts:
             img[int(y) - 3:int(y) + 4, int(x) - 3:int(x) + 4] = color
     # the legend in a row under the axis label
     for i, (name, color) in enumerate(zip(curves, _COLORS)):
         x = left + 250 * i
-        training._draw_line(img, x, height - 22, x + 30, height - 22, color, 3)
-        _text(img, x + 40, height - 28, name[:16], black)
+        training.draw_line(img, x, height - 22, x + 30, height - 22, color, 3)
+        training.draw_text(img, x + 40, height - 28, name[:16], black)
     training.write_png(png, img)

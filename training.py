@@ -826,13 +826,33 @@ FONT = {
     "n": "00000 00000 10110 11001 10001 10001 10001", "o": "00000 00000 01110 10001 10001 10001 01110",
     "r": "00000 00000 10110 11001 10000 10000 10000", "s": "00000 00000 01111 10000 01110 00001 11110",
     "t": "01000 01000 11100 01000 01000 01001 00110", "v": "00000 00000 10001 10001 10001 01010 00100",
+    "u": "00000 00000 10001 10001 10001 10011 01101",
+    "d": "00001 00001 01101 10011 10001 10001 01111",
+    "h": "10000 10000 10110 11001 10001 10001 10001",
+    "c": "00000 00000 01110 10000 10000 10001 01110",
+    "p": "00000 00000 11110 10001 11110 10000 10000",
+    "w": "00000 00000 10001 10001 10101 10101 01010",
+    "f": "00110 01001 01000 11100 01000 01000 01000",
+    "g": "00000 01111 10001 10011 01101 00001 01110",
+    "b": "10000 10000 10110 11001 10001 10001 11110",
+    "m": "00000 00000 11010 10101 10101 10001 10001",
+    "y": "00000 00000 10001 10001 01111 00001 01110",
+    "%": "11000 11001 00010 00100 01000 10011 00011",
+    "_": "00000 00000 00000 00000 00000 00000 11111",
+    "/": "00001 00010 00010 00100 01000 01000 10000",
+    "(": "00010 00100 01000 01000 01000 00100 00010",
+    ")": "01000 00100 00010 00010 00010 00100 01000",
+    "x": "00000 00000 10001 01010 00100 01010 10001",
+    "+": "00000 00100 00100 11111 00100 00100 00000",
 }
 
 
+
 def draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2) -> None:
-    """Write `text` into an (H, W, 3) image with the 5x7 FONT (unknown characters are blanks)."""
+    """Write `text` into an (H, W, 3) image with the 5x7 FONT (capitals it lacks fall back to lower
+    case; unknown characters are blanks)."""
     for ch in text:
-        rows = FONT.get(ch, FONT[" "]).split()
+        rows = (FONT.get(ch) or FONT.get(ch.lower()) or FONT[" "]).split()
         for r, bits in enumerate(rows):
             for c, bit in enumerate(bits):
                 if bit == "1":
@@ -852,9 +872,6 @@ def draw_line(img: np.ndarray, x0, y0, x1, y1, color, width: int = 2) -> None:
             xx, yy = np.clip(xs + dx, 0, w - 1), np.clip(ys + dy, 0, h - 1)
             img[yy, xx] = color
 
-
-# the old private names, still used by gatt.py
-_FONT, _draw_text, _draw_line = FONT, draw_text, draw_line
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
