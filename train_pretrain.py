@@ -118,15 +118,7 @@ if cfg.parallel not in ("ddp", "fsdp"):
     raise SystemExit(f"error: --parallel {cfg.parallel!r}: use ddp or fsdp")
 
 # a resumed run takes its tokenizer from the checkpoint, so it sees exactly the same tokens
-resumed = None
-if cfg.resume:
-    if not ckpt_path.exists():
-        raise SystemExit(f"error: --resume given but {ckpt_path} does not exist; drop --resume "
-                         "to start a new run, or point --out_dir at the run to continue")
-    resumed = training.load_checkpoint(ckpt_path)
-    if resumed.get("stage") != "pretrain":
-        raise SystemExit(f"error: {ckpt_path} is a {resumed.get('stage')!r} checkpoint, not a "
-                         "pretraining one; use another --out_dir")
+resumed = training.load_resume(ckpt_path, "pretrain") if cfg.resume else None
 
 # -----------------------------------------------------------------------------------------------
 # data: documents -> held-out documents -> tokenizer -> cached token shards

@@ -353,15 +353,7 @@ def main(argv=None) -> None:
     stage = "gatt" if cfg.gatt else "sft"
 
     # ---- model: the parent checkpoint, or our own when resuming
-    resumed = None
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"error: --resume given but {ckpt_path} does not exist; drop "
-                             "--resume to start, or point --out_dir at the run to continue")
-        resumed = training.load_checkpoint(ckpt_path)
-        if resumed.get("stage") != stage:
-            raise SystemExit(f"error: {ckpt_path} is a {resumed.get('stage')!r} checkpoint, this "
-                             f"run is {stage!r}; use another --out_dir")
+    resumed = training.load_resume(ckpt_path, stage) if cfg.resume else None
     try:
         model, tokenizer = llama2.load_model(cfg.checkpoint, device=str(rt.device))
     except (FileNotFoundError, ValueError) as e:

@@ -360,6 +360,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
+def load_resume(ckpt_path: str | os.PathLike, stage: str) -> dict:
+    """The checkpoint a --resume continues: it must exist and come from the same stage."""
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.exists():
+        raise SystemExit(f"error: --resume given but {ckpt_path} does not exist; drop --resume "
+                         "to start a new run, or point --out_dir at the run to continue")
+    resumed = load_checkpoint(ckpt_path)
+    if resumed.get("stage") != stage:
+        raise SystemExit(f"error: {ckpt_path} is a {resumed.get('stage')!r} checkpoint, this run "
+                         f"is {stage!r}; use another --out_dir")
+    return resumed
+
+
 def model_state_dict(model: torch.nn.Module) -> dict:
     """A full (unsharded) state dict on CPU with Meta's parameter names; collective under FSDP.
 
