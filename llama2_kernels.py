@@ -28,7 +28,8 @@ except ImportError as e:  # not built (or built for another torch): the referenc
     AVAILABLE = False
     IMPORT_ERROR = str(e)
 
-_CPU_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: RMSNorm and RoPE only
+_CPU_ATTENTION_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -48,7 +49,8 @@ def has_cuda_build_expected() -> bool:
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the extension has a kernel for these tensors: same device, and a dtype it takes there.
 
-    CPU: float32, float64. CUDA (only if compiled in): float32, float16, bfloat16.
+    CPU: float32, float64, bfloat16 (attention: see supports_attention). CUDA (only if compiled
+    in): float32, float16, bfloat16.
     """
     if not AVAILABLE or not tensors:
         return False
@@ -73,7 +75,9 @@ def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
     if not supports(q, k, v) or not (q.dtype == k.dtype == v.dtype):
         return False
     D = q.shape[-1]
-    return D in _CUDA_HEAD_DIMS if q.device.type == "cuda" else 1 <= D <= _CPU_MAX_HEAD_DIM
+    if q.device.type == "cuda":
+        return D in _CUDA_HEAD_DIMS
+    return q.dtype in _CPU_ATTENTION_DTYPES and 1 <= D <= _CPU_MAX_HEAD_DIM
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:

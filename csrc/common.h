@@ -45,6 +45,19 @@ inline void check_float(const at::Tensor& t, const char* op, const char* name) {
               "; the CPU kernels take float32 or float64 (cast with .float() or use the reference path)");
 }
 
+// float32, float64 or bfloat16 (the elementwise kernels; arithmetic and statistics in float32).
+inline void check_float_or_bf16(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                  t.scalar_type() == at::kBFloat16,
+              op, ": ", name, " has dtype ", t.scalar_type(),
+              "; this CPU kernel takes float32, float64 or bfloat16");
+}
+
+// The dtype of statistics (rstd, lse) and of in-kernel arithmetic: float64 for float64, else float32.
+inline at::ScalarType stat_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op,
                              const char* name_a, const char* name_b) {
   TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_a, " is ", a.scalar_type(),

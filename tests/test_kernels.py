@@ -101,6 +101,52 @@ def test_rope_inverse_undoes_forward():
 # --------------------------------------------------------------------------------------------
 # Attention
 
+def _within_twice_reference_error(name, got, ref64, ref_low, slack=1e-3):
+    # The rule of the CUDA tests: the kernel's error against float64 is at most twice that of the
+    # PyTorch reference computed in the same low precision, plus a small slack.
+    err = (got.double() - ref64).abs().max().item()
+    base = (ref_low.double() - ref64).abs().max().item()
+    bound = 2 * base + slack * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{name}: kernel error {err:.3g} > 2 x reference error {base:.3g} + slack"
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 64), (2, 7, 100), (4, 768)])
+def test_rms_norm_bfloat16_within_twice_reference_error(shape):
+    torch.manual_seed(0)
+    C = shape[-1]
+    x = torch.randn(shape).bfloat16()
+    w = (1 + 0.5 * torch.randn(C)).bfloat16()
+    g = torch.randn(shape).bfloat16()
+    runs = {}
+    for name, fn, args in (("ours", K.rms_norm, (x, w)), ("ref", llama2.ref_rms_norm, (x, w)),
+                           ("ref64", llama2.ref_rms_norm, (x.double(), w.double()))):
+        leaves = _leaves(*args)
+        out = fn(*leaves, 1e-5)
+        runs[name] = (out, *_grads(out, leaves, g.to(out.dtype)))
+    assert all(t.dtype == torch.bfloat16 for t in runs["ours"])
+    for i, what in enumerate(("out", "grad_x", "grad_weight")):
+        _within_twice_reference_error(what, runs["ours"][i], runs["ref64"][i], runs["ref"][i])
+
+
+@pytest.mark.parametrize("B,T,H,D", [(2, 7, 3, 16), (2, 33, 4, 64)])
+def test_rope_bfloat16_within_twice_reference_error(B, T, H, D):
+    torch.manual_seed(0)
+    x = torch.randn(B, T, H, D).bfloat16()
+    g = torch.randn(B, T, H, D).bfloat16()
+    pos = torch.randint(0, 2 * T, (B, T))
+    cos, sin = llama2.rope_table(D, 2 * T)  # float32 table, as the model keeps it
+    cos64, sin64 = llama2.rope_table(D, 2 * T, dtype=F64)
+    runs = {}
+    for name, fn, xx, c, s in (("ours", K.rope, x, cos, sin), ("ref", llama2.ref_rope, x, cos, sin),
+                               ("ref64", llama2.ref_rope, x.double(), cos64, sin64)):
+        (leaf,) = _leaves(xx)
+        out = fn(leaf, pos, c, s)
+        runs[name] = (out, *_grads(out, [leaf], g.to(out.dtype)))
+    assert all(t.dtype == torch.bfloat16 for t in runs["ours"])
+    for i, what in enumerate(("out", "grad_x")):
+        _within_twice_reference_error(what, runs["ours"][i], runs["ref64"][i], runs["ref"][i])
+
+
 def _qkv(B, Tq, Tk, H, KV, D, dtype=F64, seed=0):
     torch.manual_seed(seed)
     return (torch.randn(B, Tq, H, D, dtype=dtype), torch.randn(B, Tk, KV, D, dtype=dtype),
@@ -296,7 +342,7 @@ def test_rms_norm_bad_inputs():
     x = torch.randn(2, 8)
     _raises("weight has 7 elements but the last dimension of x is 8", op, x, torch.randn(7), 1e-5)
     _raises("weight must be 1-D", op, x, torch.randn(1, 8), 1e-5)
-    _raises("float32 or float64", op, x.half(), torch.randn(8).half(), 1e-5)
+    _raises("float32, float64 or bfloat16", op, x.half(), torch.randn(8).half(), 1e-5)
     _raises("same dtype", op, x, torch.randn(8, dtype=F64), 1e-5)
     _raises("rstd has 3 elements but x has 2 rows", torch.ops.llama2.rms_norm_bwd, x, x,
             torch.randn(8), torch.randn(3))
@@ -319,7 +365,7 @@ def test_rope_bad_inputs():
     _raises("positions must be int64", op, x, pos.int(), cos, sin, False)
     _raises(r"positions must have shape \(B, T\)", op, x, torch.tensor([[0, 1]]), cos, sin, False)
     _raises(r"cos must have shape \(P, D/2\)", op, x, pos, cos[:, :3], sin[:, :3], False)
-    _raises("float32 or float64", op, x.to(torch.bfloat16), pos, cos, sin, False)
+    _raises("float32, float64 or bfloat16", op, x.half(), pos, cos, sin, False)
     with pytest.raises(ValueError, match=r"positions must be \(T,\) or \(B, T\) with T=3"):
         K.rope(x, torch.arange(4), cos, sin)
 
@@ -361,6 +407,9 @@ def test_supports():
     x = torch.randn(2, 3)
     assert K.supports(x) and K.supports(x.double(), x.double())
     assert not K.supports(x.half()) and not K.supports(x.long())
+    assert K.supports(x.bfloat16())  # RMSNorm and RoPE; the CPU attention kernel takes float32/64
+    q = torch.randn(1, 2, 2, 8)
+    assert K.supports_attention(q, q, q) and not K.supports_attention(*(q.bfloat16(),) * 3)
     assert not K.supports(x, x.to("meta"))
     assert not K.supports()
 

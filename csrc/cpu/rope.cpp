@@ -8,34 +8,38 @@
 // Shapes: x (B, T, H, D), D even, any strides with the last one 1; positions (B, T) int64;
 // cos/sin (P, D/2) tables, rows indexed by position; out (B, T, H, D) contiguous.
 // Memory traffic: x read once, out written once; the table row of a token is reused for all heads.
+// x may be float32, float64 or bfloat16 (T); the tables and the arithmetic are float32 (float64 for
+// float64 x) (A), and a bfloat16 result is rounded once, when stored.
 #include <torch/library.h>
+
+#include <ATen/OpMathType.h>
 
 #include "../common.h"
 
 namespace llama2 {
 namespace {
 
-template <typename T>
-void rope_kernel(const T* x, const int64_t* pos, const T* cos, const T* sin, T* out, int64_t B,
+template <typename T, typename A>
+void rope_kernel(const T* x, const int64_t* pos, const A* cos, const A* sin, T* out, int64_t B,
                  int64_t Tn, int64_t H, int64_t D, int64_t sb, int64_t st, int64_t sh,
                  bool inverse) {
   const int64_t half = D / 2;
-  const T sign = inverse ? T(-1) : T(1);
+  const A sign = inverse ? A(-1) : A(1);
   at::parallel_for(0, B * Tn, std::max<int64_t>(1, 4096 / (H * D)), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / Tn, t = row % Tn;
       // (D/2,) cos and sin of this token's position, shared by all H heads
-      const T* c = cos + pos[row] * half;
-      const T* s = sin + pos[row] * half;
+      const A* c = cos + pos[row] * half;
+      const A* s = sin + pos[row] * half;
       for (int64_t h = 0; h < H; ++h) {
         const T* xi = x + b * sb + t * st + h * sh;
         T* yo = out + (row * H + h) * D;
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
-          const T x0 = xi[2 * i], x1 = xi[2 * i + 1];
-          const T si = sign * s[i];
-          yo[2 * i] = x0 * c[i] - x1 * si;
-          yo[2 * i + 1] = x0 * si + x1 * c[i];
+          const A x0 = A(xi[2 * i]), x1 = A(xi[2 * i + 1]);
+          const A si = sign * s[i];
+          yo[2 * i] = T(x0 * c[i] - x1 * si);
+          yo[2 * i + 1] = T(x0 * si + x1 * c[i]);
         }
       }
     }
@@ -50,7 +54,7 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::
   check_cpu(positions, op, "positions");
   check_cpu(cos, op, "cos");
   check_cpu(sin, op, "sin");
-  check_float(x, op, "x");
+  check_float_or_bf16(x, op, "x");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, T, H, D), got shape ", x.sizes());
   const int64_t B = x.size(0), Tn = x.size(1), H = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0, op, ": head_dim D must be even (pairs are rotated), got D=", D);
@@ -76,14 +80,15 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::
                 ") is outside the rope table of ", P,
                 " positions; build a longer table (rope_table n_positions) or check positions");
   }
-  // Tables in x's dtype (tiny: P x D/2), x with unit stride in its last dimension.
-  const at::Tensor cc = cos.to(x.scalar_type()).contiguous();
-  const at::Tensor sc = sin.to(x.scalar_type()).contiguous();
+  // Tables in the arithmetic dtype (tiny: P x D/2), x with unit stride in its last dimension.
+  const at::Tensor cc = cos.to(stat_dtype(x.scalar_type())).contiguous();
+  const at::Tensor sc = sin.to(stat_dtype(x.scalar_type())).contiguous();
   const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rope_cpu", [&] {
-    rope_kernel<scalar_t>(xc.data_ptr<scalar_t>(), pp, cc.data_ptr<scalar_t>(),
-                          sc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, Tn, H, D,
-                          xc.stride(0), xc.stride(1), xc.stride(2), inverse);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rope_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    rope_kernel<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), pp, cc.data_ptr<acc_t>(),
+                                 sc.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), B, Tn, H, D,
+                                 xc.stride(0), xc.stride(1), xc.stride(2), inverse);
   });
   return out;
 }
