@@ -67,6 +67,7 @@ class Config:
     data: str = "world"  # JSONL files of {"messages": [...]}, comma-separated; "world" = generate world.sft_dialogs
     world_n: int = 20000  # dialogs generated when --data world
     world_levels: str = "1,2,3,4"  # difficulty levels of the generated dialogs
+    world_p_instruction: float = 0.35  # share of generated dialogs with a standing instruction (always 1-2 turns)
     pack: bool = True  # pack examples into full rows (no attention across examples); false = one padded example per row
     seq_len: int = 0  # tokens per row (0 = the model's context; Llama 2: 4096); longer examples are dropped
     # optimization (Llama 2 SFT, §3.1)
@@ -316,8 +317,11 @@ def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dic
     """The --data dialogs: JSONL files, or freshly generated world dialogs (seeded)."""
     if cfg.data == "world":
         n = cfg.world_n if n_world is None else n_world
-        dialogs = world.sft_dialogs(n, seed=cfg.seed, levels=_levels(cfg.world_levels,
-                                                                      "world_levels"))
+        if not 0 <= cfg.world_p_instruction <= 0.7:
+            raise SystemExit(f"error: --world_p_instruction {cfg.world_p_instruction}: give a share "
+                             "in [0, 0.7] (30% of the dialogs are multi-turn without instruction)")
+        dialogs = world.sft_dialogs(n, seed=cfg.seed, p_instruction=cfg.world_p_instruction,
+                                    levels=_levels(cfg.world_levels, "world_levels"))
         return [(d, "all", f"world.sft_dialogs[{i}]") for i, d in enumerate(dialogs)]
     out = []
     for path in [p for p in cfg.data.split(",") if p]:

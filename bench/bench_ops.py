@@ -172,8 +172,12 @@ def report(op, shape, times, floor_ms=None, extra="", alloc_floor_ms=None):
         ROWS.append(line)
 
 
-def bench_rms_norm(device, dtype, bw):
-    for shape in [(8, 512, 768), (4, 1024, 4096)]:
+def _tag(dtype):
+    return "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
+
+
+def bench_rms_norm(device, dtype, bw, shapes=((8, 512, 768), (4, 1024, 4096))):
+    for shape in shapes:
         x = torch.randn(*shape, device=device, dtype=dtype)
         w = torch.randn(shape[-1], device=device, dtype=dtype)
         eps = 1e-5
@@ -186,7 +190,7 @@ def bench_rms_norm(device, dtype, bw):
         nbytes = x.numel() * x.element_size()
         floor = (2 * nbytes / bw[0] * 1e3, 5 * nbytes / bw[0] * 1e3)
         alloc = (2 * nbytes / bw[1] * 1e3, 5 * nbytes / bw[1] * 1e3)
-        report("rms_norm", str(tuple(shape)), times, floor, alloc_floor_ms=alloc)
+        report("rms_norm", str(tuple(shape)) + _tag(dtype), times, floor, alloc_floor_ms=alloc)
 
 
 def bench_rope(device, dtype, bw):
@@ -206,7 +210,8 @@ def bench_rope(device, dtype, bw):
     nbytes = (q.numel() + k.numel()) * q.element_size()
     floor = (2 * nbytes / bw[0] * 1e3, 4 * nbytes / bw[0] * 1e3)
     alloc = (2 * nbytes / bw[1] * 1e3, 4 * nbytes / bw[1] * 1e3)
-    report("rope", f"q{tuple(q.shape)} k {KV} heads", times, floor, alloc_floor_ms=alloc)
+    report("rope", f"q{tuple(q.shape)} k {KV} heads" + _tag(dtype), times, floor,
+           alloc_floor_ms=alloc)
 
 
 def attention_inputs(B, T, H, KV, D, device, dtype, seed=0):
@@ -325,6 +330,9 @@ def main(argv=None):
     dtype = torch.float32
     bench_rms_norm(device, dtype, bw)
     bench_rope(device, dtype, bw)
+    # bfloat16 RMSNorm and RoPE (stock: F.rms_norm in bfloat16; Meta's RoPE upcasts to float32)
+    bench_rms_norm(device, torch.bfloat16, bw, shapes=[(8, 512, 768)])
+    bench_rope(device, torch.bfloat16, bw)
     bench_attention(device, dtype, [(4, 512, 12, 4, 64), (4, 1024, 12, 4, 64)])
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend

@@ -365,3 +365,16 @@ def test_script_errors_are_clear(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="--resume given but"):
         train_sft.main(["--checkpoint", str(tiny_ckpt), "--resume", "--out_dir",
                         str(tmp_path / "o2"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--world_p_instruction 0.9: give a share in"):
+        train_sft.main(["--checkpoint", str(tiny_ckpt), "--world_p_instruction", "0.9",
+                        "--out_dir", str(tmp_path / "o3"), "--device", "cpu"])
+
+
+def test_world_p_instruction_sets_the_share_of_instructed_dialogs():
+    for p in (0.0, 0.5):
+        cfg = train_sft.Config(world_n=400, world_p_instruction=p, world_levels="1,2")
+        dialogs = [d for d, _, _ in train_sft.load_dialogs(cfg)]
+        with_inst = [d for d in dialogs if world.find_instructions(d)]
+        # the instruction stays in short dialogs (1-2 user turns), whatever the share
+        assert all(sum(m["role"] == "user" for m in d) <= 2 for d in with_inst)
+        assert abs(len(with_inst) / len(dialogs) - p) < 0.07, (p, len(with_inst))
