@@ -71,6 +71,37 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 }
 
 // ---------------------------------------------------------------------------------------------
+// Widening loads and rounding stores: float32/float64 pass through; bfloat16 is the top half of a
+// float32, so widening is a shift and storing rounds to nearest even (NaN stays NaN), the same
+// result as c10::BFloat16's conversions. Written on the raw bits with no branches, so loops over
+// them vectorize (c10's own conversions do not, inside these kernels).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+inline auto widen(T v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t u = uint32_t(v.x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  } else {
+    return v;
+  }
+}
+
+template <typename T, typename A>
+inline T narrow(A v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7fc0u : rounded), c10::BFloat16::from_bits());
+  } else {
+    return T(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Work distribution
 // ---------------------------------------------------------------------------------------------
 

@@ -30,11 +30,11 @@ void rms_norm_fwd_kernel(const T* x, const T* w, T* out, A* rstd, int64_t n_rows
       // Mean of squares in the row; omp simd lets the compiler reorder the sum into vector lanes.
       A ss = 0;
 #pragma omp simd reduction(+ : ss)
-      for (int64_t c = 0; c < C; ++c) ss += A(xr[c]) * A(xr[c]);
+      for (int64_t c = 0; c < C; ++c) ss += widen(xr[c]) * widen(xr[c]);
       const A rs = A(1) / std::sqrt(ss / A(C) + A(eps));
       rstd[r] = rs;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = T(A(xr[c]) * rs * A(w[c]));
+      for (int64_t c = 0; c < C; ++c) yr[c] = narrow<T>(widen(xr[c]) * rs * widen(w[c]));
     }
   });
 }
@@ -58,12 +58,12 @@ void rms_norm_bwd_kernel(const T* g, const T* x, const T* w, const A* rstd, T* g
         // dot = sum(g * w * x), the part of the gradient that flows through rstd.
         A dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t c = 0; c < C; ++c) dot += A(gr[c]) * A(w[c]) * A(xr[c]);
+        for (int64_t c = 0; c < C; ++c) dot += widen(gr[c]) * widen(w[c]) * widen(xr[c]);
         const A k = rs * rs * rs * dot / A(C);
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          gxr[c] = T(rs * A(gr[c]) * A(w[c]) - k * A(xr[c]));
-          pw[c] += A(gr[c]) * A(xr[c]) * rs;
+          gxr[c] = narrow<T>(rs * widen(gr[c]) * widen(w[c]) - k * widen(xr[c]));
+          pw[c] += widen(gr[c]) * widen(xr[c]) * rs;
         }
       }
     }
@@ -72,7 +72,7 @@ void rms_norm_bwd_kernel(const T* g, const T* x, const T* w, const A* rstd, T* g
   for (int64_t c = 0; c < C; ++c) {
     A sum = 0;
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) sum += partial[chunk * C + c];
-    gw[c] = T(sum);
+    gw[c] = narrow<T>(sum);
   }
 }
 

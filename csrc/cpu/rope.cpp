@@ -36,10 +36,10 @@ void rope_kernel(const T* x, const int64_t* pos, const A* cos, const A* sin, T* 
         T* yo = out + (row * H + h) * D;
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
-          const A x0 = A(xi[2 * i]), x1 = A(xi[2 * i + 1]);
+          const A x0 = widen(xi[2 * i]), x1 = widen(xi[2 * i + 1]);
           const A si = sign * s[i];
-          yo[2 * i] = T(x0 * c[i] - x1 * si);
-          yo[2 * i + 1] = T(x0 * si + x1 * c[i]);
+          yo[2 * i] = narrow<T>(x0 * c[i] - x1 * si);
+          yo[2 * i + 1] = narrow<T>(x0 * si + x1 * c[i]);
         }
       }
     }
