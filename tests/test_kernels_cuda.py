@@ -332,6 +332,8 @@ def test_attention_bad_inputs():
         op(q, k, v, torch.tensor([0, 5, 3, 8], dtype=torch.int32, device=DEV), 0.1, True)
     with pytest.raises(RuntimeError, match="int32"):
         op(q, k, v, torch.tensor([0, 8], device=DEV), 0.1, True)
+    with pytest.raises(RuntimeError, match="causal attention needs Tq <= Tk"):
+        op(q, k[:, :4], v[:, :4], None, 0.1, True)
     out, lse = op(q, k, v, None, 0.1, True)
     with pytest.raises(RuntimeError, match="lse has shape"):
         torch.ops.llama2.attention_bwd(out, q, k, v, out, lse[:, :2], None, 0.1, True)

@@ -221,6 +221,9 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
               ": sequences longer than 2^31 - 1 tokens are not supported");
   TORCH_CHECK(std::isfinite(scale) && scale > 0.0, op,
               ": scale must be a positive finite number, got ", scale);
+  TORCH_CHECK(cu_seqlens.has_value() || !causal || Tq <= Tk, op,
+              ": causal attention needs Tq <= Tk (queries are the last Tq of the Tk positions), "
+              "got Tq=", Tq, " and Tk=", Tk);
 
   AttnParams p{};
   p.q = q.data_ptr();

@@ -156,14 +156,17 @@ inline bool capturing() {
 // Raises the block's dynamic shared memory limit past the default 48 KB, after checking that the
 // device has that much.
 template <typename Kernel>
-void set_shared_memory(Kernel kernel, size_t bytes, const char* op) {
+void set_shared_memory(Kernel kernel, size_t dynamic_bytes, const char* op,
+                       size_t static_bytes = 0) {
+  // The opt-in limit covers static + dynamic shared memory; the attribute names the dynamic part.
   const int max_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const size_t bytes = dynamic_bytes + static_bytes;
   TORCH_CHECK(bytes <= static_cast<size_t>(max_optin), op, ": this kernel needs ", bytes,
               " bytes of shared memory per block but the GPU offers ", max_optin,
               "; use a smaller size or the reference path");
   if (bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
+                                        static_cast<int>(dynamic_bytes)));
   }
 }
 

@@ -228,13 +228,13 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out_
     if (use_vec<scalar_t>(C, {gp, xp, wp, dxp})) {
       constexpr int VEC = vec16<scalar_t>();
       auto kernel = rms_norm_bwd_kernel<scalar_t, VEC>;
-      set_shared_memory(kernel, shmem + 32 * sizeof(float), op);
+      set_shared_memory(kernel, shmem, op, 32 * sizeof(float));  // + shm[32]
       kernel<<<grid, row_threads(C, VEC), shmem, stream>>>(gp, xp, wp, rstd.data_ptr<float>(), dxp,
                                                            partial.data_ptr<float>(), N,
                                                            static_cast<int>(C));
     } else {
       auto kernel = rms_norm_bwd_kernel<scalar_t, 1>;
-      set_shared_memory(kernel, shmem + 32 * sizeof(float), op);
+      set_shared_memory(kernel, shmem, op, 32 * sizeof(float));  // + shm[32]
       kernel<<<grid, row_threads(C, 1), shmem, stream>>>(gp, xp, wp, rstd.data_ptr<float>(), dxp,
                                                          partial.data_ptr<float>(), N,
                                                          static_cast<int>(C));
