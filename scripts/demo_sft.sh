@@ -4,6 +4,7 @@
 #
 #   bash scripts/demo_sft.sh                 # expects the pretrained checkpoint below
 #   PRETRAIN=1 bash scripts/demo_sft.sh      # pretrain it first (Shakespeare + the world's text)
+#   EVAL=0 bash scripts/demo_sft.sh          # the training pipeline only (SFT + GAtt, ~9 min)
 #
 # On a busy shared machine OMP_NUM_THREADS=1 can be much faster than the default.
 #
@@ -24,10 +25,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PT=${PT:-out/pretrain_chat}
 OUT=${OUT:-out/demo_sft}
-EVAL="--eval_n 200 --eval_bestof_n 48 --eval_k 8 --eval_mt_n 96 --eval_turns 12 --eval_levels 1,2"
+EVAL_ARGS="--eval_n 200 --eval_bestof_n 48 --eval_k 8 --eval_mt_n 96 --eval_turns 12 --eval_levels 1,2"
 WORLD="--data world --world_n 3000 --world_p_instruction 0.5 --world_levels 1,2"
 mkdir -p "$OUT"
 t() { date +%s; }
+evaluate() { if [ "${EVAL:-1}" = 1 ]; then python train_sft.py --eval $EVAL_ARGS "$@"; fi; }
 
 if [ "${PRETRAIN:-0}" = 1 ]; then
   python world.py text --n 30000 --out out/data/world.txt
@@ -37,13 +39,12 @@ if [ "${PRETRAIN:-0}" = 1 ]; then
 fi
 
 t0=$(t)
-python train_sft.py --eval --checkpoint "$PT" --fewshot 3 $EVAL --label pretrain-3shot \
-  --out_dir "$OUT/eval_pretrain"
+evaluate --checkpoint "$PT" --fewshot 3 --label pretrain-3shot --out_dir "$OUT/eval_pretrain"
 t1=$(t)
 python train_sft.py --checkpoint "$PT" $WORLD --epochs 2 --batch_size 8 --lr 1.5e-3 \
   --warmup_steps 5 --log_every 10 --out_dir "$OUT/sft"
 t2=$(t)
-python train_sft.py --eval --checkpoint "$OUT/sft" $EVAL --label sft --out_dir "$OUT/eval_sft" \
+evaluate --checkpoint "$OUT/sft" --label sft --out_dir "$OUT/eval_sft" \
   --plot_with "$OUT/eval_pretrain/eval.jsonl"
 t3=$(t)
 prev="$OUT/sft"
@@ -55,7 +56,7 @@ for round in 1 2; do
   prev="$OUT/gatt$round"
 done
 t4=$(t)
-python train_sft.py --eval --checkpoint "$prev" $EVAL --label gatt --out_dir "$OUT/eval_gatt" \
+evaluate --checkpoint "$prev" --label gatt --out_dir "$OUT/eval_gatt" \
   --plot_with "$OUT/eval_sft/eval.jsonl,$OUT/eval_pretrain/eval.jsonl"
 t5=$(t)
 printf 'Hello!\nWhat is 12 plus 7?\n' | python llama2.py --checkpoint "$prev" --chat \
