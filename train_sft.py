@@ -317,11 +317,13 @@ def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dic
     """The --data dialogs: JSONL files, or freshly generated world dialogs (seeded)."""
     if cfg.data == "world":
         n = cfg.world_n if n_world is None else n_world
-        if not 0 <= cfg.world_p_instruction <= 0.7:
+        levels = _levels(cfg.world_levels, "world_levels")
+        try:
+            dialogs = world.sft_dialogs(n, seed=cfg.seed, p_instruction=cfg.world_p_instruction,
+                                        levels=levels)
+        except ValueError as e:
             raise SystemExit(f"error: --world_p_instruction {cfg.world_p_instruction}: give a share "
-                             "in [0, 0.7] (30% of the dialogs are multi-turn without instruction)")
-        dialogs = world.sft_dialogs(n, seed=cfg.seed, p_instruction=cfg.world_p_instruction,
-                                    levels=_levels(cfg.world_levels, "world_levels"))
+                             f"in [0, 1] that leaves room for the multi-turn dialogs ({e})") from None
         return [(d, "all", f"world.sft_dialogs[{i}]") for i, d in enumerate(dialogs)]
     out = []
     for path in [p for p in cfg.data.split(",") if p]:

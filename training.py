@@ -866,7 +866,6 @@ FONT = {
 }
 
 
-
 def draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2) -> None:
     """Write `text` into an (H, W, 3) image with the 5x7 FONT (capitals it lacks fall back to lower
     case; unknown characters are blanks)."""
@@ -890,7 +889,6 @@ def draw_line(img: np.ndarray, x0, y0, x1, y1, color, width: int = 2) -> None:
         for dy in range(width):
             xx, yy = np.clip(xs + dx, 0, w - 1), np.clip(ys + dy, 0, h - 1)
             img[yy, xx] = color
-
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:

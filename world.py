@@ -795,8 +795,11 @@ def sft_dialogs(n: int, seed: int = 0, p_instruction: float = 0.35, p_multiturn:
     are single-turn without one. Problems are drawn at a random level of `levels`.
     """
     _check_levels(levels)
-    if n < 0 or max_turns < 3 or not 0 <= p_instruction + p_multiturn <= 1:
-        raise ValueError("need n >= 0, max_turns >= 3 and p_instruction + p_multiturn <= 1")
+    if n < 0 or max_turns < 3:
+        raise ValueError(f"need n >= 0 and max_turns >= 3, got n={n}, max_turns={max_turns}")
+    if min(p_instruction, p_multiturn) < 0 or p_instruction + p_multiturn > 1:
+        raise ValueError(f"p_instruction ({p_instruction}) and p_multiturn ({p_multiturn}) must be "
+                         "shares >= 0 that sum to at most 1")
     rng = random.Random(seed)
     out = []
     for _ in range(n):

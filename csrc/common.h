@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -39,18 +40,13 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
               " but this is the CPU kernel; move all inputs to the same device");
 }
 
-inline void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
-              " has dtype ", t.scalar_type(),
-              "; the CPU kernels take float32 or float64 (cast with .float() or use the reference path)");
-}
-
-// float32, float64 or bfloat16 (the elementwise kernels; arithmetic and statistics in float32).
-inline void check_float_or_bf16(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                  t.scalar_type() == at::kBFloat16,
-              op, ": ", name, " has dtype ", t.scalar_type(),
-              "; this CPU kernel takes float32, float64 or bfloat16");
+// float32 or float64; with bf16_ok (the elementwise kernels) bfloat16 too, computed in float32.
+inline void check_float(const at::Tensor& t, const char* op, const char* name, bool bf16_ok = false) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || (bf16_ok && st == at::kBFloat16), op, ": ",
+              name, " has dtype ", st, "; this CPU kernel takes float32",
+              bf16_ok ? ", float64 or bfloat16" : " or float64",
+              " (cast with .float() or use the reference path)");
 }
 
 // The dtype of statistics (rstd, lse) and of in-kernel arithmetic: float64 for float64, else float32.
