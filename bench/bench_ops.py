@@ -52,11 +52,12 @@ def _time_once(fn, device):
     return (time.perf_counter() - t) * 1e3
 
 
-def median_ms(fns, device, warmup=1, reps=5, budget_s=4.0):
+def median_ms(fns, device, warmup=2, reps=41, budget_s=4.0):
     """Median wall time in ms of each fn in fns (a dict), after warm-up.
 
-    The contenders run round-robin, one call each per round, so a busy machine slows them alike;
-    fewer rounds (at least 3) when one round is slow.
+    The contenders run round-robin, one call each per round, so a busy machine slows them alike:
+    up to `reps` rounds for fast ops (millisecond timings on a shared CPU wander by tens of
+    percent from call to call), fewer (at least 3) once `budget_s` is spent.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -147,7 +148,7 @@ ROWS = []
 
 
 def report(op, shape, times, floor_ms=None, extra="", alloc_floor_ms=None):
-    """times: {"ours": (fwd, fwdbwd), "ref": ..., "stock": ...}; prints one line per pass."""
+    """times: {"ours": (fwd, fwdbwd), "ref": ..., "stock": ..., optional "copy"}; one line per pass."""
     for i, pass_name in enumerate(("fwd", "fwd+bwd")):
         t = {k: v[i] for k, v in times.items()}
         ours = t["ours"]
@@ -159,6 +160,11 @@ def report(op, shape, times, floor_ms=None, extra="", alloc_floor_ms=None):
             parts.append(f"vs stock {t['stock'] / ours:5.2f}x")
             if "ref" in t:
                 parts.append(f"(stock vs ref {t['ref'] / t['stock']:4.2f}x)")
+        if "copy" in t:
+            # a clone of the same inputs, timed in the same rounds: what any op that reads its
+            # inputs once and writes fresh outputs once can at best reach
+            parts.append(f"| clone {t['copy']:7.2f} ms (stock at {t['copy'] / t['stock']:4.0%} "
+                         f"of it; ours at {t['copy'] / ours:4.0%})")
         if floor_ms is not None:
             f = floor_ms[i]
             parts.append(f"| floor {f:7.2f} ms ({t['ref'] / f:4.1f}x ref; ours at {f / ours:4.0%})"
@@ -205,6 +211,7 @@ def bench_rope(device, dtype, bw):
         "ref": (lambda q, k: (llama2.ref_rope(q, pos, cos, sin), llama2.ref_rope(k, pos, cos, sin)),
                 (q, k)),
         "stock": (lambda q, k: meta_rope(q, k, freqs_cis), (q, k)),
+        "copy": (lambda q, k: (q.clone(), k.clone()), (q, k)),
     }, device)
     # q and k read and written once per pass
     nbytes = (q.numel() + k.numel()) * q.element_size()

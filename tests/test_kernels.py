@@ -78,6 +78,30 @@ def test_rope_matches_reference_float64(B, T, H, D):
     _close(_grads(out, x, g)[0], _grads(ref, xr, g)[0], 1e-12, "rope grad x")
 
 
+@pytest.mark.parametrize("B,T,H,D,strided", [
+    (2, 7, 3, 8, False),        # the 8-wide vector path (D % 8 == 0), one step per head
+    (2, 9, 5, 128, True),       # vector path, x a transposed view (strides other than contiguous)
+    (1, 6, 2, 36, False),       # D % 8 != 0: the plain loop
+    (1, 1024, 12, 128, False),  # output >= 4 MB: the vector path's streaming stores
+])
+def test_rope_float32_close_to_float64_reference(B, T, H, D, strided):
+    torch.manual_seed(2)
+    if strided:  # (B, H, T, D) storage seen as (B, T, H, D), as q.transpose(1, 2) gives
+        x = torch.randn(B, H, T, D).transpose(1, 2).requires_grad_(True)
+    else:
+        x = torch.randn(B, T, H, D, requires_grad=True)
+    pos = torch.randint(0, 2 * T, (B, T))
+    cos, sin = llama2.rope_table(D, 2 * T)
+    cos64, sin64 = llama2.rope_table(D, 2 * T, dtype=F64)
+    xr = x.detach().double().requires_grad_(True)
+    out = K.rope(x, pos, cos, sin)
+    ref = llama2.ref_rope(xr, pos, cos64, sin64)
+    g = torch.randn(B, T, H, D)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    _close(out.double(), ref, 1e-5, "rope float32 out")
+    _close(_grads(out, x, g)[0].double(), _grads(ref, xr, g.double())[0], 1e-5, "rope float32 grad x")
+
+
 def test_rope_positions_broadcast_and_float32_table():
     torch.manual_seed(0)
     B, T, H, D = 3, 10, 2, 32
