@@ -22,8 +22,16 @@
 namespace llama2 {
 namespace {
 
+// positions (B, T) int64 read through its strides, so that (T,) positions expanded over the batch
+// are not copied (nor any allocation made beside the output).
+struct Positions {
+  const int64_t* data;
+  int64_t sb, st;
+  int64_t operator()(int64_t b, int64_t t) const { return data[b * sb + t * st]; }
+};
+
 template <typename T, typename A>
-void rope_kernel(const T* x, const int64_t* pos, const A* cos, const A* sin, T* out, int64_t B,
+void rope_kernel(const T* x, Positions pos, const A* cos, const A* sin, T* out, int64_t B,
                  int64_t Tn, int64_t H, int64_t D, int64_t sb, int64_t st, int64_t sh,
                  bool inverse) {
   const int64_t half = D / 2;
@@ -32,8 +40,8 @@ void rope_kernel(const T* x, const int64_t* pos, const A* cos, const A* sin, T* 
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / Tn, t = row % Tn;
       // (D/2,) cos and sin of this token's position, shared by all H heads
-      const A* c = cos + pos[row] * half;
-      const A* s = sin + pos[row] * half;
+      const A* c = cos + pos(b, t) * half;
+      const A* s = sin + pos(b, t) * half;
       for (int64_t h = 0; h < H; ++h) {
         const T* xi = x + b * sb + t * st + h * sh;
         T* yo = out + (row * H + h) * D;
@@ -64,7 +72,7 @@ void rope_kernel(const T* x, const int64_t* pos, const A* cos, const A* sin, T* 
 constexpr int64_t kMaxAvx2D = 1024;
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 
-void rope_kernel_f32_avx2(const float* x, const int64_t* pos, const float* cos, const float* sin,
+void rope_kernel_f32_avx2(const float* x, Positions pos, const float* cos, const float* sin,
                           float* out, int64_t B, int64_t Tn, int64_t H, int64_t D, int64_t sb,
                           int64_t st, int64_t sh, bool inverse, bool stream) {
   const int64_t half = D / 2;
@@ -73,8 +81,8 @@ void rope_kernel_f32_avx2(const float* x, const int64_t* pos, const float* cos, 
     alignas(32) float C[kMaxAvx2D], S[kMaxAvx2D];
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / Tn, t = row % Tn;
-      const float* c = cos + pos[row] * half;
-      const float* s = sin + pos[row] * half;
+      const float* c = cos + pos(b, t) * half;
+      const float* s = sin + pos(b, t) * half;
       for (int64_t i = 0; i < half; ++i) {
         C[2 * i] = C[2 * i + 1] = c[i];
         S[2 * i] = -sign * s[i];
@@ -128,12 +136,13 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::
   if (x.numel() == 0) return out;
 
   // Every position must index a row of the table; say which one does not.
-  const at::Tensor pc = positions.contiguous();
-  const int64_t* pp = pc.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * Tn; ++i) {
-    TORCH_CHECK(pp[i] >= 0 && pp[i] < P, op, ": position ", pp[i], " (at flat index ", i,
-                ") is outside the rope table of ", P,
-                " positions; build a longer table (rope_table n_positions) or check positions");
+  const Positions pp{positions.data_ptr<int64_t>(), positions.stride(0), positions.stride(1)};
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < Tn; ++t) {
+      TORCH_CHECK(pp(b, t) >= 0 && pp(b, t) < P, op, ": position ", pp(b, t), " (batch ", b,
+                  ", token ", t, ") is outside the rope table of ", P,
+                  " positions; build a longer table (rope_table n_positions) or check positions");
+    }
   }
   // Tables in the arithmetic dtype (tiny: P x D/2), x with unit stride in its last dimension.
   const at::Tensor cc = cos.to(stat_dtype(x.scalar_type())).contiguous();
