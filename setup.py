@@ -24,6 +24,23 @@ def want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def compiler_accepts(flag):
+    """Whether the C++ compiler takes `flag`: Apple's clang has no -fopenmp, and not every compiler
+    knows -march=native. A flag it refuses is left out (without OpenMP the CPU kernels run on one
+    thread) rather than failing the build."""
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        cmd = [os.environ.get("CXX", "c++"), flag, "-c", src, "-o", os.path.join(d, "probe.o")]
+        try:
+            return subprocess.run(cmd, capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+
 def extension():
     if want_cuda() and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to ask: compile for Hopper (H100/H200) only rather than for every architecture.
@@ -31,8 +48,10 @@ def extension():
 
     rel = lambda pattern: sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers need C++20
-    if os.environ.get("LLAMA2_PORTABLE") != "1":
+    cxx = ["-O3", "-std=c++20"]  # torch >= 2.10 headers need C++20
+    openmp = ["-fopenmp"] if compiler_accepts("-fopenmp") else []  # at::parallel_for's threads
+    cxx += openmp
+    if os.environ.get("LLAMA2_PORTABLE") != "1" and compiler_accepts("-march=native"):
         cxx.append("-march=native")  # the machine that builds is the machine that runs (pip install -e)
     cuda_sources = rel("csrc/cuda/*.cu")
     if want_cuda() and cuda_sources:
@@ -41,8 +60,8 @@ def extension():
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
         return CUDAExtension("llama2_C", sources + cuda_sources,
                              extra_compile_args={"cxx": cxx + ["-DLLAMA2_WITH_CUDA"], "nvcc": nvcc},
-                             extra_link_args=["-fopenmp"])
-    return CppExtension("llama2_C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                             extra_link_args=openmp)
+    return CppExtension("llama2_C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 
 
 setup(
