@@ -30,10 +30,43 @@ struct Positions {
   int64_t operator()(int64_t b, int64_t t) const { return data[b * sb + t * st]; }
 };
 
+#ifdef LLAMA2_ROPE_AVX2
+// The float32 step on x86 with AVX2 + FMA (what -march=native gives on this machine), for D a
+// multiple of 8 and a 32-byte aligned output. Same arithmetic, 8 floats (4 pairs) per step, with
+// the token's table row expanded once (for all its heads) to C = (c0, c0, c1, c1, ...) and
+// S = (-s0, s0, -s1, s1, ...):
+//   out = x * C + swap_pairs(x) * S,   swap_pairs(x0, x1, x2, x3, ...) = (x1, x0, x3, x2, ...)
+// which gives out[2i] = x0 c - x1 s and out[2i+1] = x1 c + x0 s, as in the plain loop.
+// RoPE is a pure stream (one read of x, one write of out) and the arithmetic is not what limits
+// it: what does is the write. A plain store first reads each output cache line in (read for
+// ownership) and leaves it in cache. When the output is much larger than the per-core L2 cache
+// (kStreamBytes) it is written with streaming (non-temporal) stores instead, which skip that read:
+// the op then runs at the speed of a tensor copy. The cost: the next op reads the output from
+// memory rather than from L3, which for outputs this large it mostly would anyway.
+constexpr int64_t kMaxAvx2D = 1024;
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+inline void rope_head_avx2(const float* xi, float* yo, const float* C, const float* S, int64_t D,
+                           bool stream) {
+  for (int64_t j = 0; j < D; j += 8) {
+    const __m256 v = _mm256_loadu_ps(xi + j);
+    const __m256 swapped = _mm256_permute_ps(v, 0b10110001);  // (1, 0, 3, 2) in each lane
+    const __m256 r = _mm256_fmadd_ps(v, _mm256_load_ps(C + j),
+                                     _mm256_mul_ps(swapped, _mm256_load_ps(S + j)));
+    if (stream) {
+      _mm256_stream_ps(yo + j, r);
+    } else {
+      _mm256_store_ps(yo + j, r);
+    }
+  }
+}
+#endif
+
+// vec: take the AVX2 step (float32 only; rope_cpu decides); stream: with streaming stores.
 template <typename T, typename A>
 void rope_kernel(const T* x, Positions pos, const A* cos, const A* sin, T* out, int64_t B,
                  int64_t Tn, int64_t H, int64_t D, int64_t sb, int64_t st, int64_t sh,
-                 bool inverse) {
+                 bool inverse, bool vec, bool stream) {
   const int64_t half = D / 2;
   const A sign = inverse ? A(-1) : A(1);
   at::parallel_for(0, B * Tn, std::max<int64_t>(1, 4096 / (H * D)), [&](int64_t begin, int64_t end) {
@@ -42,6 +75,22 @@ void rope_kernel(const T* x, Positions pos, const A* cos, const A* sin, T* out, 
       // (D/2,) cos and sin of this token's position, shared by all H heads
       const A* c = cos + pos(b, t) * half;
       const A* s = sin + pos(b, t) * half;
+#ifdef LLAMA2_ROPE_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (vec) {
+          alignas(32) float C[kMaxAvx2D], S[kMaxAvx2D];
+          for (int64_t i = 0; i < half; ++i) {
+            C[2 * i] = C[2 * i + 1] = c[i];
+            S[2 * i] = -sign * s[i];
+            S[2 * i + 1] = sign * s[i];
+          }
+          for (int64_t h = 0; h < H; ++h) {
+            rope_head_avx2(x + b * sb + t * st + h * sh, out + (row * H + h) * D, C, S, D, stream);
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t h = 0; h < H; ++h) {
         const T* xi = x + b * sb + t * st + h * sh;
         T* yo = out + (row * H + h) * D;
@@ -54,60 +103,11 @@ void rope_kernel(const T* x, Positions pos, const A* cos, const A* sin, T* out, 
         }
       }
     }
-  });
-}
-
 #ifdef LLAMA2_ROPE_AVX2
-// The float32 path on x86 with AVX2 + FMA (what -march=native gives on this machine), for D a
-// multiple of 8. Same arithmetic, 8 floats (4 pairs) per step: each token's table row is first
-// expanded to C = (c0, c0, c1, c1, ...) and S = (-s0, s0, -s1, s1, ...), then
-//   out = x * C + swap_pairs(x) * S,   swap_pairs(x0, x1, x2, x3, ...) = (x1, x0, x3, x2, ...)
-// which gives out[2i] = x0 c - x1 s and out[2i+1] = x1 c + x0 s, as above.
-// RoPE is a pure stream (one read of x, one write of out) and the arithmetic is not what limits
-// it: what does is the write. A plain store first reads each output cache line in (read for
-// ownership) and leaves it in cache. When the output is much larger than the per-core L2 cache
-// (kStreamBytes) we write it with streaming (non-temporal) stores instead, which skip that read:
-// the op then runs at the speed of a tensor copy. The cost: the next op reads the output from
-// memory rather than from L3, which for outputs this large it mostly would anyway.
-constexpr int64_t kMaxAvx2D = 1024;
-constexpr int64_t kStreamBytes = int64_t(4) << 20;
-
-void rope_kernel_f32_avx2(const float* x, Positions pos, const float* cos, const float* sin,
-                          float* out, int64_t B, int64_t Tn, int64_t H, int64_t D, int64_t sb,
-                          int64_t st, int64_t sh, bool inverse, bool stream) {
-  const int64_t half = D / 2;
-  const float sign = inverse ? -1.f : 1.f;
-  at::parallel_for(0, B * Tn, std::max<int64_t>(1, 4096 / (H * D)), [&](int64_t begin, int64_t end) {
-    alignas(32) float C[kMaxAvx2D], S[kMaxAvx2D];
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / Tn, t = row % Tn;
-      const float* c = cos + pos(b, t) * half;
-      const float* s = sin + pos(b, t) * half;
-      for (int64_t i = 0; i < half; ++i) {
-        C[2 * i] = C[2 * i + 1] = c[i];
-        S[2 * i] = -sign * s[i];
-        S[2 * i + 1] = sign * s[i];
-      }
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xi = x + b * sb + t * st + h * sh;
-        float* yo = out + (row * H + h) * D;  // 32-byte aligned: out is, and D % 8 == 0
-        for (int64_t j = 0; j < D; j += 8) {
-          const __m256 v = _mm256_loadu_ps(xi + j);
-          const __m256 swapped = _mm256_permute_ps(v, 0b10110001);  // (1, 0, 3, 2) in each lane
-          const __m256 r = _mm256_fmadd_ps(v, _mm256_load_ps(C + j),
-                                           _mm256_mul_ps(swapped, _mm256_load_ps(S + j)));
-          if (stream) {
-            _mm256_stream_ps(yo + j, r);
-          } else {
-            _mm256_store_ps(yo + j, r);
-          }
-        }
-      }
-    }
     if (stream) _mm_sfence();  // streaming stores are weakly ordered: finish them before returning
+#endif
   });
 }
-#endif
 
 // x (B, T, H, D), positions (B, T) int64, cos/sin (P, D/2) -> out (B, T, H, D)
 at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
@@ -148,20 +148,18 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::
   const at::Tensor cc = cos.to(stat_dtype(x.scalar_type())).contiguous();
   const at::Tensor sc = sin.to(stat_dtype(x.scalar_type())).contiguous();
   const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
+  // The AVX2 step where it applies (float32), with streaming stores for large outputs.
+  bool vec = false, stream = false;
 #ifdef LLAMA2_ROPE_AVX2
-  if (x.scalar_type() == at::kFloat && D % 8 == 0 && D <= kMaxAvx2D &&
-      reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0) {
-    rope_kernel_f32_avx2(xc.data_ptr<float>(), pp, cc.data_ptr<float>(), sc.data_ptr<float>(),
-                         out.data_ptr<float>(), B, Tn, H, D, xc.stride(0), xc.stride(1),
-                         xc.stride(2), inverse, /*stream=*/out.nbytes() >= kStreamBytes);
-    return out;
-  }
+  vec = x.scalar_type() == at::kFloat && D % 8 == 0 && D <= kMaxAvx2D &&
+        reinterpret_cast<uintptr_t>(out.data_ptr()) % 32 == 0;
+  stream = vec && out.nbytes() >= kStreamBytes;
 #endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rope_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     rope_kernel<scalar_t, acc_t>(xc.data_ptr<scalar_t>(), pp, cc.data_ptr<acc_t>(),
                                  sc.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), B, Tn, H, D,
-                                 xc.stride(0), xc.stride(1), xc.stride(2), inverse);
+                                 xc.stride(0), xc.stride(1), xc.stride(2), inverse, vec, stream);
   });
   return out;
 }
