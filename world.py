@@ -6,8 +6,9 @@ we stand in for the humans with this world, in the spirit of AlpacaFarm's simula
 
 - task families (addition, subtraction, comparing, spelling, reversing, counting letters, sorting,
   a capital-city lookup), each with a seeded prompt generator, several phrasings, a difficulty
-  knob (levels 1..4) and a reference answer; a fixed 10% of problems (by a hash of the canonical
-  problem) is held out and never appears in training data;
+  knob (levels 1..4) and a reference answer; a fixed 10% of problems (by a hash of the
+  problem's answer-determining content, `canonical_key`: operands sorted, lists as sets, a sum
+  and its subtractions as one fact) is held out, and no twin of it appears in training data;
 - standing instructions of the kind Ghost Attention is for ("answer in capital letters", "start
   every answer with Ahoy!", ...), each with a text form and a checker `obeys(response)`;
 - a deterministic judge `score(dialog, response)` and a simulated annotator `prefer(dialog, a, b)`;
@@ -283,8 +284,14 @@ class Problem:
 
     @property
     def key(self) -> str:
-        """Canonical text of the problem, independent of the phrasing: what the split hashes."""
+        """Text of the problem as asked, independent of the phrasing (family and fields)."""
         return self.family + "|" + "|".join(f"{k}={v}" for k, v in self.fields)
+
+    @property
+    def canonical(self) -> str:
+        """The content that determines the answer, in one canonical form: what the split hashes
+        (see `canonical_key`). Problems that are twins of each other share it."""
+        return canonical_key(self.family, self.f)
 
     @property
     def answer(self) -> str:
@@ -311,9 +318,46 @@ def make_problem(family: str, fields: dict) -> Problem:
     return Problem(family, tuple(sorted(fields.items())))
 
 
+def canonical_key(family: str, f: dict) -> str:
+    """The answer-determining content of a problem, with everything that does not change what is
+    known removed. Twins share one key, so a held-out problem has no twin in the training split:
+
+    - add a + b and sub (a+b) - a, (a+b) - b are one arithmetic fact {x, y, x+y}: "sum|x|y"
+      with x <= y (commutative operands sorted; a subtraction is the sum read backwards);
+    - compare: the unordered pair, whichever of "larger"/"smaller" is asked ("order|x|y");
+    - spell and reverse: the word (the reversed spelling determines the spelling): "word|cat";
+    - count: the word and the letter: "count|cat|a";
+    - sort: the multiset of numbers, either direction: "sort|3,17,42";
+    - lookup: the set of countries, in any order: "capitals|France,Japan". One capital can
+      still be seen in training inside another set (France and Spain): a capital is world
+      knowledge, like the facts a real model brings from pretraining; the held-out question is a
+      combination never asked.
+    """
+    if family == "add":
+        x, y = sorted((int(f["a"]), int(f["b"])))
+        return f"sum|{x}|{y}"
+    if family == "sub":
+        x, y = sorted((int(f["b"]), int(f["a"]) - int(f["b"])))
+        return f"sum|{x}|{y}"
+    if family == "compare":
+        x, y = sorted((int(f["a"]), int(f["b"])))
+        return f"order|{x}|{y}"
+    if family in ("spell", "reverse"):
+        return f"word|{f['word']}"
+    if family == "count":
+        return f"count|{f['word']}|{f['letter']}"
+    if family == "sort":
+        return "sort|" + ",".join(map(str, sorted(int(x) for x in f["nums"].split(", "))))
+    if family == "lookup":
+        return "capitals|" + ",".join(sorted(_split_items(f["countries"])))
+    raise ValueError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+
+
 def is_heldout(problem: Problem) -> bool:
-    """True for the fixed ~10% of problems reserved for evaluation (a hash of the canonical key)."""
-    h = int(hashlib.sha256(problem.key.encode()).hexdigest()[:8], 16)
+    """True for the fixed ~10% of problems reserved for evaluation: a hash of the problem's
+    canonical key, so that every twin of a held-out problem (operands swapped, list permuted,
+    the same sum asked as a subtraction, a word spelled instead of reversed) is held out too."""
+    h = int(hashlib.sha256(problem.canonical.encode()).hexdigest()[:8], 16)
     return h % 100 < HELDOUT_PERCENT
 
 

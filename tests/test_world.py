@@ -284,6 +284,62 @@ def test_heldout_never_in_training_data():
     assert all(not world.parse_prompt(q).heldout for g in gatt for q in g.prompts)
 
 
+def _twins(p):
+    """Every problem that asks the same content as p in another form (swapped operands, the sum
+    as a subtraction, the other direction, the other letters task, a permuted list)."""
+    f, fam = p.f, p.family
+    out = []
+    if fam in ("add", "sub"):
+        x, y = (int(f["a"]), int(f["b"])) if fam == "add" else (int(f["b"]), int(f["a"]) - int(f["b"]))
+        out += [("add", {"a": str(x), "b": str(y)}), ("add", {"a": str(y), "b": str(x)}),
+                ("sub", {"a": str(x + y), "b": str(x)}), ("sub", {"a": str(x + y), "b": str(y)})]
+    elif fam == "compare":
+        for which in ("larger", "smaller"):
+            out += [("compare", {"a": f["a"], "b": f["b"], "which": which}),
+                    ("compare", {"a": f["b"], "b": f["a"], "which": which})]
+    elif fam in ("spell", "reverse"):
+        out += [("spell", {"word": f["word"]}), ("reverse", {"word": f["word"]})]
+    elif fam == "sort":
+        nums = f["nums"].split(", ")
+        for order in ("smallest to largest", "largest to smallest"):
+            for perm in (nums, nums[::-1], nums[1:] + nums[:1]):
+                out.append(("sort", {"nums": ", ".join(perm), "order": order}))
+    elif fam == "lookup":
+        names = world._split_items(f["countries"])
+        for perm in (names, names[::-1], names[1:] + names[:1]):
+            out.append(("lookup", {"countries": world._join_names(perm)}))
+    else:
+        out.append((fam, f))
+    return [world.make_problem(fm, fd) for fm, fd in out]
+
+
+def test_split_has_no_twins_across_it():
+    # many problems of every family and level from both splits: no canonical form, and no
+    # answer that determines its problem (spelling, reversal, sorted list, capitals), in both
+    rng = random.Random(7)
+    train, held = [], []
+    for fam in world.FAMILIES:
+        for level in world.LEVELS:
+            train += [world.sample_problem(rng, "train", fam, level) for _ in range(150)]
+            held += [world.sample_problem(rng, "heldout", fam, level) for _ in range(40)]
+    assert not {p.canonical for p in train} & {p.canonical for p in held}
+    determining = ("spell", "reverse", "sort", "lookup")
+    answers = lambda ps: {(p.family, p.answer) for p in ps if p.family in determining}
+    assert not answers(train) & answers(held)
+    # every twin of a held-out problem is held out; of a training problem, in training
+    for p in held:
+        assert all(t.heldout for t in _twins(p)), p.key
+    for p in train[::7]:
+        assert not any(t.heldout for t in _twins(p)), p.key
+    # what the split by phrasing-free fields got wrong: 95% of held-out additions had their
+    # swapped twin in training; now none does, and the held-out share is still about 10%
+    adds = [world.make_problem("add", {"a": str(a), "b": str(b)})
+            for a in range(100) for b in range(100)]
+    swapped = [world.make_problem("add", {"a": p.f["b"], "b": p.f["a"]}) for p in adds]
+    assert all(p.heldout == q.heldout for p, q in zip(adds, swapped))
+    assert 0.06 < sum(p.heldout for p in adds) / len(adds) < 0.14
+
+
 def test_split_is_a_fixed_share():
     rng = random.Random(4)
     flags = [world.is_heldout(world.make_problem("add", {"a": str(a), "b": str(b)}))
