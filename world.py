@@ -406,16 +406,35 @@ WORD_LIMIT = 8
 
 @dataclass(frozen=True)
 class Instruction:
-    """A standing instruction: its full and shortened wording, a checker, and how to obey it."""
+    """A standing instruction: its full and shortened wording, a checker, and how to obey it.
+
+    `obeys(response)` is the checker applied to a substantive reply only (see `substantive`):
+    an empty reply, or one that only repeats instructions, obeys nothing, so a model cannot earn
+    adherence by saying nothing.
+    """
     name: str
     text: str                        # full wording, e.g. used as a system message
     short: str                       # shortened wording (the paper sometimes shortened them)
-    obeys: Callable[[str], bool]     # response -> does it follow the instruction
+    check: Callable[[str], bool]     # response -> does its form follow the instruction
     decorate: Callable[[str], str]   # how a careful human changes an answer to obey
 
     @property
     def wordings(self) -> tuple[str, str]:
         return (self.text, self.short)
+
+    def obeys(self, response: str) -> bool:
+        return substantive(response) and bool(self.check(response))
+
+
+def substantive(response: str) -> bool:
+    """Whether a reply says something: some letter or digit is left once every instruction wording
+    (in any case), the persona phrases "Ahoy!" / "Beep boop." and all punctuation are removed."""
+    text = response.lower()
+    for w in sorted((w.lower() for i in _INSTRUCTION_LIST for w in i.wordings), key=len,
+                    reverse=True):
+        text = text.replace(w.lower(), " ")
+    text = re.sub(r"ahoy!?|beep boop\.?", " ", text)
+    return re.search(r"[a-z0-9]", text) is not None
 
 
 def _obeys_brackets(r: str) -> bool:
@@ -424,11 +443,14 @@ def _obeys_brackets(r: str) -> bool:
             and r[r.index("[") + 1:r.index("]")].strip() != "")
 
 
-INSTRUCTIONS: dict[str, Instruction] = {i.name: i for i in [
+_INSTRUCTION_LIST = [
+    # the case rules need letters: a bare number or an empty reply is in no case at all
     Instruction("caps", "Always answer in capital letters.", "Answer in caps.",
-                lambda r: re.search(r"[a-z]", r) is None, str.upper),
+                lambda r: re.search(r"[A-Z]", r) is not None and re.search(r"[a-z]", r) is None,
+                str.upper),
     Instruction("lower", "Always answer in lowercase letters only.", "Lowercase only.",
-                lambda r: re.search(r"[A-Z]", r) is None, str.lower),
+                lambda r: re.search(r"[a-z]", r) is not None and re.search(r"[A-Z]", r) is None,
+                str.lower),
     Instruction("pirate", 'You are Captain Finn, a pirate: start every answer with "Ahoy!"',
                 "Act as Captain Finn: begin with Ahoy!",
                 lambda r: r.lstrip().lower().startswith("ahoy!"), lambda a: "Ahoy! " + a),
@@ -439,7 +461,13 @@ INSTRUCTIONS: dict[str, Instruction] = {i.name: i for i in [
                 _obeys_brackets, lambda a: a),  # brackets go around the answer itself, see below
     Instruction("words", f"Answer in at most {WORD_LIMIT} words.", f"Max {WORD_LIMIT} words.",
                 lambda r: len(r.split()) <= WORD_LIMIT, lambda a: a),
-]}
+]
+INSTRUCTIONS: dict[str, Instruction] = {i.name: i for i in _INSTRUCTION_LIST}
+
+# Instructions Ghost Attention never trains on (SFT data still has them, in 1-2 turn dialogs): the
+# paper also tested GAtt on instructions it had not seen. Each has a seen mirror image (caps,
+# pirate), so the question is whether GAtt learned "keep the instruction", not one rule.
+GATT_UNSEEN = ("lower", "robot")
 
 # pairs that contradict each other are never combined
 INCOMPATIBLE = {frozenset({"caps", "lower"}), frozenset({"pirate", "robot"})}
@@ -474,13 +502,19 @@ def standing(*names: str, short: bool = False) -> Standing:
     return Standing(tuple(names), text)
 
 
-def sample_standing(rng: random.Random, p_pair: float = 0.5, p_short: float = 0.3) -> Standing:
-    """Sample one instruction, or with p_pair a compatible pair; shortened wording with p_short."""
-    if rng.random() < p_pair:
-        names = rng.choice(COMPATIBLE_PAIRS)
+def sample_standing(rng: random.Random, p_pair: float = 0.5, p_short: float = 0.3,
+                    names: tuple[str, ...] | None = None) -> Standing:
+    """Sample one instruction, or with p_pair a compatible pair; shortened wording with p_short.
+    `names` limits the draw to those instructions (default: all)."""
+    pool = sorted(INSTRUCTIONS) if names is None else sorted(names)
+    if not pool or any(n not in INSTRUCTIONS for n in pool):
+        raise ValueError(f"names must be known instructions {sorted(INSTRUCTIONS)}, got {names!r}")
+    pairs = [p for p in COMPATIBLE_PAIRS if set(p) <= set(pool)]
+    if pairs and rng.random() < p_pair:
+        chosen = rng.choice(pairs)
     else:
-        names = (rng.choice(sorted(INSTRUCTIONS)),)
-    return standing(*names, short=rng.random() < p_short)
+        chosen = (rng.choice(pool),)
+    return standing(*chosen, short=rng.random() < p_short)
 
 
 def find_instructions(dialog: list[dict]) -> list[str]:
@@ -689,22 +723,71 @@ def summarize(dialogs: list, responses: list[str],
     }
 
 
-def adherence_by_turn(dialogs: list, responses_by_turn: list[list[str]]) -> list[float]:
-    """Share of dialogs whose k-th answer obeys every standing instruction in force, for each turn
-    k (the Ghost Attention plot). responses_by_turn[i][k] answers user turn k+1 of dialogs[i]
-    (e.g. a model rolled out over `eval_multiturn` dialogs); turns a dialog lacks are skipped."""
+def adherence_report(dialogs: list, responses_by_turn: list[list[str]]) -> dict:
+    """Instruction adherence of answers to multi-turn dialogs, turn by turn (the GAtt plot).
+
+    responses_by_turn[i][k] answers user turn k+1 of dialogs[i] (e.g. a model rolled out over
+    `eval_multiturn` dialogs); turns a dialog lacks are skipped. Every turn must have an
+    instruction in force. Returns, each as a list over turns 1..n (shares of the dialogs that
+    reached that turn):
+      "obeys": the answer obeys every instruction in force (`Instruction.obeys`);
+      "obeys_and_correct": ... and its content is fully correct (judge content 1.0);
+      "seen" / "unseen": "obeys" over the dialogs whose instructions GAtt trains on / that carry
+        one of GATT_UNSEEN (None at a turn no such dialog reached);
+      "by_instruction": {name: share obeying that one instruction, per turn};
+      "reaching": how many dialogs reached the turn.
+    """
     if len(dialogs) != len(responses_by_turn):
         raise ValueError(f"got {len(dialogs)} dialogs but {len(responses_by_turn)} answer lists")
-    obeyed: dict[int, list[bool]] = {}
+    rows: dict[int, list[tuple[bool, bool, bool, dict]]] = {}
     for d, answers in zip(dialogs, responses_by_turn):
         if len(answers) > len(user_turns(d)):
             raise ValueError(f"{len(answers)} answers for a dialog of {len(user_turns(d))} turns")
         for k, r in enumerate(answers):
             prefix = prefix_at_turn(d, k + 1)
-            if not find_instructions(prefix):
+            names = find_instructions(prefix)
+            if not names:
                 raise ValueError(f"turn {k + 1} of a dialog has no standing instruction in force")
-            obeyed.setdefault(k, []).append(score(prefix, r).instruction == 1.0)
-    return [sum(v) / len(v) for _, v in sorted(obeyed.items())]
+            s = score(prefix, r)
+            ok = all(s.obeyed.values())
+            unseen = any(n in GATT_UNSEEN for n in names)
+            rows.setdefault(k, []).append((ok, ok and s.content == 1.0, unseen, s.obeyed))
+
+    def share(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else None
+
+    turns = [rows[k] for k in sorted(rows)]
+    return {
+        "obeys": [share(r[0] for r in t) for t in turns],
+        "obeys_and_correct": [share(r[1] for r in t) for t in turns],
+        "seen": [share(r[0] for r in t if not r[2]) for t in turns],
+        "unseen": [share(r[0] for r in t if r[2]) for t in turns],
+        "by_instruction": {n: [share(r[3][n] for r in t if n in r[3]) for t in turns]
+                           for n in INSTRUCTIONS if any(n in r[3] for t in turns for r in t)},
+        "reaching": [len(t) for t in turns],
+    }
+
+
+def adherence_by_turn(dialogs: list, responses_by_turn: list[list[str]]) -> list[float]:
+    """Share of dialogs whose k-th answer obeys every instruction in force, per turn k (the
+    "obeys" row of `adherence_report`)."""
+    return adherence_report(dialogs, responses_by_turn)["obeys"]
+
+
+def adherence_floor(dialogs: list, turns: int | None = None) -> dict:
+    """What trivial replies score on `adherence_report` over these dialogs: the free floor every
+    adherence table is read against. "bare_answer": the reference answer alone ("7", "c-a-t",
+    "Paris"), correct but with no effort to obey; "empty": an empty reply. Each is the report of
+    that reply at turns 1..turns (default: every user turn)."""
+    out = {}
+    for name, reply in (("bare_answer", lambda p: p.answer), ("empty", lambda p: "")):
+        answers = []
+        for d in dialogs:
+            users = user_turns(d)[:turns]
+            answers.append([reply(parse_prompt(strip_instructions(u))) for u in users])
+        out[name] = adherence_report(dialogs, answers)
+    return out
 
 
 # annotator rating buckets, by the gap in total score: (lowest gap, rating)
@@ -922,37 +1005,37 @@ def prefix_at_turn(dialog, k: int) -> list[dict]:
 
 @dataclass
 class GattSeed:
-    """The start of a GAtt dialog: an instruction and user prompts (plus reference answers that
-    obey it, for checking; GAtt samples the real answers from the latest model)."""
+    """The start of a GAtt dialog: an instruction (full wording) and the user prompts; GAtt
+    samples the answers from the latest model."""
     inst: Standing
     prompts: list[str]
-    reference_answers: list[str]
-
-    def dialog(self) -> list[dict]:
-        """The plain dialog (no instruction) with the reference answers."""
-        out = []
-        for p, a in zip(self.prompts, self.reference_answers):
-            out += [_user(p), _assistant(a)]
-        return out
 
 
 def gatt_dialogs(n: int, seed: int = 0, min_turns: int = 2, max_turns: int = 8,
-                 p_pair: float = 0.5, p_short: float = 0.3,
-                 levels: tuple = LEVELS) -> list[GattSeed]:
-    """n GAtt building blocks from training problems: an instruction (or a compatible pair,
-    sometimes shortened) and a sequence of min_turns..max_turns user prompts."""
+                 p_pair: float = 0.5, levels: tuple = LEVELS,
+                 instructions: tuple[str, ...] | None = None) -> list[GattSeed]:
+    """n GAtt building blocks from training problems: an instruction (or a compatible pair) in its
+    full wording and min_turns..max_turns user prompts. `instructions` limits which ones (default:
+    all but GATT_UNSEEN, which evaluation keeps to test GAtt on instructions it never saw). The
+    paper shortens an instruction only in the final system message; see `shorten`."""
     if not 1 <= min_turns <= max_turns:
         raise ValueError(f"need 1 <= min_turns <= max_turns, got {min_turns}, {max_turns}")
     _check_levels(levels)
+    pool = instructions or tuple(n for n in INSTRUCTIONS if n not in GATT_UNSEEN)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        inst = sample_standing(rng, p_pair, p_short)
+        inst = sample_standing(rng, p_pair, p_short=0.0, names=pool)
         problems = [sample_problem(rng, "train", level=rng.choice(levels))
                     for _ in range(rng.randint(min_turns, max_turns))]
-        out.append(GattSeed(inst, [p.prompt(rng) for p in problems],
-                            [careful_answer(p, rng, inst) for p in problems]))
+        out.append(GattSeed(inst, [p.prompt(rng) for p in problems]))
     return out
+
+
+def shorten(inst: Standing, rng: random.Random, p: float = 0.5) -> Standing:
+    """The instruction in its shortened wording with probability p (the paper shortened the
+    instruction in the final GAtt system message, sometimes), else as it is."""
+    return standing(*inst.names, short=True) if rng.random() < p else inst
 
 
 def _inst_text(inst) -> str:

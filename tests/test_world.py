@@ -235,6 +235,29 @@ def test_instruction_checkers(name, good, bad):
         assert world.find_instructions([U("Add 1 and 2. " + w)]) == [name]
 
 
+@pytest.mark.parametrize("name", sorted(world.INSTRUCTIONS))
+def test_no_instruction_is_obeyed_by_saying_nothing(name):
+    # what the old checkers let through: an empty reply, a reply with no letters for the case
+    # rules, or the instruction repeated back (in any case) with the persona's phrase
+    inst = world.INSTRUCTIONS[name]
+    for empty in ["", "   ", "[ ]", "Ahoy!", "Beep boop.", "Ahoy! ... Beep boop.", "!?"]:
+        assert not inst.obeys(empty), (name, empty)
+    for w in inst.wordings:
+        for echo in (w, w.upper(), w.lower(), f"[{w}]", f"Ahoy! {w.upper()} Beep boop."):
+            assert not inst.obeys(echo), (name, echo)
+    # a substantive reply of the right form still obeys
+    good = {"caps": "IT IS 7.", "lower": "it is 7.", "pirate": "Ahoy! 7", "robot": "7 Beep boop.",
+            "brackets": "[7]", "words": "7"}[name]
+    assert inst.obeys(good)
+
+
+def test_case_rules_need_letters():
+    assert not world.INSTRUCTIONS["caps"].obeys("7")
+    assert not world.INSTRUCTIONS["lower"].obeys("7, 12")
+    assert world.INSTRUCTIONS["caps"].obeys("[7] OK")
+    assert world.substantive("7") and not world.substantive(" Answer in caps. ")
+
+
 def test_instruction_pairs():
     assert len(world.INSTRUCTIONS) >= 5
     with pytest.raises(ValueError, match="contradict"):
@@ -446,7 +469,7 @@ def test_prefer_ratings_and_symmetry():
     assert world.prefer(dialog, best, best, b_eos=False) == ("a", "negligibly better/unsure")
     # slightly better: one of two instructions broken, gap 0.125
     d2 = [S("Always answer in capital letters. Answer in brackets."), U("What is 23 plus 58?")]
-    assert world.prefer(d2, "[81]", "[81] done")[1] == "slightly better"
+    assert world.prefer(d2, "IT IS [81].", "It is [81].")[1] == "slightly better"
 
 
 def test_prefer_rating_grows_with_gap():
@@ -471,21 +494,28 @@ def test_prefer_rating_grows_with_gap():
 # GAtt helpers
 
 def test_gatt_helpers():
-    seeds = world.gatt_dialogs(40, seed=9, min_turns=2, max_turns=8)
+    seeds = world.gatt_dialogs(60, seed=9, min_turns=2, max_turns=8)
     assert any(len(g.inst.names) == 2 for g in seeds) and any(len(g.inst.names) == 1 for g in seeds)
+    rng = random.Random(0)
     for g in seeds:
         assert 2 <= len(g.prompts) <= 8
-        plain = g.dialog()
-        assert world.find_instructions(plain) == []
+        # replies are sampled with the full wording; GAtt never sees the held-back instructions
+        assert g.inst.text == world.standing(*g.inst.names).text
+        assert not set(g.inst.names) & set(world.GATT_UNSEEN)
+        plain = [m for p in g.prompts for m in (U(p), A("[x]"))]
         every = world.with_instruction_in_every_user_turn(plain, g.inst)
-        assert all(m["content"].endswith(g.inst.text) for m in every if m["role"] == "user")
+        assert all(m["content"] == p + " " + g.inst.text
+                   for m, p in zip(every[::2], g.prompts))
         assert sorted(world.find_instructions(every)) == sorted(g.inst.names)
-        system = world.with_instruction_as_system(every, g.inst)
-        assert system[0] == S(g.inst.text)
-        assert system[1:] == plain  # the instruction is gone from the user turns
-        for i, m in enumerate(system):
-            if m["role"] == "assistant":  # the reference answers obey it at every turn
-                assert world.score(system[:i], m["content"]).total == pytest.approx(1.0)
+        short = world.shorten(g.inst, rng, p=1.0)
+        system = world.with_instruction_as_system(every, g.inst.text)
+        assert system[0] == S(g.inst.text) and system[1:] == plain
+        assert sorted(world.find_instructions([S(short.text)] + plain)) == sorted(g.inst.names)
+    # the shortened wording in about half of the final system messages
+    shortened = [world.shorten(g.inst, rng).text != g.inst.text for g in seeds]
+    assert 0.3 < sum(shortened) / len(shortened) < 0.7
+    only = world.gatt_dialogs(20, seed=1, instructions=("lower",))
+    assert all(g.inst.names == ("lower",) for g in only)
     # an existing system message keeps its text, the instruction is added once
     d = [S("You are a helpful assistant."), U("Add 1 and 2.")]
     out = world.with_instruction_as_system(d, "Answer in caps.")
@@ -548,15 +578,32 @@ def test_word_lists_match_their_levels():
 
 
 def test_adherence_by_turn():
-    d1 = [S("Always answer in capital letters."), U("Add 1 and 2."), A("3"),
+    d1 = [S("Always answer in capital letters."), U("Add 1 and 2."), A("IT IS 3."),
           U("Spell the word cat."), A("C-A-T"), U("What is the capital of Peru?")]
     d2 = [S("Answer in brackets."), U("Add 2 and 2."), A("[4]"), U("Spell the word dog.")]
-    answers = [["3", "C-A-T", "Lima"],   # turn 3 breaks caps
-               ["[4]", "d-o-g"]]         # turn 2 breaks brackets
+    answers = [["IT IS 3.", "C-A-T", "Lima"],   # turn 3 breaks caps
+               ["[4]", "d-o-g"]]                # turn 2 breaks brackets
     # turn 1: both obey; turn 2: d1 obeys, d2 does not; turn 3: only d1, which breaks it
     assert world.adherence_by_turn([d1, d2], answers) == [1.0, 0.5, 0.0]
     with pytest.raises(ValueError, match="no standing instruction"):
         world.adherence_by_turn([[U("Add 1 and 2.")]], [["3"]])
+    # the full report, by hand: d3 carries an instruction GAtt never trains on ("lower")
+    d3 = [S("Lowercase only. Answer in brackets."), U("Add 5 and 5."), A("[10] ok"),
+          U("Spell the word cat.")]
+    answers.append(["it is [11].", "[c-a-t] ok"])  # turn 1 obeys but is wrong; turn 2 right
+    rep = world.adherence_report([d1, d2, d3], answers)
+    assert rep["reaching"] == [3, 3, 1]
+    assert rep["obeys"] == [1.0, pytest.approx(2 / 3), 0.0]
+    assert rep["obeys_and_correct"] == [pytest.approx(2 / 3), pytest.approx(2 / 3), 0.0]
+    assert rep["seen"] == [1.0, 0.5, 0.0] and rep["unseen"] == [1.0, 1.0, None]
+    assert rep["by_instruction"] == {"caps": [1.0, 1.0, 0.0], "lower": [1.0, 1.0, None],
+                                     "brackets": [1.0, 0.5, None]}
+    # the free floor: a bare reference answer obeys only what a bare answer can ("lower" for a
+    # lowercase spelling), an empty reply nothing
+    floor = world.adherence_floor([d1, d2, d3])
+    assert floor["empty"]["obeys"] == [0.0, 0.0, 0.0]
+    assert floor["bare_answer"]["by_instruction"]["lower"] == [0.0, 1.0, None]  # "10", "c-a-t"
+    assert floor["bare_answer"]["obeys"] == [0.0, 0.0, 0.0]  # d3 also needs brackets
 
 
 def test_demo_runs(capsys):
