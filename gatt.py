@@ -3,22 +3,27 @@
 Ghost Attention (Llama 2 paper §3.3 and A.3.5, SPEC.md §6) is a way of building fine-tuning
 data, not a change to the model: no extra token, no change to attention.
 
-  1. take user prompts u1..un (world.gatt_dialogs) and a standing instruction `inst`;
-  2. append `inst` to EVERY user message and sample the replies a1..an with the current model,
-     turn by turn, the chosen reply going into the history; here K replies are sampled per turn
-     and the world's judge keeps the best (rejection sampling), so that the replies follow `inst`;
-  3. for training, keep `inst` only once, as the system message (world.with_instruction_as_system),
-     and zero the loss on all tokens of the previous turns, assistant answers included.
+  1. take user prompts u1..un (world.gatt_dialogs) and a standing instruction `inst` in its full
+     wording (GAtt never sees world.GATT_UNSEEN, which evaluation keeps for unseen instructions);
+  2. append `inst` to EVERY user message (world.with_instruction_in_every_user_turn) and sample
+     the replies a1..an with the current model, turn by turn, the chosen reply going into the
+     history. `--gatt_select` says how a reply is chosen: "none" (one sample; the default), "judge"
+     (best of K by the world's judge, kept only if it obeys: an ORACLE ablation, because the
+     judge is also what evaluates), "rm" (the reward model, as the paper samples "analogous to
+     rejection sampling"; it becomes the default once train_rm.py exists);
+  3. for training, keep `inst` only once, as the system message (world.with_instruction_as_system;
+     shortened half of the time, world.shorten, as the paper), and zero the loss on every token
+     except the kept answers: ONE example per dialog, "train_on" a flag per answer. With a causal
+     model that is the same loss as cutting the dialog after each kept answer, in 1/6 of the
+     tokens at 12 turns. A reply that did not end with EOS never carries loss.
 
-Which turns carry loss: dialog [system=inst, u1, a1, ..., un, an] becomes one training sample per
-turn k = 1..n, the dialog cut after a_k, with "train_on": "last": the loss covers only a_k and its
-EOS. A turn whose chosen reply does not obey `inst` or does not end with EOS gives no sample (it
-stays in the history of later turns, without loss).
-
-Evaluation (run_eval): greedy judged scores on held-out prompts (overall, per family, per level),
-EOS rate and answer length; pass@1 against best-of-K by the judge; and instruction adherence at
-each turn of 12-turn held-out dialogs whose instruction is given once as the system message, the
-model's own replies going into the history, drawn as a PNG (adherence against turn).
+Evaluation (run_eval), on held-out problems only: greedy judged scores on held-out prompts
+(overall, per family, per level) beside their floor (an empty reply, a bare correct answer), EOS
+rate and answer length; pass@1 against best-of-K by the judge; and instruction adherence at each
+turn of 12-turn held-out dialogs whose instruction is given once as the system message, the
+model's own replies going into the history (world.adherence_report: obeys, obeys and correct, per
+instruction, seen and unseen by GAtt; world.adherence_floor: what a bare correct answer and an
+empty reply score), drawn as a PNG with matplotlib.
 """
 from __future__ import annotations
 
@@ -96,19 +101,49 @@ def generate_replies(model, tokenizer, dialogs: list[list[dict]], *, n: int = 1,
 # Ghost Attention data
 
 
-def build_gatt_data(model, tokenizer, cfg, rt=None) -> tuple[list[tuple[list[dict], str]], dict]:
-    """Roll out world.gatt_dialogs with the instruction in every user message (best of cfg.gatt_k
-    samples per turn by the judge), then turn each dialog into per-turn training samples with the
-    instruction only in the system message and loss on the last answer only.
+GATT_SELECT = ("judge", "rm", "none")
 
-    Returns ([(messages, "last"), ...], stats).
+
+def _pick(history: list[dict], cands: list[Reply], inst: world.Standing, select: str):
+    """The reply that goes into the history, and whether it carries loss.
+
+    "judge" (an oracle ablation: the evaluation's own gold standard picks): the best of the K
+    candidates by world.score, kept only if it obeys the instruction and ended with EOS.
+    "none": the one sample, kept whatever it says. Either way a reply cut off by max_new_tokens
+    carries no loss: training on it would teach an EOS where the model did not stop.
     """
-    levels = tuple(int(x) for x in cfg.gatt_levels.split(","))
+    if select == "judge":
+        scores = [world.score(history, c.text, c.eos).total for c in cands]
+        best = cands[int(np.argmax(scores))]  # ties: the first sampled
+        return best, best.eos and inst.obeys(best.text)
+    return cands[0], cands[0].eos
+
+
+def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None
+                    ) -> tuple[list[tuple[list[dict], list[bool]]], dict]:
+    """Roll out world.gatt_dialogs with the instruction in every user message, then turn each
+    dialog into ONE training example: the instruction once, as the system message (shortened
+    half of the time, as the paper did), and loss on every kept answer.
+
+    One example per dialog rather than one per turn: with a causal model, the loss on answer k of
+    the whole dialog is the loss of the dialog cut after answer k, so the cut copies only repeat
+    the prefix (about 6x the tokens at 12 turns) for the same gradient. A dialog too long for
+    seq_len is cut after the last whole turn that fits.
+    Returns ([(messages, train_on flags per assistant message), ...], stats).
+    """
+    select = cfg.gatt_select
+    if select not in GATT_SELECT:
+        raise ValueError(f"--gatt_select must be one of {GATT_SELECT}, got {select!r}")
+    if select == "rm":
+        raise ValueError("--gatt_select rm needs a reward model (train_rm.py, not built yet); "
+                         "use judge (an oracle ablation) or none")
+    k = cfg.gatt_k if select == "judge" else 1
+    seq_len = seq_len or model.args.max_seq_len
+    levels = world.parse_levels(cfg.gatt_levels)
     seeds = world.gatt_dialogs(cfg.gatt_n, seed=cfg.seed + 3, min_turns=cfg.gatt_min_turns,
                                max_turns=cfg.gatt_max_turns, levels=levels)
-    # histories with the instruction appended to every user message (what the model answers)
-    histories: list[list[dict]] = [[] for _ in seeds]
-    good: list[list[bool]] = [[] for _ in seeds]  # per turn: chosen reply obeys and ends in EOS
+    plain: list[list[dict]] = [[] for _ in seeds]  # the dialogs without the instruction
+    keep: list[list[bool]] = [[] for _ in seeds]   # per answer: carries loss
     alive = [True] * len(seeds)
     n_eos = n_obey = n_turns = 0
     for t in range(max(len(s.prompts) for s in seeds)):
@@ -116,39 +151,41 @@ def build_gatt_data(model, tokenizer, cfg, rt=None) -> tuple[list[tuple[list[dic
         if not active:
             break
         for i in active:
-            histories[i].append({"role": "user",
-                                 "content": seeds[i].prompts[t] + " " + seeds[i].inst.text})
-        replies = generate_replies(model, tokenizer, [histories[i] for i in active],
-                                   n=cfg.gatt_k, temperature=cfg.gatt_temperature,
+            plain[i].append({"role": "user", "content": seeds[i].prompts[t]})
+        # GAtt step 2: the model answers with the instruction appended to every user message
+        asked = [world.with_instruction_in_every_user_turn(plain[i], seeds[i].inst)
+                 for i in active]
+        replies = generate_replies(model, tokenizer, asked, n=k,
+                                   temperature=cfg.gatt_temperature,
                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + t,
                                    batch=cfg.gen_batch, rt=rt)
-        for i, cands in zip(active, replies):
+        for i, history, cands in zip(active, asked, replies):
             if cands is None:  # the history no longer fits the context: the dialog ends here
                 alive[i] = False
-                histories[i].pop()
+                plain[i].pop()
                 continue
-            # the judge picks the best candidate (ties: the first sampled)
-            scores = [world.score(histories[i], c.text, c.eos).total for c in cands]
-            best = cands[int(np.argmax(scores))]
-            histories[i].append({"role": "assistant", "content": best.text})
-            obeys = seeds[i].inst.obeys(best.text)
-            good[i].append(obeys and best.eos)
+            reply, kept = _pick(history, cands, seeds[i].inst, select)
+            plain[i].append({"role": "assistant", "content": reply.text})
+            keep[i].append(kept)
             n_turns += 1
-            n_eos += best.eos
-            n_obey += obeys
-    samples = []
-    for s, h, g in zip(seeds, histories, good):
-        if not h:
-            continue
-        # the instruction once, as the system message; then one sample per kept turn
-        train = world.with_instruction_as_system(h, s.inst)  # [system, u1, a1, u2, a2, ...]
-        for k, ok in enumerate(g):
-            if ok:
-                samples.append((train[:1 + 2 * (k + 1)], "last"))
-    stats = {"dialogs": len(seeds), "turns": n_turns, "kept_turns": len(samples),
-             "samples": len(samples), "eos_rate": n_eos / max(1, n_turns),
-             "obey_rate": n_obey / max(1, n_turns), "k": cfg.gatt_k,
-             "temperature": cfg.gatt_temperature}
+            n_eos += reply.eos
+            n_obey += seeds[i].inst.obeys(reply.text)  # measured only, whatever the selection
+    # GAtt step 3: the instruction once, as the system message; loss on the kept answers only
+    rng = random.Random(f"gatt-shorten-{cfg.seed}")
+    samples, n_cut = [], 0
+    for s, dialog, kept in zip(seeds, plain, keep):
+        train = world.with_instruction_as_system(dialog, world.shorten(s.inst, rng))
+        n = max((j + 1 for j, ok in enumerate(kept) if ok), default=0)  # up to the last kept
+        while n and len(llama2.encode_dialog(tokenizer, train[:1 + 2 * n], True)[0]) - 1 > seq_len:
+            n -= 1
+        n_cut += n < len(kept) and any(kept[n:])
+        if any(kept[:n]):
+            samples.append((train[:1 + 2 * n], kept[:n]))
+    stats = {"select": select, "k": k, "temperature": cfg.gatt_temperature,
+             "dialogs": len(seeds), "turns": n_turns,
+             "kept_turns": sum(sum(f) for _, f in samples), "samples": len(samples),
+             "cut_to_fit": n_cut, "eos_rate": n_eos / max(1, n_turns),
+             "obey_rate": n_obey / max(1, n_turns)}
     return samples, stats
 
 
@@ -198,22 +235,21 @@ def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[l
 
 
 def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
-    """Judged evaluation of a chat model; writes <out_dir>/eval.jsonl and adherence.png and
-    returns the summary (also the last line of eval.jsonl)."""
+    """Judged evaluation of a chat model on held-out problems only; writes <out_dir>/eval.jsonl
+    and adherence.png and returns the summary (also the last line of eval.jsonl)."""
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    levels = tuple(int(x) for x in cfg.eval_levels.split(","))
+    levels = world.parse_levels(cfg.eval_levels)
     rng = random.Random(cfg.seed)
     records = []
     t0 = time.perf_counter()
 
-    def shown(prompts):
-        return [with_fewshot(d, cfg.fewshot, rng, levels) for d in prompts] if cfg.fewshot \
-            else prompts
-
-    # 1. greedy answers to held-out prompts, judged
+    # 1. greedy answers to held-out prompts, judged. A pretrained model sees each prompt after
+    #    the same k solved examples here and in the best-of-K below.
     prompts = world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1, levels=levels)
-    greedy = generate_replies(model, tokenizer, shown(prompts), max_new_tokens=cfg.max_new_tokens,
+    shown = ([with_fewshot(d, cfg.fewshot, rng, levels) for d in prompts] if cfg.fewshot
+             else prompts)
+    greedy = generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
                               batch=cfg.gen_batch, stop_at_newline=cfg.fewshot > 0, rt=rt)
     texts = [g[0].text if g else "" for g in greedy]
     eos = [bool(g and g[0].eos) for g in greedy]
@@ -229,16 +265,23 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     summary["answer_tokens"] = sum(r["n_tokens"] for r in records) / len(records)
     summary["answer_words"] = sum(len(t.split()) for t in texts) / len(texts)
     summary["no_room"] = sum(g is None for g in greedy)
+    # the floor of the judged score: what an empty reply (with EOS) and the bare reference
+    # answer score on the same prompts
+    summary["floor"] = {
+        "empty": world.summarize(prompts, [""] * len(prompts))["total"],
+        "bare_answer": world.summarize(
+            prompts, [world.parse_dialog(d)[0].answer for d in prompts])["total"]}
     t_greedy = time.perf_counter() - t0
 
-    # 2. pass@1 against best-of-K: K samples per prompt, the judge picks the best
-    bo_prompts = prompts[:cfg.eval_bestof_n]
-    samples = generate_replies(model, tokenizer, shown(bo_prompts), n=cfg.eval_k,
+    # 2. pass@1 against best-of-K: K samples per prompt, the judge picks the best (a measurement
+    #    of the room for selection, not a training signal)
+    n_bo = min(cfg.eval_bestof_n, len(prompts))
+    samples = generate_replies(model, tokenizer, shown[:n_bo], n=cfg.eval_k,
                                temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                                seed=cfg.seed + 11, batch=cfg.gen_batch,
                                stop_at_newline=cfg.fewshot > 0, rt=rt)
     best, mean, any_ok, ok = [], [], [], []
-    for d, cands in zip(bo_prompts, samples):
+    for d, cands in zip(prompts[:n_bo], samples):
         sc = [world.score(d, c.text, c.eos) for c in cands] if cands else []
         tot = [s.total for s in sc] or [0.0]
         best.append(max(tot))
@@ -247,40 +290,45 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
         any_ok.append(any(s.content == 1.0 for s in sc))
         records.append({"kind": "bestof", "messages": d, "responses": [c.text for c in cands or []],
                         "scores": tot})
-    n_bo = max(1, len(bo_prompts))
+    greedy_rows = records[:n_bo]
+    n_bo = max(1, n_bo)
     summary["bestof"] = {
-        "k": cfg.eval_k, "temperature": cfg.eval_temperature, "n": len(bo_prompts),
-        "greedy_score": sum(r["score"] for r in records[:len(bo_prompts)]) / n_bo,
+        "k": cfg.eval_k, "temperature": cfg.eval_temperature, "n": len(best),
+        "greedy_score": sum(r["score"] for r in greedy_rows) / n_bo,
         "pass1_score": sum(mean) / n_bo, "bestof_score": sum(best) / n_bo,
         "pass1_correct": sum(ok) / n_bo, "passk_correct": sum(any_ok) / n_bo,
-        "greedy_correct": sum(r["content"] == 1.0 for r in records[:len(bo_prompts)]) / n_bo,
+        "greedy_correct": sum(r["content"] == 1.0 for r in greedy_rows) / n_bo,
     }
     t_bestof = time.perf_counter() - t0 - t_greedy
 
-    # 3. adherence by turn: instruction given once (system message), the model's replies in
-    #    the history, greedy decoding
-    dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns)
+    # 3. adherence by turn: the instruction given once (system message), the model's replies in
+    #    the history, greedy decoding; with the free floor of trivial replies on the same dialogs
+    dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns,
+                                   levels=levels)
     answers = rollout(model, tokenizer, dialogs, cfg, rt)
-    adherence = world.adherence_by_turn(dialogs, answers)
-    reached = [sum(len(a) > k for a in answers) for k in range(cfg.eval_turns)]
+    report = world.adherence_report(dialogs, answers)
+    floor = world.adherence_floor(dialogs, cfg.eval_turns)
     for d, a in zip(dialogs, answers):
         records.append({"kind": "rollout", "messages": d, "responses": a})
-    summary["adherence_by_turn"] = adherence
-    summary["dialogs_reaching_turn"] = reached
+    summary["adherence"] = report
+    summary["adherence_floor"] = {k: {"obeys": v["obeys"], "by_instruction": v["by_instruction"]}
+                                  for k, v in floor.items()}
+    summary["adherence_by_turn"] = report["obeys"]
+    summary["dialogs_reaching_turn"] = report["reaching"]
     summary["seconds"] = {"greedy": t_greedy, "bestof": t_bestof,
                           "rollout": time.perf_counter() - t0 - t_greedy - t_bestof}
     summary.update({"kind": "summary", "label": label, "checkpoint": cfg.checkpoint,
                     "fewshot": cfg.fewshot, "levels": list(levels)})
 
     path = out_dir / "eval.jsonl"
-    with open(path, "w") as f:
+    with training.atomic_write(path, "w") as f:
         for r in records + [summary]:
             f.write(json.dumps(r) + "\n")
-    curves = {label: adherence}
+    curves = {label: report["obeys"]}
     for other in [p for p in cfg.plot_with.split(",") if p]:
         s = read_summary(other)
         curves[s["label"]] = s["adherence_by_turn"]
-    plot_adherence(curves, out_dir / "adherence.png")
+    plot_adherence(curves, out_dir / "adherence.png", floor=floor["bare_answer"]["obeys"])
     print(format_summary(summary))
     print(f"wrote {path} and {out_dir / 'adherence.png'}")
     return summary
@@ -297,62 +345,86 @@ def read_summary(path: str) -> dict:
     return s
 
 
+def _pct(x) -> str:
+    return "  -" if x is None else f"{100 * x:3.0f}"
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# turn ranges of the per-instruction table
+TURN_RANGES = ((1, 1), (2, 4), (5, 8), (9, 12))
+
+
+def adherence_table(s: dict) -> str:
+    """The adherence rows of an eval summary as text: by turn (obeys, obeys and correct, on
+    instructions GAtt trains on and on the held-back ones, and the free floor of a bare correct
+    answer and of an empty reply), then per instruction over turn ranges with its floor."""
+    rep, floor = s["adherence"], s["adherence_floor"]
+    n = len(rep["obeys"])
+    rows = [("turn", [f"{k:3d}" for k in range(1, n + 1)])]
+    for name, xs in (("obeys", rep["obeys"]), ("obeys+correct", rep["obeys_and_correct"]),
+                     (f"seen by GAtt", rep["seen"]),
+                     (f"unseen ({','.join(world.GATT_UNSEEN)})", rep["unseen"]),
+                     ("floor: bare answer", floor["bare_answer"]["obeys"]),
+                     ("floor: empty reply", floor["empty"]["obeys"])):
+        rows.append((name, [_pct(x) for x in xs]))
+    lines = [f"  {name:>22} " + " ".join(cells) for name, cells in rows]
+    ranges = [(a, b) for a, b in TURN_RANGES if a <= n]
+    head = " ".join(f"{f'{a}-{min(b, n)}' if a != b else str(a):>6}" for a, b in ranges)
+    lines.append(f"  {'per instruction, turns':>22} {head}   floor (bare answer, all turns)")
+    for name, xs in rep["by_instruction"].items():
+        cells = " ".join(f"{_pct(_mean(xs[a - 1:b])):>6}" for a, b in ranges)
+        tag = " (unseen)" if name in world.GATT_UNSEEN else ""
+        fl = _mean(floor["bare_answer"]["by_instruction"].get(name, []))
+        lines.append(f"  {name + tag:>22} {cells}   {_pct(fl)}")
+    return "\n".join(lines)
+
+
 def format_summary(s: dict) -> str:
     """A few readable lines of an eval summary."""
     fam = " ".join(f"{k} {v:.2f}" for k, v in s["by_family"].items())
     bo = s["bestof"]
-    adh = " ".join(f"{a:.0%}" for a in s["adherence_by_turn"])
-    return (f"[{s['label']}] judged score {s['total']:.3f} (content {s['content']:.3f}, "
-            f"instruction {s['instruction']:.3f}, form {s['form']:.3f}), correct "
-            f"{s['correct']:.1%}, EOS {s['eos_rate']:.1%}, {s['answer_tokens']:.1f} tokens / "
-            f"{s['answer_words']:.1f} words per answer, n={s['n']}\n"
+    return (f"[{s['label']}] judged score {s['total']:.3f} (floor: empty reply "
+            f"{s['floor']['empty']:.3f}, bare correct answer {s['floor']['bare_answer']:.3f}; "
+            f"ceiling 1.0) (content {s['content']:.3f}, instruction {s['instruction']:.3f}, "
+            f"form {s['form']:.3f}), correct {s['correct']:.1%}, EOS {s['eos_rate']:.1%}, "
+            f"{s['answer_tokens']:.1f} tokens / {s['answer_words']:.1f} words per answer, "
+            f"n={s['n']} held-out prompts\n"
             f"  by family: {fam}\n"
-            f"  best-of-{bo['k']} (T={bo['temperature']}, n={bo['n']}): greedy "
+            f"  best-of-{bo['k']} by the judge (T={bo['temperature']}, n={bo['n']}): greedy "
             f"{bo['greedy_score']:.3f}, pass@1 {bo['pass1_score']:.3f}, best-of-{bo['k']} "
             f"{bo['bestof_score']:.3f} | correct: greedy {bo['greedy_correct']:.1%}, pass@1 "
             f"{bo['pass1_correct']:.1%}, pass@{bo['k']} {bo['passk_correct']:.1%}\n"
-            f"  adherence by turn 1..{len(s['adherence_by_turn'])}: {adh} "
-            f"(dialogs reaching each turn: {s['dialogs_reaching_turn']})")
+            f"  instruction adherence (%), given once as the system message, "
+            f"{s['adherence']['reaching'][0]} held-out dialogs "
+            f"(reaching each turn: {s['adherence']['reaching']}):\n" + adherence_table(s))
 
 
 # -----------------------------------------------------------------------------------------------
-# plot: adherence against turn (PNG, with training.py's numpy + zlib writer)
-
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+# plot: adherence against turn
 
 
-def plot_adherence(curves: dict[str, list[float]], png, width: int = 800, height: int = 500):
-    """Adherence (0..100%) against turn, one line per model (e.g. without and with GAtt)."""
-    img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 90, width - 30, 40, height - 90
-    n_turns = max([len(c) for c in curves.values()] + [2])
-    black, grey = (0, 0, 0), (225, 225, 225)
-
-    def px(turn, frac):
-        return (left + (turn - 1) / (n_turns - 1) * (right - left),
-                bottom - frac * (bottom - top))
-
-    for pct in range(0, 101, 20):
-        _, y = px(1, pct / 100)
-        training.draw_line(img, left, y, right, y, grey, 1)
-        training.draw_text(img, left - 14 - 12 * len(f"{pct}%"), int(y) - 7, f"{pct}%", black)
-    for t in range(1, n_turns + 1):
-        x, _ = px(t, 0)
-        training.draw_line(img, x, top, x, bottom, grey, 1)
-        training.draw_text(img, int(x) - 6 * len(str(t)), bottom + 10, str(t), black)
-    training.draw_line(img, left, bottom, right, bottom, black, 2)
-    training.draw_line(img, left, top, left, bottom, black, 2)
-    training.draw_text(img, (left + right) // 2 - 24, bottom + 34, "turn", black)
-    training.draw_text(img, 8, 10, "instruction adherence (given once at turn 1)", black)
-    for (name, ys), color in zip(curves.items(), _COLORS):
-        pts = [px(t + 1, a) for t, a in enumerate(ys)]
-        for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
-            training.draw_line(img, xa, ya, xb, yb, color, 3)
-        for x, y in pts:
-            img[int(y) - 3:int(y) + 4, int(x) - 3:int(x) + 4] = color
-    # the legend in a row under the axis label
-    for i, (name, color) in enumerate(zip(curves, _COLORS)):
-        x = left + 250 * i
-        training.draw_line(img, x, height - 22, x + 30, height - 22, color, 3)
-        training.draw_text(img, x + 40, height - 28, name[:16], black)
-    training.write_png(png, img)
+def plot_adherence(curves: dict[str, list[float]], png, floor: list[float] | None = None):
+    """Adherence (0..100%) against turn, one line per model (e.g. without and with GAtt), and
+    the free floor (a bare correct answer) as a dashed grey line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for name, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], marker="o", lw=2, label=name)
+    if floor:
+        ax.plot(range(1, len(floor) + 1), [100 * y for y in floor], ls="--", color="0.5",
+                label="floor: bare correct answer")
+    ax.set(xlabel="turn", ylabel="instruction obeyed (%)", ylim=(-3, 103),
+           title="Instruction adherence, given once at turn 1 (held-out dialogs)")
+    ax.set_xticks(range(1, max(len(c) for c in curves.values()) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    with training.atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)

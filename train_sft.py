@@ -9,18 +9,20 @@ packed into rows of the context length; attention never crosses from one example
 (cu_seqlens) and RoPE positions restart at 0 for each example. `--pack false` pads instead.
 
 Ghost Attention (`--gatt`). From the SFT model: take multi-turn user prompts and a standing
-instruction, append the instruction to EVERY user message and sample each reply with the model
-(best of K by the world's judge, as in rejection sampling), turn by turn, the chosen reply going
-into the history. For training, the instruction is kept only once, as the system message, and the
-loss is zeroed on every earlier turn: each dialog of n turns becomes n training samples, sample k
-being the dialog cut after the k-th answer with loss ONLY on that k-th answer (its tokens and its
-EOS); all tokens of turns 1..k-1, assistant answers included, and all prompts carry no loss.
-Turns whose chosen reply does not obey the instruction or does not end with EOS give no sample.
+instruction, append the instruction to EVERY user message and sample each reply with the model,
+turn by turn, the reply going into the history. For training, the instruction is kept only once,
+as the system message (its short wording half of the time), and the loss covers only the kept
+answers: each dialog is one example whose earlier prompts carry no loss. How a reply is chosen is
+`--gatt_select`: `none` (one sample, every reply that ended with EOS kept; the default), `judge`
+(best of K by the world's judge and only replies that obey: an ORACLE ablation, since the judge is
+also the evaluation), `rm` (the reward model, as the paper: once train_rm.py exists).
 
-Evaluation (`--eval`): held-out judged score overall and per family, EOS rate and answer length
-with greedy decoding; pass@1 against best-of-8 by the judge; instruction adherence at each turn
-1..12 of dialogs whose instruction is given once, as the system message, the model's own replies
-going into the history. Writes <out_dir>/eval.jsonl and <out_dir>/adherence.png.
+Evaluation (`--eval`), on held-out problems only: judged score overall and per family with its
+floor (an empty reply, a bare correct answer), EOS rate and answer length with greedy decoding;
+pass@1 against best-of-8 by the judge; instruction adherence at each turn 1..12 of dialogs whose
+instruction is given once, as the system message, the model's own replies going into the history:
+obeys, obeys and correct, per instruction, on instructions GAtt trains on and on the ones it never
+sees (world.GATT_UNSEEN), beside the free floor. Writes <out_dir>/eval.jsonl and adherence.png.
 
     # SFT from a pretraining checkpoint (ours, Meta's or Hugging Face's), on the world's dialogs
     python train_sft.py --checkpoint out/pretrain --data world --out_dir out/sft
@@ -42,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,7 +89,8 @@ class Config:
     gatt_min_turns: int = 2  # user turns per GAtt dialog, at least
     gatt_max_turns: int = 12  # user turns per GAtt dialog, at most
     gatt_levels: str = "1,2"  # difficulty levels of the GAtt prompts
-    gatt_k: int = 4  # replies sampled per turn; the judge keeps the best (rejection sampling)
+    gatt_select: str = "none"  # how a reply is chosen: none (one sample, no filter), judge (best of gatt_k by the world's judge and only obeying replies: an ORACLE ablation), rm (the reward model: not built yet)
+    gatt_k: int = 4  # replies sampled per turn for --gatt_select judge
     gatt_temperature: float = 0.7  # sampling temperature of the GAtt replies
     gatt_mix: int = 0  # dialogs of --data mixed into the GAtt fine-tuning set (keeps the plain SFT skills)
     # evaluation
@@ -134,11 +136,23 @@ class Example:
         return len(self.ids) - 1  # input tokens once shifted (the last token is only a target)
 
 
-TRAIN_ON = ("all", "last")  # which answers of a dialog carry loss: every one, or only the last
+TRAIN_ON = ("all", "last")  # which answers carry loss: every one, only the last, or a list of flags
+
+
+def _check_train_on(train_on, messages: list[dict]) -> None:
+    n = sum(m["role"] == "assistant" for m in messages)
+    if isinstance(train_on, list):
+        if len(train_on) != n or not all(isinstance(f, bool) for f in train_on):
+            raise ValueError(f'"train_on" as a list needs one true/false per assistant message '
+                             f"({n}), got {train_on!r}")
+    elif train_on not in TRAIN_ON:
+        raise ValueError(f'"train_on" must be one of {TRAIN_ON} or a list of true/false per '
+                         f"assistant message, got {train_on!r}")
 
 
 def read_dialogs(path: str) -> list[tuple[list[dict], str, str]]:
-    """Read a JSONL file of {"messages": [...]} (optionally "train_on": "all" | "last") lines.
+    """Read a JSONL file of {"messages": [...]} lines, each optionally with "train_on": "all" |
+    "last" | [true/false per assistant message] (which answers carry loss).
 
     Returns (messages, train_on, "path:line") per dialog. A malformed line (bad JSON, no
     "messages" list, an unknown role, roles out of order, not ending with an assistant message)
@@ -161,42 +175,55 @@ def read_dialogs(path: str) -> list[tuple[list[dict], str, str]]:
                 raise ValueError(f'{where}: no "messages" list; each line must be '
                                  '{"messages": [{"role": ..., "content": ...}, ...]}')
             train_on = obj.get("train_on", "all")
-            if train_on not in TRAIN_ON:
-                raise ValueError(f'{where}: "train_on" must be one of {TRAIN_ON}, got {train_on!r}')
             try:
                 world.validate_dialog(obj["messages"], ends_with="assistant")
             except ValueError as e:
                 raise ValueError(f"{where}: bad dialog: {e}") from None
+            try:
+                _check_train_on(train_on, obj["messages"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
             out.append((obj["messages"], train_on, where))
     return out
 
 
-def write_dialogs(path: str | Path, dialogs: list[tuple[list[dict], str]]) -> None:
+def write_dialogs(path: str | Path, dialogs: list[tuple[list[dict], object]]) -> None:
     """Write (messages, train_on) pairs as JSONL, atomically (the GAtt data of a run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with training.atomic_write(path, "w") as f:
         for messages, train_on in dialogs:
             f.write(json.dumps({"messages": messages, "train_on": train_on}) + "\n")
-    os.replace(tmp, path)
 
 
 def encode_example(tokenizer, messages: list[dict], train_on: str = "all", where: str = ""):
     """Encode a dialog ending with an assistant answer; the mask marks the answers that carry loss.
 
     train_on "all": every assistant answer and its EOS (SFT). "last": only the final answer and
-    its EOS; every earlier token, earlier answers included, gets no loss (Ghost Attention).
+    its EOS. A list of flags, one per assistant message: the answers flagged true (Ghost
+    Attention: the kept answers; every other token, other answers included, gets no loss).
     """
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
+    _check_train_on(train_on, messages)
     ids, mask = llama2.encode_dialog(tokenizer, messages, for_training=True)
-    if train_on == "last":
-        # the final answer is the last run of 1s (the ids end with it and its EOS)
-        start = len(mask)
-        while start > 0 and mask[start - 1] == 1:
-            start -= 1
-        mask = [0] * start + mask[start:]
+    if train_on == "all":
+        return Example(ids, mask, where)
+    # each answer (and its EOS) is one run of 1s in the mask, in order
+    runs, i = [], 0
+    while i < len(mask):
+        if mask[i]:
+            j = i
+            while j < len(mask) and mask[j]:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    flags = [False] * (len(runs) - 1) + [True] if train_on == "last" else train_on
+    if len(runs) != len(flags):
+        raise ValueError(f"{where}: found {len(runs)} answers in the encoded dialog, expected "
+                         f"{len(flags)}")
+    mask = [0] * len(mask)
+    for (a, b), keep in zip(runs, flags):
+        if keep:
+            mask[a:b] = [1] * (b - a)
     return Example(ids, mask, where)
 
 
@@ -304,13 +331,11 @@ class RowSampler:
 
 
 def _levels(text: str, flag: str) -> tuple:
+    """A --*_levels flag as a tuple, or one clear error line."""
     try:
-        levels = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise SystemExit(f"error: --{flag} {text!r}: expected levels like 1,2,3") from None
-    if not levels or any(lv not in world.LEVELS for lv in levels):
-        raise SystemExit(f"error: --{flag} {text!r}: levels must be among {world.LEVELS}")
-    return levels
+        return world.parse_levels(text)
+    except ValueError as e:
+        raise SystemExit(f"error: --{flag}: {e}") from None
 
 
 def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dict], str, str]]:
@@ -354,6 +379,14 @@ def main(argv=None) -> None:
     if cfg.eval and cfg.gatt:
         raise SystemExit("error: give --eval or --gatt, not both (evaluate the GAtt checkpoint "
                          "in a second command)")
+    for flag in ("world_levels", "gatt_levels", "eval_levels"):
+        _levels(getattr(cfg, flag), flag)  # a bad level string fails here, before any work
+    if cfg.gatt_select not in gatt_select_choices():
+        raise SystemExit(f"error: --gatt_select {cfg.gatt_select!r}: use one of "
+                         f"{gatt_select_choices()}")
+    if cfg.gatt and cfg.gatt_select == "rm":
+        raise SystemExit("error: --gatt_select rm needs a reward model (train_rm.py, not built "
+                         "yet); use judge (an oracle ablation) or none")
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     stage = "gatt" if cfg.gatt else "sft"
@@ -390,7 +423,8 @@ def main(argv=None) -> None:
         # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
         done = resumed["step"] if resumed else 0
         keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= done]
-        metrics.write_text("".join(ln + "\n" for ln in keep) if done else "")
+        with training.atomic_write(metrics, "w") as f:
+            f.write("".join(ln + "\n" for ln in keep) if done else "")
     log = training.MetricsLog(metrics, rt)
 
     # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)
@@ -402,7 +436,7 @@ def main(argv=None) -> None:
         else:
             import gatt
             t0 = time.perf_counter()
-            samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt)
+            samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt, seq_len)
             mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
             write_dialogs(gatt_file, samples + [(m, t) for m, t, _ in mix])
             dialogs = read_dialogs(str(gatt_file))
@@ -410,12 +444,14 @@ def main(argv=None) -> None:
                 log.print("warning: no GAtt sample: no chosen reply both obeyed its instruction "
                           "and ended with EOS; fine-tune the SFT model further, raise --gatt_k, "
                           "or check the model with --eval first")
+            how = (f"best of {stats['k']} by the judge (ORACLE ablation)"
+                   if stats["select"] == "judge" else "one sample each, no filter")
             log.write({"gatt_data": stats, "seconds": time.perf_counter() - t0},
-                      f"GAtt data: {stats['samples']} samples from {stats['dialogs']} dialogs "
-                      f"({stats['turns']} turns sampled, {stats['kept_turns']} kept: "
-                      f"{stats['obey_rate']:.1%} of chosen replies obey, "
-                      f"{stats['eos_rate']:.1%} end with EOS) + {len(mix)} SFT dialogs mixed in; "
-                      f"{time.perf_counter() - t0:.0f}s -> {gatt_file}")
+                      f"GAtt data ({how}): {stats['samples']} dialogs of {stats['dialogs']} "
+                      f"({stats['turns']} turns sampled, {stats['kept_turns']} with loss, "
+                      f"{stats['cut_to_fit']} dialogs cut to fit; {stats['obey_rate']:.1%} of "
+                      f"chosen replies obey, {stats['eos_rate']:.1%} end with EOS) + {len(mix)} "
+                      f"SFT dialogs mixed in; {time.perf_counter() - t0:.0f}s -> {gatt_file}")
     else:
         dialogs = load_dialogs(cfg)
     examples = []
@@ -433,8 +469,11 @@ def main(argv=None) -> None:
     rows = (pack_rows([len(e) for e in examples], seq_len) if cfg.pack
             else [[i] for i in range(len(examples))])
     sampler = RowSampler(len(rows), cfg.seed)
-    data_key = hashlib.sha256(json.dumps([examples[i].ids for r in rows for i in r]).encode()
-                              ).hexdigest()[:16]
+    # what a resumed run must see again: every row's examples in order, their ids and loss
+    # masks, and the packing (row boundaries), so --pack or --seq_len changes are refused
+    data_key = hashlib.sha256(json.dumps(
+        [[(examples[i].ids, examples[i].mask) for i in r] for r in rows]
+        + [cfg.pack, seq_len]).encode()).hexdigest()[:16]
     max_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
     n_loss = sum(sum(e.mask[1:]) for e in examples)
     n_tok = sum(len(e) for e in examples)
@@ -450,9 +489,15 @@ def main(argv=None) -> None:
     start_step = 0
     if resumed:
         training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
-        if resumed["data"]["key"] != data_key or resumed["data"]["batch_size"] != cfg.batch_size:
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: the data or --batch_size "
-                             "differ from the run that wrote it; use the same flags")
+        saved = resumed["data"]
+        if saved["rows"] != len(rows):
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: it was trained on "
+                             f"{saved['rows']} rows, these flags give {len(rows)} (--data, "
+                             "--pack, --seq_len or the GAtt data differ); use the same flags")
+        if saved["key"] != data_key or saved["batch_size"] != cfg.batch_size:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: the data, its packing "
+                             "(--pack, --seq_len) or --batch_size differ from the run that wrote "
+                             "it; use the same flags")
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         training.set_rng_state(resumed["rng"])
@@ -519,6 +564,11 @@ def main(argv=None) -> None:
     if start_step >= max_steps:
         log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
     log.print(f"done: {stage} checkpoint {ckpt_path}")
+
+
+def gatt_select_choices() -> tuple:
+    import gatt
+    return gatt.GATT_SELECT
 
 
 def _stage_of(path: str) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -848,12 +847,10 @@ def validate_dialog(messages, ends_with: str | None = "assistant") -> None:
 
 def write_jsonl(path: str, dialogs: list[list[dict]]) -> None:
     """Write one {"messages": [...]} per line (directories created, written atomically)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from training import atomic_write  # the project's one atomic writer (imported late: torch)
+    with atomic_write(path, "w") as f:
         for d in dialogs:
             f.write(json.dumps({"messages": d}) + "\n")
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: str, ends_with: str | None = None) -> list[list[dict]]:
@@ -1108,14 +1105,22 @@ def _demo(seed: int) -> None:
               f" plain vs wrong {prefer(d, plain, wrong)}\n")
 
 
+def parse_levels(text: str) -> tuple:
+    """ "1,2,3" -> (1, 2, 3); a ValueError that says what is wrong for anything else."""
+    try:
+        levels = tuple(int(x) for x in str(text).split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"expected levels like 1,2,3, got {text!r}") from None
+    if not levels or any(lv not in LEVELS for lv in levels):
+        raise ValueError(f"levels must be among {LEVELS}, comma-separated, got {text!r}")
+    return levels
+
+
 def _levels_arg(text: str) -> tuple:
     try:
-        levels = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"levels: expected e.g. 1,2,3 got {text!r}") from None
-    if not levels or any(lv not in LEVELS for lv in levels):
-        raise argparse.ArgumentTypeError(f"levels must be among {LEVELS}, got {text!r}")
-    return levels
+        return parse_levels(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> None:
@@ -1156,8 +1161,8 @@ def main(argv=None) -> None:
         print(f"wrote {len(dialogs)} eval {args.kind} dialogs to {args.out}")
     elif args.cmd == "text":
         lines = world_text(args.n, args.seed)
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        from training import atomic_write
+        with atomic_write(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
         print(f"wrote {len(lines)} lines to {args.out}")
     else:

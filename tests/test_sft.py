@@ -208,55 +208,112 @@ def test_bad_lines_are_reported_with_their_line_number(tmp_path):
 class _Cfg:
     gatt_n, gatt_min_turns, gatt_max_turns, gatt_levels = 6, 3, 5, "1,2"
     gatt_k, gatt_temperature, max_new_tokens, gen_batch, seed = 3, 0.7, 32, 64, 0
+    gatt_select = "judge"
 
 
-def test_gatt_builder_instruction_once_and_loss_on_last_answer_only(tokenizer, monkeypatch):
-    asked = []
-    rng = random.Random(0)
-
-    def fake_generate(model, tok, dialogs, *, n=1, **kw):
-        # replies from the careful human, except: turns 2, 5, ... break every instruction, and
-        # turns 4, 8, ... obey but miss the EOS; neither may give a sample
+def _fake_generate(asked, rng):
+    """A stand-in for the model in GAtt rollouts. Per call, K different candidates whose judged
+    order is known: [right content but breaks the instruction, the careful human's answer (the
+    best), wrong content in the right form]. At turns 2, 5, ... every candidate breaks the
+    instruction; at turns 4, 8, ... none ends with EOS."""
+    def generate(model, tok, dialogs, *, n=1, **kw):
         out = []
         for d in dialogs:
-            asked.append(d)
+            asked.append((d, n))
             problem, names = world.parse_dialog(d)
             k = len(world.user_turns(d))
-            text = world.careful_answer(problem, rng, world.Standing(tuple(names), ""))
-            if k % 3 == 2:
-                text = "Well Mixed words here [x] and [y] more words follow now"
-            out.append([gatt.Reply(text, k % 4 != 0, 5)] * n)
+            good = world.careful_answer(problem, rng, world.Standing(tuple(names), ""))
+            plain = "well " + problem.answer + " " + " ".join(["words"] * 30)  # breaks all
+            wrong = good.replace(problem.answer, problem.answer + "9")
+            texts = [plain, good, wrong] if k % 3 != 2 else [plain, plain + " x", plain + " y"]
+            out.append([gatt.Reply(t, k % 4 != 0, 5) for t in texts[:n]])
         return out
+    return generate
 
-    monkeypatch.setattr(gatt, "generate_replies", fake_generate)
-    samples, stats = gatt.build_gatt_data(None, tokenizer, _Cfg())
+
+@pytest.mark.parametrize("select", ["judge", "none"])
+def test_gatt_builder_one_example_per_dialog_loss_on_kept_answers(tokenizer, monkeypatch, select):
+    asked = []
+    monkeypatch.setattr(gatt, "generate_replies", _fake_generate(asked, random.Random(0)))
+    cfg = _Cfg()
+    cfg.gatt_select = select
+    samples, stats = gatt.build_gatt_data(None, tokenizer, cfg, seq_len=4096)
     seeds = world.gatt_dialogs(6, seed=3, min_turns=3, max_turns=5, levels=(1, 2))
-    # the model was asked with the instruction appended to EVERY user message
-    for d in asked:
-        inst_texts = [s.inst.text for s in seeds]
-        assert all(any(m["content"].endswith(" " + t) for t in inst_texts)
+    # the model was asked with the instruction's full wording appended to EVERY user message;
+    # "judge" samples K candidates, "none" one
+    for d, n in asked:
+        assert n == (3 if select == "judge" else 1)
+        assert all(any(m["content"].endswith(" " + s.inst.text) for s in seeds)
                    for m in d if m["role"] == "user")
-    n_turns = sum(len(s.prompts) for s in seeds)
-    n_bad = sum(1 for s in seeds for k in range(1, len(s.prompts) + 1)
-                if k % 3 == 2 or k % 4 == 0)
-    assert stats["turns"] == n_turns and stats["samples"] == len(samples) == n_turns - n_bad
-    by_start = {(s.inst.text, s.prompts[0]): s for s in seeds}
-    for messages, train_on in samples:
-        assert train_on == "last"
+    assert stats["select"] == select and stats["samples"] == len(samples) == len(seeds)
+    assert stats["turns"] == sum(len(s.prompts) for s in seeds)
+    n_short = 0
+    for (messages, flags), seed in zip(samples, seeds):
         world.validate_dialog(messages, ends_with="assistant")
-        # the instruction only once: the system message, and in no user message
-        inst = messages[0]["content"]
-        seed = by_start[(inst, messages[1]["content"])]
+        # the instruction only once, as the system message (full or short wording), in no user
+        # message; the dialog's own prompts in order
         assert messages[0]["role"] == "system"
-        assert all(inst not in m["content"] for m in messages[1:])
-        k = len(world.user_turns(messages))
-        assert k % 3 != 2 and k % 4 != 0  # the bad turns gave no sample
-        assert world.user_turns(messages) == seed.prompts[:k]
-        # the loss: only the last answer and its EOS
-        ex = train_sft.encode_example(tokenizer, messages, train_on)
+        assert messages[0]["content"] in (seed.inst.text, world.standing(*seed.inst.names,
+                                                                          short=True).text)
+        n_short += messages[0]["content"] != seed.inst.text
+        assert sorted(world.find_instructions(messages[:1])) == sorted(seed.inst.names)
+        assert world.user_turns(messages) == seed.prompts[:len(flags)]
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        for k, (answer, keep) in enumerate(zip(answers, flags), 1):
+            if select == "judge":
+                # the judge's best candidate went into the history, whether kept or not, and
+                # only obeying replies that ended with EOS carry loss
+                if k % 3 != 2:  # the careful answer: right and obeying
+                    judged = world.score(messages[:2 * k], answer)
+                    assert seed.inst.obeys(answer) and judged.content == 1.0
+                assert keep == (k % 3 != 2 and k % 4 != 0)
+            else:
+                # the one sample, unfiltered: the breaking reply is kept when it ended with EOS
+                assert answer.startswith("well ") and keep == (k % 4 != 0)
+        assert flags[-1]  # the example ends with its last kept answer
+        # the loss: exactly the kept answers, each with its EOS
+        ex = train_sft.encode_example(tokenizer, messages, flags)
         pieces, leftover, n_eos = _target_answers(tokenizer, ex)
-        assert pieces == [messages[-1]["content"]] and n_eos == 1 and leftover == []
-        assert seed.inst.obeys(messages[-1]["content"])
+        assert pieces == [a for a, keep in zip(answers, flags) if keep] and leftover == []
+        assert n_eos == sum(flags)
+    assert 0 < n_short < len(samples) or len(samples) < 4
+    # a short context: each dialog is cut after the last whole turn that fits
+    asked.clear()
+    short, st = gatt.build_gatt_data(None, tokenizer, cfg, seq_len=120)
+    assert st["cut_to_fit"] > 0
+    for messages, flags in short:
+        assert len(llama2.encode_dialog(tokenizer, messages, True)[0]) - 1 <= 120
+        assert len(flags) == len(world.user_turns(messages)) and flags[-1]
+
+
+def test_gatt_select_judge_picks_the_best_candidate(tokenizer, monkeypatch):
+    # candidates whose judged scores differ: the pick is the argmax, the first of tied ones
+    d = [{"role": "user", "content": "What is 2 plus 3? Always answer in capital letters."}]
+    inst = world.standing("caps")
+    c = [gatt.Reply("The answer is 5.", True, 5), gatt.Reply("THE ANSWER IS 4.", True, 5),
+         gatt.Reply("THE ANSWER IS 5.", True, 5), gatt.Reply("IT IS 5.", True, 5)]
+    assert [world.score(d, r.text).total for r in c] == [0.75, pytest.approx(0.4), 1.0, 1.0]
+    assert gatt._pick(d, c, inst, "judge") == (c[2], True)
+    assert gatt._pick(d, c[:2], inst, "judge") == (c[0], False)  # best, but it breaks caps
+    assert gatt._pick(d, c[:2], inst, "none") == (c[0], True)
+    with pytest.raises(ValueError, match="reward model"):
+        cfg = _Cfg()
+        cfg.gatt_select = "rm"
+        gatt.build_gatt_data(None, tokenizer, cfg, seq_len=256)
+
+
+def test_train_on_flags(tokenizer, tmp_path):
+    msgs = _dialog(turns=[("What is 1 plus 2?", "It is 3."), ("Spell the word cat.", "c-a-t"),
+                          ("Add 2 and 2.", "4")])
+    for flags, want in (([True, False, True], ["It is 3.", "4"]), ("last", ["4"]),
+                        ([False, True, False], ["c-a-t"]), ("all", ["It is 3.", "c-a-t", "4"])):
+        pieces, _, _ = _target_answers(tokenizer, train_sft.encode_example(tokenizer, msgs, flags))
+        assert pieces == want
+    with pytest.raises(ValueError, match="one true/false per assistant message"):
+        train_sft.encode_example(tokenizer, msgs, [True, False])
+    path = _write(tmp_path / "g.jsonl", [json.dumps({"messages": msgs, "train_on": [True, 1, 0]})])
+    with pytest.raises(ValueError, match=r"g\.jsonl:1: .*true/false"):
+        train_sft.read_dialogs(path)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -275,12 +332,82 @@ def test_clean_reply_and_fewshot():
     assert all(inst.obeys(m["content"]) for m in shot if m["role"] == "assistant")
 
 
-def test_plot_adherence_writes_a_png(tmp_path):
+def _color_pixels(img, rgb, tol=0.08):
+    """(rows, cols) of the pixels within tol of an RGB color (0..255) in an imread image."""
+    import numpy as np
+    d = np.abs(img[..., :3] - np.array(rgb) / 255.0).max(axis=-1)
+    return np.nonzero(d < tol)
+
+
+def test_plot_adherence_draws_each_curve_where_its_values_are(tmp_path):
+    import matplotlib.image
     png = tmp_path / "a.png"
-    gatt.plot_adherence({"sft": [1.0, 0.5, 0.25], "gatt": [1.0, 1.0, 0.9]}, png)
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    assert int.from_bytes(data[16:20], "big") == 800
+    gatt.plot_adherence({"sft": [1.0, 0.5, 0.1], "gatt": [0.2, 0.6, 1.0]}, png,
+                        floor=[0.05, 0.05, 0.05])
+    img = matplotlib.image.imread(png)  # decoded by matplotlib's PNG reader
+    assert img.shape[:2] == (500, 800)
+    # matplotlib's first two cycle colors: falling blue, rising orange; the grey dashed floor
+    for rgb, falls in (((31, 119, 180), True), ((255, 127, 14), False)):
+        rows, cols = _color_pixels(img, rgb)
+        assert len(rows) > 200
+        left, right = rows[cols < cols.min() + 40].mean(), rows[cols > cols.max() - 40].mean()
+        assert (left < right) == falls  # a smaller row is higher up: a higher value
+    rows, _ = _color_pixels(img, (128, 128, 128), tol=0.03)
+    assert len(rows) > 50
+    # one curve drawn: no orange at all
+    gatt.plot_adherence({"sft": [1.0, 0.5, 0.1]}, png)
+    assert len(_color_pixels(matplotlib.image.imread(png), (255, 127, 14))[0]) == 0
+
+
+def test_run_eval_numbers_by_hand(tokenizer, monkeypatch, tmp_path):
+    # a stand-in model with known replies: greedy answers right on even-numbered prompts and
+    # empty on odd ones; sampled candidates [a wrong answer, the right one, a wrong answer]
+    calls = []
+
+    def fake(model, tok, dialogs, *, n=1, temperature=0.0, **kw):
+        calls.append((temperature, n, [json.dumps(d) for d in dialogs]))
+        out = []
+        for d in dialogs:
+            problem, names = world.parse_dialog(d)
+            inst = world.Standing(tuple(names), "") if names else None
+            good = world.careful_answer(problem, random.Random(0), inst)
+            if temperature == 0:
+                out.append([gatt.Reply(good if len(calls) > 1 or even[0] else "", True, 4)])
+                even[0] = not even[0]
+            else:
+                out.append([gatt.Reply(t, True, 4) for t in ("I do not know.", good, "No.")][:n])
+        return out
+
+    even = [True]
+    monkeypatch.setattr(gatt, "generate_replies", fake)
+    cfg = train_sft.Config(eval_n=10, eval_bestof_n=6, eval_k=3, eval_mt_n=4, eval_turns=3,
+                           eval_levels="1,2", fewshot=2, out_dir=str(tmp_path), seed=3)
+    s = gatt.run_eval(None, tokenizer, cfg, label="fake")
+    prompts = world.eval_prompts(10, seed=4, levels=(1, 2))
+    want = [world.careful_answer(world.parse_dialog(d)[0], random.Random(0),
+                                 world.Standing(tuple(world.find_instructions(d)), "")
+                                 if world.find_instructions(d) else None) if i % 2 == 0 else ""
+            for i, d in enumerate(prompts)]
+    assert s["total"] == pytest.approx(sum(world.score(d, r).total for d, r in
+                                           zip(prompts, want)) / 10)
+    assert s["correct"] == pytest.approx(0.5)
+    # best-of-3: the right candidate is always there, pass@1 is the mean of the three
+    bo = s["bestof"]
+    assert bo["bestof_score"] == pytest.approx(1.0) and bo["passk_correct"] == 1.0
+    assert bo["pass1_correct"] == pytest.approx(1 / 3)
+    pass1 = [(world.score(d, "I do not know.").total + 1.0 + world.score(d, "No.").total) / 3
+             for d in prompts[:6]]
+    assert bo["pass1_score"] == pytest.approx(sum(pass1) / 6)
+    # the few-shot contexts of the greedy and the best-of-K prompts are the same
+    greedy_call, bestof_call = calls[0], calls[1]
+    assert bestof_call[0] > 0 and bestof_call[2] == greedy_call[2][:6]
+    # the floor: an empty reply and a bare correct answer on the same prompts
+    assert s["floor"]["empty"] == pytest.approx(
+        sum(world.score(d, "").total for d in prompts) / 10)
+    # the rollouts answer right at every turn: full adherence, all of it correct
+    assert s["adherence"]["obeys"] == s["adherence"]["obeys_and_correct"] == [1.0] * 3
+    assert set(s["adherence_floor"]) == {"bare_answer", "empty"}
+    assert "floor: bare answer" in gatt.format_summary(s)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -332,8 +459,17 @@ def test_sft_end_to_end_checkpoint_and_reports(tokenizer, tiny_ckpt, tmp_path, c
                     "--max_new_tokens", "8", "--out_dir", str(ev), "--device", "cpu"])
     s = gatt.read_summary(str(ev / "eval.jsonl"))
     assert s["label"] == "sft" and s["n"] == 6 and len(s["adherence_by_turn"]) == 3
-    assert 0.0 <= s["bestof"]["pass1_score"] <= s["bestof"]["bestof_score"] <= 1.0
-    assert (ev / "adherence.png").read_bytes()[:4] == b"\x89PNG"
+    assert s["levels"] == [1] and s["bestof"]["n"] == 2
+    assert all(x is None or 0.0 <= x <= 1.0 for x in s["adherence"]["obeys"])
+    import matplotlib.image
+    assert matplotlib.image.imread(ev / "adherence.png").shape[:2] == (500, 800)
+    # a bad level string is one clear error, before any work
+    with pytest.raises(SystemExit, match="--eval_levels: levels must be among"):
+        train_sft.main(["--eval", "--checkpoint", str(out), "--eval_levels", "1,7",
+                        "--out_dir", str(ev), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--gatt_levels: expected levels like"):
+        train_sft.main(["--gatt", "--checkpoint", str(out), "--gatt_levels", "one",
+                        "--out_dir", str(ev), "--device", "cpu"])
 
 
 def test_stop_then_resume_matches_an_uninterrupted_run(tiny_ckpt, tmp_path):
@@ -344,6 +480,11 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tiny_ckpt, tmp_path):
     train_sft.main(flags + ["--out_dir", str(tmp_path / "a")])
     train_sft.main(flags + ["--out_dir", str(tmp_path / "b"), "--stop_at_step", "2"])
     mid = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    # the same data packed otherwise is another run: refused, and the checkpoint is untouched
+    for other in (["--pack", "false"], ["--seq_len", "120"]):
+        with pytest.raises(SystemExit, match="cannot resume from .*(--pack|rows)"):
+            train_sft.main(flags + other + ["--out_dir", str(tmp_path / "b"), "--resume"])
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 2
     train_sft.main(flags + ["--out_dir", str(tmp_path / "b"), "--resume"])
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)

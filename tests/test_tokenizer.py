@@ -79,7 +79,18 @@ CASES = [
 def test_generation_ids_equal_hand_assembled(tokenizer, pairs, last, system):
     ids, mask = llama2.encode_dialog(tokenizer, dialog(pairs, last, system))
     assert ids == by_hand(tokenizer, pairs, last, system)
-    assert sum(mask) == 0 or pairs
+    # the mask marks the finished answers (each with its EOS) and nothing of the prompts or of
+    # the final user turn, which ends the ids
+    assert len(mask) == len(ids)
+    expected = []
+    for i, (u, a) in enumerate(pairs):
+        if i == 0 and system is not None:
+            u = f"<<SYS>>\n{system}\n<</SYS>>\n\n{u}"
+        prompt = tokenizer.sp.encode(f"[INST] {u.strip()} [/INST]")
+        expected += tokenizer.sp.encode(f"[INST] {u.strip()} [/INST] {a.strip()} ")[len(prompt):] + [2]
+    assert [t for t, m in zip(ids, mask) if m] == expected
+    tail = len(by_hand(tokenizer, [], last, system if not pairs else None))
+    assert mask[-tail:] == [0] * tail
 
 
 @pytest.mark.parametrize("pairs,system", [([("Hi", "Hello!")], None), ([("Hi", "Hello!"), ("Sum 4 5", "9")], "Be brief."),
