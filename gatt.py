@@ -387,8 +387,8 @@ def format_summary(s: dict) -> str:
     """A few readable lines of an eval summary."""
     fam = " ".join(f"{k} {v:.2f}" for k, v in s["by_family"].items())
     bo = s["bestof"]
-    return (f"[{s['label']}] judged score {s['total']:.3f} (floor: empty reply "
-            f"{s['floor']['empty']:.3f}, bare correct answer {s['floor']['bare_answer']:.3f}; "
+    return (f"[{s['label']}] judged score {s['total']:.3f} (floor, an empty reply: "
+            f"{s['floor']['empty']:.3f}; a bare correct answer: {s['floor']['bare_answer']:.3f}; "
             f"ceiling 1.0) (content {s['content']:.3f}, instruction {s['instruction']:.3f}, "
             f"form {s['form']:.3f}), correct {s['correct']:.1%}, EOS {s['eos_rate']:.1%}, "
             f"{s['answer_tokens']:.1f} tokens / {s['answer_words']:.1f} words per answer, "

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# CPU demo of stage 2: pretrained checkpoint -> SFT -> Ghost Attention (two rounds), each model
-# evaluated by the world's judge (held-out score, pass@1 vs best-of-8, adherence by turn, PNG plot).
+# CPU demo of stage 2: pretrained checkpoint -> SFT -> Ghost Attention (two rounds, judge-picked
+# replies as an oracle ablation and unfiltered replies), each model evaluated by the world's judge
+# on held-out problems (score with its floor, pass@1 vs best-of-8, adherence by turn and per
+# instruction with its floor, on instructions GAtt trains on and on unseen ones, PNG plot).
 #
 #   bash scripts/demo_sft.sh                 # expects the pretrained checkpoint below
 #   PRETRAIN=1 bash scripts/demo_sft.sh      # pretrain it first (Shakespeare + the world's text)
-#   EVAL=0 bash scripts/demo_sft.sh          # the training pipeline only (SFT + GAtt, ~9 min)
+#   EVAL=0 bash scripts/demo_sft.sh          # the training pipeline only (SFT + 2x2 GAtt rounds)
 #
 # On a busy shared machine OMP_NUM_THREADS=1 can be much faster than the default.
 #
@@ -34,7 +36,7 @@ evaluate() { if [ "${EVAL:-1}" = 1 ]; then python train_sft.py --eval $EVAL_ARGS
 if [ "${PRETRAIN:-0}" = 1 ]; then
   python world.py text --n 30000 --out out/data/world.txt
   python train_pretrain.py --data shakespeare,out/data/world.txt --model demo --max_seq_len 512 \
-    --seq_len 512 --batch_size 8 --max_steps 1000 --warmup_steps 40 --lr 2e-3 --eval_every 250 \
+    --seq_len 512 --batch_size 8 --max_steps 400 --warmup_steps 40 --lr 2e-3 --eval_every 200 \
     --save_every 50 --samples 1 --out_dir "$PT"
 fi
 
@@ -47,20 +49,29 @@ t2=$(t)
 evaluate --checkpoint "$OUT/sft" --label sft --out_dir "$OUT/eval_sft" \
   --plot_with "$OUT/eval_pretrain/eval.jsonl"
 t3=$(t)
-prev="$OUT/sft"
-for round in 1 2; do
-  python train_sft.py --gatt --checkpoint "$prev" --gatt_n 48 --gatt_min_turns 6 \
-    --gatt_max_turns 12 --gatt_k 8 --gatt_temperature 0.8 --gatt_mix 200 $WORLD --epochs 3 \
-    --batch_size 8 --lr 1e-3 --warmup_steps 2 --log_every 10 --seed $round \
-    --out_dir "$OUT/gatt$round"
-  prev="$OUT/gatt$round"
+# Ghost Attention twice per selection rule: "judge" picks the best of 8 replies by the world's
+# judge and drops replies that break the instruction (an ORACLE: the judge is also what evaluates,
+# so this is an ablation, labelled as such; the reward model replaces it once it exists); "none"
+# keeps the one sampled reply, unfiltered. Each round samples from the previous round's model.
+for select in judge none; do
+  prev="$OUT/sft"
+  k=8; [ "$select" = none ] && k=1
+  for round in 1 2; do
+    python train_sft.py --gatt --gatt_select $select --gatt_k $k --checkpoint "$prev" --gatt_n 48 \
+      --gatt_min_turns 6 --gatt_max_turns 12 --gatt_temperature 0.8 --gatt_mix 200 $WORLD \
+      --epochs 3 --batch_size 8 --lr 1e-3 --warmup_steps 2 --log_every 10 --seed $round \
+      --out_dir "$OUT/gatt_$select$round"
+    prev="$OUT/gatt_$select$round"
+  done
 done
 t4=$(t)
-evaluate --checkpoint "$prev" --label gatt --out_dir "$OUT/eval_gatt" \
-  --plot_with "$OUT/eval_sft/eval.jsonl,$OUT/eval_pretrain/eval.jsonl"
+evaluate --checkpoint "$OUT/gatt_none2" --label "GAtt, no filter" --out_dir "$OUT/eval_gatt_none"
+evaluate --checkpoint "$OUT/gatt_judge2" --label "GAtt, judge-picked (oracle)" \
+  --out_dir "$OUT/eval_gatt_judge" --plot_with \
+  "$OUT/eval_gatt_none/eval.jsonl,$OUT/eval_sft/eval.jsonl,$OUT/eval_pretrain/eval.jsonl"
 t5=$(t)
-printf 'Hello!\nWhat is 12 plus 7?\n' | python llama2.py --checkpoint "$prev" --chat \
+printf 'Hello!\nWhat is 12 plus 7?\n' | python llama2.py --checkpoint "$OUT/gatt_judge2" --chat \
   --system "Always answer in capital letters." --temperature 0 --max-new-tokens 40
 echo
-echo "seconds: eval pretrained $((t1 - t0)), SFT $((t2 - t1)), eval SFT $((t3 - t2)), GAtt x2 $((t4 - t3)), eval GAtt $((t5 - t4))"
-echo "training (SFT + GAtt): $((t2 - t1 + t4 - t3)) s; whole demo $((t5 - t0)) s; plot: $OUT/eval_gatt/adherence.png"
+echo "seconds: eval pretrained $((t1 - t0)), SFT $((t2 - t1)), eval SFT $((t3 - t2)), GAtt 2x2 rounds $((t4 - t3)), eval GAtt x2 $((t5 - t4))"
+echo "training (SFT + GAtt): $((t2 - t1 + t4 - t3)) s; whole demo $((t5 - t0)) s; plot: $OUT/eval_gatt_judge/adherence.png"

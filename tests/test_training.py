@@ -115,7 +115,8 @@ def test_parse_config_flags_and_help(capsys):
 
 # --------------------------------------------------------------------------------- checkpoints
 
-def test_checkpoint_atomic_and_weights_only(tmp_path):
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    # (a write that fails halfway is tested in test_robustness.py: the old file stays intact)
     model = tiny_model()
     state = {"model": model.state_dict(), "step": 3, "config": {"a": 1.5, "b": None},
              "tokenizer": torch.frombuffer(bytearray(b"\x00\x01spm"), dtype=torch.uint8),
