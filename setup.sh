@@ -18,6 +18,10 @@ fi
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
   export TORCH_CUDA_ARCH_LIST="9.0"
 fi
+# --no-build-isolation builds with what is installed, so the build backend must be installed too (a
+# Python 3.12+ venv has no setuptools): setuptools >= 64 for editable builds (PEP 660) and wheel
+# (setuptools before 70.1 needs it to make the editable wheel).
+pip install -q "setuptools>=64" wheel
 pip install -q --no-build-isolation -e .
 python -c "import llama2_kernels as k; print('llama2_C extension:', 'built' if k.AVAILABLE else 'NOT built', '| CUDA kernels:', k.has_cuda())" 2>/dev/null \
   || echo "llama2_C extension: not importable; the PyTorch reference path will be used"
