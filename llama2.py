@@ -21,6 +21,7 @@ import glob
 import json
 import math
 import os
+import pickle
 import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
@@ -634,6 +635,24 @@ def build_from_state_dict(args: ModelArgs, sd: dict, device="cpu", dtype=None, s
     return model.to(device)
 
 
+def load_checkpoint_file(path: str | os.PathLike, map_location="cpu") -> dict:
+    """One checkpoint file's contents: *.safetensors through safetensors, anything else through
+    torch.load(weights_only=True, mmap=True) (no code runs; tensors are paged in on use). Every
+    checkpoint file the project reads comes through here, so a truncated or corrupted one ends
+    with one line, `error: <path> is not a readable checkpoint (truncated or corrupted?)`."""
+    from safetensors import SafetensorError
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path, device=str(map_location))
+        return torch.load(path, map_location=map_location, mmap=True, weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # their own message says what is wrong
+    # a zip with no central directory (truncated), bad names, a bad pickle, an empty file (mmap)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, SafetensorError):
+        raise SystemExit(f"error: {path} is not a readable checkpoint (truncated or corrupted?)") from None
+
+
 def _meta_merge(shards: list, key: str) -> torch.Tensor:
     """Merge one tensor of Meta's model-parallel shards by their split rules."""
     if len(shards) == 1 or key.endswith("norm.weight"):  # norms are replicated
@@ -649,7 +668,7 @@ def load_meta(path: str, device="cpu", dtype=None):
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.NN.pth files")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = [load_checkpoint_file(f) for f in files]
     sd = {k: _meta_merge(shards, k) for k in shards[0] if k != "rope.freqs"}
     if params.get("vocab_size", -1) <= 0:  # Meta's params.json says -1: the tokenizer decides
         params["vocab_size"] = sd["tok_embeddings.weight"].shape[0]
@@ -679,20 +698,13 @@ _HF_NAMES = {
 
 def _hf_tensors(path: str) -> dict:
     """All tensors of a Hugging Face directory: safetensors (single or sharded) or pytorch_model*.bin."""
-    from safetensors import safe_open
-    st = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    out = {}
-    if st:
-        for f in st:
-            with safe_open(f, framework="pt") as fh:
-                for k in fh.keys():
-                    out[k] = fh.get_tensor(k)
-        return out
-    bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
-    if not bins:
+    files = (sorted(glob.glob(os.path.join(path, "*.safetensors")))
+             or sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))))
+    if not files:
         raise FileNotFoundError(f"{path}: config.json but no *.safetensors or pytorch_model*.bin")
-    for f in bins:
-        out.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+    out = {}
+    for f in files:
+        out.update(load_checkpoint_file(f))
     return out
 
 
@@ -770,16 +782,14 @@ def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] =
         "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "pretraining_tp": 1,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    _atomic_write(os.path.join(out_dir, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(out_dir, "config.json"), lambda p: open(p, "w").write(json.dumps(cfg, indent=2)))
+    from training import atomic_write  # the project's one atomic writer: each file whole or not at all
+    with atomic_write(os.path.join(out_dir, "model.safetensors"), None) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
+        f.write(json.dumps(cfg, indent=2))
     if tokenizer is not None:
-        _atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda p: open(p, "wb").write(tokenizer.model_bytes))
-
-
-def _atomic_write(path: str, write: Callable[[str], object]) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+        with atomic_write(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
+            f.write(tokenizer.model_bytes)
 
 
 def _find_tokenizer(*dirs) -> Optional[Tokenizer]:
@@ -792,7 +802,7 @@ def _find_tokenizer(*dirs) -> Optional[Tokenizer]:
 
 def load_ours(path: str, device="cpu", dtype=None):
     """Our training checkpoint: ckpt.pt with "model_args", "model" and "tokenizer"."""
-    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    ckpt = load_checkpoint_file(path)
     for key in ("model_args", "model"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a llama2 checkpoint (no {key!r}); keys: {sorted(ckpt)}")

@@ -27,7 +27,6 @@ into the same single ckpt.pt, which resumes under any parallelism.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -300,9 +299,7 @@ metrics_path = out_dir / "metrics.jsonl"
 if rt.is_master:
     out_dir.mkdir(parents=True, exist_ok=True)
     # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
-    old = metrics_path.read_text().splitlines() if metrics_path.exists() and start_step else []
-    keep = [ln for ln in old if json.loads(ln).get("step", 0) <= start_step]
-    metrics_path.write_text("".join(ln + "\n" for ln in keep))
+    training.trim_metrics(metrics_path, start_step)
 log = training.MetricsLog(metrics_path, rt)
 log.print(f"model {cfg.model}: {n_params / 1e6:.2f}M parameters, {model_args}")
 log.print(f"data: {data.train.num_tokens:,} train tokens, {data.val.num_tokens:,} val tokens "

@@ -7,7 +7,8 @@ all need lives here, one small section per concern, in the order a script uses i
   runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2)
   schedule    cosine learning rate with linear warmup, decaying to 10% of the peak (Llama 2, §2.2)
   optimizer   AdamW with weight decay on the matrices only
-  checkpoint  one atomic `ckpt.pt`, loadable with torch.load(weights_only=True), RNG states
+  checkpoint  atomic_write (how every file here is written: whole or not at all), one `ckpt.pt`
+              loadable with torch.load(weights_only=True), RNG states
   data        corpus reader (.txt / folders / JSONL / the bundled Shakespeare), split by document,
               tokenized once into cached uint16/uint32 memmap shards, deterministic batches
   logging     one line per step on rank 0, the same numbers appended to a JSONL file
@@ -342,28 +343,61 @@ def _to_lists(x):
     return x
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write `state` to `path` atomically: torch.save to a temp file in the same folder, fsync,
-    then os.replace. A crash mid-write leaves the previous checkpoint intact."""
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str | None = "wb"):
+    """Write a file whole or not at all; every file the project writes goes through here.
+
+        with atomic_write(out / "ckpt.pt") as f: torch.save(state, f)           # binary file
+        with atomic_write(out / "config.json", "w") as f: f.write(text)         # text, UTF-8
+        with atomic_write(out / "model.safetensors", None) as tmp: save_file(tensors, tmp)
+
+    The block writes to a temp file in the same folder (`.<name>.<pid>.<random>.tmp`); when it
+    ends normally the file is flushed, fsync'ed and os.replace'd onto `path`, so a reader sees the
+    old file or the new one, never half of one. On any exception (or Ctrl-C) the temp file is
+    removed and `path` is left as it was. mode None yields the temp path, for writers that open
+    the file themselves. The folder is created if needed.
+    """
+    if mode not in ("w", "wb", None):
+        raise ValueError(f"atomic_write: mode must be 'w', 'wb' or None, not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        if mode is None:
+            tmp.touch(exist_ok=False)
+            yield str(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            # "x" creates the file (never truncates another's); the umask sets its permissions
+            encoding = "utf-8" if mode == "w" else None
+            with open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` to `path` with torch.save, atomically (atomic_write): a crash mid-write leaves
+    the previous checkpoint intact."""
+    with atomic_write(path, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by save_checkpoint (a ckpt.pt file or the folder holding it)."""
+    """Read a checkpoint written by save_checkpoint (a ckpt.pt file or the folder holding it).
+    A truncated or corrupted file exits with a one-line error (llama2.load_checkpoint_file)."""
+    import llama2
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.exists():
         raise SystemExit(f"error: no checkpoint at {path}; train one first or fix the path")
-    # mmap: tensors are paged in on use, and ranks on one machine share the page cache
-    return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    return llama2.load_checkpoint_file(path, map_location=map_location)
 
 
 def load_resume(ckpt_path: str | os.PathLike, stage: str) -> dict:
@@ -587,7 +621,7 @@ def get_tokenizer(tokenizer_path: str, vocab_size: int, train_docs: list[Documen
         return llama2.Tokenizer(str(model_file))
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
-    with open(corpus, "w", encoding="utf-8") as f:
+    with atomic_write(corpus, "w") as f:
         for d in train_docs:
             f.write(d.text.rstrip("\n") + "\n")
     tmp_prefix = str(folder / f"tokenizer.{os.getpid()}")
@@ -602,7 +636,8 @@ def get_tokenizer(tokenizer_path: str, vocab_size: int, train_docs: list[Documen
                              f"SentencePiece can make at most {m.group(2)} pieces from it. "
                              "Lower --vocab_size or add more text.") from None
         raise SystemExit(f"error: training the tokenizer failed: {msg.strip()}") from None
-    os.replace(produced, model_file)
+    with atomic_write(model_file, "wb") as f:
+        f.write(Path(produced).read_bytes())
     corpus.unlink(missing_ok=True)
     for leftover in folder.glob(f"tokenizer.{os.getpid()}*"):
         leftover.unlink()
@@ -632,7 +667,8 @@ def build_shards(docs: list[Document], tokenizer, folder: Path, split: str,
         if not n_buf:
             return
         path = folder / f"{split}_{len(paths):03d}.bin"
-        np.concatenate(buf).astype(dtype).tofile(path)
+        with atomic_write(path, "wb") as f:
+            np.concatenate(buf).astype(dtype).tofile(f)
         paths.append(path)
         buf, n_buf = [], 0
 
@@ -693,10 +729,11 @@ def prepare_data(data: str, *, tokenizer_path: str = "", vocab_size: int = 4096,
                     paths = build_shards(split_docs, tok, folder, split, shard_tokens)
                     meta[split] = {"shards": [p.name for p in paths],
                                    "documents": [d.name for d in split_docs]}
-                (folder / "tokenizer.model").write_bytes(bytes(tok.model_bytes))
-                tmp = meta_file.with_suffix(".tmp")
-                tmp.write_text(json.dumps(meta, indent=1))
-                os.replace(tmp, meta_file)
+                with atomic_write(folder / "tokenizer.model", "wb") as f:
+                    f.write(bytes(tok.model_bytes))
+                # meta.json last: its presence says the shards are complete
+                with atomic_write(meta_file, "w") as f:
+                    f.write(json.dumps(meta, indent=1))
         if rt.distributed:
             dist.barrier()
     meta = json.loads(meta_file.read_text())
@@ -810,8 +847,25 @@ class MetricsLog:
             print(line, flush=True)
         if self.path:
             record = {"time": round(time.time(), 3), **record}
+            # appended, not rewritten through atomic_write: a crash can cut at most the last line
+            # short, and trim_metrics drops such a line when the run resumes
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: str | os.PathLike, step: int) -> None:
+    """Start a run's JSONL log at `step`: a fresh run (step 0) starts it empty, a resumed one keeps
+    the records up to its checkpoint's step. A line a crash cut short is dropped. Atomic."""
+    path, keep = Path(path), []
+    if step and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue
+    with atomic_write(path, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
 
 
 def step_line(step: int, max_steps: int, loss: float, lr: float, gnorm: float, dt: float,
@@ -904,7 +958,8 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
     png = (b"\x89PNG\r\n\x1a\n"
            + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    with atomic_write(path, "wb") as f:
+        f.write(png)
 
 
 def _fmt_tokens(v: float) -> str:
