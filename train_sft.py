@@ -419,12 +419,8 @@ def main(argv=None) -> None:
                          f"--micro_batch {cfg.micro_batch}")
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
-    if metrics.exists():
-        # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
-        done = resumed["step"] if resumed else 0
-        keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= done]
-        with training.atomic_write(metrics, "w") as f:
-            f.write("".join(ln + "\n" for ln in keep) if done else "")
+    # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
+    training.trim_metrics(metrics, resumed["step"] if resumed else 0)
     log = training.MetricsLog(metrics, rt)
 
     # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)
@@ -576,11 +572,8 @@ def _stage_of(path: str) -> str:
     p = Path(path)
     p = p / "ckpt.pt" if p.is_dir() else p
     if p.is_file() and p.suffix == ".pt":
-        try:
-            return str(torch.load(p, map_location="cpu", mmap=True, weights_only=True)
-                       .get("stage", "external"))
-        except Exception:
-            return "external"
+        # (a damaged file is one clear error line here, as in llama2.load_model)
+        return str(llama2.load_checkpoint_file(p).get("stage", "external"))
     return "external"
 
 
