@@ -133,6 +133,7 @@ if AVAILABLE:
     def _rms_norm_setup(ctx, inputs, output):
         x, weight, _eps = inputs
         _out, rstd = output
+        ctx.mark_non_differentiable(rstd)  # a statistic saved for the backward, not an output
         ctx.save_for_backward(x, weight, rstd)
 
     def _rms_norm_backward(ctx, grad_out, _grad_rstd):
@@ -159,6 +160,7 @@ if AVAILABLE:
     def _attention_setup(ctx, inputs, output):
         q, k, v, cu_seqlens, scale, causal = inputs
         out, lse = output
+        ctx.mark_non_differentiable(lse)  # the backward reuses it; no gradient flows into it
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.scale, ctx.causal = scale, causal
 
@@ -190,7 +192,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate Meta's interleaved pairs of x (B, T, H, D) by positions (T,) or (B, T); cos/sin (P, D/2)."""
+    """Rotate Meta's interleaved pairs of x (B, T, H, D) by positions (T,) or (B, T); cos/sin (P, D/2).
+
+    positions must lie in [0, P). The CPU kernel checks that; the CUDA kernel does not read them
+    back (a device-to-host sync per call) and only asserts on the device, so validate positions
+    where they are made, once per step, before they go to the GPU.
+    """
     _need_ext("rope")
     if x.dim() != 4:
         raise ValueError(f"rope: x must be (B, T, H, D), got shape {tuple(x.shape)}")
@@ -210,6 +217,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
     causal is bottom-right aligned (query i sees keys j <= i + Tk - Tq); cu_seqlens (S+1,) int32
     packs S sequences into B == 1 with no attention across them; scale defaults to 1/sqrt(D).
+    cu_seqlens must start at 0, never decrease and end at Tq. The CPU kernel checks that, and so
+    does the CUDA one for a CPU cu_seqlens; a CUDA cu_seqlens is not read back (a device-to-host
+    sync per call): validate it where it is made, once per step, and pass it on q's device. The
+    CUDA kernels clamp every key range, so bad values give wrong rows, never out-of-bounds access.
     """
     _need_ext("attention")
     if scale is None:

@@ -59,7 +59,7 @@ def extension():
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
         return CUDAExtension("llama2_C", sources + cuda_sources,
-                             extra_compile_args={"cxx": cxx + ["-DLLAMA2_WITH_CUDA"], "nvcc": nvcc},
+                             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
                              extra_link_args=openmp)
     return CppExtension("llama2_C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
 

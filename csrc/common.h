@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -19,14 +20,18 @@
 #define LLAMA2_AVX2 1
 #endif
 
-// Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS underneath). Column-major, 32-bit ints.
+// Fortran BLAS (MKL or OpenBLAS underneath), column-major, 32-bit ints. Most libtorch_cpu builds
+// export these symbols; they are declared weak so that the extension still loads where one does
+// not (at::native::cpublas::gemm is not exported either), and gemm_rm then calls at::addmm_.
 extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc);
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha, const float* a,
+                                  const int* lda, const float* b, const int* ldb,
+                                  const float* beta, float* c, const int* ldc);
+__attribute__((weak)) void dgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const double* alpha,
+                                  const double* a, const int* lda, const double* b,
+                                  const int* ldb, const double* beta, double* c, const int* ldc);
 }
 
 namespace llama2 {
@@ -230,6 +235,17 @@ inline T exp_shift_sum(T* s, int64_t n, T shift) {
 // Row-major GEMM: C (m x n) = alpha * op(A) @ op(B) + beta * C
 // ---------------------------------------------------------------------------------------------
 
+// Whether gemm_rm calls the Fortran BLAS: the symbols resolved, and LLAMA2_CPU_GEMM=aten not set
+// (that forces the ATen path, for the tests). Decided once.
+inline bool use_fortran_blas() {
+  static const bool use = [] {
+    const char* env = std::getenv("LLAMA2_CPU_GEMM");
+    const bool forced_aten = env != nullptr && std::strcmp(env, "aten") == 0;
+    return !forced_aten && sgemm_ != nullptr && dgemm_ != nullptr;
+  }();
+  return use;
+}
+
 // A row-major matrix is the column-major transpose, so C^T = op(B)^T op(A)^T is one BLAS call with
 // the operands swapped. trans_a: A is stored (k x m) and used transposed; same for trans_b (n x k).
 // lda/ldb/ldc are row strides in elements.
@@ -237,6 +253,18 @@ template <typename T>
 inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
                     const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (!use_fortran_blas()) {
+    // Views of the three buffers and one in-place addmm_ (beta == 0 ignores what C held).
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+      const at::Tensor t = at::from_blob(const_cast<T*>(p), {trans ? cols : rows, trans ? rows : cols},
+                                         {ld, 1}, opts);
+      return trans ? t.t() : t;
+    };
+    at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+    cv.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
+    return;
+  }
   const char ta = trans_b ? 'T' : 'N';
   const char tb = trans_a ? 'T' : 'N';
   const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);

@@ -444,3 +444,81 @@ def test_cuda_kernels_compiled_when_expected():
     if K.has_cuda_build_expected():
         assert K.has_cuda(), ("torch is a CUDA build and nvcc exists, but llama2_C has no CUDA "
                               "kernels: the CUDA sources did not build (see setup.py output)")
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 15: rounding like Meta's, statistics without gradients, the BLAS fallback, determinism
+
+def _bf16_round(t):
+    """float64 -> the nearest bfloat16 (ties to even), back in float64: one rounding, in float64."""
+    return t.to(torch.bfloat16).double()
+
+
+def test_rms_norm_bfloat16_rounds_like_meta():
+    # Meta: self._norm(x.float()).type_as(x) * self.weight rounds twice: the normalized value to
+    # bfloat16, then the product. Independent reference in float64 with those two roundings.
+    torch.manual_seed(0)
+    C = 512
+    x = torch.randn(64, C).bfloat16()
+    w = (1 + 0.5 * torch.randn(C)).bfloat16()
+    x64, w64 = x.double(), w.double()
+    normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    twice = _bf16_round(_bf16_round(normed) * w64)
+    once = _bf16_round(normed * w64)  # what the kernel did before
+    ours = K.rms_norm(x, w, 1e-5).double()
+    # The test can tell the two apart...
+    assert (once != twice).double().mean().item() > 0.05
+    # ...and ours is the two-rounding result (float32 statistics may move a value sitting on a
+    # rounding boundary by one ulp: allow a few in 32768).
+    assert (ours != twice).double().mean().item() < 1e-3
+    # grad_weight = sum over rows of g * round(x * rstd), as the CUDA kernel computes it.
+    g = torch.randn(64, C).bfloat16()
+    xl, wl = _leaves(x, w)
+    _, gw = _grads(K.rms_norm(xl, wl, 1e-5), (xl, wl), g)
+    gw_ref = (g.double() * _bf16_round(normed)).sum(0)
+    assert (gw.double() - gw_ref).abs().max().item() <= 2e-2 * gw_ref.abs().max().item()
+
+
+def test_statistics_are_not_differentiable():
+    x, w = _leaves(torch.randn(3, 8), torch.ones(8))
+    out, rstd = torch.ops.llama2.rms_norm_fwd(x, w, 1e-5)
+    assert out.requires_grad and not rstd.requires_grad
+    q, k, v = _leaves(*_qkv(1, 4, 4, 2, 1, 8))
+    out, lse = torch.ops.llama2.attention_fwd(q, k, v, None, 0.3, True)
+    assert out.requires_grad and not lse.requires_grad
+
+
+def test_rms_norm_backward_same_bits_for_any_thread_count():
+    torch.manual_seed(0)
+    x, w, g = torch.randn(300, 96), torch.randn(96), torch.randn(300, 96)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.llama2.rms_norm_bwd(g, x, w, torch.ops.llama2.rms_norm_fwd(x, w, 1e-5)[1]))
+    finally:
+        torch.set_num_threads(before)
+    for gx, gw in results[1:]:
+        assert torch.equal(gx, results[0][0]) and torch.equal(gw, results[0][1])
+
+
+def test_attention_without_fortran_blas():
+    # LLAMA2_CPU_GEMM=aten makes gemm_rm use at::addmm_ (the path for torch builds that export no
+    # sgemm_/dgemm_); the same float64 check as above, in a fresh process.
+    import subprocess
+    import sys
+    code = (
+        "import torch, llama2, llama2_kernels as K\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = (torch.randn(1, 70, h, 40, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))\n"
+        "out = K.attention(q, k, v, causal=True)\n"
+        "ref = llama2.ref_attention(q, k, v, causal=True)\n"
+        "g = torch.randn_like(ref)\n"
+        "errs = [(a - b).abs().max().item() for a, b in zip(\n"
+        "    (out, *torch.autograd.grad(out, (q, k, v), g)), (ref, *torch.autograd.grad(ref, (q, k, v), g)))]\n"
+        "assert max(errs) < 1e-10, errs\n"
+        "print('ok')\n")
+    env = dict(__import__("os").environ, LLAMA2_CPU_GEMM="aten")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

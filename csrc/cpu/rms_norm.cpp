@@ -1,16 +1,19 @@
 // RMSNorm on CPU, forward and backward.
 //
-//   out = x * rstd * weight,  rstd = 1 / sqrt(mean(x^2) + eps)     (one rstd per row of C values)
+//   out = round(round(x * rstd) * weight),  rstd = 1 / sqrt(mean(x^2) + eps)   (one rstd per row)
+//         (Meta: self._norm(x.float()).type_as(x) * self.weight; round() is to x's dtype, so it
+//         only matters for bfloat16, and it rounds like the CUDA kernel)
 //   grad_x      = rstd * (g*w) - x * rstd^3 * mean(g*w*x)
-//   grad_weight = sum over rows of g * x * rstd
+//   grad_weight = sum over rows of g * round(x * rstd)
 //
 // Shapes: x, out, grad_out, grad_x (..., C) seen as N = numel/C rows; weight, grad_weight (C);
 // rstd (N) float32 for float32 and bfloat16 inputs and float64 for float64 ones (statistics never in
 // less than float32; float64 keeps gradcheck exact). bfloat16 values are widened to float32 as they
 // are loaded and rounded once when stored: T is the storage type, A the arithmetic type.
 // Memory traffic: the forward reads x once and writes out once (the row is re-read from L1/L2);
-// the backward reads g and x once and writes grad_x once. grad_weight is reduced in per-chunk
-// partial sums, so no atomics and a deterministic result.
+// the backward reads g and x once and writes grad_x once. grad_weight is reduced in partial sums
+// over a fixed number of row chunks (not one per thread), so no atomics, and the same bits
+// whatever the thread count.
 #include <torch/library.h>
 
 #include "../common.h"
@@ -32,7 +35,9 @@ void rms_norm_fwd_kernel(const T* x, const T* w, T* out, A* rstd, int64_t n_rows
       const A rs = A(1) / std::sqrt(ss / A(C) + A(eps));
       rstd[r] = rs;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) yr[c] = narrow<T>(widen(xr[c]) * rs * widen(w[c]));
+      for (int64_t c = 0; c < C; ++c) {
+        yr[c] = narrow<T>(widen(narrow<T>(widen(xr[c]) * rs)) * widen(w[c]));
+      }
     }
   });
 }
@@ -40,8 +45,10 @@ void rms_norm_fwd_kernel(const T* x, const T* w, T* out, A* rstd, int64_t n_rows
 template <typename T, typename A>
 void rms_norm_bwd_kernel(const T* g, const T* x, const T* w, const A* rstd, T* gx, T* gw,
                          int64_t n_rows, int64_t C) {
-  // Fixed chunks of rows, one partial grad_weight each: deterministic whatever the thread count.
-  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_rows));
+  // A fixed number of row chunks, one partial grad_weight each, shared out among the threads: the
+  // chunking (and so the order of the sums) does not depend on the thread count.
+  constexpr int64_t kChunks = 64;
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(kChunks, n_rows));
   const int64_t rows_per_chunk = (n_rows + n_chunks - 1) / n_chunks;
   std::vector<A> partial(static_cast<size_t>(n_chunks * C), A(0));
   at::parallel_for(0, n_chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -61,7 +68,7 @@ void rms_norm_bwd_kernel(const T* g, const T* x, const T* w, const A* rstd, T* g
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
           gxr[c] = narrow<T>(rs * widen(gr[c]) * widen(w[c]) - k * widen(xr[c]));
-          pw[c] += widen(gr[c]) * widen(xr[c]) * rs;
+          pw[c] += widen(gr[c]) * widen(narrow<T>(widen(xr[c]) * rs));
         }
       }
     }

@@ -1,5 +1,6 @@
-// Shared helpers for the CUDA kernels: dtype dispatch onto CUDA's own 16-bit types, float
-// conversions, 16-byte vector loads, warp/block sums, and host-side input checks in words.
+// Host-side helpers for the CUDA ops: dtype dispatch onto CUDA's own 16-bit types, cached device
+// queries, input checks in words, and the shared-memory opt-in. The device-side helpers (float
+// conversions, vectors, warp/block sums) are in device.cuh, which the kernel headers include.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,8 +11,15 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <tuple>
 #include <type_traits>
+#include <utility>
+
+#include "device.cuh"
 
 namespace llama2 {
 namespace cuda {
@@ -43,80 +51,38 @@ namespace cuda {
   }()
 
 // ---------------------------------------------------------------------------------------------
-// Conversions: every kernel loads its inputs to float, computes in float, and rounds once on store.
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// ---------------------------------------------------------------------------------------------
-// 16-byte vectors: VEC elements of T moved by one load/store instruction (LDG.128 / STG.128).
-// ---------------------------------------------------------------------------------------------
-
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
-// Elements of T in 16 bytes: 4 floats or 8 halves.
-template <typename T>
-__host__ __device__ constexpr int vec16() {
-  return 16 / static_cast<int>(sizeof(T));
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// ---------------------------------------------------------------------------------------------
-// Reductions
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
-// shm holds 32 floats; the trailing barrier lets the caller call again right away.
-__device__ __forceinline__ float block_sum(float v, float* shm) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) shm[warp] = v;
-  __syncthreads();
-  const int n_warps = blockDim.x >> 5;
-  float total = lane < n_warps ? shm[lane] : 0.0f;
-  total = warp_sum(total);
-  __syncthreads();
-  return total;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Device queries (plain CUDA runtime calls: ATen/cuda/CUDAContext.h would pull in cuSPARSE/cuBLAS
 // headers that a bare toolkit may lack)
 // ---------------------------------------------------------------------------------------------
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-inline int device_attribute(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
+inline int current_device() {
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return device;
+}
+
+inline int device_attribute(cudaDeviceAttr attr) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, current_device()));
   return value;
 }
 
-inline int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+// Streaming multiprocessors of the current device, asked once per device (grids are sized by it
+// on every call).
+inline int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  const int device = current_device();
+  if (device >= kMaxDevices) return device_attribute(cudaDevAttrMultiProcessorCount);
+  int n = cached[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    n = device_attribute(cudaDevAttrMultiProcessorCount);
+    cached[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Host-side checks
@@ -145,19 +111,18 @@ inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const ch
               t.sizes());
 }
 
-// True while the current stream is being captured into a CUDA graph: then no check may read
-// device memory back to the host (that would synchronize and break the capture).
-inline bool capturing() {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(current_stream(), &status));
-  return status != cudaStreamCaptureStatusNone;
-}
-
 // Raises the block's dynamic shared memory limit past the default 48 KB, after checking that the
-// device has that much.
+// device has that much. Done once per (kernel, device, size): the attribute stays set, so later
+// calls only look the kernel up in a small set.
 template <typename Kernel>
 void set_shared_memory(Kernel kernel, size_t dynamic_bytes, const char* op,
                        size_t static_bytes = 0) {
+  static std::mutex mutex;
+  static std::set<std::tuple<const void*, int, size_t>> done;
+  const int device = current_device();
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, dynamic_bytes);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(key)) return;
   // The opt-in limit covers static + dynamic shared memory; the attribute names the dynamic part.
   const int max_optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   const size_t bytes = dynamic_bytes + static_bytes;
@@ -168,6 +133,7 @@ void set_shared_memory(Kernel kernel, size_t dynamic_bytes, const char* op,
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(dynamic_bytes)));
   }
+  done.insert(key);
 }
 
 }  // namespace cuda

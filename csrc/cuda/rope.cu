@@ -14,58 +14,11 @@
 #include <torch/library.h>
 
 #include "common.cuh"
+#include "rope_kernels.cuh"
 
 namespace llama2 {
 namespace cuda {
 namespace {
-
-// VEC elements (VEC/2 pairs) per thread; VEC == 2 is the unaligned fallback with scalar loads.
-template <typename T, typename CT, int VEC>
-__global__ void rope_kernel(const T* __restrict__ x, const int64_t* __restrict__ positions,
-                            const CT* __restrict__ cos, const CT* __restrict__ sin,
-                            T* __restrict__ out, int64_t n_items, int T_, int H, int D, int64_t P,
-                            int64_t sb, int64_t st, int64_t sh, float sign) {
-  using V = Vec<T, VEC>;
-  const int per_row = D / VEC;
-  const int half_d = D / 2;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n_items;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    // idx -> (b, t, h, chunk v); row = (b*T + t)*H + h indexes the contiguous output.
-    const int v = static_cast<int>(idx % per_row);
-    const int64_t row = idx / per_row;
-    const int h = static_cast<int>(row % H);
-    const int64_t bt = row / H;
-    const int t = static_cast<int>(bt % T_);
-    const int64_t b = bt / T_;
-    const int64_t p = positions[bt];
-    CUDA_KERNEL_ASSERT(p >= 0 && p < P);
-    const T* xs = x + b * sb + t * st + h * sh + v * VEC;
-    V xv;
-    if constexpr (VEC == 2) {
-      xv.v[0] = xs[0];
-      xv.v[1] = xs[1];
-    } else {
-      xv = *reinterpret_cast<const V*>(xs);
-    }
-    const CT* cr = cos + p * half_d + v * (VEC / 2);
-    const CT* sr = sin + p * half_d + v * (VEC / 2);
-    V o;
-#pragma unroll
-    for (int k = 0; k < VEC / 2; ++k) {
-      const float c = to_float(cr[k]), s = sign * to_float(sr[k]);
-      const float x0 = to_float(xv.v[2 * k]), x1 = to_float(xv.v[2 * k + 1]);
-      o.v[2 * k] = from_float<T>(x0 * c - x1 * s);
-      o.v[2 * k + 1] = from_float<T>(x0 * s + x1 * c);
-    }
-    T* os = out + row * D + v * VEC;
-    if constexpr (VEC == 2) {
-      os[0] = o.v[0];
-      os[1] = o.v[1];
-    } else {
-      *reinterpret_cast<V*>(os) = o;
-    }
-  }
-}
 
 template <typename T, typename CT, int VEC>
 void launch_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
@@ -122,17 +75,8 @@ at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& positions_in,
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   const at::Tensor positions = positions_in.contiguous();
   const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
-  // Positions must index the table. Reading them back synchronizes, so it is done for the forward
-  // rotation only (the backward, inverse=True, gets the positions the forward checked) and not
-  // during graph capture; there the kernel's device-side assert guards instead.
-  if (!inverse && !capturing()) {
-    const auto [lo, hi] = at::aminmax(positions);
-    const at::Tensor range = at::stack({lo, hi}).cpu();  // one device-to-host copy
-    const int64_t lo_v = range[0].item<int64_t>(), hi_v = range[1].item<int64_t>();
-    TORCH_CHECK(lo_v >= 0 && hi_v < P, op, ": positions range over [", lo_v, ", ", hi_v,
-                "] but the cos/sin table has ", P, " rows; build rope_table with more positions");
-  }
-
+  // positions must lie in [0, P). They are not read back here (that would be a device-to-host
+  // sync on every call): the caller validates them where it makes them, and the kernel asserts.
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
     constexpr int VEC = vec16<scalar_t>();
     const bool vec_ok = D % VEC == 0 && aligned16(x.data_ptr()) && x.stride(0) % VEC == 0 &&
