@@ -11,7 +11,8 @@ we stand in for the humans with this world, in the spirit of AlpacaFarm's simula
   and its subtractions as one fact) is held out, and no twin of it appears in training data;
 - standing instructions of the kind Ghost Attention is for ("answer in capital letters", "start
   every answer with Ahoy!", ...), each with a text form and a checker `obeys(response)`;
-- a deterministic judge `score(dialog, response)` and a simulated annotator `prefer(dialog, a, b)`;
+- a deterministic judge `score(dialog, response)` and a simulated annotator `prefer(dialog, a, b)`
+  (the judge's score gap plus seeded Gaussian noise, see ANNOTATOR_NOISE);
 - generators for SFT data (JSONL, one {"messages": [...]} per line), held-out eval prompts,
   12-turn eval dialogs, and the building blocks of GAtt data.
 
@@ -789,27 +790,49 @@ def adherence_floor(dialogs: list, turns: int | None = None) -> dict:
     return out
 
 
-# annotator rating buckets, by the gap in total score: (lowest gap, rating)
+# annotator rating buckets, by the (perceived) gap in total score: (lowest gap, rating)
 RATINGS = [(0.5, "significantly better"), (0.25, "better"), (0.1, "slightly better"),
            (0.0, "negligibly better/unsure")]
+ANNOTATOR_NOISE = 0.1  # sd of the Gaussian noise an annotator adds to the judge's score gap
 
 
-def prefer(dialog, a: str, b: str, a_eos: bool = True, b_eos: bool = True) -> tuple[str, str]:
+def prefer(dialog, a: str, b: str, a_eos: bool = True, b_eos: bool = True, *,
+           noise: float = ANNOTATOR_NOISE, seed: int = 0) -> tuple[str, str]:
     """A simulated annotator's preference between responses a and b: (winner "a"|"b", rating).
 
-    The higher total `score` wins; on a tie the shorter response, then the alphabetically first.
-    The rating comes from the gap g = |score(a) - score(b)|: g >= 0.5 "significantly better",
-    g >= 0.25 "better", g >= 0.1 "slightly better", else "negligibly better/unsure".
-    Symmetric: prefer(d, b, a) names the same response with the same rating.
+    The annotator perceives the gap d = score(a) - score(b) + noise * z, z ~ N(0, 1), the judge's
+    `score` totals plus Gaussian noise (sd 0.1 by default, ANNOTATOR_NOISE). The winner is the
+    side d favours; d == 0 (a tie, possible only with noise 0) is a fair coin, never "the shorter
+    one". The rating comes from |d|: >= 0.5 "significantly better", >= 0.25 "better", >= 0.1
+    "slightly better", else "negligibly better/unsure" (RATINGS).
+
+    What the default noise does to a true gap g (flip = the worse response wins): g = 0.25 (one of
+    one instructions broken, or a quarter of the content) flips with probability Phi(-2.5) = 0.6%,
+    g = 0.1 with 16%, g = 0.05 with 31%, a tie 50%; a tie is rated "negligibly better/unsure" with
+    probability 68% (|z| < 1), "slightly better" 30%, "better" 1.2%.
+
+    Seeded: z and the coin come from a generator seeded by (seed, dialog, the unordered pair), so
+    an annotator judges the same pair the same way every time and in either order (prefer(d, b, a)
+    names the same response with the same rating); another seed is another annotator. noise=0 is
+    the noise-free judge (its label is what an RM's accuracy is also measured against).
     """
+    if noise < 0:
+        raise ValueError(f"prefer: noise must be >= 0, got {noise}")
     sa, sb = score(dialog, a, a_eos).total, score(dialog, b, b_eos).total
-    gap = abs(sa - sb)
-    if sa != sb:
-        winner = "a" if sa > sb else "b"
+    # the draw belongs to the unordered pair: x is the first of the two in a fixed order
+    ka, kb = json.dumps([a, bool(a_eos)]), json.dumps([b, bool(b_eos)])
+    x, y = sorted((ka, kb))
+    h = hashlib.sha256(json.dumps([seed, _as_messages(dialog), x, y]).encode()).digest()
+    rng = random.Random(h)
+    z, coin = rng.gauss(0.0, 1.0), rng.random() < 0.5
+    sign = 1.0 if ka == x else -1.0  # z is the noise on score(x) - score(y)
+    # round so that float noise in the sum does not move a gap across a threshold or off a tie
+    d = round(sa - sb + sign * noise * z, 9)
+    if d != 0:
+        winner = "a" if d > 0 else "b"
     else:
-        winner = "a" if (len(a), a) <= (len(b), b) else "b"
-    # round so that float noise in the sum does not move a gap across a threshold
-    rating = next(r for lo, r in RATINGS if round(gap, 9) >= lo)
+        winner = "a" if (ka == x) == coin else "b"  # coin: x wins
+    rating = next(r for lo, r in RATINGS if abs(d) >= lo)
     return winner, rating
 
 

@@ -449,27 +449,67 @@ def test_sft_instructions_only_in_short_dialogs():
 # Preferences
 
 def test_prefer_ratings_and_symmetry():
+    # noise 0: the noise-free judge's label
     dialog = [S("Always answer in capital letters."), U("What is 23 plus 58?")]
     best = "THE ANSWER IS 81."          # 1.0
     cases = [
-        ("THE ANSWER IS 81", "negligibly better/unsure"),  # same score: tie, shorter wins
+        ("THE ANSWER IS 81", "negligibly better/unsure"),  # same score: tie
         ("The answer is 81.", "better"),                  # 0.75: gap 0.25
         ("THE ANSWER IS 80.", "better"),                  # 0.55: gap 0.45
         ("The answer is 80.", "significantly better"),    # 0.3: gap 0.7
     ]
     for other, rating in cases:
-        w1, r1 = world.prefer(dialog, best, other)
-        w2, r2 = world.prefer(dialog, other, best)
+        w1, r1 = world.prefer(dialog, best, other, noise=0)
+        w2, r2 = world.prefer(dialog, other, best, noise=0)
         assert r1 == r2 == rating
         assert {w1, w2} == {"a", "b"}  # the same response wins both ways
-    # the shorter of two equal answers wins a tie, in either order
-    assert world.prefer(dialog, best, "THE ANSWER IS 81") == ("b", "negligibly better/unsure")
-    assert world.prefer(dialog, "THE ANSWER IS 81", best) == ("a", "negligibly better/unsure")
-    # no EOS: 0.95, gap 0.05 -> negligible
-    assert world.prefer(dialog, best, best, b_eos=False) == ("a", "negligibly better/unsure")
+    # no EOS: 0.95, gap 0.05 -> negligible, the one with EOS wins
+    assert world.prefer(dialog, best, best, b_eos=False, noise=0) == ("a", "negligibly better/unsure")
+    assert world.prefer(dialog, best, best, a_eos=False, noise=0) == ("b", "negligibly better/unsure")
     # slightly better: one of two instructions broken, gap 0.125
     d2 = [S("Always answer in capital letters. Answer in brackets."), U("What is 23 plus 58?")]
-    assert world.prefer(d2, "IT IS [81].", "It is [81].")[1] == "slightly better"
+    assert world.prefer(d2, "IT IS [81].", "It is [81].", noise=0)[1] == "slightly better"
+
+
+def test_prefer_tie_is_a_coin_flip_not_the_shorter_one():
+    dialog = [U("What is 23 plus 58?")]
+    short, long_ = "81", "The answer is 81."  # both 1.0
+    wins = [world.prefer(dialog, short, long_, noise=0, seed=s) for s in range(400)]
+    n_short = sum(w == "a" for w, _ in wins)
+    assert all(r == "negligibly better/unsure" for _, r in wins)
+    assert 160 < n_short < 240  # a fair coin: 200 +- 2 sd of 10
+    # the coin belongs to the pair: the same seed names the same response in either order
+    for s in range(50):
+        assert (world.prefer(dialog, short, long_, noise=0, seed=s)[0] == "a") == \
+               (world.prefer(dialog, long_, short, noise=0, seed=s)[0] == "b")
+
+
+def test_prefer_noise_model_numbers():
+    """The docstring's numbers: perceived gap = judge gap + N(0, 0.1^2), counted over seeds."""
+    from math import erf, sqrt
+    phi = lambda x: 0.5 * (1 + erf(x / sqrt(2)))  # noqa: E731
+    dialog = [S("Always answer in capital letters. Answer in brackets."), U("What is 23 plus 58?")]
+    n = 3000
+    # gap 0.125 (one of two instructions broken): flipped with probability Phi(-1.25) = 10.6%
+    good, worse = "IT IS [81].", "It is [81]."
+    flips = sum(world.prefer(dialog, good, worse, seed=s)[0] == "b" for s in range(n))
+    p = phi(-1.25)
+    assert abs(flips / n - p) < 3 * sqrt(p * (1 - p) / n), flips / n
+    # a tie: 50% each way, rated negligible when |z| < 1 (68.3%)
+    res = [world.prefer(dialog, good, "IT IS [81]", seed=s) for s in range(n)]
+    assert abs(sum(w == "a" for w, _ in res) / n - 0.5) < 0.03
+    negl = sum(r == "negligibly better/unsure" for _, r in res) / n
+    assert abs(negl - (2 * phi(1) - 1)) < 0.03
+    # seeded and symmetric: same seed, same verdict on the same response in either order
+    for s in range(100):
+        w1, r1 = world.prefer(dialog, good, worse, seed=s)
+        w2, r2 = world.prefer(dialog, worse, good, seed=s)
+        assert r1 == r2 and {w1, w2} == {"a", "b"}
+        assert world.prefer(dialog, good, worse, seed=s) == (w1, r1)
+    # a wide gap (0.7) is never flipped by noise of sd 0.1 (7 sd)
+    assert all(world.prefer(dialog, good, "It is 80.", seed=s)[0] == "a" for s in range(200))
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        world.prefer(dialog, good, worse, noise=-0.1)
 
 
 def test_prefer_rating_grows_with_gap():
@@ -483,7 +523,7 @@ def test_prefer_rating_grows_with_gap():
         for b in answers:
             for eos in (True, False):
                 gap = abs(world.score(dialog, a).total - world.score(dialog, b, eos).total)
-                pairs.append((gap, order.index(world.prefer(dialog, a, b, True, eos)[1])))
+                pairs.append((gap, order.index(world.prefer(dialog, a, b, True, eos, noise=0)[1])))
     rng.shuffle(pairs)
     pairs.sort()
     ranks = [r for _, r in pairs]
