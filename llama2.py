@@ -480,6 +480,139 @@ def count_params(args: ModelArgs) -> int:
 
 
 # -----------------------------------------------------------------------------
+# Reward model (paper §3.2.2): the chat model with a scalar head, read at each response's EOS
+
+class RewardModel(Transformer):
+    """The chat model with its next-token head replaced by a scalar regression head.
+
+    The body (tok_embeddings, layers, norm) is the Transformer's, with Meta's names, so the reward
+    model is initialized from an SFT or GAtt checkpoint one to one (`RewardModel.from_chat`);
+    `output` (vocab x dim) is gone and `reward_head` (1 x dim, no bias, initialized
+    N(0, std 1/sqrt(dim+1))) takes its place. A sequence's reward is the head applied to the final
+    hidden state of the last token of the response, its EOS, at a position found explicitly from
+    each sequence's length (`encode_response` checks the token is EOS), never as "first pad - 1".
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        del self.output  # the next-token head is replaced by one scalar per sequence
+        self.reward_head = nn.Linear(args.dim, 1, bias=False)
+        if self.reward_head.weight.device.type != "meta":
+            nn.init.normal_(self.reward_head.weight, mean=0.0, std=1.0 / math.sqrt(args.dim + 1))
+        self.tokenizer: Optional["Tokenizer"] = None  # what score() encodes with, if not given
+
+    @classmethod
+    def from_chat(cls, model: Transformer, seed: Optional[int] = None) -> "RewardModel":
+        """A reward model initialized from a chat model: its body's weights (copied), a fresh head."""
+        with torch.device("meta"):
+            rm = cls(model.args)
+        p = model.tok_embeddings.weight
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "output.weight"}
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        sd["reward_head.weight"] = (torch.randn(1, model.args.dim, generator=gen)
+                                    / math.sqrt(model.args.dim + 1)).to(p.device, p.dtype)
+        rm.load_state_dict(sd, assign=True)
+        return rm
+
+    def forward(self, tokens, ends=None, *, positions=None, cu_seqlens=None):
+        """tokens (B, T) -> rewards, float32.
+
+        ends (S,) int64: flat indices into the B*T tokens of the tokens to read (each sequence's
+        EOS; see pack_sequences) -> (S,). ends None -> (B, T), a scalar at every token (what a
+        value model reads). positions and cu_seqlens as in Transformer.forward.
+        """
+        h = self.hidden(tokens, positions=positions, cu_seqlens=cu_seqlens)  # (B, T, dim)
+        if ends is None:
+            return self.reward_head(h).squeeze(-1).float()  # (B, T)
+        return self.reward_head(h.reshape(-1, h.size(-1))[ends]).squeeze(-1).float()  # (S,)
+
+    def generate(self, *args, **kwargs):
+        raise TypeError("a RewardModel scores sequences (score, forward); it does not generate")
+
+    @torch.inference_mode()
+    def score(self, dialogs: list, responses: list, tokenizer: Optional["Tokenizer"] = None,
+              batch_tokens: Optional[int] = None) -> torch.Tensor:
+        """Rewards (N,) float32 of responses[i] as the assistant's answer to dialogs[i].
+
+        Each dialog ends with a user message; the dialog plus response is encoded in Meta's chat
+        format ending with the response's EOS (encode_response), the sequences are packed with
+        cu_seqlens (no attention across them), at most batch_tokens (default 8 rows of the context)
+        per forward pass, and each reward is read at its EOS.
+        """
+        tok = tokenizer or self.tokenizer
+        if tok is None:
+            raise ValueError("RewardModel.score: give a tokenizer (or set model.tokenizer)")
+        if len(dialogs) != len(responses):
+            raise ValueError(f"RewardModel.score: {len(dialogs)} dialogs but {len(responses)} responses")
+        seqs = [encode_response(tok, d, r) for d, r in zip(dialogs, responses)]
+        budget = batch_tokens or 8 * self.args.max_seq_len
+        device = self.tok_embeddings.weight.device
+        out = torch.empty(len(seqs), dtype=torch.float32)
+        too_long = [i for i, s in enumerate(seqs) if len(s) > self.args.max_seq_len]
+        if too_long:
+            raise ValueError(f"RewardModel.score: dialog {too_long[0]} with its response has "
+                             f"{len(seqs[too_long[0]])} tokens, more than the context "
+                             f"({self.args.max_seq_len})")
+        # similar lengths together, at most `budget` tokens per forward pass
+        chunks, cur, used = [], [], 0
+        for i in sorted(range(len(seqs)), key=lambda i: len(seqs[i])):
+            if cur and used + len(seqs[i]) > budget:
+                chunks.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += len(seqs[i])
+        chunks += [cur] if cur else []
+        for chunk in chunks:
+            b = pack_sequences([seqs[i] for i in chunk], self.args.max_seq_len, device=device)
+            out[chunk] = self(b["tokens"], b["ends"], cu_seqlens=b["cu_seqlens"]).cpu()
+        return out
+
+
+def pack_sequences(seqs: list, seq_len: int, pad_id: int = 0, device="cpu") -> dict:
+    """Pack token sequences into rows of at most seq_len tokens, greedily in the given order.
+
+    Returns tokens (B, T) int64 (T the longest row, the rest pad_id), cu_seqlens (int32, over the
+    flattened B*T tokens: every sequence and every row's padding a segment of its own, so attention
+    stays within a sequence and positions restart at 0 for each) and ends (S,) int64: the flat
+    index of each sequence's last token, in the order given.
+    """
+    rows, cur, used = [], [], 0
+    for i, s in enumerate(seqs):
+        if not 0 < len(s) <= seq_len:
+            raise ValueError(f"pack_sequences: sequence {i} has {len(s)} tokens; each needs 1..{seq_len}")
+        if cur and used + len(s) > seq_len:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += len(s)
+    rows.append(cur)
+    T = max(sum(len(seqs[i]) for i in row) for row in rows)
+    tokens, cu, ends = [], [0], [0] * len(seqs)
+    for r, row in enumerate(rows):
+        flat = []
+        for i in row:
+            flat += seqs[i]
+            ends[i] = r * T + len(flat) - 1
+            cu.append(cu[-1] + len(seqs[i]))
+        if len(flat) < T:
+            cu.append(cu[-1] + T - len(flat))  # the row's padding: a segment of its own
+        tokens.append(flat + [pad_id] * (T - len(flat)))
+    return {"tokens": torch.tensor(tokens, dtype=torch.long, device=device),
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int32, device=device),
+            "ends": torch.tensor(ends, dtype=torch.long, device=device)}
+
+
+def encode_response(tokenizer: "Tokenizer", dialog: list, response: str) -> list:
+    """Token ids of a dialog (ending with a user message) answered by `response`, in Meta's chat
+    format: the last token is the EOS that closes the answer, where a reward model reads."""
+    ids, _ = encode_dialog(tokenizer, list(dialog) + [{"role": "assistant", "content": response}],
+                           for_training=True)
+    if ids[-1] != tokenizer.eos_id:  # cannot happen with encode_dialog; the RM relies on it
+        raise ValueError("encode_response: the sequence does not end with the EOS token")
+    return ids
+
+
+# -----------------------------------------------------------------------------
 # Tokenizer and chat format
 
 class Tokenizer:
@@ -710,6 +843,15 @@ def _hf_tensors(path: str) -> dict:
 
 def load_hf(path: str, device="cpu", dtype=None):
     """Hugging Face's LlamaForCausalLM layout, undoing its q/k permutation."""
+    args, sd, cfg = _read_hf(path)
+    if "output.weight" not in sd and cfg.get("tie_word_embeddings"):
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    model = build_from_state_dict(args, sd, device, dtype, source=f"Hugging Face checkpoint {path}")
+    return model, _find_tokenizer(path)
+
+
+def _read_hf(path: str):
+    """(ModelArgs, state dict with our names, config.json) of a Hugging Face Llama directory."""
     cfg = json.load(open(os.path.join(path, "config.json")))
     # RoPE settings: "rope_theta" (transformers 4) or "rope_parameters" (transformers 5)
     rope = dict(cfg.get("rope_parameters") or {})
@@ -740,11 +882,10 @@ def load_hf(path: str, device="cpu", dtype=None):
             t = _hf_unpermute(t, args.n_heads)
         elif key.endswith("attention.wk.weight"):
             t = _hf_unpermute(t, args.n_kv_heads)
+        elif key == "score.weight":  # LlamaForSequenceClassification's head
+            key = "reward_head.weight"
         sd[key] = t
-    if "output.weight" not in sd and cfg.get("tie_word_embeddings"):
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    model = build_from_state_dict(args, sd, device, dtype, source=f"Hugging Face checkpoint {path}")
-    return model, _find_tokenizer(path)
+    return args, sd, cfg
 
 
 def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] = None) -> None:
@@ -764,6 +905,8 @@ def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] =
             name = "model.embed_tokens.weight"
         elif key == "output.weight":
             name = "lm_head.weight"
+        elif key == "reward_head.weight":
+            name = "score.weight"  # LlamaForSequenceClassification's scalar head
         elif key == "norm.weight":
             name = "model.norm.weight"
         else:
@@ -782,6 +925,10 @@ def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] =
         "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "pretraining_tp": 1,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if isinstance(model, RewardModel):
+        # one label; transformers reads it at the last token that is not pad_token_id (our EOS)
+        cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=0)
     from training import atomic_write  # the project's one atomic writer: each file whole or not at all
     with atomic_write(os.path.join(out_dir, "model.safetensors"), None) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
@@ -809,6 +956,41 @@ def load_ours(path: str, device="cpu", dtype=None):
     args = ModelArgs.from_dict(ckpt["model_args"])
     model = build_from_state_dict(args, ckpt["model"], device, dtype, source=f"checkpoint {path}")
     tok = Tokenizer.from_bytes(ckpt["tokenizer"]) if ckpt.get("tokenizer") is not None else None
+    return model, tok
+
+
+def load_reward_model(path: str, device="cpu", dtype=None):
+    """Load a reward model -> (RewardModel in eval mode with .tokenizer set, tokenizer or None).
+
+    path: our checkpoint written by train_rm.py (ckpt.pt with "reward_head.weight") or a Hugging
+    Face LlamaForSequenceClassification directory with one label (export_hf writes one). A chat
+    checkpoint is not a reward model: start one from it with RewardModel.from_chat.
+    """
+    ckpt_file = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
+    if os.path.isfile(ckpt_file):
+        ckpt = load_checkpoint_file(ckpt_file)
+        if "reward_head.weight" not in ckpt.get("model", {}):
+            raise ValueError(f"{ckpt_file} is a {ckpt.get('stage', 'chat')!r} checkpoint, not a reward "
+                             "model; train one with train_rm.py")
+        args, sd = ModelArgs.from_dict(ckpt["model_args"]), ckpt["model"]
+        tok = Tokenizer.from_bytes(ckpt["tokenizer"]) if ckpt.get("tokenizer") is not None else None
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        args, sd, cfg = _read_hf(path)
+        n_labels = len(cfg["id2label"]) if "id2label" in cfg else cfg.get("num_labels", 1)
+        if "reward_head.weight" not in sd or n_labels != 1:
+            raise ValueError(f"{path}: not a LlamaForSequenceClassification checkpoint with one label "
+                             f"(architectures {cfg.get('architectures')})")
+        tok = _find_tokenizer(path)
+    else:
+        raise FileNotFoundError(f"{path}: no reward model found (looked for ckpt.pt and config.json)")
+    with torch.device("meta"):
+        model = RewardModel(args)
+    check_state_dict(model, sd, f"reward model {path}")
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True)
+    model = model.to(device).eval()
+    model.tokenizer = tok
     return model, tok
 
 

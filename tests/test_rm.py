@@ -1,0 +1,424 @@
+"""The reward model (llama2.RewardModel, train_rm.py): the margin loss against float64 by hand and
+its shapes, the reward read at each response's EOS (packed = one by one), the head's init, the
+Hugging Face LlamaForSequenceClassification round trip, the pair files (ours and TRL's, errors
+naming file:line), pairs built on the world's split and cached, evaluation numbers by hand, and
+a tiny end-to-end run with an exact --resume."""
+import json
+import math
+import random
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import gatt
+import llama2
+import train_rm
+import training
+import world
+
+
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def _pair(msgs, chosen, rejected, rating="better", **kw):
+    return json.dumps({"messages": msgs, "chosen": chosen, "rejected": rejected, "rating": rating,
+                       **kw})
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+# -----------------------------------------------------------------------------------------------
+# the loss
+
+
+def test_margin_table_is_the_papers():
+    assert train_rm.RATINGS == ["significantly better", "better", "slightly better",
+                                "negligibly better/unsure"]
+    assert [train_rm.MARGINS["small"][r] for r in train_rm.RATINGS] == [1, 2 / 3, 1 / 3, 0]
+    assert [train_rm.MARGINS["large"][r] for r in train_rm.RATINGS] == [3, 2, 1, 0]
+    assert set(train_rm.MARGINS["none"].values()) == {0}
+    p = train_rm.Pair([U("x")], "a", "b", "slightly better")
+    assert train_rm.margin_of(p, "large") == 1 and train_rm.margin_of(p, "none") == 0
+    # a numeric margin given with the pair (TRL) is used as is, except with --margin none
+    p.margin = 0.7
+    assert train_rm.margin_of(p, "small") == 0.7 and train_rm.margin_of(p, "none") == 0
+
+
+def test_loss_is_the_formula_in_float64():
+    rc = torch.tensor([0.3, -1.2, 2.0, 0.0], dtype=torch.float64)
+    rr = torch.tensor([0.1, 0.4, -1.0, 0.0], dtype=torch.float64)
+    m = torch.tensor([1.0, 2 / 3, 3.0, 0.0], dtype=torch.float64)
+    want = sum(-math.log(1 / (1 + math.exp(-(c - r - k)))) for c, r, k in
+               zip(rc.tolist(), rr.tolist(), m.tolist())) / 4
+    assert train_rm.rm_loss(rc, rr, m).item() == pytest.approx(want, rel=1e-12)
+    # a larger margin on the same rewards is a larger loss (it asks for a wider gap)
+    assert train_rm.rm_loss(rc, rr, 2 * m) > train_rm.rm_loss(rc, rr, m)
+
+
+def test_loss_refuses_the_broadcast_bug():
+    # [B, 1] rewards minus a [B] margin broadcast to [B, B]: the mean over all cross pairs is a
+    # number, just a wrong one; the loss refuses the shapes instead
+    rc, rr, m = torch.randn(4, 1), torch.randn(4, 1), torch.rand(4)
+    assert (rc - rr - m).shape == (4, 4)
+    wrong = -torch.nn.functional.logsigmoid(rc - rr - m).mean()
+    right = train_rm.rm_loss(rc[:, 0], rr[:, 0], m)
+    assert not torch.allclose(wrong, right)
+    for args in ((rc, rr, m), (rc[:, 0], rr, m), (rc[:, 0], rr[:, 0], m[:3])):
+        with pytest.raises(ValueError, match=r"must all be \(B,\)"):
+            train_rm.rm_loss(*args)
+
+
+# -----------------------------------------------------------------------------------------------
+# the model
+
+
+@pytest.fixture
+def chat(tokenizer):
+    torch.manual_seed(0)
+    args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=128)
+    return llama2.Transformer(args)
+
+
+def test_head_init_and_body_from_the_chat_model(chat):
+    rm = llama2.RewardModel.from_chat(chat, seed=0)
+    body = {k: v for k, v in chat.state_dict().items() if k != "output.weight"}
+    sd = rm.state_dict()
+    assert set(sd) == set(body) | {"reward_head.weight"}
+    assert all(torch.equal(sd[k], v) for k, v in body.items())
+    assert sd["reward_head.weight"].shape == (1, 64)
+    # N(0, std 1/sqrt(dim+1)): over many seeds the std of the head's entries is that
+    w = torch.cat([llama2.RewardModel.from_chat(chat, seed=s).reward_head.weight.flatten()
+                   for s in range(20)])
+    assert w.std().item() == pytest.approx(1 / math.sqrt(65), rel=0.08)
+    assert abs(w.mean().item()) < 0.01
+    # the head is the only part that differs between seeds
+    a, b = llama2.RewardModel.from_chat(chat, seed=1), llama2.RewardModel.from_chat(chat, seed=2)
+    assert not torch.equal(a.reward_head.weight, b.reward_head.weight)
+    with pytest.raises(TypeError, match="does not generate"):
+        a.generate([[1]], 3)
+
+
+def test_reward_is_read_at_each_eos_packed_equals_one_by_one(chat, tokenizer):
+    rm = llama2.RewardModel.from_chat(chat, seed=0).double()
+    d1 = [{"role": "system", "content": "Always answer in capital letters."}, U("What is 2 plus 3?")]
+    d2 = [U("Spell the word cat."), {"role": "assistant", "content": "c-a-t"}, U("What is 1 plus 1?")]
+    dialogs, responses = [d1, d2, d1], ["IT IS 5.", "2", ""]
+    seqs = [llama2.encode_response(tokenizer, d, r) for d, r in zip(dialogs, responses)]
+    assert all(s[-1] == tokenizer.eos_id for s in seqs)
+    b = llama2.pack_sequences(seqs, 128)
+    # the read positions are the EOS tokens, found from the lengths
+    flat = b["tokens"].flatten()
+    assert (flat[b["ends"]] == tokenizer.eos_id).all()
+    packed = rm(b["tokens"], b["ends"], cu_seqlens=b["cu_seqlens"])
+    # independent reference: each sequence alone, unpacked, the scalar at its last token
+    alone = torch.stack([rm(torch.tensor([s]))[0, -1] for s in seqs])
+    torch.testing.assert_close(packed, alone, rtol=0, atol=1e-6)
+    # two rows (seq_len forces a split) and the score() API give the same numbers
+    b2 = llama2.pack_sequences(seqs, max(len(s) for s in seqs))
+    assert b2["tokens"].shape[0] >= 2
+    torch.testing.assert_close(rm(b2["tokens"], b2["ends"], cu_seqlens=b2["cu_seqlens"]), alone,
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(rm.score(dialogs, responses, tokenizer, batch_tokens=40),
+                               alone.float(), rtol=0, atol=1e-5)
+    # reading one token early (not the EOS) gives another number: the position matters
+    early = rm(b["tokens"], b["ends"] - 1, cu_seqlens=b["cu_seqlens"])
+    assert (early - packed).abs().min() > 1e-4
+
+
+def test_hf_sequence_classification_round_trip(chat, tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    rm = llama2.RewardModel.from_chat(chat, seed=3)
+    rm.reward_head.weight.data.mul_(30)  # rewards of order 1, so 1e-4 is a real test
+    llama2.export_hf(rm, str(tmp_path / "hf"), tokenizer)
+    hf = transformers.LlamaForSequenceClassification.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.float32).eval()
+    dialogs = [[U("What is 12 plus 7?")], [U("Spell the word dog.")]]
+    responses = ["The answer is 19.", "d-o-g"]
+    ours = rm.score(dialogs, responses, tokenizer)
+    assert ours.abs().max() > 0.3
+    with torch.no_grad():
+        for d, r, want in zip(dialogs, responses, ours):
+            ids = torch.tensor([llama2.encode_response(tokenizer, d, r)])
+            assert hf(ids).logits.item() == pytest.approx(want.item(), abs=1e-4)
+    # and transformers' checkpoint loads back as our reward model
+    back, tok = llama2.load_reward_model(str(tmp_path / "hf"))
+    assert tok is not None
+    torch.testing.assert_close(back.score(dialogs, responses), ours, rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------------------------
+# pair files
+
+
+def test_pair_files_ours_and_trl(tmp_path):
+    msgs = [U("What is 2 plus 3?")]
+    ours = train_rm.Pair(msgs, "5", "6", "better", judge={"prefers": "chosen"})
+    path = tmp_path / "p.jsonl"
+    train_rm.write_pairs(path, [ours])
+    back = train_rm.read_pairs(str(path))[0]
+    assert (back.messages, back.chosen, back.rejected, back.rating, back.judge) == \
+           (msgs, "5", "6", "better", {"prefers": "chosen"})
+    trl = [
+        # implicit prompt: the shared conversation before the last assistant message
+        json.dumps({"chosen": msgs + [{"role": "assistant", "content": "5"}],
+                    "rejected": msgs + [{"role": "assistant", "content": "6"}], "margin": 1.5}),
+        # explicit prompt as a string, responses as one-message lists
+        json.dumps({"prompt": "What is 2 plus 3?", "chosen": [{"role": "assistant", "content": "5"}],
+                    "rejected": [{"role": "assistant", "content": "4"}]}),
+    ]
+    a, b = train_rm.read_pairs(_write(tmp_path / "t.jsonl", trl))
+    assert (a.messages, a.chosen, a.rejected, a.margin, a.rating) == (msgs, "5", "6", 1.5, None)
+    assert (b.messages, b.chosen, b.rejected) == (msgs, "5", "4")
+
+
+@pytest.mark.parametrize("line, why", [
+    ("{oops", "not valid JSON"),
+    (json.dumps({"messages": [U("hi")], "chosen": "a"}), 'must have "chosen" and "rejected"'),
+    (_pair([U("hi")], "a", "b", rating="much better"), '"rating" must be one of'),
+    (_pair([U("hi"), {"role": "assistant", "content": "x"}], "a", "b"), "must end with a user"),
+    (_pair([U("hi")], "a", 3), "must be strings"),
+    (_pair([U("hi")], "a", "b", margin="big"), '"margin" must be a number'),
+    (json.dumps({"chosen": [U("a"), {"role": "assistant", "content": "x"}],
+                 "rejected": [U("b"), {"role": "assistant", "content": "y"}]}), "must share"),
+])
+def test_malformed_pair_line_names_file_and_line(tmp_path, line, why):
+    path = _write(tmp_path / "bad.jsonl", [_pair([U("hi")], "a", "b"), "", line])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:3: .*{why}"):
+        train_rm.read_pairs(path)
+
+
+def test_empty_or_missing_pair_file(tmp_path):
+    with pytest.raises(ValueError, match="no pairs in the file"):
+        train_rm.read_pairs(_write(tmp_path / "e.jsonl", ["", "  "]))
+    with pytest.raises(ValueError, match="no such file"):
+        train_rm.read_pairs(str(tmp_path / "nope.jsonl"))
+
+
+def test_write_pairs_is_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "p.jsonl"
+    train_rm.write_pairs(path, [train_rm.Pair([U("hi")], "a", "b", "better")])
+    before = path.read_text()
+    pairs = [train_rm.Pair([U("hi")], "c", "d", "better"), train_rm.Pair([U("hi")], "e", "f")]
+    real = train_rm.Pair.to_json
+    monkeypatch.setattr(train_rm.Pair, "to_json",
+                        lambda self: real(self) if self.chosen == "c" else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train_rm.write_pairs(path, pairs)
+    assert path.read_text() == before and len(list(tmp_path.iterdir())) == 1
+
+
+# -----------------------------------------------------------------------------------------------
+# building pairs: split, labels, cache
+
+
+def _chat_ckpt(tokenizer, path, stage="sft", seed=0):
+    torch.manual_seed(seed)
+    args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=256)
+    training.save_checkpoint(path / "ckpt.pt", {
+        "model_args": asdict(args), "model": llama2.Transformer(args).state_dict(), "config": {},
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "stage": stage})
+    return path
+
+
+def _fake_replies(calls):
+    """A stand-in for gatt.generate_replies: the careful answer at low temperature, a wrong one
+    at 0.9, an answer cut off (no EOS) now and then, and an empty reply at 1.2."""
+    def fake(model, tok, dialogs, *, temperature=0.0, **kw):
+        calls.append((temperature, len(dialogs)))
+        out = []
+        for k, d in enumerate(dialogs):
+            problem, names = world.parse_dialog(d)
+            inst = world.Standing(tuple(names), "") if names else None
+            good = world.careful_answer(problem, random.Random(0), inst)
+            text = {0.6: good, 0.9: "The answer is 7."}.get(temperature, "")
+            out.append([gatt.Reply(text, k % 7 != 3, 5)])
+        return out
+    return fake
+
+
+def test_build_pairs_split_labels_and_cache(tokenizer, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gatt, "generate_replies", _fake_replies(calls))
+    m1 = _chat_ckpt(tokenizer, tmp_path / "m1")
+    m2 = _chat_ckpt(tokenizer, tmp_path / "m2", seed=1)
+    cfg = train_rm.Config(pair_models=f"{m1},{m2}", pair_temperatures="0.6,0.9,1.2", n_train=40,
+                          n_test=30, out_dir=str(tmp_path / "rm"), device="cpu", seed=5,
+                          pair_max_turns=3)
+    rt = training.setup_runtime("cpu", "float32", 0)
+    log = training.MetricsLog(None, rt)
+    train = train_rm.get_pairs(cfg, "train", rt, log)
+    test = train_rm.get_pairs(cfg, "test", rt, log)
+    assert len(train) == 40 and len(test) == 30
+    for pairs, heldout in ((train, False), (test, True)):
+        for p in pairs:
+            # every problem of the dialog, earlier turns included, is on the right side of the split
+            for u in world.user_turns(p.messages):
+                assert world.parse_prompt(world.strip_instructions(u)).heldout == heldout
+            assert p.source["split"] == ("heldout" if heldout else "train")
+            assert p.source["chosen"] != p.source["rejected"] and p.chosen != p.rejected
+            # the annotator's label is world.prefer's with the configured noise and seed; the
+            # judge's is the noise-free one, with the judge's scores stored beside it
+            w, r = world.prefer(p.messages, p.chosen, p.rejected, noise=0.1, seed=5)
+            assert (w, r) == ("a", p.rating)
+            sc, sr = world.score(p.messages, p.chosen).total, world.score(p.messages, p.rejected).total
+            assert (p.judge["chosen_score"], p.judge["rejected_score"]) == \
+                   (pytest.approx(sc, abs=1e-6), pytest.approx(sr, abs=1e-6))
+            jw, jr = world.prefer(p.messages, p.chosen, p.rejected, noise=0.0, seed=5)
+            assert p.judge["prefers"] == ("chosen" if jw == "a" else "rejected")
+            assert p.judge["rating"] == jr
+    # multi-turn prompts and standing instructions are there
+    assert any(len(world.user_turns(p.messages)) > 1 for p in train)
+    assert any(world.find_instructions(p.messages) for p in train)
+    # the cache: same flags -> no sampling at all; another n or a touched checkpoint -> rebuilt
+    n_calls = len(calls)
+    again = train_rm.get_pairs(cfg, "train", rt, log)
+    assert len(calls) == n_calls and [p.to_json() for p in again] == [p.to_json() for p in train]
+    cfg.n_train = 20
+    assert len(train_rm.get_pairs(cfg, "train", rt, log)) == 20 and len(calls) > n_calls
+    n_calls = len(calls)
+    import os
+    st = (m2 / "ckpt.pt").stat()
+    os.utime(m2 / "ckpt.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    train_rm.get_pairs(cfg, "train", rt, log)
+    assert len(calls) > n_calls
+
+
+# -----------------------------------------------------------------------------------------------
+# evaluation numbers by hand
+
+
+class _FixedRM:
+    """Stands in for a reward model: the reward of a response is looked up in a table."""
+    def __init__(self, table):
+        self.table = table
+
+    def eval(self):
+        return self
+
+    def score(self, dialogs, responses, tokenizer=None, batch_tokens=None):
+        return torch.tensor([self.table[r] for r in responses], dtype=torch.float32)
+
+
+def test_evaluate_numbers_by_hand():
+    d = [U("What is 2 plus 3?")]
+
+    def P(c, r, rating, cs, rs):
+        return train_rm.Pair(d, c, r, rating, judge={"chosen_score": cs, "rejected_score": rs})
+    pairs = [
+        P("a", "b", "significantly better", 1.0, 0.3),   # RM right, judge agrees with annotator
+        P("c", "d", "significantly better", 1.0, 0.4),   # RM wrong
+        P("e", "f", "better", 0.6, 0.9),                 # annotator against the judge; RM right
+        P("g", "h", "negligibly better/unsure", 0.8, 0.8),  # judge tie: counts half
+    ]
+    table = {"a": 2.0, "b": 1.0, "c": 0.0, "d": 1.0, "e": 1.5, "f": 0.5, "g": 0.2, "h": 0.2}
+    s = train_rm.evaluate(_FixedRM(table), None, pairs)
+    b = s["buckets"]
+    assert b["significantly better"]["rm_vs_annotators"] == 0.5
+    assert b["significantly better"]["ceiling"] == 1.0
+    assert b["better"]["rm_vs_annotators"] == 1.0 and b["better"]["rm_vs_judge"] == 0.0
+    assert b["better"]["ceiling"] == 0.0
+    # equal rewards and a judge tie: half each
+    assert b["negligibly better/unsure"]["rm_vs_annotators"] == 0.5
+    assert b["negligibly better/unsure"]["ceiling"] == 0.5
+    assert b["average"]["rm_vs_annotators"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)
+    assert b["average"]["ceiling"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert b["slightly better"]["n"] == 0 and s["floor"] == 0.5
+    # Spearman over the 8 responses (distinct texts), against scipy
+    stats = pytest.importorskip("scipy.stats")
+    xs = [table[k] for k in "acegbdfh"]
+    ys = [1.0, 1.0, 0.6, 0.8, 0.3, 0.4, 0.9, 0.8]
+    assert s["spearman"] == pytest.approx(stats.spearmanr(xs, ys)[0], abs=1e-12)
+    assert sum(c["n"] for c in s["calibration"]) == 4
+    assert 0 <= s["ece"] <= 1
+    assert "ceiling (judge vs annotators)" in train_rm.format_eval(s)
+
+
+def test_spearman_with_ties_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 5, 200), rng.normal(size=200)
+    y = y + x
+    assert train_rm.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+# -----------------------------------------------------------------------------------------------
+# end to end
+
+
+def _pairs_file(path, n, split, seed):
+    """Pairs with a clear signal: the careful answer against a wrong one or a refusal."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        p = world.sample_problem(rng, split, level=1)
+        d = [U(p.prompt(rng))]
+        bad = rng.choice(["I do not know.", "The answer is 0.", ""])
+        w, r = world.prefer(d, world.careful_answer(p, rng), bad, seed=seed)
+        lines.append(_pair(d, world.careful_answer(p, rng), bad, r, judge={
+            "chosen_score": world.score(d, world.careful_answer(p, rng)).total,
+            "rejected_score": world.score(d, bad).total}))
+    return _write(path, lines)
+
+
+def test_train_resume_exact_and_eval(tokenizer, tmp_path, capsys):
+    sft = _chat_ckpt(tokenizer, tmp_path / "sft")
+    train = _pairs_file(tmp_path / "train.jsonl", 48, "train", 1)
+    test = _pairs_file(tmp_path / "test.jsonl", 24, "heldout", 2)
+    flags = ["--checkpoint", str(sft), "--pairs", train, "--test_pairs", test, "--batch_size", "8",
+             "--micro_batch", "4", "--lr", "3e-3", "--device", "cpu", "--margin", "small"]
+    train_rm.main(flags + ["--out_dir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "step 6/6 | loss" in out and "| acc" in out and "warmup 5 steps" in out
+    assert "ceiling" in out and "Spearman" in out
+    s = json.loads((tmp_path / "a" / "eval.json").read_text())
+    assert s["n"] == 24 and s["buckets"]["average"]["rm_vs_annotators"] > 0.5
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "a" / "rm_eval.png").shape[:2] == (480, 1600)
+    # stop after step 2, resume: the same weights as the run that never stopped
+    train_rm.main(flags + ["--out_dir", str(tmp_path / "b"), "--stop_at_step", "2",
+                           "--eval_after", "false"])
+    with pytest.raises(SystemExit, match="cannot resume .* --margin"):
+        train_rm.main(flags[:-1] + ["large", "--out_dir", str(tmp_path / "b"), "--resume"])
+    train_rm.main(flags + ["--out_dir", str(tmp_path / "b"), "--resume", "--eval_after", "false"])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["stage"] == b["stage"] == "rm" and a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    # the trained model loads as a reward model and --eval reproduces the numbers
+    rm, _ = llama2.load_reward_model(str(tmp_path / "a"))
+    assert isinstance(rm, llama2.RewardModel)
+    train_rm.main(["--eval", "--checkpoint", str(tmp_path / "a"), "--test_pairs", test,
+                   "--out_dir", str(tmp_path / "ev"), "--device", "cpu"])
+    s2 = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert s2["buckets"]["average"] == pytest.approx(s["buckets"]["average"])
+
+
+def test_bad_input_is_one_clear_error(tokenizer, tmp_path):
+    sft = _chat_ckpt(tokenizer, tmp_path / "sft")
+    pre = _chat_ckpt(tokenizer, tmp_path / "pre", stage="pretrain")
+    good = _pairs_file(tmp_path / "p.jsonl", 4, "train", 1)
+    empty = _write(tmp_path / "e.jsonl", [])
+    bad = _write(tmp_path / "b.jsonl", [_pair([U("hi")], "a", "b"), "{"])
+    base = ["--out_dir", str(tmp_path / "o"), "--device", "cpu", "--test_pairs", good]
+    cases = [
+        (["--checkpoint", str(sft), "--pairs", good, "--margin", "huge"], "--margin 'huge' is not known"),
+        (["--checkpoint", str(tmp_path / "nope"), "--pairs", good], "no checkpoint found"),
+        (["--checkpoint", str(pre), "--pairs", good], "pretrained checkpoint without the chat format"),
+        (["--checkpoint", str(sft), "--pairs", empty], r"e\.jsonl: no pairs in the file"),
+        (["--checkpoint", str(sft), "--pairs", bad], r"b\.jsonl:2: not valid JSON"),
+        (["--eval", "--checkpoint", str(sft)], "is a 'sft' checkpoint, not a reward model"),
+        (["--checkpoint", str(sft), "--pairs", good, "--pair_levels", "9"], "--pair_levels"),
+    ]
+    for flags, msg in cases:
+        with pytest.raises(SystemExit, match=f"^error: .*{msg}"):
+            train_rm.main(flags + base)

@@ -1,0 +1,840 @@
+"""Stage 3 of the Llama 2 recipe: the reward model (paper §3.2.2 and A.3.3, SPEC.md §7).
+
+Preference pairs. For a prompt, two responses sampled from two different model variants (a
+checkpoint at a temperature, e.g. the SFT and GAtt models at T in {0.6, 0.9, 1.2}); a simulated
+annotator (world.prefer: the judge's score gap plus seeded Gaussian noise) picks one and rates how
+much better it is, on the paper's four levels. Prompts are single- and multi-turn dialogs, half of
+them with a standing instruction (as the system message or in every user message), so the RM
+learns adherence as well as content. Training pairs come from training-split problems, test pairs
+only from held-out ones (world's split). Each pair also stores the noise-free judge's verdict.
+The pairs are cached as JSONL in <out_dir> and rebuilt when their inputs change. `--pairs` reads
+your own instead: ours ({"messages": [... user], "chosen": str, "rejected": str, "rating": str})
+or TRL's ("chosen"/"rejected" as message lists, optional "prompt", optional numeric "margin").
+
+The model. The chat model with its next-token head replaced by a scalar head
+(llama2.RewardModel), initialized from an SFT or GAtt checkpoint; the reward is read at each
+response's EOS. Loss: -log sigmoid(r_chosen - r_rejected - m(rating)), m from --margin
+none | small | large (SPEC.md table: significantly / better / slightly / negligibly-unsure =
+1, 2/3, 1/3, 0 or 3, 2, 1, 0). Chosen and rejected sequences share micro-batches, packed with
+cu_seqlens (no attention across sequences). The recipe: 1 epoch, cosine to 10% with warmup 3% of
+the steps (at least 5), AdamW 0.9/0.95/1e-5, weight decay 0.1, clipping 1.0, batch in pairs.
+
+Evaluation (`--eval`, and at the end of training), on the held-out pairs: accuracy per rating
+bucket against the annotators' labels (the paper's Table 8) and against the noise-free judge's,
+beside the ceiling (the judge's own accuracy against the annotators: no RM can do better) and the
+floor (50%, a coin); the Spearman correlation of RM score with the judge's score over the held-out
+responses; a calibration table (sigmoid(r_a - r_b) in bins against the observed win rate); a PNG.
+
+    python train_rm.py                                           # the CPU demo: pairs, train, evaluate
+    python train_rm.py --margin large --seed 2 --out_dir out/rm_large2
+    python train_rm.py --eval --checkpoint out/rm                # evaluate a reward model
+    python train_rm.py --pairs prefs.jsonl --test_pairs test.jsonl --checkpoint llama-2-7b-chat \\
+        --lr 1e-5 --batch_size 512 --micro_batch 8              # the paper's hyperparameters
+    torchrun --nproc_per_node=2 train_rm.py --device cpu          # data parallel (DDP; --parallel fsdp)
+    python train_rm.py --export_hf out/rm-hf --checkpoint out/rm # LlamaForSequenceClassification
+
+Checkpoint: <out_dir>/ckpt.pt ("stage": "rm", "model" with reward_head.weight, optimizer, step,
+RNG, data key for an exact `--resume`); load with llama2.load_reward_model.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import llama2
+import training
+import world
+
+# -----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    # model
+    checkpoint: str = "out/demo_sft/sft"  # chat model (SFT/GAtt) the RM starts from; with --eval / --export_hf: the reward model
+    tokenizer: str = ""  # tokenizer.model, only if the checkpoint carries none (Meta / HF dirs)
+    # preference pairs
+    pairs: str = ""  # training pairs, JSONL (ours or TRL's), comma-separated; "" = build them with --pair_models
+    test_pairs: str = ""  # held-out pairs, JSONL; "" = build them with --pair_models
+    pair_models: str = "out/demo_sft/sft,out/demo_sft/gatt_none2,out/demo_sft/gatt_judge2"  # chat checkpoints whose samples are compared
+    pair_temperatures: str = "0.6,0.9,1.2"  # sampling temperatures; a variant is (model, temperature), two different ones per pair
+    n_train: int = 2000  # training pairs built (one per training-split prompt)
+    n_test: int = 1000  # held-out pairs built (the paper: 1000 per annotation batch)
+    train_frac: float = 1.0  # train on this share of the training pairs (the training-set-size curve)
+    pair_levels: str = "1,2"  # difficulty levels of the prompts
+    pair_p_instruction: float = 0.5  # share of prompts with a standing instruction
+    pair_max_turns: int = 3  # user turns per prompt, 1..this (earlier ones answered by the careful human)
+    annotator_noise: float = 0.1  # sd of the noise annotators add to the judge's score gap (world.prefer)
+    max_new_tokens: int = 48  # longest sampled response
+    gen_batch: int = 64  # prompts per batched generate call
+    # objective
+    margin: str = "small"  # margin m(rating) in the loss: none (InstructGPT), small (1, 2/3, 1/3, 0), large (3, 2, 1, 0)
+    seq_len: int = 0  # tokens per packed row (0 = the model's context); longer pairs are dropped
+    # optimization (Llama 2 RM, §3.2.2)
+    epochs: float = 1.0  # passes over the pairs (Llama 2: 1, longer overfits)
+    batch_size: int = 32  # pairs per optimizer step (Llama 2: 512)
+    micro_batch: int = 16  # pairs per forward pass (chosen + rejected packed together)
+    lr: float = 2e-4  # peak learning rate (Llama 2: 1e-5, 5e-6 for 70B; the demo's 3M model and ~60 steps need more)
+    warmup_frac: float = 0.03  # linear warmup over this share of the steps (Llama 2: 0.03)
+    min_warmup: int = 5  # ... but at least this many steps (Llama 2: 5)
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak lr (Llama 2: 0.1)
+    weight_decay: float = 0.1  # AdamW weight decay on the weight matrices (Llama 2: 0.1)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-5  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    parallel: str = "ddp"  # under torchrun: ddp or fsdp
+    # evaluation and export
+    eval: bool = False  # evaluate the reward model --checkpoint on the held-out pairs instead of training
+    eval_after: bool = True  # evaluate at the end of training
+    export_hf: str = ""  # write the reward model --checkpoint as a Hugging Face LlamaForSequenceClassification folder
+    # logging and checkpoints
+    out_dir: str = "out/rm"  # where ckpt.pt, metrics.jsonl, the cached pairs and eval.json go
+    pairs_dir: str = ""  # where built pairs are cached (default: out_dir)
+    log_every: int = 1  # print a step line every N steps
+    save_every: int = 0  # write ckpt.pt every N steps (0 = only at the end)
+    stop_at_step: int = 0  # stop (and save) after this step, e.g. to test --resume (0 = run to the end)
+    resume: bool = False  # continue from <out_dir>/ckpt.pt
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # autocast: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    kernels: str = "auto"  # hot paths: auto, ext, ref
+    threads: int = 0  # CPU threads (0 = torch's default)
+    seed: int = 1337  # seeds the head, the data order, the prompts, sampling and the annotators
+
+
+# the paper's four ratings, most separable first (world.RATINGS holds the gap thresholds)
+RATINGS = [r for _, r in world.RATINGS]
+MARGINS = {  # SPEC.md §7: m(rating) for significantly / better / slightly / negligibly-unsure
+    "none": dict(zip(RATINGS, (0.0, 0.0, 0.0, 0.0))),
+    "small": dict(zip(RATINGS, (1.0, 2 / 3, 1 / 3, 0.0))),
+    "large": dict(zip(RATINGS, (3.0, 2.0, 1.0, 0.0))),
+}
+
+# -----------------------------------------------------------------------------------------------
+# preference pairs: the format, reading (ours and TRL's) and writing
+
+
+@dataclass
+class Pair:
+    """One comparison: a prompt (messages ending with a user turn), the preferred and the other
+    response, the annotator's rating; for pairs built here also the noise-free judge's verdict."""
+    messages: list
+    chosen: str
+    rejected: str
+    rating: str | None = None  # one of RATINGS; None for data without one (TRL)
+    margin: float | None = None  # a numeric margin given with the pair (TRL's "margin")
+    judge: dict | None = None  # {"prefers": "chosen"|"rejected", "rating", "chosen_score", "rejected_score"}
+    source: dict | None = None  # {"chosen": variant, "rejected": variant, "split": "train"|"heldout"}
+    where: str = ""  # "file:line", for messages
+
+    def to_json(self) -> dict:
+        d = {"messages": self.messages, "chosen": self.chosen, "rejected": self.rejected,
+             "rating": self.rating}
+        for k in ("margin", "judge", "source"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
+
+
+def _last_assistant(msgs, name: str) -> tuple[list, str]:
+    if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) \
+            or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
+        raise ValueError(f'"{name}" as a message list must end with an assistant message')
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def parse_pair(obj, where: str = "") -> Pair:
+    """One JSON object -> Pair: our format or TRL's (see the module docstring); ValueError says
+    what is wrong."""
+    if not isinstance(obj, dict) or "chosen" not in obj or "rejected" not in obj:
+        raise ValueError('each line must have "chosen" and "rejected" (and "messages" or "prompt")')
+    chosen, rejected, messages = obj["chosen"], obj["rejected"], obj.get("messages")
+    if isinstance(chosen, list) or isinstance(rejected, list):  # TRL: conversations
+        prompt = obj.get("prompt")
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        c_prefix, chosen = _last_assistant(chosen, "chosen")
+        r_prefix, rejected = _last_assistant(rejected, "rejected")
+        if prompt is None:  # implicit prompt: the shared part of the two conversations
+            if c_prefix != r_prefix:
+                raise ValueError('"chosen" and "rejected" must share the conversation before their '
+                                 'last assistant message (or give "prompt")')
+            prompt = c_prefix
+        elif c_prefix or r_prefix:
+            prompt = prompt + c_prefix if c_prefix == r_prefix else None
+            if prompt is None:
+                raise ValueError('"chosen" and "rejected" carry different earlier turns')
+        messages = prompt
+    elif messages is None and isinstance(obj.get("prompt"), str):
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise ValueError('"chosen" and "rejected" must be strings (or TRL message lists)')
+    if messages is None:
+        raise ValueError('no prompt: give "messages" (a list ending with the user turn) or "prompt"')
+    world.validate_dialog(messages, ends_with="user")
+    rating = obj.get("rating")
+    if rating is not None and rating not in RATINGS:
+        raise ValueError(f'"rating" must be one of {RATINGS}, got {rating!r}')
+    margin = obj.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not math.isfinite(margin)):
+        raise ValueError(f'"margin" must be a number, got {margin!r}')
+    return Pair(messages, chosen, rejected, rating, None if margin is None else float(margin),
+                obj.get("judge"), obj.get("source"), where)
+
+
+def read_pairs(path: str) -> list[Pair]:
+    """Read a JSONL file of pairs; a malformed line is a ValueError naming file:line."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            try:
+                out.append(parse_pair(obj, where))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    if not out:
+        raise ValueError(f"{path}: no pairs in the file")
+    return out
+
+
+def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
+    """Write pairs as JSONL, atomically (whole or not at all)."""
+    with training.atomic_write(path, "w") as f:
+        for p in pairs:
+            f.write(json.dumps(p.to_json()) + "\n")
+
+
+def margin_of(pair: Pair, margin: str) -> float:
+    """m for this pair: 0 with --margin none; else the pair's own numeric margin if it has one,
+    else the SPEC table's value for its rating (0 without a rating)."""
+    if margin == "none":
+        return 0.0
+    if pair.margin is not None:
+        return pair.margin
+    return MARGINS[margin][pair.rating] if pair.rating else 0.0
+
+
+# -----------------------------------------------------------------------------------------------
+# building pairs from checkpoints (cached)
+
+
+def rm_prompts(n: int, split: str, seed: int, levels: tuple, p_instruction: float,
+               max_turns: int) -> list[list[dict]]:
+    """n prompt dialogs (ending with a user turn) whose every problem is from `split`: 1..max_turns
+    user turns, earlier ones answered by the careful human; with p_instruction a standing
+    instruction, as the system message or appended to every user message."""
+    rng = random.Random(f"rm-prompts-{split}-{seed}")
+    out = []
+    for _ in range(n):
+        inst = world.sample_standing(rng) if rng.random() < p_instruction else None
+        every = inst is not None and rng.random() < 0.5
+        msgs = [{"role": "system", "content": inst.text}] if inst is not None and not every else []
+        problems = [world.sample_problem(rng, split, level=rng.choice(levels))
+                    for _ in range(rng.randint(1, max_turns))]
+        for i, p in enumerate(problems):
+            msgs.append({"role": "user", "content": p.prompt(rng) + (" " + inst.text if every else "")})
+            if i < len(problems) - 1:
+                msgs.append({"role": "assistant", "content": world.careful_answer(p, rng, inst)})
+        out.append(msgs)
+    return out
+
+
+def variants(cfg: Config) -> list[tuple[str, float]]:
+    models = [m for m in cfg.pair_models.split(",") if m]
+    try:
+        temps = [float(t) for t in cfg.pair_temperatures.split(",") if t]
+    except ValueError:
+        raise SystemExit(f"error: --pair_temperatures {cfg.pair_temperatures!r}: give numbers "
+                         "like 0.6,0.9,1.2") from None
+    out = [(m, t) for m in models for t in temps]
+    if len(out) < 2 or any(t <= 0 for t in temps):
+        raise SystemExit("error: --pair_models x --pair_temperatures must give at least two "
+                         "variants, with temperatures > 0")
+    return out
+
+
+def _file_id(path: str) -> list:
+    """What identifies a checkpoint's content for the cache: every file's name, size, mtime."""
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    return [[str(q.resolve()), q.stat().st_size, q.stat().st_mtime_ns] for q in files
+            if not q.name.startswith(".") and q.suffix != ".jsonl"]
+
+
+def pairs_key(cfg: Config, split: str) -> str:
+    """Hash of everything a built pair file depends on: the variant checkpoints (files' size and
+    mtime), the flags that shape prompts, sampling and annotators, and world.py (the judge)."""
+    models = sorted({m for m, _ in variants(cfg)})
+    inputs = {
+        "split": split, "n": cfg.n_train if split == "train" else cfg.n_test,
+        "variants": variants(cfg), "files": [_file_id(m) for m in models],
+        "levels": cfg.pair_levels, "p_instruction": cfg.pair_p_instruction,
+        "max_turns": cfg.pair_max_turns, "noise": cfg.annotator_noise,
+        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "world": hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_chat(path: str, rt, tokenizer_path: str = ""):
+    try:
+        model, tok = llama2.load_model(path, device=str(rt.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {path}: {e}") from None
+    if tokenizer_path:
+        tok = llama2.Tokenizer(tokenizer_path)
+    if tok is None:
+        raise SystemExit(f"error: {path} carries no tokenizer; pass --tokenizer path/to/tokenizer.model")
+    stage = _stage_of(path)
+    if stage == "pretrain":
+        raise SystemExit(f"error: {path} is a pretrained checkpoint without the chat format; the "
+                         "reward model and its pairs need a chat model (SFT or GAtt, train_sft.py)")
+    if stage == "rm":
+        raise SystemExit(f"error: {path} is a reward model; give a chat model (SFT or GAtt)")
+    return model.float(), tok
+
+
+def _stage_of(path: str) -> str:
+    """The "stage" recorded in one of our checkpoints ("pretrain", "sft", ...), else "external"."""
+    p = Path(path)
+    p = p / "ckpt.pt" if p.is_dir() else p
+    if p.is_file() and p.suffix == ".pt":
+        return str(llama2.load_checkpoint_file(p).get("stage", "external"))
+    return "external"
+
+
+def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
+    """n pairs on prompts of `split`: each prompt answered by two different variants (model,
+    temperature) drawn at random, labelled by the simulated annotator and by the noise-free judge.
+    A prompt is skipped when a response did not end with EOS (the RM reads every response at an
+    EOS, and the judge would score the missing one) or the two responses are the same text; more
+    prompts are drawn until n pairs are made."""
+    import gatt
+    problems_from = "train" if split == "train" else "heldout"  # the world's split
+    vs = variants(cfg)
+    levels = world.parse_levels(cfg.pair_levels)
+    rng = random.Random(f"rm-variants-{split}-{cfg.seed}")
+    pairs, skipped = [], {"no_eos": 0, "same_text": 0, "too_long": 0}
+    t0 = time.perf_counter()
+    for rnd in range(6):
+        if len(pairs) >= n:
+            break
+        m = math.ceil((n - len(pairs)) * 1.2) + 4
+        prompts = rm_prompts(m, problems_from, cfg.seed * 1000 + rnd, levels, cfg.pair_p_instruction,
+                             cfg.pair_max_turns)
+        picks = [rng.sample(range(len(vs)), 2) for _ in prompts]
+        replies: dict = {}
+        done, total = 0, 2 * len(prompts)
+        for path in dict.fromkeys(p for p, _ in vs):
+            model, tok = _load_chat(path, rt, cfg.tokenizer)
+            for vi, (vpath, temp) in enumerate(vs):
+                if vpath != path:
+                    continue
+                jobs = [(i, s) for i, pk in enumerate(picks) for s in (0, 1) if pk[s] == vi]
+                for c in range(0, len(jobs), 4 * cfg.gen_batch):
+                    chunk = jobs[c:c + 4 * cfg.gen_batch]
+                    out = gatt.generate_replies(model, tok, [prompts[i] for i, _ in chunk],
+                                                temperature=temp, max_new_tokens=cfg.max_new_tokens,
+                                                seed=cfg.seed + 7919 * (vi + 1) + c + 10**6 * rnd,
+                                                batch=cfg.gen_batch, rt=rt)
+                    for job, r in zip(chunk, out):
+                        replies[job] = r[0] if r else None
+                    done += len(chunk)
+                    log.print(f"pairs ({split}, round {rnd + 1}): {done}/{total} responses sampled"
+                              f" ({_label(vs[vi])}), {time.perf_counter() - t0:.0f}s")
+            del model
+        for i, d in enumerate(prompts):
+            a, b = replies[(i, 0)], replies[(i, 1)]
+            if a is None or b is None:
+                skipped["too_long"] += 1
+            elif not (a.eos and b.eos):
+                skipped["no_eos"] += 1
+            elif a.text == b.text:
+                skipped["same_text"] += 1
+            else:
+                pairs.append(label_pair(d, a.text, b.text, _label(vs[picks[i][0]]),
+                                        _label(vs[picks[i][1]]), problems_from, cfg))
+    if len(pairs) < n:
+        log.print(f"warning: only {len(pairs)} {split} pairs of {n} asked for (skipped: {skipped})")
+    log.print(f"pairs ({split}): {min(n, len(pairs))} made in {time.perf_counter() - t0:.0f}s; "
+              f"prompts skipped: {skipped['same_text']} same text, {skipped['no_eos']} without EOS, "
+              f"{skipped['too_long']} too long")
+    return pairs[:n]
+
+
+def _label(v: tuple[str, float]) -> str:
+    return f"{Path(v[0]).name}@T{v[1]:g}"
+
+
+def label_pair(dialog: list, a: str, b: str, from_a: str, from_b: str, split: str,
+               cfg: Config) -> Pair:
+    """A pair labelled by the simulated annotator (world.prefer with noise, seeded), with the
+    noise-free judge's verdict and scores stored beside it."""
+    winner, rating = world.prefer(dialog, a, b, noise=cfg.annotator_noise, seed=cfg.seed)
+    j_winner, j_rating = world.prefer(dialog, a, b, noise=0.0, seed=cfg.seed)
+    (chosen, c_from), (rejected, r_from) = ((a, from_a), (b, from_b))[::1 if winner == "a" else -1]
+    return Pair(dialog, chosen, rejected, rating, judge={
+        "prefers": "chosen" if j_winner == winner else "rejected", "rating": j_rating,
+        "chosen_score": round(world.score(dialog, chosen).total, 6),
+        "rejected_score": round(world.score(dialog, rejected).total, 6)},
+        source={"chosen": c_from, "rejected": r_from, "split": split})
+
+
+def get_pairs(cfg: Config, split: str, rt, log) -> list[Pair]:
+    """The --pairs / --test_pairs files, or the pairs built from --pair_models, cached in
+    <pairs_dir>/pairs_<split>.jsonl with the hash of their inputs beside it (rebuilt when it
+    differs). Under torchrun rank 0 builds and the others wait, then all read the file."""
+    given = cfg.pairs if split == "train" else cfg.test_pairs
+    if given:
+        out = []
+        for path in [p for p in given.split(",") if p]:
+            try:
+                out += read_pairs(path)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise SystemExit(f"error: {e}") from None
+        return out
+    folder = Path(cfg.pairs_dir or cfg.out_dir)
+    path, key_path = folder / f"pairs_{split}.jsonl", folder / f"pairs_{split}.key"
+    key = pairs_key(cfg, split)
+    fresh = path.is_file() and key_path.is_file() and key_path.read_text().strip() == key
+    if rt.is_master and not fresh:
+        n = cfg.n_train if split == "train" else cfg.n_test
+        log.print(f"pairs ({split}): building {n} from {len(variants(cfg))} variants "
+                  f"({'inputs changed' if path.is_file() else 'no cache'}) -> {path}")
+        write_pairs(path, build_pairs(cfg, split, n, rt, log))
+        with training.atomic_write(key_path, "w") as f:
+            f.write(key + "\n")
+    elif fresh:
+        log.print(f"pairs ({split}): reusing {path} (inputs unchanged)")
+    if rt.distributed:
+        torch.distributed.barrier()
+    return read_pairs(str(path))
+
+
+# -----------------------------------------------------------------------------------------------
+# the loss and the batches
+
+
+def rm_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """Llama 2's binary ranking loss, mean over pairs: -log sigmoid(r_c - r_r - m).
+
+    All three must be 1-D of the same length: a [B, 1] reward minus a [B] margin would broadcast to
+    [B, B] and silently train on every cross pair (a known bug elsewhere), so it is refused.
+    """
+    if not (r_chosen.dim() == r_rejected.dim() == margin.dim() == 1
+            and r_chosen.shape == r_rejected.shape == margin.shape):
+        raise ValueError(f"rm_loss: rewards and margins must all be (B,), got {tuple(r_chosen.shape)}, "
+                         f"{tuple(r_rejected.shape)}, {tuple(margin.shape)}")
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+
+def encode_pairs(tokenizer, pairs: list[Pair], margin: str, seq_len: int):
+    """(chosen ids, rejected ids, margin) per pair, each sequence ending with its response's EOS;
+    pairs with a sequence longer than seq_len are dropped (returned second)."""
+    kept, dropped = [], []
+    for p in pairs:
+        try:
+            c = llama2.encode_response(tokenizer, p.messages, p.chosen)
+            r = llama2.encode_response(tokenizer, p.messages, p.rejected)
+        except ValueError as e:
+            raise SystemExit(f"error: {p.where or 'a pair'}: {e}") from None
+        (kept if max(len(c), len(r)) <= seq_len else dropped).append((c, r, margin_of(p, margin)))
+    return kept, dropped
+
+
+def pair_batch(examples: list, seq_len: int, device) -> dict:
+    """One micro-batch: chosen and rejected sequences interleaved (c0, r0, c1, r1, ...) and packed
+    into rows with cu_seqlens (llama2.pack_sequences); ends[2i] is pair i's chosen EOS, ends[2i+1]
+    its rejected EOS; margin (P,)."""
+    seqs = [s for c, r, _ in examples for s in (c, r)]
+    b = llama2.pack_sequences(seqs, seq_len, device=device)
+    b["margin"] = torch.tensor([m for _, _, m in examples], dtype=torch.float32, device=device)
+    return b
+
+
+def pair_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The pairs' order in one epoch: a permutation seeded by (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+# -----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n with ties given their average rank (for Spearman's rho)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=np.float64)
+    xs = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson's r of the average ranks)."""
+    rx, ry = _ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / den) if den else float("nan")
+
+
+def _agree(a: float, b: float) -> float:
+    """1 if a > b, 0 if a < b, 0.5 for a tie (a tie counts half)."""
+    return 1.0 if a > b else 0.0 if a < b else 0.5
+
+
+def evaluate(rm, tokenizer, pairs: list[Pair], rt=None, batch_tokens: int | None = None) -> dict:
+    """The RM on held-out pairs: accuracy per annotator rating bucket against the annotators and
+    against the noise-free judge, the ceiling (the judge against the annotators), Spearman with the
+    judge, calibration. Ties (equal rewards, equal judge scores) count half."""
+    rm.eval()
+    dialogs = [p.messages for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    with (rt.autocast() if rt is not None else contextlib.nullcontext()):
+        r = rm.score(dialogs, responses, tokenizer, batch_tokens=batch_tokens).double().numpy()
+    rc, rr = r[:len(pairs)], r[len(pairs):]
+    judged = all(p.judge is not None for p in pairs)
+    buckets = RATINGS + (["unrated"] if any(p.rating is None for p in pairs) else [])
+    rows = {}
+    for name in buckets + ["average"]:
+        idx = [i for i, p in enumerate(pairs) if name == "average" or (p.rating or "unrated") == name]
+        row = {"n": len(idx), "share": len(idx) / len(pairs)}
+        if idx:
+            row["rm_vs_annotators"] = float(np.mean([_agree(rc[i], rr[i]) for i in idx]))
+            if judged:
+                js = [(pairs[i].judge["chosen_score"], pairs[i].judge["rejected_score"]) for i in idx]
+                row["rm_vs_judge"] = float(np.mean([
+                    0.5 if c == s else _agree(rc[i], rr[i]) if c > s else _agree(rr[i], rc[i])
+                    for i, (c, s) in zip(idx, js)]))
+                row["ceiling"] = float(np.mean([_agree(c, s) for c, s in js]))
+        rows[name] = row
+    out = {"n": len(pairs), "buckets": rows, "floor": 0.5,
+           "rewards": {"chosen": rc.tolist(), "rejected": rr.tolist()}}
+    if judged:
+        # Spearman over the distinct held-out responses: RM score against the judge's total
+        seen, xs, ys = set(), [], []
+        for i, p in enumerate(pairs):
+            for resp, rew, js in ((p.chosen, rc[i], p.judge["chosen_score"]),
+                                  (p.rejected, rr[i], p.judge["rejected_score"])):
+                k = (json.dumps(p.messages), resp)
+                if k not in seen:
+                    seen.add(k)
+                    xs.append(rew)
+                    ys.append(js)
+        out["spearman"] = spearman(xs, ys)
+        out["n_responses"] = len(xs)
+    # calibration: each pair seen from a side fixed by a hash (half chosen-first), p = sigmoid(ra - rb)
+    flip = np.array([hashlib.sha256(json.dumps([p.messages, p.chosen, p.rejected]).encode())
+                     .digest()[0] % 2 for p in pairs], dtype=bool)
+    diff = np.where(flip, rr - rc, rc - rr)
+    pred, won = 1 / (1 + np.exp(-diff)), (~flip).astype(np.float64)
+    cal = []
+    for lo in np.arange(0, 1, 0.1):
+        m = (pred >= lo) & ((pred < lo + 0.1) if lo < 0.85 else (pred <= 1.0))
+        if m.any():
+            cal.append({"bin": [round(float(lo), 1), round(float(lo) + 0.1, 1)], "n": int(m.sum()),
+                        "predicted": float(pred[m].mean()), "observed": float(won[m].mean())})
+    out["calibration"] = cal
+    out["ece"] = float(sum(c["n"] * abs(c["predicted"] - c["observed"]) for c in cal) / len(pairs))
+    return out
+
+
+def format_eval(s: dict, title: str = "reward model") -> str:
+    """The evaluation as text tables: accuracy by bucket (Table 8 analog) and calibration."""
+    b = s["buckets"]
+    names = [n for n in b if n != "average"] + ["average"]
+    judged = "ceiling" in b["average"]
+    lines = [f"{title}: {s['n']} held-out pairs; accuracy % (floor: 50% = a coin; ceiling: the "
+             "noise-free judge against the annotators, the best any RM can do)",
+             "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+             "| pairs | " + " | ".join(f"{b[n]['n']} ({100 * b[n]['share']:.0f}%)" for n in names) + " |"]
+    keys = [("RM vs annotators", "rm_vs_annotators")]
+    if judged:
+        keys += [("RM vs judge", "rm_vs_judge"), ("ceiling (judge vs annotators)", "ceiling")]
+    for label, k in keys:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{100 * b[n][k]:.1f}" if k in b[n] else "-" for n in names) + " |")
+    if "spearman" in s:
+        lines.append(f"Spearman(RM score, judge score) over {s['n_responses']} held-out responses: "
+                     f"{s['spearman']:.3f} (floor 0 = unrelated, ceiling 1)")
+    lines.append(f"calibration (sigmoid(r_a - r_b) vs the observed annotator win rate; "
+                 f"ECE {s['ece']:.3f}, 0 is perfect):")
+    lines.append("| predicted bin | pairs | mean predicted | observed |")
+    lines.append("|---|---|---|---|")
+    for c in s["calibration"]:
+        lines.append(f"| {c['bin'][0]:.1f}-{c['bin'][1]:.1f} | {c['n']} | {c['predicted']:.3f} | "
+                     f"{c['observed']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_eval(s: dict, png, title: str = "reward model") -> None:
+    """Three panels: accuracy by rating bucket (RM vs annotators, vs judge, the ceiling, the 50%
+    floor), the histogram of held-out rewards, the calibration curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    b = s["buckets"]
+    names = [n for n in b if n != "average"] + ["average"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=100)
+    ax = axes[0]
+    keys = [k for k in ("rm_vs_annotators", "rm_vs_judge", "ceiling") if k in b["average"]]
+    w = 0.8 / len(keys)
+    for j, k in enumerate(keys):
+        ax.bar(np.arange(len(names)) + (j - (len(keys) - 1) / 2) * w,
+               [100 * b[n].get(k, float("nan")) for n in names], w, label=k.replace("_", " "))
+    ax.axhline(50, ls="--", color="0.5", label="floor (coin)")
+    ax.set_xticks(range(len(names)), [n.replace(" better", "").replace("/unsure", "") for n in names])
+    ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=f"{title}: accuracy by rating")
+    ax.legend(loc="lower left", fontsize=8)
+    ax = axes[1]
+    ax.hist(s["rewards"]["chosen"], bins=40, alpha=0.6, label="chosen")
+    ax.hist(s["rewards"]["rejected"], bins=40, alpha=0.6, label="rejected")
+    ax.set(xlabel="reward", ylabel="responses", title="held-out rewards")
+    ax.legend()
+    ax = axes[2]
+    cal = s["calibration"]
+    ax.plot([0, 1], [0, 1], ls="--", color="0.5", label="perfect")
+    ax.plot([c["predicted"] for c in cal], [c["observed"] for c in cal], marker="o", label="RM")
+    ax.set(xlabel="predicted P(a preferred)", ylabel="observed rate", xlim=(0, 1), ylim=(0, 1),
+           title=f"calibration (ECE {s['ece']:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with training.atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def run_eval(rm, tokenizer, cfg: Config, rt, log, label: str) -> dict:
+    """Evaluate on the held-out pairs; writes <out_dir>/eval.json and rm_eval.png."""
+    test = get_pairs(cfg, "test", rt, log)
+    t0 = time.perf_counter()
+    s = evaluate(rm, tokenizer, test, rt)
+    s.update(label=label, margin=cfg.margin, seed=cfg.seed, seconds=time.perf_counter() - t0)
+    out_dir = Path(cfg.out_dir)
+    if rt.is_master:
+        with training.atomic_write(out_dir / "eval.json", "w") as f:
+            f.write(json.dumps(s) + "\n")
+        plot_eval(s, out_dir / "rm_eval.png", label)
+        log.print(format_eval(s, label))
+        log.print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'rm_eval.png'} "
+                  f"({s['seconds']:.0f}s)")
+    return s
+
+
+# -----------------------------------------------------------------------------------------------
+# the script
+
+
+def main(argv=None) -> None:
+    cfg = training.parse_config(Config, argv, description=__doc__)
+    rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed, cfg.threads)
+    try:
+        _main(cfg, rt)
+    finally:
+        training.cleanup_runtime()
+
+
+def _main(cfg: Config, rt) -> None:
+    if cfg.kernels != "auto":
+        try:
+            llama2.set_kernels(cfg.kernels)
+        except (RuntimeError, ValueError) as e:
+            raise SystemExit(f"error: --kernels {cfg.kernels}: {e}") from None
+    if cfg.margin not in MARGINS:
+        raise SystemExit(f"error: --margin {cfg.margin!r} is not known; use none, small or large")
+    if not 0 < cfg.train_frac <= 1:
+        raise SystemExit(f"error: --train_frac {cfg.train_frac}: give a share in (0, 1]")
+    if cfg.eval and cfg.resume:
+        raise SystemExit("error: give --eval or --resume, not both")
+    try:
+        world.parse_levels(cfg.pair_levels)
+    except ValueError as e:
+        raise SystemExit(f"error: --pair_levels: {e}") from None
+    out_dir = Path(cfg.out_dir)
+    log = training.MetricsLog(None, rt)
+
+    # ---- evaluate or export an existing reward model
+    if cfg.eval or cfg.export_hf:
+        try:
+            rm, tok = llama2.load_reward_model(cfg.checkpoint, device=str(rt.device))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
+        if cfg.tokenizer:
+            tok = rm.tokenizer = llama2.Tokenizer(cfg.tokenizer)
+        if tok is None:
+            raise SystemExit(f"error: {cfg.checkpoint} carries no tokenizer; pass --tokenizer")
+        if cfg.export_hf:
+            llama2.export_hf(rm, cfg.export_hf, tok)
+            log.print(f"wrote {cfg.export_hf} (LlamaForSequenceClassification: config.json, "
+                      "model.safetensors, tokenizer.model)")
+        if cfg.eval:
+            run_eval(rm.float(), tok, cfg, rt, log, label=f"RM ({Path(cfg.checkpoint).name})")
+        return
+
+    # ---- the chat model the RM starts from (or our own checkpoint when resuming)
+    ckpt_path = out_dir / "ckpt.pt"
+    resumed = training.load_resume(ckpt_path, "rm") if cfg.resume else None
+    chat, tokenizer = _load_chat(cfg.checkpoint, rt, cfg.tokenizer)
+    seq_len = cfg.seq_len or chat.args.max_seq_len
+    if seq_len > chat.args.max_seq_len:
+        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
+                         f"({chat.args.max_seq_len}); lower it")
+    per_rank = cfg.batch_size // rt.world_size
+    if cfg.batch_size % rt.world_size or per_rank % cfg.micro_batch:
+        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be a multiple of "
+                         f"--micro_batch {cfg.micro_batch} x {rt.world_size} processes")
+    if rt.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = out_dir / "metrics.jsonl"
+    if rt.is_master:
+        training.trim_metrics(metrics, resumed["step"] if resumed else 0)
+    log = training.MetricsLog(metrics, rt)
+
+    # ---- data: the training pairs (the test pairs are built now too, so their cost is counted here)
+    train_pairs = get_pairs(cfg, "train", rt, log)
+    if cfg.eval_after and not cfg.test_pairs:
+        get_pairs(cfg, "test", rt, log)
+    n_use = max(1, round(cfg.train_frac * len(train_pairs)))
+    train_pairs = train_pairs[:n_use]
+    examples, dropped = encode_pairs(tokenizer, train_pairs, cfg.margin, seq_len)
+    if dropped:
+        log.print(f"dropped {len(dropped)} of {len(train_pairs)} pairs with a sequence longer than "
+                  f"--seq_len {seq_len}")
+    if not examples:
+        raise SystemExit("error: no training pairs left (every pair was too long, or none given)")
+    max_steps = max(1, int(cfg.epochs * len(examples)) // cfg.batch_size)
+    warmup = max(cfg.min_warmup, math.ceil(cfg.warmup_frac * max_steps))
+    data_key = hashlib.sha256(json.dumps([examples, seq_len]).encode()).hexdigest()[:16]
+    counts = {r: sum(p.rating == r for p in train_pairs) for r in RATINGS}
+    log.print(f"data: {len(examples)} pairs ({', '.join(f'{v} {k}' for k, v in counts.items())}), "
+              f"{sum(len(c) + len(r) for c, r, _ in examples):,} tokens; {max_steps} steps of "
+              f"{cfg.batch_size} pairs = {max_steps * cfg.batch_size / len(examples):.2f} epochs; "
+              f"margin {cfg.margin}; warmup {warmup} steps")
+
+    # ---- model: the chat model's body and a fresh scalar head (seeded), or the resumed weights
+    rm = llama2.RewardModel.from_chat(chat, seed=cfg.seed)
+    del chat
+    rm.tokenizer = tokenizer
+    start_step = 0
+    if resumed:
+        training.check_same_model_args(resumed["model_args"], asdict(rm.args), str(ckpt_path))
+        saved = resumed["data"]
+        if saved["key"] != data_key or saved["batch_size"] != cfg.batch_size:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: the pairs, --margin, "
+                             "--seq_len, --train_frac or --batch_size differ from the run that "
+                             "wrote it; use the same flags")
+        rm.load_state_dict(resumed["model"])
+        start_step = resumed["step"]
+    model = training.wrap_model(rm, rt, cfg.parallel)
+    optimizer = training.make_optimizer(rm, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                        device_type=rt.device_type)
+    if resumed:
+        training.load_optimizer_state_dict(rm, optimizer, resumed["optimizer"])
+        training.set_rng_state(resumed["rng"])
+        log.print(f"resumed from {ckpt_path} at step {start_step}")
+        del resumed
+
+    def save(step: int) -> None:
+        state = {
+            "model_args": asdict(rm.args),
+            "model": training.model_state_dict(rm),  # collective under FSDP
+            "optimizer": training.optimizer_state_dict(rm, optimizer),
+            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+            "config": asdict(cfg), "stage": "rm", "parent": cfg.checkpoint, "step": step,
+            "rng": training.rng_state(),
+            "data": {"key": data_key, "pairs": len(examples), "batch_size": cfg.batch_size},
+        }
+        if rt.is_master:
+            training.save_checkpoint(ckpt_path, state)
+            log.print(f"saved {ckpt_path} at step {step}")
+
+    # ---- training loop: a step is batch_size pairs; rank r takes its slice, micro_batch at a time
+    log.print(f"rm: {rm.num_params() / 1e6:.2f}M parameters from {cfg.checkpoint}; {rt.device}, "
+              f"{rt.world_size} process(es), kernels {llama2.kernels_in_use()}")
+    model.train()
+    step = start_step
+    end_step = min(max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else max_steps
+    order: dict[int, list[int]] = {}
+    while step < end_step:
+        t0 = time.perf_counter()
+        lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=warmup, total_steps=max_steps,
+                                min_lr_ratio=cfg.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        idx = []
+        for g in range(step * cfg.batch_size, (step + 1) * cfg.batch_size):
+            epoch, slot = divmod(g, len(examples))
+            if epoch not in order:
+                order = {epoch: pair_order(len(examples), cfg.seed, epoch)}
+            idx.append(order[epoch][slot])
+        mine = idx[rt.rank * per_rank:(rt.rank + 1) * per_rank]
+        stats = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss sum, correct, tokens
+        for m in range(0, per_rank, cfg.micro_batch):
+            batch = pair_batch([examples[i] for i in mine[m:m + cfg.micro_batch]], seq_len, rt.device)
+            with training.sync_gradients(model, m + cfg.micro_batch >= per_rank):
+                with rt.autocast():
+                    r = model(batch["tokens"], batch["ends"], cu_seqlens=batch["cu_seqlens"])  # (2P,)
+                rc, rr = r[0::2], r[1::2]  # (P,) each
+                loss = rm_loss(rc, rr, batch["margin"])
+                # each micro-batch weighted by its share of the step's pairs (DDP averages ranks)
+                (loss * len(rc) / cfg.batch_size * rt.world_size).backward()
+            stats += torch.tensor([loss.item() * len(rc), (rc > rr).sum().item(),
+                                   batch["tokens"].numel()], dtype=torch.float64, device=rt.device)
+        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
+            gnorm = gnorm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if rt.distributed:
+            torch.distributed.all_reduce(stats)
+        train_loss, acc = stats[0].item() / cfg.batch_size, stats[1].item() / cfg.batch_size
+        if not math.isfinite(train_loss):
+            raise SystemExit(f"error: the loss became {train_loss} at step {step}; lower --lr")
+        dt = time.perf_counter() - t0
+        line = (training.step_line(step, max_steps, train_loss, lr, gnorm.item(), dt,
+                                   stats[2].item() / dt) + f" | acc {100 * acc:.0f}%")
+        log.write({"step": step, "loss": train_loss, "acc": acc, "lr": lr, "gnorm": gnorm.item(),
+                   "ms": dt * 1000, "tok_s": stats[2].item() / dt},
+                  line if step % cfg.log_every == 0 or step == max_steps else None)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == end_step:
+            save(step)
+    if start_step >= max_steps:
+        log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
+    log.print(f"done: reward model {ckpt_path}")
+    if cfg.eval_after and step == max_steps:
+        run_eval(rm, tokenizer, cfg, rt, log, label=f"RM, margin {cfg.margin}")
+
+
+if __name__ == "__main__":
+    main()
