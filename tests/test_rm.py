@@ -422,3 +422,37 @@ def test_bad_input_is_one_clear_error(tokenizer, tmp_path):
     for flags, msg in cases:
         with pytest.raises(SystemExit, match=f"^error: .*{msg}"):
             train_rm.main(flags + base)
+
+
+# FSDP (--parallel fsdp) passes the same test (run once by hand, 28 s); only DDP runs in the suite,
+# to keep it fast on a 2-core machine: train_pretrain's test covers training.wrap_model's FSDP path
+@pytest.mark.parametrize("parallel", ["ddp"])
+def test_torchrun_two_processes_match_one_process(tokenizer, tmp_path, parallel):
+    # 8 pairs per step: 2 ranks x 4 pairs (2 micro-batches of 2) == 1 process x 8 pairs
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    sft = _chat_ckpt(tokenizer, tmp_path / "sft")
+    train = _pairs_file(tmp_path / "train.jsonl", 32, "train", 1)
+    flags = ["--checkpoint", str(sft), "--pairs", train, "--batch_size", "8", "--micro_batch", "2",
+             "--lr", "3e-3", "--device", "cpu", "--eval_after", "false", "--parallel", parallel]
+    torch.set_num_threads(1)
+    train_rm.main(flags + ["--out_dir", str(tmp_path / "one")])
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "train_rm.py", *flags, "--out_dir",
+                           str(tmp_path / "two")], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+
+    def losses(d):
+        return [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) < 2e-5, (one, two)
+    a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
