@@ -100,6 +100,7 @@ class Config:
     eval: bool = False  # evaluate the reward model --checkpoint on the held-out pairs instead of training
     eval_after: bool = True  # evaluate at the end of training
     export_hf: str = ""  # write the reward model --checkpoint as a Hugging Face LlamaForSequenceClassification folder
+    report: str = ""  # eval.json files (comma-separated, globs): the margin / training-size table over seeds and the histograms, into --out_dir
     # logging and checkpoints
     out_dir: str = "out/rm"  # where ckpt.pt, metrics.jsonl, the cached pairs and eval.json go
     pairs_dir: str = ""  # where built pairs are cached (default: out_dir)
@@ -112,7 +113,8 @@ class Config:
     dtype: str = "auto"  # autocast: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
     kernels: str = "auto"  # hot paths: auto, ext, ref
     threads: int = 0  # CPU threads (0 = torch's default)
-    seed: int = 1337  # seeds the head, the data order, the prompts, sampling and the annotators
+    seed: int = 1337  # seeds the RM's head and the order of the pairs
+    pair_seed: int = 0  # seeds the built pairs: prompts, sampling, the annotators' noise
 
 
 # the paper's four ratings, most separable first (world.RATINGS holds the gap thresholds)
@@ -292,7 +294,7 @@ def pairs_key(cfg: Config, split: str) -> str:
         "variants": variants(cfg), "files": [_file_id(m) for m in models],
         "levels": cfg.pair_levels, "p_instruction": cfg.pair_p_instruction,
         "max_turns": cfg.pair_max_turns, "noise": cfg.annotator_noise,
-        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.pair_seed,
         "world": hashlib.sha256(Path(world.__file__).read_bytes()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -335,14 +337,14 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
     problems_from = "train" if split == "train" else "heldout"  # the world's split
     vs = variants(cfg)
     levels = world.parse_levels(cfg.pair_levels)
-    rng = random.Random(f"rm-variants-{split}-{cfg.seed}")
+    rng = random.Random(f"rm-variants-{split}-{cfg.pair_seed}")
     pairs, skipped = [], {"no_eos": 0, "same_text": 0, "too_long": 0}
     t0 = time.perf_counter()
     for rnd in range(6):
         if len(pairs) >= n:
             break
         m = math.ceil((n - len(pairs)) * 1.2) + 4
-        prompts = rm_prompts(m, problems_from, cfg.seed * 1000 + rnd, levels, cfg.pair_p_instruction,
+        prompts = rm_prompts(m, problems_from, cfg.pair_seed * 1000 + rnd, levels, cfg.pair_p_instruction,
                              cfg.pair_max_turns)
         picks = [rng.sample(range(len(vs)), 2) for _ in prompts]
         replies: dict = {}
@@ -357,7 +359,7 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
                     chunk = jobs[c:c + 4 * cfg.gen_batch]
                     out = gatt.generate_replies(model, tok, [prompts[i] for i, _ in chunk],
                                                 temperature=temp, max_new_tokens=cfg.max_new_tokens,
-                                                seed=cfg.seed + 7919 * (vi + 1) + c + 10**6 * rnd,
+                                                seed=cfg.pair_seed + 7919 * (vi + 1) + c + 10**6 * rnd,
                                                 batch=cfg.gen_batch, rt=rt)
                     for job, r in zip(chunk, out):
                         replies[job] = r[0] if r else None
@@ -392,8 +394,8 @@ def label_pair(dialog: list, a: str, b: str, from_a: str, from_b: str, split: st
                cfg: Config) -> Pair:
     """A pair labelled by the simulated annotator (world.prefer with noise, seeded), with the
     noise-free judge's verdict and scores stored beside it."""
-    winner, rating = world.prefer(dialog, a, b, noise=cfg.annotator_noise, seed=cfg.seed)
-    j_winner, j_rating = world.prefer(dialog, a, b, noise=0.0, seed=cfg.seed)
+    winner, rating = world.prefer(dialog, a, b, noise=cfg.annotator_noise, seed=cfg.pair_seed)
+    j_winner, j_rating = world.prefer(dialog, a, b, noise=0.0, seed=cfg.pair_seed)
     (chosen, c_from), (rejected, r_from) = ((a, from_a), (b, from_b))[::1 if winner == "a" else -1]
     return Pair(dialog, chosen, rejected, rating, judge={
         "prefers": "chosen" if j_winner == winner else "rejected", "rating": j_rating,
@@ -638,7 +640,8 @@ def run_eval(rm, tokenizer, cfg: Config, rt, log, label: str) -> dict:
     test = get_pairs(cfg, "test", rt, log)
     t0 = time.perf_counter()
     s = evaluate(rm, tokenizer, test, rt)
-    s.update(label=label, margin=cfg.margin, seed=cfg.seed, seconds=time.perf_counter() - t0)
+    s.update(label=label, margin=cfg.margin, seed=cfg.seed, train_frac=cfg.train_frac,
+             seconds=time.perf_counter() - t0)
     out_dir = Path(cfg.out_dir)
     if rt.is_master:
         with training.atomic_write(out_dir / "eval.json", "w") as f:
@@ -648,6 +651,53 @@ def run_eval(rm, tokenizer, cfg: Config, rt, log, label: str) -> dict:
         log.print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'rm_eval.png'} "
                   f"({s['seconds']:.0f}s)")
     return s
+
+
+def report(files: list[str], out_dir: Path) -> str:
+    """The margin ablation (the paper's Table 28) and the training-set-size curve from several
+    runs' eval.json: accuracy against the annotators per rating bucket, mean and spread (min-max)
+    over the seeds of each (margin, train_frac); the held-out reward histogram per margin (Fig. 27)
+    -> <out_dir>/rm_margins.png. Returns the table as text."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    groups: dict = {}
+    for s in runs:
+        groups.setdefault((s.get("train_frac", 1.0), s["margin"]), []).append(s)
+    names = RATINGS + ["average"]
+    lines = [f"accuracy % against the annotators on {runs[0]['n']} held-out pairs, mean (min-max) "
+             "over seeds; floor 50%",
+             "| train share | margin | seeds | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 3) + "|"]
+    order = {"none": 0, "small": 1, "large": 2}
+    for (frac, margin), ss in sorted(groups.items(), key=lambda kv: (-kv[0][0], order[kv[0][1]])):
+        cells = []
+        for n in names:
+            xs = [100 * s["buckets"][n]["rm_vs_annotators"] for s in ss
+                  if "rm_vs_annotators" in s["buckets"][n]]
+            cells.append(f"{np.mean(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})" if xs else "-")
+        lines.append(f"| {frac:g} | {margin} | {len(ss)} | " + " | ".join(cells) + " |")
+    ceiling = runs[0]["buckets"]
+    if "ceiling" in ceiling["average"]:
+        lines.append("| ceiling | (judge) | - | " + " | ".join(
+            f"{100 * ceiling[n]['ceiling']:.1f}" if "ceiling" in ceiling[n] else "-"
+            for n in names) + " |")
+    margins = sorted({m for f, m in groups if f == 1.0}, key=order.get)
+    if margins:
+        fig, axes = plt.subplots(1, len(margins), figsize=(5 * len(margins), 4), dpi=100,
+                                 squeeze=False)
+        for ax, m in zip(axes[0], margins):
+            s = groups[(1.0, m)][0]
+            r = s["rewards"]["chosen"] + s["rewards"]["rejected"]
+            ax.hist(r, bins=50, color="C0")
+            ax.set(title=f"margin {m} (seed {s['seed']})", xlabel="reward", ylabel="responses")
+        fig.suptitle("held-out rewards per margin (the paper's Fig. 27)")
+        fig.tight_layout()
+        with training.atomic_write(out_dir / "rm_margins.png", "wb") as f:
+            fig.savefig(f, format="png")
+        plt.close(fig)
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -681,6 +731,14 @@ def _main(cfg: Config, rt) -> None:
         raise SystemExit(f"error: --pair_levels: {e}") from None
     out_dir = Path(cfg.out_dir)
     log = training.MetricsLog(None, rt)
+    if cfg.report:
+        import glob
+        files = sorted(f for pat in cfg.report.split(",") if pat for f in glob.glob(pat))
+        if not files:
+            raise SystemExit(f"error: --report {cfg.report!r} matches no eval.json file")
+        log.print(report(files, out_dir))
+        log.print(f"wrote {out_dir / 'rm_margins.png'}")
+        return
 
     # ---- evaluate or export an existing reward model
     if cfg.eval or cfg.export_hf:

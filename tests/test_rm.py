@@ -249,7 +249,7 @@ def test_build_pairs_split_labels_and_cache(tokenizer, tmp_path, monkeypatch):
     m1 = _chat_ckpt(tokenizer, tmp_path / "m1")
     m2 = _chat_ckpt(tokenizer, tmp_path / "m2", seed=1)
     cfg = train_rm.Config(pair_models=f"{m1},{m2}", pair_temperatures="0.6,0.9,1.2", n_train=40,
-                          n_test=30, out_dir=str(tmp_path / "rm"), device="cpu", seed=5,
+                          n_test=30, out_dir=str(tmp_path / "rm"), device="cpu", pair_seed=5,
                           pair_max_turns=3)
     rt = training.setup_runtime("cpu", "float32", 0)
     log = training.MetricsLog(None, rt)
@@ -456,3 +456,25 @@ def test_torchrun_two_processes_match_one_process(tokenizer, tmp_path, parallel)
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
+
+
+def test_report_means_and_spreads_over_seeds(tmp_path, capsys):
+    def ev(margin, seed, acc, frac=1.0):
+        b = {n: {"n": 10, "share": 0.25, "rm_vs_annotators": acc, "ceiling": 0.9}
+             for n in train_rm.RATINGS + ["average"]}
+        s = {"n": 40, "buckets": b, "margin": margin, "seed": seed, "train_frac": frac,
+             "rewards": {"chosen": [1.0, 2.0], "rejected": [0.0, -1.0]}}
+        p = tmp_path / f"{margin}{seed}{frac}.json"
+        p.write_text(json.dumps(s))
+    for seed, acc in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        ev("small", seed, acc)
+    ev("none", 1, 0.55)
+    ev("none", 1, 0.5, frac=0.25)
+    train_rm.main(["--report", str(tmp_path / "*.json"), "--out_dir", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert "| 1 | small | 3 | 70.0 (60.0-80.0) |" in out
+    assert "| 1 | none | 1 | 55.0 (55.0-55.0) |" in out and "| 0.25 | none | 1 | 50.0" in out
+    assert "| ceiling | (judge) | - | 90.0 |" in out
+    assert out.index("| 1 | none") < out.index("| 1 | small") < out.index("| 0.25 | none")
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "r" / "rm_margins.png").shape[:2] == (400, 1000)
