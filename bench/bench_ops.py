@@ -5,6 +5,7 @@ For each op and shape: median time of the forward and of forward+backward (after
   ref    llama2.ref_* (the eager plain-PyTorch reference, the test oracle)
   stock  the best stock PyTorch: F.rms_norm; Meta's complex-number RoPE; SDPA(enable_gqa) on the
          (B, H, T, D) layout (on CUDA the flash backend)
+  compiled  torch.compile of the eager reference (RMSNorm, RoPE; on by default on CUDA, --compile)
   floor  bytes the op must move / measured copy bandwidth (RMSNorm, RoPE: memory-bound ops)
 and the ratios (speedups relative to ref, and ours relative to stock). Attention also reports the
 peak extra memory of one forward+backward:
@@ -15,6 +16,10 @@ peak extra memory of one forward+backward:
 
     python bench/bench_ops.py                 # CPU, < 3 min on 2 cores
     python bench/bench_ops.py --device cuda   # adds bf16 B=4 H=32 KV=8 D=128 at T=2048, 4096
+
+On CUDA the RMSNorm and RoPE shapes are large (each input at least 4x the GPU's L2 cache, which is
+50-60 MB on an H100/H200), so that the timings are of DRAM traffic, not of data left in L2 by the
+previous call.
 """
 import argparse
 import math
@@ -155,6 +160,8 @@ def report(op, shape, times, floor_ms=None, extra="", alloc_floor_ms=None):
         parts = [f"{op:9s} {shape:28s} {pass_name:8s}"]
         for k in ("ours", "ref", "stock"):
             parts.append(f"{k} {t[k]:8.2f} ms" if k in t else f"{k} {'-':>8s}   ")
+        if "compiled" in t:
+            parts.append(f"compiled {t['compiled']:8.2f} ms (ours {t['compiled'] / ours:5.2f}x)")
         parts.append(f"| ours vs ref {t['ref'] / ours:5.2f}x" if "ref" in t else "| ours vs ref   -  ")
         if "stock" in t:
             parts.append(f"vs stock {t['stock'] / ours:5.2f}x")
@@ -182,16 +189,25 @@ def _tag(dtype):
     return "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
 
 
-def bench_rms_norm(device, dtype, bw, shapes=((8, 512, 768), (4, 1024, 4096))):
+def compiled(fn, enabled):
+    """torch.compile(fn) as a baseline, or None."""
+    return torch.compile(fn, dynamic=False) if enabled else None
+
+
+def bench_rms_norm(device, dtype, bw, shapes=((8, 512, 768), (4, 1024, 4096)), compile_=False):
+    ref_c = compiled(llama2.ref_rms_norm, compile_)
     for shape in shapes:
         x = torch.randn(*shape, device=device, dtype=dtype)
         w = torch.randn(shape[-1], device=device, dtype=dtype)
         eps = 1e-5
-        times = fwd_and_fwdbwd({
+        contenders = {
             "ours": (lambda x, w: K.rms_norm(x, w, eps), (x, w)),
             "ref": (lambda x, w: llama2.ref_rms_norm(x, w, eps), (x, w)),
             "stock": (lambda x, w: F.rms_norm(x, (shape[-1],), w, eps), (x, w)),
-        }, device)
+        }
+        if ref_c is not None:
+            contenders["compiled"] = (lambda x, w: ref_c(x, w, eps), (x, w))
+        times = fwd_and_fwdbwd(contenders, device)
         # fwd reads x, writes out; bwd reads grad_out and x, writes grad_x (weight is negligible)
         nbytes = x.numel() * x.element_size()
         floor = (2 * nbytes / bw[0] * 1e3, 5 * nbytes / bw[0] * 1e3)
@@ -199,8 +215,9 @@ def bench_rms_norm(device, dtype, bw, shapes=((8, 512, 768), (4, 1024, 4096))):
         report("rms_norm", str(tuple(shape)) + _tag(dtype), times, floor, alloc_floor_ms=alloc)
 
 
-def bench_rope(device, dtype, bw):
-    B, T, H, KV, D = 8, 512, 12, 4, 64
+def bench_rope(device, dtype, bw, shape=(8, 512, 12, 4, 64), compile_=False):
+    B, T, H, KV, D = shape
+    ref_c = compiled(llama2.ref_rope, compile_)
     q = torch.randn(B, T, H, D, device=device, dtype=dtype)
     k = torch.randn(B, T, KV, D, device=device, dtype=dtype)
     cos, sin = llama2.rope_table(D, 2 * T, device=device)
@@ -212,6 +229,8 @@ def bench_rope(device, dtype, bw):
                 (q, k)),
         "stock": (lambda q, k: meta_rope(q, k, freqs_cis), (q, k)),
         "copy": (lambda q, k: (q.clone(), k.clone()), (q, k)),
+        **({"compiled": (lambda q, k: (ref_c(q, pos, cos, sin), ref_c(k, pos, cos, sin)), (q, k))}
+           if ref_c is not None else {}),
     }, device)
     # q and k read and written once per pass
     nbytes = (q.numel() + k.numel()) * q.element_size()
@@ -313,6 +332,8 @@ def bench_attention(device, dtype, shapes, with_ref=True, backend=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--compile", default=None, choices=["true", "false"],
+                   help="add torch.compile'd references as baselines (default: on CUDA only)")
     p.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -334,11 +355,23 @@ def main(argv=None):
           f"({bw[1] / 1e9:.1f} GB/s into fresh memory); medians; 'x' = speedup (higher is better "
           "for ours)", flush=True)
     dtype = torch.float32
-    bench_rms_norm(device, dtype, bw)
-    bench_rope(device, dtype, bw)
-    # bfloat16 RMSNorm and RoPE (stock: F.rms_norm in bfloat16; Meta's RoPE upcasts to float32)
-    bench_rms_norm(device, torch.bfloat16, bw, shapes=[(8, 512, 768)])
-    bench_rope(device, torch.bfloat16, bw)
+    comp = (device.type == "cuda") if args.compile is None else args.compile == "true"
+    if device.type == "cuda":
+        # Inputs of at least 4x the L2 cache: every call streams from DRAM.
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        rms_big, rope_big = (8, 4096, 4096), (8, 4096, 32, 8, 128)
+        print(f"# L2 {l2 / 2**20:.0f} MB; RMSNorm x {math.prod(rms_big) * 4 / l2:.0f}x L2 in float32, "
+              f"RoPE q {math.prod(rope_big[:3]) * rope_big[4] * 2 / l2:.0f}x L2 in bfloat16", flush=True)
+        bench_rms_norm(device, dtype, bw, shapes=[rms_big], compile_=comp)
+        bench_rope(device, dtype, bw, shape=rope_big, compile_=comp)
+        bench_rms_norm(device, torch.bfloat16, bw, shapes=[(16, 4096, 4096)], compile_=comp)
+        bench_rope(device, torch.bfloat16, bw, shape=rope_big, compile_=comp)
+    else:
+        bench_rms_norm(device, dtype, bw, compile_=comp)
+        bench_rope(device, dtype, bw, compile_=comp)
+        # bfloat16 RMSNorm and RoPE (stock: F.rms_norm in bfloat16; Meta's RoPE upcasts to float32)
+        bench_rms_norm(device, torch.bfloat16, bw, shapes=[(8, 512, 768)], compile_=comp)
+        bench_rope(device, torch.bfloat16, bw, compile_=comp)
     bench_attention(device, dtype, [(4, 512, 12, 4, 64), (4, 1024, 12, 4, 64)])
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend
