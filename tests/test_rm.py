@@ -150,6 +150,20 @@ def test_hf_sequence_classification_round_trip(chat, tokenizer, tmp_path):
     back, tok = llama2.load_reward_model(str(tmp_path / "hf"))
     assert tok is not None
     torch.testing.assert_close(back.score(dialogs, responses), ours, rtol=0, atol=1e-5)
+    # a model transformers made and saved itself (its own init, GQA) loads as ours and scores alike
+    cfg = transformers.LlamaConfig(vocab_size=tokenizer.n_words, hidden_size=32, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=128, num_labels=1, pad_token_id=0)
+    torch.manual_seed(1)
+    theirs = transformers.LlamaForSequenceClassification(cfg).eval()
+    torch.nn.init.normal_(theirs.score.weight, std=1.0)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    ours2, _ = llama2.load_reward_model(str(tmp_path / "theirs"))
+    got = ours2.score(dialogs, responses, tokenizer)
+    with torch.no_grad():
+        for d, r, g in zip(dialogs, responses, got):
+            ids = torch.tensor([llama2.encode_response(tokenizer, d, r)])
+            assert theirs(ids).logits.item() == pytest.approx(g.item(), abs=1e-4)
 
 
 # -----------------------------------------------------------------------------------------------
