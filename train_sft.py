@@ -50,9 +50,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# OpenMP threads that busy-wait stall when other processes share the cores (train_pretrain.py says
-# the same; measured here: SFT steps 11 s instead of 1.5 s beside one other busy process). Let them
-# sleep. Read when torch loads OpenMP, so before `import torch`.
+# OpenMP threads that busy-wait stall when other processes share the cores (as in train_pretrain.py;
+# seen here beside one other busy process: 11 s per demo SFT step with 2 default threads, 1.5 s with
+# OMP_NUM_THREADS=1 and passive waiting). Let them sleep; read when torch loads OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
