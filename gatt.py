@@ -423,7 +423,7 @@ def plot_adherence(curves: dict[str, list[float]], png, floor: list[float] | Non
            title="Instruction adherence, given once at turn 1 (held-out dialogs)")
     ax.set_xticks(range(1, max(len(c) for c in curves.values()) + 1))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="best")  # the corner the curves leave free
     fig.tight_layout()
     with training.atomic_write(png, "wb") as f:
         fig.savefig(f, format="png")
