@@ -9,8 +9,9 @@ layouts, grids) are the .cu files' own; see tests/cuda_emu/runner.cpp.
 
 Each output must be within twice the error of the PyTorch reference run in the kernel's dtype
 (flash-attention's rule, as in test_kernels_cuda.py), both measured against float64.
-test_seeded_bugs_are_caught shows that the emulation fails when it should: a removed
-__syncthreads (a race) and a wrong GQA head mapping (wrong numbers) in copies of the kernels.
+test_seeded_bugs_are_caught shows that the emulation fails when it should, on copies of the
+kernels with a seeded bug: a removed __syncthreads (a race), a wrong GQA head mapping (wrong
+numbers) and a WMMA store whose leading dimension breaks the alignment rule.
 
     python -m pytest -q tests/test_cuda_emulated.py
 """
@@ -94,19 +95,22 @@ def test_rms_norm(runner, dtype, N, C, vec):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,H,D,vec,table32", [(2, 5, 3, 16, True, True), (1, 7, 2, 64, True, False),
-                                                 (2, 3, 3, 6, False, True), (1, 4, 1, 32, False, False)])
-def test_rope(runner, dtype, B, T, H, D, vec, table32):
+@pytest.mark.parametrize("B,T,H,D,vec,table32,Hx", [(2, 5, 3, 16, True, True, 3), (1, 7, 2, 64, True, False, 3),
+                                                    (2, 3, 3, 6, False, True, 3), (1, 4, 1, 32, False, False, 1),
+                                                    (2, 6, 2, 32, True, True, 5)])
+def test_rope(runner, dtype, B, T, H, D, vec, table32, Hx):
+    # Hx > H: x is the first H heads of a (B, T, Hx, D) tensor (q of a fused projection).
     torch.manual_seed(0)
     P = 3 * T
-    x = torch.randn(B, T, H, D).to(dtype)
+    xbuf = torch.randn(B, T, Hx, D).to(dtype)
+    x = xbuf[:, :, :H]
     pos = torch.randint(0, P, (B, T))
     cos64, sin64 = llama2.rope_table(D, P, dtype=torch.float64)
     tdt = torch.float32 if table32 else dtype
     cos, sin = cos64.to(tdt), sin64.to(tdt)
     for inverse in (False, True):
-        got = emu.run(runner, "rope", dtype, {"x": x, "pos": pos, "cos": cos, "sin": sin},
-                      {"out": ((B, T, H, D), dtype)}, B=B, T=T, H=H, D=D, P=P, inverse=inverse,
+        got = emu.run(runner, "rope", dtype, {"x": xbuf, "pos": pos, "cos": cos, "sin": sin},
+                      {"out": ((B, T, H, D), dtype)}, B=B, T=T, H=H, Hx=Hx, D=D, P=P, inverse=inverse,
                       vec=vec, table="f32" if table32 else "same", blocks=2)["out"]
         s = -1 if inverse else 1
         ref64 = llama2.ref_rope(x.double(), pos, cos.double(), s * sin.double())
@@ -144,7 +148,11 @@ def lse_reference(q, k, causal, cu_seqlens, scale):
     return torch.logsumexp(s.masked_fill(~mask, -math.inf), dim=-1)
 
 
-def attention_case(runner, dtype, B, Tq, Tk, H, KV, D, causal, cu_seqlens=None, vec=True, backward=True):
+def attention_case(runner, dtype, B, Tq, Tk, H, KV, D, causal, cu_seqlens=None, vec=True, backward=True,
+                   fused=False):
+    """out and lse, then dq, dk, dv, of the emulated kernels against the float64 reference.
+    fused: q, k, v are head slices of one (B, T, H + 2 KV, D) tensor, as the model's fused
+    projection would give (strides, not copies)."""
     torch.manual_seed(B * 1000 + Tq * 10 + Tk + H + D)
     q = torch.randn(B, Tq, H, D).to(dtype)
     k = torch.randn(B, Tk, KV, D).to(dtype)
@@ -152,8 +160,8 @@ def attention_case(runner, dtype, B, Tq, Tk, H, KV, D, causal, cu_seqlens=None, 
     g = torch.randn(B, Tq, H, D).to(dtype)
     scale = 1 / math.sqrt(D)
     keys = dict(B=B, Tq=Tq, Tk=Tk, H=H, KV=KV, D=D, causal=causal, scale=repr(scale),
-                nseq=0 if cu_seqlens is None else len(cu_seqlens) - 1, vec=vec)
-    ins = {"q": q, "k": k, "v": v}
+                nseq=0 if cu_seqlens is None else len(cu_seqlens) - 1, vec=vec, fused=fused)
+    ins = {"qkv": torch.cat([q, k, v], dim=2)} if fused else {"q": q, "k": k, "v": v}
     if cu_seqlens is not None:
         ins["cu"] = cu_seqlens
     fwd = emu.run(runner, "attn_fwd", dtype, ins,
@@ -190,6 +198,13 @@ def test_attention_full_and_unaligned_loads(runner, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_strided_views_of_a_fused_projection(runner, dtype):
+    # q, k, v as head slices of one (B, T, H + 2 KV, D) tensor: batch and token strides are not
+    # those of q's own shape.
+    attention_case(runner, dtype, B=2, Tq=21, Tk=21, H=4, KV=2, D=48, causal=True, fused=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_kv_cache_offset_and_decode(runner, dtype):
     # Causal, bottom-right aligned: 9 new queries after 60 cached keys; then one-token decode.
     attention_case(runner, dtype, B=1, Tq=9, Tk=69, H=4, KV=2, D=64, causal=True)
@@ -218,7 +233,7 @@ def test_attention_rows_with_no_key(runner, dtype):
 def test_no_races_rms_norm_rope(tsan_runner, dtype):
     test_rms_norm(tsan_runner, dtype, 3, 64, True)
     test_rms_norm(tsan_runner, dtype, 2, 40, False)
-    test_rope(tsan_runner, dtype, 1, 3, 2, 16, True, True)
+    test_rope(tsan_runner, dtype, 1, 3, 2, 16, True, True, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -243,6 +258,10 @@ MUTATIONS = {
     "wrong GQA head mapping": (
         "  const int kv_head = h / (p.H / p.KV);\n",
         "  const int kv_head = h % p.KV;\n"),
+    # A WMMA store with a leading dimension that is not a multiple of 16 bytes.
+    "bad WMMA leading dimension": (
+        "      wmma::store_matrix_sync(c + nn * 16, acc, ldc, wmma::mem_row_major);\n",
+        "      wmma::store_matrix_sync(c + nn * 16, acc, ldc + 2, wmma::mem_row_major);\n"),
 }
 
 
@@ -267,5 +286,8 @@ def test_seeded_bugs_are_caught(tmp_path, name):
                        backward=False)
     if name == "removed __syncthreads":
         assert isinstance(info.value, emu.EmulatorError) and "data race" in info.value.stderr, info.value
+    elif name == "bad WMMA leading dimension":
+        assert isinstance(info.value, emu.EmulatorError), info.value
+        assert "store_matrix_sync: ldm 70 is not a multiple of 16 bytes" in info.value.stderr, info.value
     else:
         assert isinstance(info.value, AssertionError), info.value

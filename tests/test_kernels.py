@@ -522,3 +522,17 @@ def test_attention_without_fortran_blas():
     env = dict(__import__("os").environ, LLAMA2_CPU_GEMM="aten")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_cuda_host_code_reads_nothing_back():
+    # Issue 15: the CUDA ops' per-call path never waits for the GPU. Runs without a GPU by reading
+    # the host code; tests/test_kernels_cuda.py::test_no_host_sync_per_call checks it on a GPU
+    # with torch.cuda.set_sync_debug_mode("error").
+    import pathlib
+    import re
+    syncing = re.compile(r"\.cpu\(\)|\.item<|\.item\(\)|Synchronize\(|cudaMemcpy\(|\.tolist\(|"
+                         r"non_blocking=\*/false|aminmax|\.to\([^)]*kCPU")
+    root = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    found = [f"{p.name}:{i + 1}: {line.strip()}" for p in sorted(root.glob("*.cu*"))
+             for i, line in enumerate(p.read_text().splitlines()) if syncing.search(line)]
+    assert not found, "device-to-host syncs in the CUDA ops:\n" + "\n".join(found)

@@ -74,10 +74,19 @@ def build(tsan: bool = False, head_dims=(16, 32, 48, 64, 128), dtypes=("f32", "f
     return out
 
 
+_SETARCH = None
+
+
 def _prefix(tsan: bool) -> list:
-    if tsan and shutil.which("setarch"):
-        return ["setarch", os.uname().machine, "-R"]
-    return []
+    """setarch -R (no address randomization) for ThreadSanitizer, where it is allowed."""
+    global _SETARCH
+    if not tsan:
+        return []
+    if _SETARCH is None:
+        cmd = ["setarch", os.uname().machine, "-R"]
+        ok = shutil.which("setarch") and subprocess.run(cmd + ["true"], capture_output=True).returncode == 0
+        _SETARCH = cmd if ok else []
+    return _SETARCH
 
 
 def write_tensor(path: Path, t: torch.Tensor) -> None:

@@ -9,10 +9,12 @@
 // there. The ops and their keys:
 //   rms_fwd   N C eps vec grid             x, w             -> out, rstd (f32)
 //   rms_bwd   N C vec grid                 g, x, w, rstd    -> dx, dw
-//   rope      B T H D P inverse vec table(f32|same) blocks
+//   rope      B T H D P inverse vec table(f32|same) blocks [Hx: x is a view of the first H
+//             heads of a (B, T, Hx, D) buffer, as q is of a fused projection]
 //                                          x, pos (i64), cos, sin -> out
-//   attn_fwd  B Tq Tk H KV D causal scale nseq (0: no cu_seqlens)
-//                                          q, k, v, [cu (i32)] -> out, lse (f32)
+//   attn_fwd  B Tq Tk H KV D causal scale nseq (0: no cu_seqlens) vec [fused: q, k, v are
+//             views of one (B, T, H + 2 KV, D) buffer qkv, as the model's fused projection gives]
+//                                          q, k, v or qkv, [cu (i32)] -> out, lse (f32)
 //   attn_bwd  same keys                    q, k, v, out, dout, lse, [cu] -> dq (f32, before the
 //                                          cast the .cu does), dk, dv
 // Exit status 0 on success; simt.h exits 3 on a deadlock, a failed device assertion or a broken
@@ -146,14 +148,14 @@ void rms_bwd() {
 
 template <typename T, typename CT, int VEC>
 void rope_launch(const Buffer& x, const Buffer& pos, const Buffer& cos, const Buffer& sin,
-                 Buffer& out, int B, int T_, int H, int D, long long P, bool inverse) {
+                 Buffer& out, int B, int T_, int H, int Hx, int D, long long P, bool inverse) {
   const int64_t n_items = static_cast<int64_t>(B) * T_ * H * (D / VEC);
   const int threads = 256;
   const int blocks = static_cast<int>(
       std::min<int64_t>((n_items + threads - 1) / threads, iarg("blocks")));
   simt::launch(blocks, threads, 0, rope_kernel<T, CT, VEC>, x.as<const T>(),
                pos.as<const int64_t>(), cos.as<const CT>(), sin.as<const CT>(), out.as<T>(),
-               n_items, T_, H, D, (int64_t)P, (int64_t)T_ * H * D, (int64_t)H * D, (int64_t)D,
+               n_items, T_, H, D, (int64_t)P, (int64_t)T_ * Hx * D, (int64_t)Hx * D, (int64_t)D,
                inverse ? -1.0f : 1.0f);
 }
 
@@ -164,20 +166,21 @@ void rope() {
   const bool inverse = iarg("inverse") != 0;
   const bool table_f32 = arg("table") == "f32";
   const size_t ct = table_f32 ? sizeof(float) : sizeof(T);
-  auto x = read("x", (size_t)B * T_ * H * D * sizeof(T));
+  const int Hx = g_args.count("Hx") ? iarg("Hx") : H;  // heads in x's buffer (strides)
+  auto x = read("x", (size_t)B * T_ * Hx * D * sizeof(T));
   auto pos = read("pos", (size_t)B * T_ * sizeof(int64_t));
   auto cos = read("cos", P * (D / 2) * ct), sin = read("sin", P * (D / 2) * ct);
   Buffer out((size_t)B * T_ * H * D * sizeof(T));
   constexpr int VEC = vec16<T>();
   const bool vec = iarg("vec") && D % VEC == 0;
   if (vec && table_f32) {
-    rope_launch<T, float, VEC>(*x, *pos, *cos, *sin, out, B, T_, H, D, P, inverse);
+    rope_launch<T, float, VEC>(*x, *pos, *cos, *sin, out, B, T_, H, Hx, D, P, inverse);
   } else if (vec) {
-    rope_launch<T, T, VEC>(*x, *pos, *cos, *sin, out, B, T_, H, D, P, inverse);
+    rope_launch<T, T, VEC>(*x, *pos, *cos, *sin, out, B, T_, H, Hx, D, P, inverse);
   } else if (table_f32) {
-    rope_launch<T, float, 2>(*x, *pos, *cos, *sin, out, B, T_, H, D, P, inverse);
+    rope_launch<T, float, 2>(*x, *pos, *cos, *sin, out, B, T_, H, Hx, D, P, inverse);
   } else {
-    rope_launch<T, T, 2>(*x, *pos, *cos, *sin, out, B, T_, H, D, P, inverse);
+    rope_launch<T, T, 2>(*x, *pos, *cos, *sin, out, B, T_, H, Hx, D, P, inverse);
   }
   write("out", out);
 }
@@ -188,7 +191,7 @@ void rope() {
 
 struct AttnInputs {
   int B, Tq, Tk, H, KV, D, n_seqs;
-  std::unique_ptr<Buffer> q, k, v, cu;
+  std::unique_ptr<Buffer> q, k, v, qkv, cu;
 };
 
 // The parameters make_attn_params fills, for contiguous q/k/v (attention.cuh).
@@ -197,15 +200,35 @@ AttnParams attn_params(AttnInputs& in) {
   in.B = iarg("B"), in.Tq = iarg("Tq"), in.Tk = iarg("Tk"), in.H = iarg("H"), in.KV = iarg("KV");
   in.D = iarg("D"), in.n_seqs = iarg("nseq");
   const int B = in.B, Tq = in.Tq, Tk = in.Tk, H = in.H, KV = in.KV, D = in.D;
-  in.q = read("q", (size_t)B * Tq * H * D * sizeof(T));
-  in.k = read("k", (size_t)B * Tk * KV * D * sizeof(T));
-  in.v = read("v", (size_t)B * Tk * KV * D * sizeof(T));
   AttnParams p{};
-  p.q = in.q->data, p.k = in.k->data, p.v = in.v->data;
-  p.q_sb = (int64_t)Tq * H * D, p.q_st = (int64_t)H * D, p.q_sh = D;
-  p.k_sb = (int64_t)Tk * KV * D, p.k_st = (int64_t)KV * D, p.k_sh = D;
-  p.v_sb = p.k_sb, p.v_st = p.k_st, p.v_sh = p.k_sh;
-  p.q_vec = p.k_vec = p.v_vec = iarg("vec") != 0;
+  if (g_args.count("fused") && iarg("fused")) {
+    // q, k, v: heads [0, H), [H, H + KV), [H + KV, H + 2 KV) of one (B, T, H + 2 KV, D) buffer.
+    if (Tq != Tk) simt::fail("runner: fused q/k/v need Tq == Tk");
+    const int W = H + 2 * KV;
+    in.qkv = read("qkv", (size_t)B * Tq * W * D * sizeof(T));
+    const T* base = in.qkv->as<const T>();
+    p.q = base, p.k = base + (size_t)H * D, p.v = base + (size_t)(H + KV) * D;
+    p.q_sb = p.k_sb = p.v_sb = (int64_t)Tq * W * D;
+    p.q_st = p.k_st = p.v_st = (int64_t)W * D;
+    p.q_sh = p.k_sh = p.v_sh = D;
+  } else {
+    in.q = read("q", (size_t)B * Tq * H * D * sizeof(T));
+    in.k = read("k", (size_t)B * Tk * KV * D * sizeof(T));
+    in.v = read("v", (size_t)B * Tk * KV * D * sizeof(T));
+    p.q = in.q->data, p.k = in.k->data, p.v = in.v->data;
+    p.q_sb = (int64_t)Tq * H * D, p.q_st = (int64_t)H * D, p.q_sh = D;
+    p.k_sb = (int64_t)Tk * KV * D, p.k_st = (int64_t)KV * D, p.k_sh = D;
+    p.v_sb = p.k_sb, p.v_st = p.k_st, p.v_sh = p.k_sh;
+  }
+  // rows_aligned16 of attention.cuh: every row start 16-byte aligned (and asked for).
+  auto aligned = [](const void* ptr, int64_t sb, int64_t st, int64_t sh) {
+    const int64_t v = 16 / sizeof(T);
+    return aligned16(ptr) && sb % v == 0 && st % v == 0 && sh % v == 0;
+  };
+  const bool vec = iarg("vec") != 0;
+  p.q_vec = vec && aligned(p.q, p.q_sb, p.q_st, p.q_sh);
+  p.k_vec = vec && aligned(p.k, p.k_sb, p.k_st, p.k_sh);
+  p.v_vec = vec && aligned(p.v, p.v_sb, p.v_st, p.v_sh);
   p.B = B, p.Tq = Tq, p.Tk = Tk, p.H = H, p.KV = KV;
   p.scale = static_cast<float>(farg("scale"));
   p.causal = iarg("causal") != 0;
@@ -248,7 +271,7 @@ void attn_bwd_d(AttnParams& p, AttnInputs& in) {
   p.o_sb = (int64_t)in.Tq * in.H * D, p.o_st = (int64_t)in.H * D, p.o_sh = D;
   p.dout = dout->data;
   p.do_sb = p.o_sb, p.do_st = p.o_st, p.do_sh = p.o_sh;
-  p.do_vec = p.q_vec;
+  p.do_vec = iarg("vec") != 0 && (D * sizeof(T)) % 16 == 0;  // dout is contiguous
   p.lse_in = lse->as<const float>();
   p.delta = delta.as<float>();
   p.dq_accum = dq.as<float>();
