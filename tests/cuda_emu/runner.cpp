@@ -17,6 +17,9 @@
 //                                          q, k, v or qkv, [cu (i32)] -> out, lse (f32)
 //   attn_bwd  same keys                    q, k, v, out, dout, lse, [cu] -> dq (f32, before the
 //                                          cast the .cu does), dk, dv
+// attn_* and rope also take concurrent=N (default 4): N blocks run interleaved, so that
+// ThreadSanitizer sees races between blocks too (the RMSNorm kernels use a static __shared__
+// array and run one block at a time).
 // Exit status 0 on success; simt.h exits 3 on a deadlock, a failed device assertion or a broken
 // WMMA rule, ThreadSanitizer (when built with it) 66 on a race.
 #include <cstdio>
@@ -159,8 +162,11 @@ void rope_launch(const Buffer& x, const Buffer& pos, const Buffer& cos, const Bu
                inverse ? -1.0f : 1.0f);
 }
 
+int concurrent() { return g_args.count("concurrent") ? static_cast<int>(iarg("concurrent")) : 4; }
+
 template <typename T>
 void rope() {
+  simt::ConcurrentBlocks blocks_at_once(concurrent());
   const int B = iarg("B"), T_ = iarg("T"), H = iarg("H"), D = iarg("D");
   const long long P = iarg("P");
   const bool inverse = iarg("inverse") != 0;
@@ -289,6 +295,7 @@ void attn_bwd_d(AttnParams& p, AttnInputs& in) {
 
 template <typename T, bool BWD>
 void attention() {
+  simt::ConcurrentBlocks blocks_at_once(concurrent());
   AttnInputs in;
   AttnParams p = attn_params<T>(in);
   switch (in.D) {

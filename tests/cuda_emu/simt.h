@@ -4,7 +4,7 @@
 // defined, and the kernel code compiles as plain C++. What it models:
 //   - every CUDA thread of a block is a fiber (ucontext) with its own stack, threadIdx and
 //     blockIdx; a scheduler runs each fiber until it waits at a barrier or returns. The blocks of
-//     a grid run one after another, in a shuffled order;
+//     a grid run in a shuffled order, one at a time or (ConcurrentBlocks) several interleaved;
 //   - __syncthreads is a barrier over the block's fibers, __syncwarp one over the warp's 32; a
 //     fiber that returns counts as arrived (as on the GPU); a barrier that can never fill (some
 //     threads wait at __syncthreads, the others at a warp barrier) fails as a deadlock;
@@ -23,15 +23,17 @@
 // only the ordering the barriers create (each arriving fiber releases, each leaving fiber
 // acquires), so two accesses to the same byte, one a write, that no barrier orders are reported:
 // a read of shared memory racing a write in the same barrier epoch (a missing __syncthreads or
-// __syncwarp) fails the run, like compute-sanitizer's racecheck.
+// __syncwarp) fails the run, like compute-sanitizer's racecheck. With blocks interleaved
+// (ConcurrentBlocks), so does a race between blocks on global memory (a sum without atomics).
 //
 // For a student: this is also a way to step through a CUDA kernel in gdb on a laptop (build the
-// runner with -O0 -g, `break attention_fwd_kernel`; `print threadIdx` says which CUDA thread).
+// runner with -O0 -g, `break attention_fwd_kernel`; `print simt::thread_index()` and
+// `print simt::block_index()` say which CUDA thread is stopped).
 //
 // Not modelled: warp-synchronous code without __syncwarp (every lane is independent here, as
-// Volta and later allow), partial shuffle masks, races between blocks of a grid (blocks run one
-// at a time), the GPU's exact float rounding (exp2f, rsqrtf and the tensor cores' sums are
-// computed in ordinary float here).
+// Volta and later allow), partial shuffle masks, races between blocks of a kernel that uses
+// static __shared__ arrays (its blocks run one at a time), the GPU's exact float rounding
+// (exp2f, rsqrtf and the tensor cores' sums are computed in ordinary float here).
 #pragma once
 
 #include <algorithm>
@@ -62,8 +64,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Static __shared__ arrays become function statics: one copy for the whole process, which is what
-// a block sees because the blocks run one at a time.
+// Static __shared__ arrays become function statics: one copy for the whole process, right as long
+// as the blocks of such a kernel run one at a time (the default; see ConcurrentBlocks).
 #define __shared__ static
 #define __align__(n) alignas(n)
 
@@ -217,7 +219,7 @@ struct Block {
   char block_sync;                 // ThreadSanitizer: everything before a block, before it
 };
 
-inline Block* g_block = nullptr;  // the block running now (one at a time)
+inline Block* g_block = nullptr;  // the block of the fiber running now
 
 SIMT_RUNTIME int thread_id() { return g_block->current; }
 SIMT_RUNTIME int lane_id() { return g_block->current & 31; }
@@ -305,6 +307,18 @@ inline void fiber_main() {
   fiber_finish();
 }
 
+// Blocks run at the same time (their fibers interleaved) by the next launches; 1 = one block at
+// a time. With more, ThreadSanitizer also sees races between blocks on global memory (two blocks
+// writing the same output, a sum without atomics). Only for kernels without static __shared__
+// arrays: those are one copy per process here (see __shared__ above).
+inline int g_concurrent_blocks = 1;
+
+struct ConcurrentBlocks {
+  int saved;
+  explicit ConcurrentBlocks(int n) : saved(g_concurrent_blocks) { g_concurrent_blocks = n; }
+  ~ConcurrentBlocks() { g_concurrent_blocks = saved; }
+};
+
 // Runs kernel(args...) on every thread of every block of the grid, as <<<grid, block, smem>>>.
 template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... args) {
@@ -316,28 +330,30 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
   const auto start = std::chrono::steady_clock::now();
   blockDim = block;
   gridDim = grid;
+  const int group = std::max(1, std::min(g_concurrent_blocks, n_blocks));
   // On the heap: the stack of launch() is reused by the next launch, which ThreadSanitizer would
   // see as a race with this launch's fibers.
-  auto* bp = new Block;
-  Block& b = *bp;
-  b.nt = nt;
-  b.fibers = new Fiber[nt];
-  b.warps = new Warp[nt / 32];
+  Block* blocks = new Block[group];
   constexpr size_t kStack = 256 * 1024;
-  for (int t = 0; t < nt; ++t) {
-    b.fibers[t].stack = new char[kStack];
-#if SIMT_TSAN
-    b.fibers[t].tsan = __tsan_create_fiber(0);
-#endif
-  }
-#if SIMT_TSAN
-  b.scheduler_tsan = __tsan_get_current_fiber();
-#endif
-  b.smem_bytes = smem_bytes;
   const size_t alloc = (std::max<size_t>(smem_bytes, 1) + 255) / 256 * 256;
-  b.smem = static_cast<unsigned char*>(std::aligned_alloc(256, alloc));
-  b.kernel = [=] { kernel(args...); };
-  g_block = &b;
+  for (int j = 0; j < group; ++j) {
+    Block& b = blocks[j];
+    b.nt = nt;
+    b.fibers = new Fiber[nt];
+    b.warps = new Warp[nt / 32];
+    for (int t = 0; t < nt; ++t) {
+      b.fibers[t].stack = new char[kStack];
+#if SIMT_TSAN
+      b.fibers[t].tsan = __tsan_create_fiber(0);
+#endif
+    }
+#if SIMT_TSAN
+    b.scheduler_tsan = __tsan_get_current_fiber();
+#endif
+    b.smem_bytes = smem_bytes;
+    b.smem = static_cast<unsigned char*>(std::aligned_alloc(256, alloc));
+    b.kernel = [=] { kernel(args...); };
+  }
   // The blocks in a shuffled order: a GPU gives no order either.
   std::vector<int> order(n_blocks);
   for (int i = 0; i < n_blocks; ++i) order[i] = i;
@@ -345,72 +361,86 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
   std::mt19937 rng(seed ? std::atoi(seed) : 0);
   std::shuffle(order.begin(), order.end(), rng);
 
-  for (int i = 0; i < n_blocks; ++i) {
-    const int blk = order[i];
-    const dim3 bidx(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
-    b.index = bidx;
-    b.barrier.expected = nt;
-    b.barrier.arrived = 0;
-    for (int w = 0; w < nt / 32; ++w) {
-      b.warps[w].barrier.expected = 32;
-      b.warps[w].barrier.arrived = 0;
-    }
-    std::memset(b.smem, 0xff, alloc);  // poison: an unwritten float reads as NaN
-    for (int t = 0; t < nt; ++t) {
-      Fiber& f = b.fibers[t];
-      f.state = State::kReady;
-      f.index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack;
-      f.ctx.uc_stack.ss_size = kStack;
-      f.ctx.uc_link = nullptr;
-      makecontext(&f.ctx, fiber_main, 0);
-    }
-    tsan_release(&b.block_sync);  // the setup above happens before the block's threads
-    // Round robin over the fibers that can run, each until it waits at a barrier or returns.
-    int done = 0;
-    while (done < nt) {
-      bool progress = false;
+  for (int g0 = 0; g0 < n_blocks; g0 += group) {
+    const int ng = std::min(group, n_blocks - g0);
+    for (int j = 0; j < ng; ++j) {
+      Block& b = blocks[j];
+      const int blk = order[g0 + j];
+      b.index = dim3(blk % grid.x, (blk / grid.x) % grid.y, blk / (grid.x * grid.y));
+      b.barrier.expected = nt;
+      b.barrier.arrived = 0;
+      for (int w = 0; w < nt / 32; ++w) {
+        b.warps[w].barrier.expected = 32;
+        b.warps[w].barrier.arrived = 0;
+      }
+      std::memset(b.smem, 0xff, alloc);  // poison: an unwritten float reads as NaN
       for (int t = 0; t < nt; ++t) {
         Fiber& f = b.fibers[t];
-        if (f.state != State::kReady) continue;
-        progress = true;
-        b.current = t;
+        f.state = State::kReady;
+        f.index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = kStack;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+      }
+      tsan_release(&b.block_sync);  // the setup above happens before the block's threads
+    }
+    // Round robin over the fibers that can run, each until it waits at a barrier or returns.
+    int done = 0;
+    while (done < ng * nt) {
+      bool progress = false;
+      for (int j = 0; j < ng; ++j) {
+        Block& b = blocks[j];
+        for (int t = 0; t < nt; ++t) {
+          Fiber& f = b.fibers[t];
+          if (f.state != State::kReady) continue;
+          progress = true;
+          g_block = &b;
+          b.current = t;
 #if SIMT_TSAN
-        __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
+          __tsan_switch_to_fiber(f.tsan, __tsan_switch_to_fiber_no_sync);
 #endif
-        swapcontext(&b.scheduler, &f.ctx);
-        if (f.state == State::kDone) ++done;
+          swapcontext(&b.scheduler, &f.ctx);
+          if (f.state == State::kDone) ++done;
+        }
       }
       if (!progress) {
-        int block_waiters = 0, warp_waiters = 0;
-        for (int t = 0; t < nt; ++t) {
-          block_waiters += b.fibers[t].state == State::kWaitBlock;
-          warp_waiters += b.fibers[t].state == State::kWaitWarp;
+        for (int j = 0; j < ng; ++j) {
+          int block_waiters = 0, warp_waiters = 0, returned = 0;
+          for (int t = 0; t < nt; ++t) {
+            block_waiters += blocks[j].fibers[t].state == State::kWaitBlock;
+            warp_waiters += blocks[j].fibers[t].state == State::kWaitWarp;
+            returned += blocks[j].fibers[t].state == State::kDone;
+          }
+          if (returned == nt) continue;
+          const dim3 bi = blocks[j].index;
+          fail("deadlock in block (%u,%u,%u): %d threads wait at __syncthreads, %d at warp "
+               "barriers (__syncwarp or a shuffle), %d have returned", bi.x, bi.y, bi.z,
+               block_waiters, warp_waiters, returned);
         }
-        fail("deadlock in block (%u,%u,%u): %d threads wait at __syncthreads, %d at warp barriers "
-             "(__syncwarp or a shuffle), %d have returned", bidx.x, bidx.y, bidx.z, block_waiters,
-             warp_waiters, done);
       }
     }
-    tsan_acquire(&b.block_sync);
+    for (int j = 0; j < ng; ++j) tsan_acquire(&blocks[j].block_sync);
   }
   if (std::getenv("SIMT_VERBOSE")) {
-    std::fprintf(stderr, "simt: launch <<<(%u,%u,%u), %d, %zu>>> took %.3f s\n", grid.x, grid.y,
-                 grid.z, nt, smem_bytes,
+    std::fprintf(stderr, "simt: launch <<<(%u,%u,%u), %d, %zu>>> (%d blocks at a time) took %.3f s\n",
+                 grid.x, grid.y, grid.z, nt, smem_bytes, group,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
-  for (int t = 0; t < nt; ++t) {
+  for (int j = 0; j < group; ++j) {
+    for (int t = 0; t < nt; ++t) {
 #if SIMT_TSAN
-    __tsan_destroy_fiber(b.fibers[t].tsan);
+      __tsan_destroy_fiber(blocks[j].fibers[t].tsan);
 #endif
-    delete[] b.fibers[t].stack;
+      delete[] blocks[j].fibers[t].stack;
+    }
+    std::free(blocks[j].smem);
+    delete[] blocks[j].fibers;
+    delete[] blocks[j].warps;
   }
   g_block = nullptr;
-  std::free(b.smem);
-  delete[] b.fibers;
-  delete[] b.warps;
-  delete bp;
+  delete[] blocks;
 }
 
 }  // namespace simt
