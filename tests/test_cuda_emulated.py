@@ -10,9 +10,9 @@ layouts, grids) are the .cu files' own; see tests/cuda_emu/runner.cpp.
 Each output must be within twice the error of the PyTorch reference run in the kernel's dtype
 (flash-attention's rule, as in test_kernels_cuda.py), both measured against float64.
 test_seeded_bugs_are_caught shows that the emulation fails when it should, on copies of the
-kernels with a seeded bug: a removed __syncthreads (a race in shared memory), dQ summed without
-atomics (a race between blocks in global memory), a wrong GQA head mapping (wrong numbers) and a
-WMMA store whose leading dimension breaks the alignment rule.
+kernels with a seeded bug: a removed __syncthreads or __syncwarp (a race in shared memory), dQ
+summed without atomics (a race between blocks in global memory), a wrong GQA head mapping (wrong
+numbers) and a WMMA store whose leading dimension breaks the alignment rule.
 
     python -m pytest -q tests/test_cuda_emulated.py
 """
@@ -259,6 +259,11 @@ MUTATIONS = {
     "wrong GQA head mapping": (
         "  const int kv_head = h / (p.H / p.KV);\n",
         "  const int kv_head = h % p.KV;\n"),
+    # The warp barrier between the score product (WMMA stores) and the softmax that reads the
+    # scores of its row from the other lanes' stores: a race within a warp.
+    "removed __syncwarp": (
+        "    __syncwarp();\n\n    // Online softmax",
+        "\n    // Online softmax"),
     # dQ summed over key tiles (blocks) with a plain += instead of atomicAdd: a race between
     # blocks on global memory (the sums come out right here, as fibers never interleave inside
     # one statement; ThreadSanitizer sees the unordered writes).
@@ -293,7 +298,7 @@ def test_seeded_bugs_are_caught(tmp_path, name):
     with pytest.raises((emu.EmulatorError, AssertionError)) as info:
         attention_case(binary, torch.bfloat16, B=1, Tq=40, Tk=40, H=4, KV=2, D=16, causal=True,
                        backward=name == "non-atomic dQ sum")
-    if name in ("removed __syncthreads", "non-atomic dQ sum"):
+    if name in ("removed __syncthreads", "removed __syncwarp", "non-atomic dQ sum"):
         assert isinstance(info.value, emu.EmulatorError) and "data race" in info.value.stderr, info.value
     elif name == "bad WMMA leading dimension":
         assert isinstance(info.value, emu.EmulatorError), info.value
