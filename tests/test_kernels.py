@@ -536,3 +536,18 @@ def test_cuda_host_code_reads_nothing_back():
     found = [f"{p.name}:{i + 1}: {line.strip()}" for p in sorted(root.glob("*.cu*"))
              for i, line in enumerate(p.read_text().splitlines()) if syncing.search(line)]
     assert not found, "device-to-host syncs in the CUDA ops:\n" + "\n".join(found)
+
+
+def test_gpu_check_script_parses_and_its_cases_run_on_cpu():
+    # bench/gpu_check.sh only runs on a lent GPU: keep it parseable, and run the six cases it
+    # hands to compute-sanitizer on the CPU kernels.
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", "-n", str(root / "bench" / "gpu_check.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([sys.executable, str(root / "bench" / "sanitize_cases.py"), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok  ") == 6, res.stdout
