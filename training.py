@@ -12,8 +12,7 @@ all need lives here, one small section per concern, in the order a script uses i
   data        corpus reader (.txt / folders / JSONL / the bundled Shakespeare), split by document,
               tokenized once into cached uint16/uint32 memmap shards, deterministic batches
   logging     one line per step on rank 0, the same numbers appended to a JSONL file
-  plot        `python training.py plot out/metrics.jsonl` -> PNG of train/val loss vs tokens,
-              drawn by a tiny numpy + zlib rasterizer (no matplotlib dependency)
+  plot        `python training.py plot out/metrics.jsonl` -> PNG of train/val loss (matplotlib)
 """
 from __future__ import annotations
 
@@ -29,11 +28,9 @@ import math
 import os
 import random
 import re
-import struct
 import time
 import typing
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -882,169 +879,53 @@ def model_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) 
 
 
 # -----------------------------------------------------------------------------------------------
-# plot: metrics.jsonl -> PNG with numpy + zlib
-
-# a 5x7 bitmap font for the characters the plot writes (rows top to bottom, 5 bits each)
-FONT = {
-    "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
-    "2": "01110 10001 00001 00010 00100 01000 11111", "3": "11110 00001 00001 01110 00001 00001 11110",
-    "4": "00010 00110 01010 10010 11111 00010 00010", "5": "11111 10000 11110 00001 00001 10001 01110",
-    "6": "00110 01000 10000 11110 10001 10001 01110", "7": "11111 00001 00010 00100 01000 01000 01000",
-    "8": "01110 10001 10001 01110 10001 10001 01110", "9": "01110 10001 10001 01111 00001 00010 01100",
-    ".": "00000 00000 00000 00000 00000 01100 01100", "-": "00000 00000 00000 11111 00000 00000 00000",
-    " ": "00000 00000 00000 00000 00000 00000 00000", "k": "10000 10000 10010 10100 11000 10100 10010",
-    "M": "10001 11011 10101 10101 10001 10001 10001", "G": "01110 10001 10000 10111 10001 10001 01111",
-    "a": "00000 00000 01110 00001 01111 10001 01111", "e": "00000 00000 01110 10001 11111 10000 01110",
-    "i": "00100 00000 01100 00100 00100 00100 01110", "l": "01100 00100 00100 00100 00100 00100 01110",
-    "n": "00000 00000 10110 11001 10001 10001 10001", "o": "00000 00000 01110 10001 10001 10001 01110",
-    "r": "00000 00000 10110 11001 10000 10000 10000", "s": "00000 00000 01111 10000 01110 00001 11110",
-    "t": "01000 01000 11100 01000 01000 01001 00110", "v": "00000 00000 10001 10001 10001 01010 00100",
-    "u": "00000 00000 10001 10001 10001 10011 01101",
-    "d": "00001 00001 01101 10011 10001 10001 01111",
-    "h": "10000 10000 10110 11001 10001 10001 10001",
-    "c": "00000 00000 01110 10000 10000 10001 01110",
-    "p": "00000 00000 11110 10001 11110 10000 10000",
-    "w": "00000 00000 10001 10001 10101 10101 01010",
-    "f": "00110 01001 01000 11100 01000 01000 01000",
-    "g": "00000 01111 10001 10011 01101 00001 01110",
-    "b": "10000 10000 10110 11001 10001 10001 11110",
-    "m": "00000 00000 11010 10101 10101 10001 10001",
-    "y": "00000 00000 10001 10001 01111 00001 01110",
-    "%": "11000 11001 00010 00100 01000 10011 00011",
-    "_": "00000 00000 00000 00000 00000 00000 11111",
-    "/": "00001 00010 00010 00100 01000 01000 10000",
-    "(": "00010 00100 01000 01000 01000 00100 00010",
-    ")": "01000 00100 00010 00010 00010 00100 01000",
-    "x": "00000 00000 10001 01010 00100 01010 10001",
-    "+": "00000 00100 00100 11111 00100 00100 00000",
-}
+# plot: metrics.jsonl -> PNG with matplotlib
 
 
-def draw_text(img: np.ndarray, x: int, y: int, text: str, color, scale: int = 2) -> None:
-    """Write `text` into an (H, W, 3) image with the 5x7 FONT (capitals it lacks fall back to lower
-    case; unknown characters are blanks)."""
-    for ch in text:
-        rows = (FONT.get(ch) or FONT.get(ch.lower()) or FONT[" "]).split()
-        for r, bits in enumerate(rows):
-            for c, bit in enumerate(bits):
-                if bit == "1":
-                    y0, x0 = y + r * scale, x + c * scale
-                    img[max(0, y0):y0 + scale, max(0, x0):x0 + scale] = color
-        x += 6 * scale
-
-
-def draw_line(img: np.ndarray, x0, y0, x1, y1, color, width: int = 2) -> None:
-    """Draw a straight line of `width` pixels from (x0, y0) to (x1, y1), clipped to the image."""
-    n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-    xs = np.rint(np.linspace(x0, x1, n)).astype(int)
-    ys = np.rint(np.linspace(y0, y1, n)).astype(int)
-    h, w = img.shape[:2]
-    for dx in range(width):
-        for dy in range(width):
-            xx, yy = np.clip(xs + dx, 0, w - 1), np.clip(ys + dy, 0, h - 1)
-            img[yy, xx] = color
-
-
-def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
-    """Write an (H, W, 3) uint8 image as a PNG: signature, IHDR, one zlib IDAT, IEND."""
-    h, w, _ = img.shape
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    # each scanline starts with filter type 0 (none)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), img.reshape(h, w * 3)], axis=1).tobytes()
-    png = (b"\x89PNG\r\n\x1a\n"
-           + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    with atomic_write(path, "wb") as f:
-        f.write(png)
-
-
-def _fmt_tokens(v: float) -> str:
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            return f"{v / div:.3g}{unit}"
-    return f"{v:.0f}"
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    span = hi - lo if hi > lo else 1.0
-    step = 10 ** math.floor(math.log10(span / n))
-    for m in (1, 2, 5, 10):
-        if span / (m * step) <= n:
-            step *= m
-            break
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
-
-
-def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, width: int = 800,
-                 height: int = 500) -> dict:
-    """Plot train loss (blue) and val loss (orange) against tokens seen, from a metrics JSONL
-    written by MetricsLog. Records with "loss" and "tokens" are train points, records with
-    "val_loss" and "tokens" are validation points. Returns the points it drew."""
-    train, val = [], []
-    for line in Path(jsonl).read_text().splitlines():
+def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
+    """Draw train and validation loss from a metrics JSONL written by MetricsLog (any stage) as a
+    PNG. Records with "loss" are train points, records with "val_loss" validation points; the x axis
+    is "tokens" when every such record has it (pretraining), else "step" (SFT, GAtt, the RM).
+    Returns {"x": the axis, "train": [(x, loss)], "val": [(x, val_loss)]}."""
+    records = []
+    for n, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
         if not line.strip():
             continue
-        r = json.loads(line)
-        if "tokens" in r and "val_loss" in r:
-            val.append((r["tokens"], r["val_loss"]))
-        elif "tokens" in r and "loss" in r:
-            train.append((r["tokens"], r["loss"]))
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise SystemExit(f"error: {jsonl}:{n}: not valid JSON") from None
+    points = [r for r in records if "loss" in r or "val_loss" in r]
+    x = "tokens" if points and all("tokens" in r for r in points) else "step"
+    train = sorted((r[x], r["loss"]) for r in points if "loss" in r and x in r)
+    val = sorted((r[x], r["val_loss"]) for r in points if "val_loss" in r and x in r)
     if not train and not val:
-        raise SystemExit(f"error: {jsonl} has no records with tokens and loss / val_loss")
-    pts = train + val
-    x_lo, x_hi = 0.0, max(p[0] for p in pts) or 1.0
-    y_lo, y_hi = min(p[1] for p in pts), max(p[1] for p in pts)
-    pad = 0.05 * (y_hi - y_lo or 1.0)
-    y_lo, y_hi = y_lo - pad, y_hi + pad
-    img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 90, width - 20, 40, height - 60
-    black, grey = (0, 0, 0), (225, 225, 225)
-
-    def px(x, y):
-        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
-                bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
-
-    # grid, ticks and labels
-    for t in _nice_ticks(y_lo, y_hi):
-        _, y = px(x_lo, t)
-        draw_line(img, left, y, right, y, grey, 1)
-        label = f"{t:.2f}"
-        draw_text(img, left - 12 - 12 * len(label), int(y) - 7, label, black)
-    for t in _nice_ticks(x_lo, x_hi):
-        x, _ = px(t, y_lo)
-        draw_line(img, x, top, x, bottom, grey, 1)
-        label = _fmt_tokens(t)
-        draw_text(img, int(x) - 6 * len(label), bottom + 10, label, black)
-    draw_line(img, left, bottom, right, bottom, black, 2)
-    draw_line(img, left, top, left, bottom, black, 2)
-    draw_text(img, (left + right) // 2 - 36, height - 24, "tokens", black)
-    draw_text(img, 8, 10, "loss", black)
-    # the curves
-    for series, color in ((sorted(train), (31, 119, 180)), (sorted(val), (255, 127, 14))):
-        for (xa, ya), (xb, yb) in zip(series, series[1:]):
-            draw_line(img, *px(xa, ya), *px(xb, yb), color, 2)
-        for x, y in series if len(series) < 50 else []:
-            cx, cy = px(x, y)
-            img[int(cy) - 2:int(cy) + 3, int(cx) - 2:int(cx) + 3] = color
-    # legend
-    for i, (name, color) in enumerate((("train", (31, 119, 180)), ("val", (255, 127, 14)))):
-        y = top + 10 + 22 * i
-        draw_line(img, right - 120, y + 6, right - 90, y + 6, color, 3)
-        draw_text(img, right - 80, y, name, black)
-    write_png(png, img)
-    return {"train": train, "val": val}
+        raise SystemExit(f"error: {jsonl} has no records with a loss or val_loss (and a step)")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for series, name, style in ((train, "train", {"lw": 1.5}),
+                                (val, "val", {"lw": 2, "marker": "o"})):
+        if series:
+            ax.plot(*zip(*series), label=name, **style)
+    if x == "tokens":  # 1.2M rather than 1200000
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
+    ax.set(xlabel=x, ylabel="loss (cross-entropy, nats)", title=str(Path(jsonl)))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    with atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return {"x": x, "train": train, "val": val}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: `python training.py plot METRICS.jsonl [-o loss.png]`."""
     parser = argparse.ArgumentParser(description="training utilities")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("plot", help="plot train/val loss against tokens from a metrics JSONL")
+    p = sub.add_parser("plot", help="plot train/val loss from any stage's metrics JSONL")
     p.add_argument("metrics", help="the metrics JSONL, e.g. out/pretrain/metrics.jsonl")
     p.add_argument("-o", "--out", default=None, help="PNG path (default: beside the JSONL)")
     args = parser.parse_args(argv)
@@ -1052,7 +933,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {args.metrics}: no such file")
     out = args.out or str(Path(args.metrics).with_suffix(".png"))
     drawn = plot_metrics(args.metrics, out)
-    print(f"wrote {out} ({len(drawn['train'])} train points, {len(drawn['val'])} val points)")
+    print(f"wrote {out} ({len(drawn['train'])} train points, {len(drawn['val'])} val points "
+          f"against {drawn['x']})")
 
 
 if __name__ == "__main__":
