@@ -69,7 +69,8 @@ def clean_reply(text: str, stop_at_newline: bool = False) -> str:
 def generate_replies(model, tokenizer, dialogs: list[list[dict]], *, n: int = 1,
                      temperature: float = 0.0, top_p: float = 0.9, max_new_tokens: int = 48,
                      seed: int = 0, batch: int = 64, stop_at_newline: bool = False,
-                     rt: training.Runtime | None = None) -> list[list[Reply] | None]:
+                     rt: training.Runtime | None = None, desc: str = "sampling"
+                     ) -> list[list[Reply] | None]:
     """n replies to each dialog (ending with a user message), batched; temperature 0 is greedy.
 
     A dialog whose prompt leaves no room in the context gets None. Prompts are sorted by length
@@ -83,7 +84,8 @@ def generate_replies(model, tokenizer, dialogs: list[list[dict]], *, n: int = 1,
                                      for p in prompts]
     autocast = rt.autocast() if rt is not None else contextlib.nullcontext()
     model.eval()
-    with autocast:
+    bar = training.progress(total=len(jobs), desc=desc, unit="reply", leave=False)
+    with autocast, bar:
         for c in range(0, len(jobs), batch):
             chunk = jobs[c:c + batch]
             gens = model.generate([prompts[i] for _, i, _ in chunk], max_new_tokens,
@@ -93,6 +95,7 @@ def generate_replies(model, tokenizer, dialogs: list[list[dict]], *, n: int = 1,
                 eos = bool(g) and g[-1] == tokenizer.eos_id
                 text = tokenizer.decode(g[:-1] if eos else g)
                 out[i][j] = Reply(clean_reply(text, stop_at_newline), eos, len(g))
+            bar.update(len(chunk))
     model.free_cache()
     return out
 
@@ -158,7 +161,7 @@ def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None
         replies = generate_replies(model, tokenizer, asked, n=k,
                                    temperature=cfg.gatt_temperature,
                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + t,
-                                   batch=cfg.gen_batch, rt=rt)
+                                   batch=cfg.gen_batch, rt=rt, desc=f"GAtt turn {t + 1}")
         for i, history, cands in zip(active, asked, replies):
             if cands is None:  # the history no longer fits the context: the dialog ends here
                 alive[i] = False
@@ -224,7 +227,8 @@ def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[l
             histories[i].append({"role": "user", "content": users[i][t]})
         replies = generate_replies(model, tokenizer, [histories[i] for i in active],
                                    max_new_tokens=cfg.max_new_tokens, batch=cfg.gen_batch,
-                                   stop_at_newline=cfg.fewshot > 0, rt=rt)
+                                   stop_at_newline=cfg.fewshot > 0, rt=rt,
+                                   desc=f"adherence turn {t + 1}")
         for i, r in zip(active, replies):
             if r is None:
                 alive[i] = False
@@ -250,7 +254,8 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     shown = ([with_fewshot(d, cfg.fewshot, rng, levels) for d in prompts] if cfg.fewshot
              else prompts)
     greedy = generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
-                              batch=cfg.gen_batch, stop_at_newline=cfg.fewshot > 0, rt=rt)
+                              batch=cfg.gen_batch, stop_at_newline=cfg.fewshot > 0, rt=rt,
+                              desc="greedy")
     texts = [g[0].text if g else "" for g in greedy]
     eos = [bool(g and g[0].eos) for g in greedy]
     summary = world.summarize(prompts, texts, eos)
@@ -279,7 +284,8 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     samples = generate_replies(model, tokenizer, shown[:n_bo], n=cfg.eval_k,
                                temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                                seed=cfg.seed + 11, batch=cfg.gen_batch,
-                               stop_at_newline=cfg.fewshot > 0, rt=rt)
+                               stop_at_newline=cfg.fewshot > 0, rt=rt,
+                               desc=f"best-of-{cfg.eval_k}")
     best, mean, any_ok, ok = [], [], [], []
     for d, cands in zip(prompts[:n_bo], samples):
         sc = [world.score(d, c.text, c.eos) for c in cands] if cands else []

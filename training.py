@@ -669,7 +669,7 @@ def build_shards(docs: list[Document], tokenizer, folder: Path, split: str,
         paths.append(path)
         buf, n_buf = [], 0
 
-    for d in docs:
+    for d in progress(docs, desc=f"tokenizing {split}", unit="doc"):
         ids = np.asarray(tokenizer.encode(d.text, bos=True, eos=True), dtype=np.int64)
         while len(ids):
             room = shard_tokens - n_buf
@@ -863,6 +863,16 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
                 continue
     with atomic_write(path, "w") as f:
         f.write("".join(line + "\n" for line in keep))
+
+
+def progress(iterable=None, **kw):
+    """A tqdm progress bar (rate and ETA) for a long loop that is not a training step: tokenizing,
+    sampling, evaluation. Shown only when stderr is a terminal (tqdm's disable=None), so logs and
+    CI output stay clean."""
+    from tqdm.auto import tqdm
+    kw.setdefault("disable", None)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kw)
 
 
 def step_line(step: int, max_steps: int, loss: float, lr: float, gnorm: float, dt: float,
