@@ -50,8 +50,9 @@ struct AttnParams {
   void* dv;             // (B, Tk, KV, D) contiguous
 };
 
-// Packed sequence s holding token i: the largest s with cu[s] <= i (cu validated on the host:
-// cu[0] == 0, nondecreasing, cu[n_seqs] == total), so cu[s] <= i < cu[s + 1].
+// Packed sequence s holding token i: the largest s with cu[s] <= i (cu[0] == 0, nondecreasing,
+// cu[n_seqs] == total, as the caller validates where it makes cu_seqlens), so
+// cu[s] <= i < cu[s + 1]. Reads only cu[0 .. n_seqs - 1], whatever the values.
 __device__ __forceinline__ int find_seq(const int* cu, int n_seqs, int i) {
   int lo = 0, hi = n_seqs - 1;
   while (lo < hi) {
@@ -70,7 +71,8 @@ __device__ __forceinline__ int find_seq(const int* cu, int n_seqs, int i) {
 __device__ __forceinline__ void key_range(const AttnParams& p, int i, int& lo, int& hi) {
   if (p.cu_seqlens != nullptr) {
     const int s = find_seq(p.cu_seqlens, p.n_seqs, i);
-    // Clamped so that even unchecked values (graph capture) never index outside [0, Tk).
+    // Clamped: the op does not read cu_seqlens back to check it (that would sync), so even bad
+    // values must never index outside [0, Tk).
     lo = max(0, min(p.cu_seqlens[s], i));
     hi = min(p.Tk, p.causal ? i + 1 : max(p.cu_seqlens[s + 1], i + 1));
   } else {
