@@ -350,6 +350,19 @@ class Transformer(nn.Module):
         if offset + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {offset + T} tokens is longer than the context "
                              f"(max_seq_len={self.args.max_seq_len}); shorten the input")
+        # The kernels read positions and cu_seqlens unchecked (a check would be a device-to-host
+        # sync per call): they are checked here, once per forward, while on the host, then moved to
+        # the device once. Ones the caller already put on a GPU, or a torch.compile'd model's
+        # (a data-dependent check would break the graph), are the caller's to validate.
+        check = not torch.compiler.is_compiling()
+        check_positions = check and positions is not None and positions.device.type == "cpu"
+        if check and cu_seqlens is not None and cu_seqlens.device.type == "cpu":
+            cu = cu_seqlens.long()
+            if (cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != B * T
+                    or bool((cu[1:] < cu[:-1]).any())):
+                raise ValueError(f"cu_seqlens must be (S+1,), non-decreasing from 0 to B*T = "
+                                 f"{B * T}; got {cu.tolist()[:6]}{'...' if len(cu) > 6 else ''}")
+            cu_seqlens = cu_seqlens.to(tokens.device, non_blocking=True)
         if positions is None:
             if cu_seqlens is not None:  # packed examples: positions restart at each one
                 flat = torch.arange(B * T, device=tokens.device)
@@ -359,6 +372,11 @@ class Transformer(nn.Module):
                 positions = torch.arange(offset, offset + T, device=tokens.device).expand(B, T)
         h = self.tok_embeddings(tokens)
         cos, sin = self._rope(h.device, h.dtype)
+        if check_positions:
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cos.shape[0]):
+                raise ValueError(f"positions must lie in [0, {cos.shape[0]}) (the RoPE table, 2 x "
+                                 f"max_seq_len); got {int(positions.min())}..{int(positions.max())}")
+            positions = positions.to(tokens.device, non_blocking=True)
         if cu_seqlens is not None:
             # Packed rows are one long sequence to attention: (B, T, ...) -> (1, B*T, ...).
             h = h.view(1, B * T, -1)
@@ -374,7 +392,9 @@ class Transformer(nn.Module):
         the mean cross-entropy over the kept tokens. positions (B, T): explicit RoPE positions
         (default 0..T-1, or restarting per example when packed). cu_seqlens (S+1,) int32: packed
         examples over the flattened B*T tokens, attention stays within each. start_pos: read and
-        write the KV cache (see setup_cache), this block starting at that position.
+        write the KV cache (see setup_cache), this block starting at that position. positions and
+        cu_seqlens given on the CPU are checked here (a ValueError says what is wrong); given on a
+        GPU they are used as they are, so validate them where you make them.
         """
         h = self.hidden(tokens, positions=positions, cu_seqlens=cu_seqlens, start_pos=start_pos)
         logits = self.output(h).float()

@@ -129,6 +129,22 @@ def test_packed_forward_equals_separate_examples():
         torch.testing.assert_close(flat_logits[s:e], alone[0], rtol=1e-9, atol=1e-9)
 
 
+def test_bad_packing_and_positions_are_clear_errors():
+    # checked once per forward while on the host (the kernels read them unchecked)
+    model = Transformer(ModelArgs(**CONFIGS["gqa"]))
+    tokens = torch.randint(0, 300, (2, 6))
+    for cu in ([0, 5, 11], [0, 7, 5, 12], [1, 6, 12]):  # short of B*T, decreasing, not from 0
+        with pytest.raises(ValueError, match="cu_seqlens must be"):
+            model(tokens, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+    model(tokens, cu_seqlens=torch.tensor([0, 6, 6, 12], dtype=torch.int32))  # an empty segment
+    limit = 2 * model.args.max_seq_len
+    for bad in (-1, limit):
+        pos = torch.arange(6).expand(2, 6).clone()
+        pos[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"positions must lie in \[0, {limit}\)"):
+            model(tokens, positions=pos)
+
+
 def test_loss_ignores_minus_100_targets():
     model = Transformer(ModelArgs(**CONFIGS["odd"]))
     tokens = torch.randint(0, 101, (2, 10))
