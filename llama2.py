@@ -10,6 +10,9 @@ The three hot paths (RMSNorm, RoPE, attention) each go through one function with
 reference right beside it; when the compiled extension (csrc/, built by `pip install -e .`) is
 present, its kernels are used instead. LLAMA2_NO_EXT=1 forces the reference path.
 
+RewardModel (right after Transformer) is the same body with a scalar head, the reward model of
+the paper's §3.2.2: `rm.score(dialogs, responses)` reads each reward at the response's EOS.
+
     python llama2.py --checkpoint out/pretrain --prompt "ROMEO:"          # generate
     python llama2.py --checkpoint llama-2-7b-chat --chat --system "Be brief."
     python llama2.py --checkpoint out/sft --export-hf out/sft-hf            # for transformers, vLLM
@@ -909,7 +912,8 @@ def _read_hf(path: str):
 
 
 def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] = None) -> None:
-    """Write config.json + model.safetensors (+ tokenizer.model) in Hugging Face's Llama layout."""
+    """Write config.json + model.safetensors (+ tokenizer.model) in Hugging Face's Llama layout
+    (LlamaForCausalLM; a RewardModel as LlamaForSequenceClassification with one label)."""
     from safetensors.torch import save_file
     a = model.args
     os.makedirs(out_dir, exist_ok=True)
