@@ -48,13 +48,18 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# OpenMP threads that busy-wait stall when other processes share the cores (as in train_sft.py;
+# here batched generation with 2 default threads ran 4x slower than with 1 beside two other jobs).
+# Let them sleep; read when torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import llama2
-import training
-import world
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import llama2  # noqa: E402
+import training  # noqa: E402
+import world  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
 # config
