@@ -1062,6 +1062,16 @@ def _stream_printer(tokenizer: Tokenizer):
     return on_token
 
 
+def _is_reward_model(path: str) -> bool:
+    """Whether a checkpoint holds a reward model (ours with reward_head, or HF sequence classification)."""
+    ckpt = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
+    if os.path.isfile(ckpt):
+        return "reward_head.weight" in load_checkpoint_file(ckpt).get("model", {})
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(cfg) and "LlamaForSequenceClassification" in json.load(open(cfg)).get(
+        "architectures", [])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate with, chat with or export a Llama 2 checkpoint.")
     p.add_argument("--checkpoint", required=True, help="our ckpt dir/file, a Meta dir or a Hugging Face dir")
@@ -1080,7 +1090,13 @@ def main(argv=None):
 
     device = _pick_device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else None
-    model, tok = load_model(a.checkpoint, device=device, dtype=dtype)
+    if _is_reward_model(a.checkpoint):
+        if not a.export_hf:
+            p.error(f"{a.checkpoint} is a reward model: it scores, it does not generate; use "
+                    "--export-hf, or train_rm.py --eval")
+        model, tok = load_reward_model(a.checkpoint, device=device, dtype=dtype)
+    else:
+        model, tok = load_model(a.checkpoint, device=device, dtype=dtype)
     if a.tokenizer:
         tok = Tokenizer(a.tokenizer)
     if a.export_hf:

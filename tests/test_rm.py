@@ -422,6 +422,16 @@ def test_train_resume_exact_and_eval(tokenizer, tmp_path, capsys):
     # the trained model loads as a reward model and --eval reproduces the numbers
     rm, _ = llama2.load_reward_model(str(tmp_path / "a"))
     assert isinstance(rm, llama2.RewardModel)
+    # llama2.py's CLI exports it for transformers (and refuses to generate with it)
+    llama2.main(["--checkpoint", str(tmp_path / "a"), "--export-hf", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == \
+        ["LlamaForSequenceClassification"]
+    back, _ = llama2.load_reward_model(str(tmp_path / "hf"))
+    dialogs = [p.messages for p in train_rm.read_pairs(test)][:4]
+    torch.testing.assert_close(back.score(dialogs, ["It is 4."] * 4), rm.score(dialogs, ["It is 4."] * 4),
+                               rtol=0, atol=1e-5)
+    with pytest.raises(SystemExit):
+        llama2.main(["--checkpoint", str(tmp_path / "a"), "--prompt", "hi"])
     train_rm.main(["--eval", "--checkpoint", str(tmp_path / "a"), "--test_pairs", test,
                    "--out_dir", str(tmp_path / "ev"), "--device", "cpu"])
     s2 = json.loads((tmp_path / "ev" / "eval.json").read_text())
