@@ -10,7 +10,8 @@ data, not a change to the model: no extra token, no change to attention.
      history. `--gatt_select` says how a reply is chosen: "none" (one sample; the default), "judge"
      (best of K by the world's judge, kept only if it obeys: an ORACLE ablation, because the
      judge is also what evaluates), "rm" (the reward model, as the paper samples "analogous to
-     rejection sampling"; it becomes the default once train_rm.py exists);
+     rejection sampling"; not wired yet: it becomes the default once train_rm.py's
+     reward model is good enough to pick with);
   3. for training, keep `inst` only once, as the system message (world.with_instruction_as_system;
      shortened half of the time, world.shorten, as the paper), and zero the loss on every token
      except the kept answers: ONE example per dialog, "train_on" a flag per answer. With a causal
@@ -138,8 +139,8 @@ def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None
     if select not in GATT_SELECT:
         raise ValueError(f"--gatt_select must be one of {GATT_SELECT}, got {select!r}")
     if select == "rm":
-        raise ValueError("--gatt_select rm needs a reward model (train_rm.py, not built yet); "
-                         "use judge (an oracle ablation) or none")
+        raise ValueError("--gatt_select rm is not wired to train_rm.py's reward model yet (the demo "
+                         "RM is near chance); use judge (an oracle ablation) or none")
     k = cfg.gatt_k if select == "judge" else 1
     seq_len = seq_len or model.args.max_seq_len
     levels = world.parse_levels(cfg.gatt_levels)

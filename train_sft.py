@@ -15,7 +15,7 @@ as the system message (its short wording half of the time), and the loss covers 
 answers: each dialog is one example whose earlier prompts carry no loss. How a reply is chosen is
 `--gatt_select`: `none` (one sample, every reply that ended with EOS kept; the default), `judge`
 (best of K by the world's judge and only replies that obey: an ORACLE ablation, since the judge is
-also the evaluation), `rm` (the reward model, as the paper: once train_rm.py exists).
+also the evaluation), `rm` (the reward model, as the paper: not wired yet).
 
 Evaluation (`--eval`), on held-out problems only: judged score overall and per family with its
 floor (an empty reply, a bare correct answer), EOS rate and answer length with greedy decoding;
@@ -95,7 +95,7 @@ class Config:
     gatt_min_turns: int = 2  # user turns per GAtt dialog, at least
     gatt_max_turns: int = 12  # user turns per GAtt dialog, at most
     gatt_levels: str = "1,2"  # difficulty levels of the GAtt prompts
-    gatt_select: str = "none"  # how a reply is chosen: none (one sample, no filter), judge (best of gatt_k by the world's judge and only obeying replies: an ORACLE ablation), rm (the reward model: not built yet)
+    gatt_select: str = "none"  # how a reply is chosen: none (one sample, no filter), judge (best of gatt_k by the world's judge and only obeying replies: an ORACLE ablation), rm (the reward model: not wired yet)
     gatt_k: int = 4  # replies sampled per turn for --gatt_select judge
     gatt_temperature: float = 0.7  # sampling temperature of the GAtt replies
     gatt_mix: int = 0  # dialogs of --data mixed into the GAtt fine-tuning set (keeps the plain SFT skills)
@@ -391,8 +391,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --gatt_select {cfg.gatt_select!r}: use one of "
                          f"{gatt_select_choices()}")
     if cfg.gatt and cfg.gatt_select == "rm":
-        raise SystemExit("error: --gatt_select rm needs a reward model (train_rm.py, not built "
-                         "yet); use judge (an oracle ablation) or none")
+        raise SystemExit("error: --gatt_select rm is not wired to train_rm.py's reward model yet "
+                         "(the demo RM is near chance); use judge (an oracle ablation) or none")
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     stage = "gatt" if cfg.gatt else "sft"
