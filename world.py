@@ -666,7 +666,8 @@ def score(dialog, response: str, ended_with_eos: bool = True) -> Score:
       (only if the answer is a number), of letters for spell/reverse, of items for sort/lookup;
       compare and count get no partial credit.
     instruction: the fraction of the standing instructions in force (found in the system message
-      or any user message, see `find_instructions`) whose checker accepts the response; 1.0 when
+      or any user message, see `find_instructions`) that the response obeys (`Instruction.obeys`:
+      a substantive reply whose form the checker accepts; an empty reply obeys none); 1.0 when
       none is in force.
     form: mean of three checks: ended with EOS, at most 20 words (not rambling), no word trigram
       (lower-cased) occurring twice (not repeating).
