@@ -205,22 +205,7 @@ def parse_pair(obj, where: str = "") -> Pair:
 
 def read_pairs(path: str) -> list[Pair]:
     """Read a JSONL file of pairs; a malformed line is a ValueError naming file:line."""
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: no such file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            try:
-                out.append(parse_pair(obj, where))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
+    out = training.read_jsonl(path, parse_pair)
     if not out:
         raise ValueError(f"{path}: no pairs in the file")
     return out

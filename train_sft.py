@@ -164,33 +164,21 @@ def read_dialogs(path: str) -> list[tuple[list[dict], str, str]]:
     "messages" list, an unknown role, roles out of order, not ending with an assistant message)
     raises ValueError naming the file and line number and what was wrong.
     """
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: no such file; give JSONL files or --data world")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg}); each line must be "
-                                 '{"messages": [{"role": ..., "content": ...}, ...]}') from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                raise ValueError(f'{where}: no "messages" list; each line must be '
-                                 '{"messages": [{"role": ..., "content": ...}, ...]}')
-            train_on = obj.get("train_on", "all")
-            try:
-                world.validate_dialog(obj["messages"], ends_with="assistant")
-            except ValueError as e:
-                raise ValueError(f"{where}: bad dialog: {e}") from None
-            try:
-                _check_train_on(train_on, obj["messages"])
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            out.append((obj["messages"], train_on, where))
-    return out
+    shape = '{"messages": [{"role": ..., "content": ...}, ...]}'
+
+    def parse(obj, where):
+        if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+            raise ValueError(f'no "messages" list; each line must be {shape}')
+        try:
+            world.validate_dialog(obj["messages"], ends_with="assistant")
+        except ValueError as e:
+            raise ValueError(f"bad dialog: {e}") from None
+        train_on = obj.get("train_on", "all")
+        _check_train_on(train_on, obj["messages"])
+        return obj["messages"], train_on, where
+
+    return training.read_jsonl(path, parse, expect=f"each line must be {shape}",
+                               missing="give JSONL files or --data world")
 
 
 def write_dialogs(path: str | Path, dialogs: list[tuple[list[dict], object]]) -> None:

@@ -865,6 +865,30 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
         f.write("".join(line + "\n" for line in keep))
 
 
+def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = "") -> list:
+    """Read a JSONL file: parse(obj, "path:line") -> item for each non-empty line. A missing file,
+    a line that is not JSON, or a ValueError from parse is one ValueError naming the file and line
+    (with `expect`, what a line should look like; `missing`, what to do about a missing file)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file" + (f"; {missing}" if missing else ""))
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})"
+                                 + (f"; {expect}" if expect else "")) from None
+            try:
+                out.append(parse(obj, where))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    return out
+
+
 def progress(iterable=None, **kw):
     """A tqdm progress bar (rate and ETA) for a long loop that is not a training step: tokenizing,
     sampling, evaluation. Shown only when stderr is a terminal (tqdm's disable=None), so logs and
