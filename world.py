@@ -429,11 +429,7 @@ class Instruction:
 def substantive(response: str) -> bool:
     """Whether a reply says something: some letter or digit is left once every instruction wording
     (in any case), the persona phrases "Ahoy!" / "Beep boop." and all punctuation are removed."""
-    text = response.lower()
-    for w in sorted((w.lower() for i in _INSTRUCTION_LIST for w in i.wordings), key=len,
-                    reverse=True):
-        text = text.replace(w.lower(), " ")
-    text = re.sub(r"ahoy!?|beep boop\.?", " ", text)
+    text = _ECHOES.sub(" ", response.lower())
     return re.search(r"[a-z0-9]", text) is not None
 
 
@@ -463,6 +459,12 @@ _INSTRUCTION_LIST = [
                 lambda r: len(r.split()) <= WORD_LIMIT, lambda a: a),
 ]
 INSTRUCTIONS: dict[str, Instruction] = {i.name: i for i in _INSTRUCTION_LIST}
+
+# what `substantive` removes before looking for content: every wording (longest first, lower-cased)
+# and the persona phrases; built once, since the judge calls it for every reply it scores
+_ECHOES = re.compile("|".join(
+    [re.escape(w.lower()) for w in sorted({w for i in _INSTRUCTION_LIST for w in i.wordings},
+                                          key=len, reverse=True)] + [r"ahoy!?", r"beep boop\.?"]))
 
 # Instructions Ghost Attention never trains on (SFT data still has them, in 1-2 turn dialogs): the
 # paper also tested GAtt on instructions it had not seen. Each has a seen mirror image (caps,
