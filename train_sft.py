@@ -57,6 +57,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+import gatt
 import llama2
 import training
 import world
@@ -375,9 +376,9 @@ def main(argv=None) -> None:
                          "in a second command)")
     for flag in ("world_levels", "gatt_levels", "eval_levels"):
         _levels(getattr(cfg, flag), flag)  # a bad level string fails here, before any work
-    if cfg.gatt_select not in gatt_select_choices():
+    if cfg.gatt_select not in gatt.GATT_SELECT:
         raise SystemExit(f"error: --gatt_select {cfg.gatt_select!r}: use one of "
-                         f"{gatt_select_choices()}")
+                         f"{gatt.GATT_SELECT}")
     if cfg.gatt and cfg.gatt_select == "rm":
         raise SystemExit("error: --gatt_select rm is not wired to train_rm.py's reward model yet "
                          "(the demo RM is near chance); use judge (an oracle ablation) or none")
@@ -400,7 +401,6 @@ def main(argv=None) -> None:
     parent_stage = _stage_of(cfg.checkpoint)
 
     if cfg.eval:
-        import gatt
         gatt.run_eval(model, tokenizer, cfg, rt, label=cfg.label or parent_stage)
         return
 
@@ -424,7 +424,6 @@ def main(argv=None) -> None:
             dialogs = read_dialogs(str(gatt_file))
             log.print(f"GAtt data read back from {gatt_file} ({len(dialogs)} samples)")
         else:
-            import gatt
             t0 = time.perf_counter()
             samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt, seq_len)
             mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
@@ -554,11 +553,6 @@ def main(argv=None) -> None:
     if start_step >= max_steps:
         log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
     log.print(f"done: {stage} checkpoint {ckpt_path}")
-
-
-def gatt_select_choices() -> tuple:
-    import gatt
-    return gatt.GATT_SELECT
 
 
 def _stage_of(path: str) -> str:
