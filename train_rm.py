@@ -232,27 +232,6 @@ def margin_of(pair: Pair, margin: str) -> float:
 # building pairs from checkpoints (cached)
 
 
-def rm_prompts(n: int, split: str, seed: int, levels: tuple, p_instruction: float,
-               max_turns: int) -> list[list[dict]]:
-    """n prompt dialogs (ending with a user turn) whose every problem is from `split`: 1..max_turns
-    user turns, earlier ones answered by the careful human; with p_instruction a standing
-    instruction, as the system message or appended to every user message."""
-    rng = random.Random(f"rm-prompts-{split}-{seed}")
-    out = []
-    for _ in range(n):
-        inst = world.sample_standing(rng) if rng.random() < p_instruction else None
-        every = inst is not None and rng.random() < 0.5
-        msgs = [{"role": "system", "content": inst.text}] if inst is not None and not every else []
-        problems = [world.sample_problem(rng, split, level=rng.choice(levels))
-                    for _ in range(rng.randint(1, max_turns))]
-        for i, p in enumerate(problems):
-            msgs.append({"role": "user", "content": p.prompt(rng) + (" " + inst.text if every else "")})
-            if i < len(problems) - 1:
-                msgs.append({"role": "assistant", "content": world.careful_answer(p, rng, inst)})
-        out.append(msgs)
-    return out
-
-
 def variants(cfg: Config) -> list[tuple[str, float]]:
     models = [m for m in cfg.pair_models.split(",") if m]
     try:
@@ -334,8 +313,8 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
         if len(pairs) >= n:
             break
         m = math.ceil((n - len(pairs)) * 1.2) + 4
-        prompts = rm_prompts(m, problems_from, cfg.pair_seed * 1000 + rnd, levels, cfg.pair_p_instruction,
-                             cfg.pair_max_turns)
+        prompts = world.chat_prompts(m, problems_from, cfg.pair_seed * 1000 + rnd, levels,
+                                     cfg.pair_p_instruction, cfg.pair_max_turns)
         picks = [rng.sample(range(len(vs)), 2) for _ in prompts]
         replies: dict = {}
         done, total = 0, 2 * len(prompts)

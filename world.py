@@ -1010,6 +1010,31 @@ def eval_multiturn(n: int, seed: int = 0, turns: int = 12,
     return out
 
 
+def chat_prompts(n: int, split: str, seed: int, levels: tuple = (1, 2), p_instruction: float = 0.5,
+                 max_turns: int = 3) -> list[list[dict]]:
+    """n prompt dialogs (ending with a user turn) whose every problem is from `split` ("train" or
+    "heldout"): 1..max_turns user turns, earlier ones answered by the careful human; with
+    probability p_instruction a standing instruction, as the system message or appended to every
+    user message. The prompts of the reward model's pairs and of the RLHF stages."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    _check_levels(levels)
+    rng = random.Random(f"rm-prompts-{split}-{seed}")
+    out = []
+    for _ in range(n):
+        inst = sample_standing(rng) if rng.random() < p_instruction else None
+        every = inst is not None and rng.random() < 0.5
+        msgs = [_system(inst.text)] if inst is not None and not every else []
+        problems = [sample_problem(rng, split, level=rng.choice(levels))
+                    for _ in range(rng.randint(1, max_turns))]
+        for i, p in enumerate(problems):
+            msgs.append(_user(p.prompt(rng) + (" " + inst.text if every else "")))
+            if i < len(problems) - 1:
+                msgs.append(_assistant(careful_answer(p, rng, inst)))
+        out.append(msgs)
+    return out
+
+
 def user_turns(dialog) -> list[str]:
     """The user messages of a dialog, in order."""
     return [m["content"] for m in _as_messages(dialog) if m["role"] == "user"]
