@@ -22,7 +22,8 @@ floor (an empty reply, a bare correct answer), EOS rate and answer length with g
 pass@1 against best-of-8 by the judge; instruction adherence at each turn 1..12 of dialogs whose
 instruction is given once, as the system message, the model's own replies going into the history:
 obeys, obeys and correct, per instruction, on instructions GAtt trains on and on the ones it never
-sees (world.GATT_UNSEEN), beside the free floor. Writes <out_dir>/eval.jsonl and adherence.png.
+sees (world.GATT_UNSEEN), beside the free floor (evaluate.run_eval, the one evaluation module).
+Writes <out_dir>/eval.jsonl and adherence.png.
 
     # SFT from a pretraining checkpoint (ours, Meta's or Hugging Face's), on the world's dialogs
     python train_sft.py --checkpoint out/pretrain --data world --out_dir out/sft
@@ -57,6 +58,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+import evaluate
 import gatt
 import llama2
 import training
@@ -401,7 +403,7 @@ def main(argv=None) -> None:
     parent_stage = _stage_of(cfg.checkpoint)
 
     if cfg.eval:
-        gatt.run_eval(model, tokenizer, cfg, rt, label=cfg.label or parent_stage)
+        evaluate.run_eval(model, tokenizer, cfg, rt, label=cfg.label or parent_stage)
         return
 
     seq_len = cfg.seq_len or model.args.max_seq_len

@@ -1,4 +1,4 @@
-"""SFT and Ghost Attention (train_sft.py, gatt.py): the loss mask, packing without attention across
+"""SFT and Ghost Attention (train_sft.py, gatt.py, evaluate.py): the loss mask, packing without attention across
 examples, the GAtt data builder, bad input, and a tiny end-to-end run (checkpoint, eval, plot)."""
 import json
 import random
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluate
 import gatt
 import llama2
 import train_sft
@@ -325,7 +326,7 @@ def test_clean_reply_and_fewshot():
     assert gatt.clean_reply("4\nnext line", stop_at_newline=True) == "4"
     assert gatt.clean_reply("4\nnext line") == "4\nnext line"
     d = world.eval_multiturn(1, seed=0, turns=1)[0]
-    shot = gatt.with_fewshot(d, 3, random.Random(0), (1,))
+    shot = evaluate.with_fewshot(d, 3, random.Random(0), (1,))
     assert shot[0] == d[0] and shot[-1] == d[-1] and len(shot) == len(d) + 6
     names = world.find_instructions(d)
     inst = world.Standing(tuple(names), "")
@@ -342,7 +343,7 @@ def _color_pixels(img, rgb, tol=0.08):
 def test_plot_adherence_draws_each_curve_where_its_values_are(tmp_path):
     import matplotlib.image
     png = tmp_path / "a.png"
-    gatt.plot_adherence({"sft": [1.0, 0.5, 0.1], "gatt": [0.2, 0.6, 1.0]}, png,
+    evaluate.plot_adherence({"sft": [1.0, 0.5, 0.1], "gatt": [0.2, 0.6, 1.0]}, png,
                         floor=[0.05, 0.05, 0.05])
     img = matplotlib.image.imread(png)  # decoded by matplotlib's PNG reader
     assert img.shape[:2] == (500, 800)
@@ -355,7 +356,7 @@ def test_plot_adherence_draws_each_curve_where_its_values_are(tmp_path):
     rows, _ = _color_pixels(img, (128, 128, 128), tol=0.03)
     assert len(rows) > 50
     # one curve drawn: no orange at all
-    gatt.plot_adherence({"sft": [1.0, 0.5, 0.1]}, png)
+    evaluate.plot_adherence({"sft": [1.0, 0.5, 0.1]}, png)
     assert len(_color_pixels(matplotlib.image.imread(png), (255, 127, 14))[0]) == 0
 
 
@@ -382,7 +383,7 @@ def test_run_eval_numbers_by_hand(tokenizer, monkeypatch, tmp_path):
     monkeypatch.setattr(gatt, "generate_replies", fake)
     cfg = train_sft.Config(eval_n=10, eval_bestof_n=6, eval_k=3, eval_mt_n=4, eval_turns=3,
                            eval_levels="1,2", fewshot=2, out_dir=str(tmp_path), seed=3)
-    s = gatt.run_eval(None, tokenizer, cfg, label="fake")
+    s = evaluate.run_eval(None, tokenizer, cfg, label="fake")
     prompts = world.eval_prompts(10, seed=4, levels=(1, 2))
     want = [world.careful_answer(world.parse_dialog(d)[0], random.Random(0),
                                  world.Standing(tuple(world.find_instructions(d)), "")
@@ -407,7 +408,7 @@ def test_run_eval_numbers_by_hand(tokenizer, monkeypatch, tmp_path):
     # the rollouts answer right at every turn: full adherence, all of it correct
     assert s["adherence"]["obeys"] == s["adherence"]["obeys_and_correct"] == [1.0] * 3
     assert set(s["adherence_floor"]) == {"bare_answer", "empty"}
-    assert "floor: bare answer" in gatt.format_summary(s)
+    assert "floor: bare answer" in evaluate.format_summary(s)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -457,7 +458,7 @@ def test_sft_end_to_end_checkpoint_and_reports(tokenizer, tiny_ckpt, tmp_path, c
     train_sft.main(["--eval", "--checkpoint", str(out), "--eval_n", "6", "--eval_bestof_n", "2",
                     "--eval_k", "2", "--eval_mt_n", "2", "--eval_turns", "3", "--eval_levels", "1",
                     "--max_new_tokens", "8", "--out_dir", str(ev), "--device", "cpu"])
-    s = gatt.read_summary(str(ev / "eval.jsonl"))
+    s = evaluate.read_summary(str(ev / "eval.jsonl"))
     assert s["label"] == "sft" and s["n"] == 6 and len(s["adherence_by_turn"]) == 3
     assert s["levels"] == [1] and s["bestof"]["n"] == 2
     assert all(x is None or 0.0 <= x <= 1.0 for x in s["adherence"]["obeys"])

@@ -1,0 +1,334 @@
+"""Evaluation of chat models, one module that every stage's `--eval` calls (SPEC.md §10).
+
+All of it runs on held-out problems only (world's "heldout" split) and is judged by the world's
+programmatic judge (world.score), which plays the human evaluators. Every number is printed beside
+its floor (what a trivial reply scores) and, where one exists, its ceiling.
+
+  - run_eval: the chat-model report of train_sft.py --eval: greedy judged score overall, per
+    family and per level beside its floor (an empty reply, a bare correct answer), EOS rate and
+    answer length; pass@1 against best-of-K by the judge; instruction adherence at each turn of
+    12-turn held-out dialogs whose instruction is given once as the system message, the model's
+    own replies going into the history (world.adherence_report, world.adherence_floor), drawn
+    as a PNG with matplotlib.
+  - win_rate: one sample each from two models on the same prompts, judged, ties count half
+    (floor and chance level 50%).
+  - expected_max_of_n / expected_median_of_n / best_of_n_curve: the expected max (and median)
+    reward among N samples, computed without bias from M >= N samples per prompt (Fig. 7 and 8
+    of the paper): with the M rewards sorted ascending r_(1) <= ... <= r_(M),
+        E[max of N] = sum_{i=N..M} C(i-1, N-1) / C(M, N) * r_(i)
+    (r_(i) is the max of an N-subset in C(i-1, N-1) of the C(M, N) subsets); the k-th smallest
+    likewise with weight C(i-1, k-1) C(M-i, N-k) / C(M, N), the median the middle one (the mean
+    of the two middle ones for even N).
+  - policy_eval: what train_rlhf.py measures after each iteration: judged score greedy and at the
+    sampling temperature, RM score, win rate against a reference model's replies, EOS rate, mean
+    length, best-of-N curves for the RM and the judge on the same samples, adherence by turn.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import gatt
+import training
+import world
+
+# -----------------------------------------------------------------------------------------------
+# best-of-N without bias, and the win rate
+
+
+def expected_order_stat(rewards: list[float], n: int, k: int) -> float:
+    """E[k-th smallest reward among n of the M rewards drawn without replacement], exactly.
+
+    r_(i) (sorted ascending, 1-based) is the k-th smallest of an n-subset when k-1 of the others
+    come from below it and n-k from above: C(i-1, k-1) C(M-i, n-k) of the C(M, n) subsets.
+    """
+    m = len(rewards)
+    if not 1 <= k <= n <= m:
+        raise ValueError(f"need 1 <= k <= n <= M, got k={k}, n={n}, M={m}")
+    r = sorted(rewards)
+    total = math.comb(m, n)
+    # integer counts divided once: exact weights, no float round-off in the binomials
+    return sum(math.comb(i - 1, k - 1) * math.comb(m - i, n - k) / total * r[i - 1]
+               for i in range(k, m - (n - k) + 1))
+
+
+def expected_max_of_n(rewards: list[float], n: int) -> float:
+    """E[max of n samples] from M >= n samples: sum_{i=n..M} C(i-1, n-1) / C(M, n) * r_(i)."""
+    return expected_order_stat(rewards, n, n)
+
+
+def expected_median_of_n(rewards: list[float], n: int) -> float:
+    """E[median of n samples] from M >= n samples (even n: the mean of the two middle ones)."""
+    if n % 2:
+        return expected_order_stat(rewards, n, (n + 1) // 2)
+    return 0.5 * (expected_order_stat(rewards, n, n // 2)
+                  + expected_order_stat(rewards, n, n // 2 + 1))
+
+
+def best_of_n_curve(rewards_per_prompt: list[list[float]], ns: list[int] | None = None) -> dict:
+    """Mean over prompts of E[max of N] and E[median of N], N = 1..M (or ns): Fig. 7's curves."""
+    rows = [r for r in rewards_per_prompt if r]
+    if not rows:
+        raise ValueError("best_of_n_curve: no rewards")
+    m = min(len(r) for r in rows)
+    ns = ns or list(range(1, m + 1))
+    return {"n": ns,
+            "max": [sum(expected_max_of_n(r, n) for r in rows) / len(rows) for n in ns],
+            "median": [sum(expected_median_of_n(r, n) for r in rows) / len(rows) for n in ns],
+            "prompts": len(rows), "m": m}
+
+
+def win_rate(scores: list[float], reference: list[float]) -> float:
+    """Share of prompts where the model's judged score beats the reference's, ties count half
+    (one sample each on the same prompts; 50% = as good as the reference)."""
+    if len(scores) != len(reference) or not scores:
+        raise ValueError(f"win_rate: {len(scores)} scores against {len(reference)} references")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0
+               for a, b in zip(scores, reference)) / len(scores)
+
+
+# -----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def with_fewshot(dialog: list[dict], k: int, rng: random.Random, levels: tuple) -> list[dict]:
+    """The dialog with k solved training problems as earlier turns (after any system message), the
+    example answers obeying whatever instruction the dialog puts in force: a few-shot prompt for
+    a pretrained model."""
+    names = world.find_instructions(dialog)
+    inst = world.Standing(tuple(names), "") if names else None
+    shots = []
+    for _ in range(k):
+        p = world.sample_problem(rng, "train", level=rng.choice(levels))
+        shots += [{"role": "user", "content": p.prompt(rng)},
+                  {"role": "assistant", "content": world.careful_answer(p, rng, inst)}]
+    head = dialog[:1] if dialog[0]["role"] == "system" else []
+    return head + shots + dialog[len(head):]
+
+
+def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[list[str]]:
+    """Answer each dialog's user turns one by one with greedy decoding, the model's own replies
+    going into the history (the system message is kept). A dialog stops when it no longer fits
+    the context. Returns the replies per dialog."""
+    histories = [[m for m in d[:1] if m["role"] == "system"] for d in dialogs]
+    users = [world.user_turns(d) for d in dialogs]
+    answers: list[list[str]] = [[] for _ in dialogs]
+    alive = [True] * len(dialogs)
+    for t in range(max(len(u) for u in users)):
+        active = [i for i in range(len(dialogs)) if alive[i] and t < len(users[i])]
+        if not active:
+            break
+        for i in active:
+            histories[i].append({"role": "user", "content": users[i][t]})
+        replies = gatt.generate_replies(model, tokenizer, [histories[i] for i in active],
+                                   max_new_tokens=cfg.max_new_tokens, batch=cfg.gen_batch,
+                                   stop_at_newline=cfg.fewshot > 0, rt=rt,
+                                   desc=f"adherence turn {t + 1}")
+        for i, r in zip(active, replies):
+            if r is None:
+                alive[i] = False
+                continue
+            histories[i].append({"role": "assistant", "content": r[0].text})
+            answers[i].append(r[0].text)
+    return answers
+
+
+def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
+    """Judged evaluation of a chat model on held-out problems only; writes <out_dir>/eval.jsonl
+    and adherence.png and returns the summary (also the last line of eval.jsonl)."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    levels = world.parse_levels(cfg.eval_levels)
+    rng = random.Random(cfg.seed)
+    records = []
+    t0 = time.perf_counter()
+
+    # 1. greedy answers to held-out prompts, judged. A pretrained model sees each prompt after
+    #    the same k solved examples here and in the best-of-K below.
+    prompts = world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1, levels=levels)
+    shown = ([with_fewshot(d, cfg.fewshot, rng, levels) for d in prompts] if cfg.fewshot
+             else prompts)
+    greedy = gatt.generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
+                              batch=cfg.gen_batch, stop_at_newline=cfg.fewshot > 0, rt=rt,
+                              desc="greedy")
+    texts = [g[0].text if g else "" for g in greedy]
+    eos = [bool(g and g[0].eos) for g in greedy]
+    summary = world.summarize(prompts, texts, eos)
+    for d, g, text, e in zip(prompts, greedy, texts, eos):
+        s = world.score(d, text, e)
+        records.append({"kind": "greedy", "messages": d, "response": text, "eos": e,
+                        "n_tokens": g[0].n_tokens if g else 0, "score": s.total,
+                        "content": s.content, "instruction": s.instruction, "form": s.form,
+                        "family": world.parse_dialog(d)[0].family})
+    summary["eos_rate"] = sum(eos) / len(eos)
+    summary["correct"] = sum(r["content"] == 1.0 for r in records) / len(records)
+    summary["answer_tokens"] = sum(r["n_tokens"] for r in records) / len(records)
+    summary["answer_words"] = sum(len(t.split()) for t in texts) / len(texts)
+    summary["no_room"] = sum(g is None for g in greedy)
+    # the floor of the judged score: what an empty reply (with EOS) and the bare reference
+    # answer score on the same prompts
+    summary["floor"] = {
+        "empty": world.summarize(prompts, [""] * len(prompts))["total"],
+        "bare_answer": world.summarize(
+            prompts, [world.parse_dialog(d)[0].answer for d in prompts])["total"]}
+    t_greedy = time.perf_counter() - t0
+
+    # 2. pass@1 against best-of-K: K samples per prompt, the judge picks the best (a measurement
+    #    of the room for selection, not a training signal)
+    n_bo = min(cfg.eval_bestof_n, len(prompts))
+    samples = gatt.generate_replies(model, tokenizer, shown[:n_bo], n=cfg.eval_k,
+                               temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                               seed=cfg.seed + 11, batch=cfg.gen_batch,
+                               stop_at_newline=cfg.fewshot > 0, rt=rt,
+                               desc=f"best-of-{cfg.eval_k}")
+    best, mean, any_ok, ok = [], [], [], []
+    for d, cands in zip(prompts[:n_bo], samples):
+        sc = [world.score(d, c.text, c.eos) for c in cands] if cands else []
+        tot = [s.total for s in sc] or [0.0]
+        best.append(max(tot))
+        mean.append(sum(tot) / len(tot))
+        ok.append(sum(s.content == 1.0 for s in sc) / max(1, len(sc)))
+        any_ok.append(any(s.content == 1.0 for s in sc))
+        records.append({"kind": "bestof", "messages": d, "responses": [c.text for c in cands or []],
+                        "scores": tot})
+    greedy_rows = records[:n_bo]
+    n_bo = max(1, n_bo)
+    summary["bestof"] = {
+        "k": cfg.eval_k, "temperature": cfg.eval_temperature, "n": len(best),
+        "greedy_score": sum(r["score"] for r in greedy_rows) / n_bo,
+        "pass1_score": sum(mean) / n_bo, "bestof_score": sum(best) / n_bo,
+        "pass1_correct": sum(ok) / n_bo, "passk_correct": sum(any_ok) / n_bo,
+        "greedy_correct": sum(r["content"] == 1.0 for r in greedy_rows) / n_bo,
+    }
+    t_bestof = time.perf_counter() - t0 - t_greedy
+
+    # 3. adherence by turn: the instruction given once (system message), the model's replies in
+    #    the history, greedy decoding; with the free floor of trivial replies on the same dialogs
+    dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns,
+                                   levels=levels)
+    answers = rollout(model, tokenizer, dialogs, cfg, rt)
+    report = world.adherence_report(dialogs, answers)
+    floor = world.adherence_floor(dialogs, cfg.eval_turns)
+    for d, a in zip(dialogs, answers):
+        records.append({"kind": "rollout", "messages": d, "responses": a})
+    summary["adherence"] = report
+    summary["adherence_floor"] = {k: {"obeys": v["obeys"], "by_instruction": v["by_instruction"]}
+                                  for k, v in floor.items()}
+    summary["adherence_by_turn"] = report["obeys"]
+    summary["dialogs_reaching_turn"] = report["reaching"]
+    summary["seconds"] = {"greedy": t_greedy, "bestof": t_bestof,
+                          "rollout": time.perf_counter() - t0 - t_greedy - t_bestof}
+    summary.update({"kind": "summary", "label": label, "checkpoint": cfg.checkpoint,
+                    "fewshot": cfg.fewshot, "levels": list(levels)})
+
+    path = out_dir / "eval.jsonl"
+    with training.atomic_write(path, "w") as f:
+        for r in records + [summary]:
+            f.write(json.dumps(r) + "\n")
+    curves = {label: report["obeys"]}
+    for other in [p for p in cfg.plot_with.split(",") if p]:
+        s = read_summary(other)
+        curves[s["label"]] = s["adherence_by_turn"]
+    plot_adherence(curves, out_dir / "adherence.png", floor=floor["bare_answer"]["obeys"])
+    print(format_summary(summary))
+    print(f"wrote {path} and {out_dir / 'adherence.png'}")
+    return summary
+
+
+def read_summary(path: str) -> dict:
+    """The summary record (last line) of an eval.jsonl written by run_eval."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: --plot_with {path}: no such file (run --eval first)")
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    s = json.loads(lines[-1]) if lines else {}
+    if s.get("kind") != "summary":
+        raise SystemExit(f"error: {path} does not end with an eval summary; rerun --eval")
+    return s
+
+
+def _pct(x) -> str:
+    return "  -" if x is None else f"{100 * x:3.0f}"
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+# turn ranges of the per-instruction table
+TURN_RANGES = ((1, 1), (2, 4), (5, 8), (9, 12))
+
+
+def adherence_table(s: dict) -> str:
+    """The adherence rows of an eval summary as text: by turn (obeys, obeys and correct, on
+    instructions GAtt trains on and on the held-back ones, and the free floor of a bare correct
+    answer and of an empty reply), then per instruction over turn ranges with its floor."""
+    rep, floor = s["adherence"], s["adherence_floor"]
+    n = len(rep["obeys"])
+    rows = [("turn", [f"{k:3d}" for k in range(1, n + 1)])]
+    for name, xs in (("obeys", rep["obeys"]), ("obeys+correct", rep["obeys_and_correct"]),
+                     (f"seen by GAtt", rep["seen"]),
+                     (f"unseen ({','.join(world.GATT_UNSEEN)})", rep["unseen"]),
+                     ("floor: bare answer", floor["bare_answer"]["obeys"]),
+                     ("floor: empty reply", floor["empty"]["obeys"])):
+        rows.append((name, [_pct(x) for x in xs]))
+    lines = [f"  {name:>22} " + " ".join(cells) for name, cells in rows]
+    ranges = [(a, b) for a, b in TURN_RANGES if a <= n]
+    head = " ".join(f"{f'{a}-{min(b, n)}' if a != b else str(a):>6}" for a, b in ranges)
+    lines.append(f"  {'per instruction, turns':>22} {head}   floor (bare answer, all turns)")
+    for name, xs in rep["by_instruction"].items():
+        cells = " ".join(f"{_pct(_mean(xs[a - 1:b])):>6}" for a, b in ranges)
+        tag = " (unseen)" if name in world.GATT_UNSEEN else ""
+        fl = _mean(floor["bare_answer"]["by_instruction"].get(name, []))
+        lines.append(f"  {name + tag:>22} {cells}   {_pct(fl)}")
+    return "\n".join(lines)
+
+
+def format_summary(s: dict) -> str:
+    """A few readable lines of an eval summary."""
+    fam = " ".join(f"{k} {v:.2f}" for k, v in s["by_family"].items())
+    bo = s["bestof"]
+    return (f"[{s['label']}] judged score {s['total']:.3f} (floor, an empty reply: "
+            f"{s['floor']['empty']:.3f}; a bare correct answer: {s['floor']['bare_answer']:.3f}; "
+            f"ceiling 1.0) (content {s['content']:.3f}, instruction {s['instruction']:.3f}, "
+            f"form {s['form']:.3f}), correct {s['correct']:.1%}, EOS {s['eos_rate']:.1%}, "
+            f"{s['answer_tokens']:.1f} tokens / {s['answer_words']:.1f} words per answer, "
+            f"n={s['n']} held-out prompts\n"
+            f"  by family: {fam}\n"
+            f"  best-of-{bo['k']} by the judge (T={bo['temperature']}, n={bo['n']}): greedy "
+            f"{bo['greedy_score']:.3f}, pass@1 {bo['pass1_score']:.3f}, best-of-{bo['k']} "
+            f"{bo['bestof_score']:.3f} | correct: greedy {bo['greedy_correct']:.1%}, pass@1 "
+            f"{bo['pass1_correct']:.1%}, pass@{bo['k']} {bo['passk_correct']:.1%}\n"
+            f"  instruction adherence (%), given once as the system message, "
+            f"{s['adherence']['reaching'][0]} held-out dialogs "
+            f"(reaching each turn: {s['adherence']['reaching']}):\n" + adherence_table(s))
+
+
+# -----------------------------------------------------------------------------------------------
+# plot: adherence against turn
+
+
+def plot_adherence(curves: dict[str, list[float]], png, floor: list[float] | None = None):
+    """Adherence (0..100%) against turn, one line per model (e.g. without and with GAtt), and
+    the free floor (a bare correct answer) as a dashed grey line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for name, ys in curves.items():
+        ax.plot(range(1, len(ys) + 1), [100 * y for y in ys], marker="o", lw=2, label=name)
+    if floor:
+        ax.plot(range(1, len(floor) + 1), [100 * y for y in floor], ls="--", color="0.5",
+                label="floor: bare correct answer")
+    ax.set(xlabel="turn", ylabel="instruction obeyed (%)", ylim=(-3, 103),
+           title="Instruction adherence, given once at turn 1 (held-out dialogs)")
+    ax.set_xticks(range(1, max(len(c) for c in curves.values()) + 1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")  # the corner the curves leave free
+    fig.tight_layout()
+    with training.atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)

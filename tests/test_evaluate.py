@@ -1,0 +1,57 @@
+"""evaluate.py: the unbiased best-of-N estimators against brute-force enumeration of every
+N-subset, and the win rate against values computed by hand."""
+import itertools
+import random
+import statistics
+
+import pytest
+
+import evaluate
+
+
+def _brute(rewards, n, stat):
+    """The mean of stat over every n-subset of the M rewards (what the estimator must equal)."""
+    subsets = list(itertools.combinations(rewards, n))
+    return sum(stat(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_expected_max_and_median_match_every_subset(m, seed):
+    rng = random.Random(seed * 100 + m)
+    rewards = [rng.gauss(0, 1) for _ in range(m)]
+    if m >= 3:
+        rewards[1] = rewards[2]  # a tie
+    for n in range(1, m + 1):
+        assert evaluate.expected_max_of_n(rewards, n) == pytest.approx(_brute(rewards, n, max),
+                                                                       rel=1e-12, abs=1e-12)
+        assert evaluate.expected_median_of_n(rewards, n) == pytest.approx(
+            _brute(rewards, n, statistics.median), rel=1e-12, abs=1e-12)
+        for k in range(1, n + 1):
+            assert evaluate.expected_order_stat(rewards, n, k) == pytest.approx(
+                _brute(rewards, n, lambda s: sorted(s)[k - 1]), rel=1e-12, abs=1e-12)
+
+
+def test_estimator_by_hand_and_edges():
+    r = [3.0, 1.0, 2.0]
+    # N=1: the mean; N=M: the max; N=2 of {1,2,3}: subsets {1,2},{1,3},{2,3} -> (2+3+3)/3
+    assert evaluate.expected_max_of_n(r, 1) == pytest.approx(2.0)
+    assert evaluate.expected_max_of_n(r, 3) == 3.0
+    assert evaluate.expected_max_of_n(r, 2) == pytest.approx(8 / 3)
+    assert evaluate.expected_median_of_n(r, 2) == pytest.approx((1.5 + 2 + 2.5) / 3)
+    with pytest.raises(ValueError, match="n <= M"):
+        evaluate.expected_max_of_n(r, 4)
+    c = evaluate.best_of_n_curve([[0.0, 1.0], [2.0, 2.0, 5.0]])
+    # M = the fewest samples of a prompt (2); prompt 2 from 3 samples: N=1 -> 3, N=2 -> (2+5+5)/3
+    assert c["n"] == [1, 2] and c["m"] == 2
+    assert c["max"] == pytest.approx([(0.5 + 3.0) / 2, (1.0 + 4.0) / 2])
+    assert c["median"][0] == pytest.approx(c["max"][0])  # one sample: median = max = mean
+
+
+def test_win_rate_by_hand():
+    # win, loss, tie, win -> (1 + 0 + 0.5 + 1) / 4
+    assert evaluate.win_rate([0.9, 0.1, 0.5, 0.6], [0.2, 0.3, 0.5, 0.5]) == pytest.approx(0.625)
+    assert evaluate.win_rate([0.4, 0.7], [0.4, 0.7]) == 0.5  # against itself: the 50% floor
+    assert evaluate.win_rate([1.0], [0.0]) == 1.0
+    with pytest.raises(ValueError, match="2 scores against 1"):
+        evaluate.win_rate([1.0, 0.0], [0.0])
