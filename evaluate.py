@@ -125,7 +125,7 @@ def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[l
             histories[i].append({"role": "user", "content": users[i][t]})
         replies = gatt.generate_replies(model, tokenizer, [histories[i] for i in active],
                                    max_new_tokens=cfg.max_new_tokens, batch=cfg.gen_batch,
-                                   stop_at_newline=cfg.fewshot > 0, rt=rt,
+                                   stop_at_newline=getattr(cfg, "fewshot", 0) > 0, rt=rt,
                                    desc=f"adherence turn {t + 1}")
         for i, r in zip(active, replies):
             if r is None:
@@ -332,3 +332,206 @@ def plot_adherence(curves: dict[str, list[float]], png, floor: list[float] | Non
     with training.atomic_write(png, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------------------------
+# the RLHF measurements: one model, judged and scored by the reward model, on held-out prompts
+
+
+def rm_rewards(rm, dialogs: list[list[dict]], texts: list[str]) -> list[float]:
+    """The reward model's score of each reply (read at the EOS it is encoded with)."""
+    if not texts:
+        return []
+    return [float(x) for x in rm.score(dialogs, texts)]
+
+
+def judge_scores(dialogs: list[list[dict]], replies: list) -> list[float]:
+    """world.score of each reply (a gatt.Reply: its text and whether it ended with EOS)."""
+    return [world.score(d, r.text, r.eos).total for d, r in zip(dialogs, replies)]
+
+
+def _one_each(model, tokenizer, prompts, temperature, cfg, rt, seed, desc):
+    """One reply per prompt (greedy at temperature 0); a prompt with no room gets an empty one."""
+    out = gatt.generate_replies(model, tokenizer, prompts, temperature=temperature,
+                                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                batch=cfg.gen_batch, rt=rt, desc=desc)
+    return [r[0] if r else gatt.Reply("", False, 0) for r in out]
+
+
+def _stats(prompts, replies, rm) -> dict:
+    judged = judge_scores(prompts, replies)
+    rewards = rm_rewards(rm, prompts, [r.text for r in replies])
+    return {"judge": sum(judged) / len(judged), "rm": sum(rewards) / len(rewards),
+            "eos_rate": sum(r.eos for r in replies) / len(replies),
+            "tokens": sum(r.n_tokens for r in replies) / len(replies),
+            "judge_scores": judged, "rm_scores": rewards}
+
+
+def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict | None = None,
+                rt=None, label: str = "model") -> dict:
+    """What train_rlhf.py measures for each model V0 (the start) .. Vn, on held-out prompts only.
+
+    - judged score, RM score, EOS rate and mean length (tokens) of one greedy reply and of one
+      reply sampled at `temperature` per prompt (cfg.eval_n prompts);
+    - win rate against `reference` (an earlier policy_eval summary, the start model's): the
+      judged scores of the same prompts, one sample each, ties half; greedy and sampled;
+    - best-of-N curves (Fig. 7): cfg.eval_k samples at `temperature` on cfg.eval_bestof_n of the
+      prompts, scored by the RM and by the judge (the same samples), E[max] and E[median] of N;
+    - adherence by turn 1..cfg.eval_turns (greedy rollouts, the instruction given once);
+    - the floors: an empty reply and a bare correct answer for the judge, an empty reply for the
+      RM, 50% for the win rate; the judge's ceiling is 1.0.
+    """
+    t0 = time.perf_counter()
+    levels = world.parse_levels(cfg.eval_levels)
+    prompts = world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1, levels=levels)
+    s: dict = {"kind": "policy_eval", "label": label, "temperature": temperature,
+               "n": len(prompts), "levels": list(levels)}
+    s["greedy"] = _stats(prompts, _one_each(model, tokenizer, prompts, 0.0, cfg, rt, 0,
+                                            f"{label} greedy"), rm)
+    s["sampled"] = _stats(prompts, _one_each(model, tokenizer, prompts, temperature, cfg, rt,
+                                             cfg.seed + 21, f"{label} T={temperature:g}"), rm)
+    s["floor"] = {
+        "judge_empty": world.summarize(prompts, [""] * len(prompts))["total"],
+        "judge_bare_answer": world.summarize(
+            prompts, [world.parse_dialog(d)[0].answer for d in prompts])["total"],
+        "rm_empty": sum(rm_rewards(rm, prompts, [""] * len(prompts))) / len(prompts),
+        "win_rate": 0.5, "judge_ceiling": 1.0}
+    if reference is not None:
+        s["win_rate"] = {k: win_rate(s[k]["judge_scores"], reference[k]["judge_scores"])
+                         for k in ("greedy", "sampled")}
+        s["win_rate_against"] = reference["label"]
+
+    # Fig. 7: the same M samples per prompt scored by the RM and by the judge
+    few = prompts[:cfg.eval_bestof_n]
+    samples = gatt.generate_replies(model, tokenizer, few, n=cfg.eval_k, temperature=temperature,
+                                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                    seed=cfg.seed + 31, batch=cfg.gen_batch, rt=rt,
+                                    desc=f"{label} best-of-{cfg.eval_k}")
+    pairs = [(d, c) for d, cands in zip(few, samples) if cands for c in cands]
+    rm_flat = rm_rewards(rm, [d for d, _ in pairs], [c.text for _, c in pairs])
+    judge_flat = judge_scores([d for d, _ in pairs], [c for _, c in pairs])
+    m = cfg.eval_k
+    s["best_of_n"] = {"temperature": temperature,
+                      "rm": best_of_n_curve([rm_flat[i:i + m] for i in range(0, len(pairs), m)]),
+                      "judge": best_of_n_curve([judge_flat[i:i + m]
+                                                for i in range(0, len(pairs), m)])}
+
+    # adherence by turn (greedy rollouts), with the floor of a bare correct answer
+    dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns,
+                                   levels=levels)
+    report = world.adherence_report(dialogs, rollout(model, tokenizer, dialogs, cfg, rt))
+    s["adherence_by_turn"] = report["obeys"]
+    s["adherence_floor"] = world.adherence_floor(dialogs, cfg.eval_turns)["bare_answer"]["obeys"]
+    s["seconds"] = time.perf_counter() - t0
+    return s
+
+
+def format_policy_eval(s: dict) -> str:
+    """A few readable lines of a policy_eval summary, every number beside its floor."""
+    f, g, t = s["floor"], s["greedy"], s["sampled"]
+    lines = [f"[{s['label']}] held-out prompts n={s['n']}; judged score floor: empty reply "
+             f"{f['judge_empty']:.3f}, bare correct answer {f['judge_bare_answer']:.3f}, "
+             f"ceiling 1.0; RM floor (empty reply) {f['rm_empty']:+.3f}"]
+    for name, x in (("greedy", g), (f"T={s['temperature']:g}", t)):
+        lines.append(f"  {name:>7}: judged {x['judge']:.3f} | RM {x['rm']:+.3f} | EOS "
+                     f"{x['eos_rate']:.1%} (ceiling 100%) | {x['tokens']:.1f} tokens")
+    if "win_rate" in s:
+        w = s["win_rate"]
+        lines.append(f"  win rate against {s['win_rate_against']} (judged, one sample each, ties "
+                     f"half; floor/chance 50%, ceiling 100%): greedy {w['greedy']:.1%}, "
+                     f"sampled {w['sampled']:.1%}")
+    bo = s["best_of_n"]
+    for who in ("rm", "judge"):
+        c = bo[who]
+        lines.append(f"  best-of-N by the {who:>5} (T={bo['temperature']:g}, {c['prompts']} "
+                     f"prompts x {c['m']}): E[max] N=1 {c['max'][0]:+.3f} -> N={c['n'][-1]} "
+                     f"{c['max'][-1]:+.3f}; E[median] N={c['n'][-1]} {c['median'][-1]:+.3f}")
+    turns = " ".join(_pct(x) for x in s["adherence_by_turn"])
+    floor = " ".join(_pct(x) for x in s["adherence_floor"])
+    lines.append(f"  adherence by turn (%): {turns}\n  floor (bare answer):   {floor}")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _log_n_axis(ax, n_max: int) -> None:
+    """A log N axis with plain integer ticks 1, 2, 4, 8, ..."""
+    ticks = [2 ** j for j in range(int(math.log2(max(1, n_max))) + 1)]
+    ax.set_xscale("log")
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(_plt().NullFormatter())
+
+
+def _save(fig, png) -> None:
+    fig.tight_layout()
+    with training.atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png")
+    _plt().close(fig)
+
+
+def plot_best_of_n(curves: dict[str, dict], png, title: str = "") -> None:
+    """Fig. 7 analog: E[max] (solid) and E[median] (dashed) reward among N samples against N (log
+    axis), one colour per model; left the reward model's reward, right the judge's on the same
+    samples. curves: {label: {"rm": best_of_n_curve, "judge": best_of_n_curve}}."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    for ax, who in zip(axes, ("rm", "judge")):
+        for i, (label, c) in enumerate(curves.items()):
+            color = f"C{i}"
+            ax.plot(c[who]["n"], c[who]["max"], marker="o", ms=3, color=color,
+                    label=f"{label} max")
+            ax.plot(c[who]["n"], c[who]["median"], ls="--", color=color, label=f"{label} median")
+        _log_n_axis(ax, max(max(c[who]["n"]) for c in curves.values()))
+        ax.set(xlabel="N samples (log)", title=f"{'reward model' if who == 'rm' else 'judge'}",
+               ylabel="reward among N samples")
+        ax.grid(alpha=0.3)
+    axes[1].legend(loc="best", fontsize=7)
+    fig.suptitle(title or "Expected max (solid) and median (dashed) reward among N samples")
+    _save(fig, png)
+
+
+def plot_temperatures(sweeps: dict[str, dict], png) -> None:
+    """Fig. 8 analog: E[max RM reward] among N samples against N (log axis), one line per
+    temperature, one panel per model. sweeps: {label: {"T": best_of_n_curve, ...}}."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4.5), dpi=100,
+                             squeeze=False)
+    for ax, (label, by_t) in zip(axes[0], sweeps.items()):
+        for t, c in sorted(by_t.items(), key=lambda kv: float(kv[0])):
+            ax.plot(c["n"], c["max"], marker="o", ms=3, label=f"T={float(t):g}")
+        _log_n_axis(ax, max(max(c["n"]) for c in by_t.values()))
+        ax.set(xlabel="N samples (log)", ylabel="E[max RM reward of N]", title=label)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    _save(fig, png)
+
+
+def plot_iterations(rows: list[dict], png) -> None:
+    """Judged score (greedy, sampled) and RM score against the RLHF iteration, and the win rate
+    against the start model with its 50% floor: the over-optimization check at a glance."""
+    plt = _plt()
+    it = [r["iteration"] for r in rows]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4), dpi=100)
+    a.plot(it, [r["greedy"]["judge"] for r in rows], marker="o", label="greedy")
+    a.plot(it, [r["sampled"]["judge"] for r in rows], marker="o", label="sampled at T")
+    a.axhline(rows[0]["floor"]["judge_empty"], ls="--", color="0.5", label="floor: empty reply")
+    a.set(xlabel="iteration (0 = start)", ylabel="judged score", title="judge (held-out)")
+    b.plot(it, [r["greedy"]["rm"] for r in rows], marker="o", label="greedy")
+    b.plot(it, [r["sampled"]["rm"] for r in rows], marker="o", label="sampled at T")
+    b.axhline(rows[0]["floor"]["rm_empty"], ls="--", color="0.5", label="floor: empty reply")
+    b.set(xlabel="iteration", ylabel="RM score", title="reward model (held-out)")
+    for key in ("greedy", "sampled"):
+        c.plot(it, [100 * r.get("win_rate", {}).get(key, 0.5) for r in rows], marker="o",
+               label=key)
+    c.axhline(50, ls="--", color="0.5", label="floor: 50%")
+    c.set(xlabel="iteration", ylabel="win rate (%)", title="win rate against the start model",
+          ylim=(0, 100))
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    _save(fig, png)

@@ -1,0 +1,613 @@
+"""Stage 4 of the Llama 2 recipe, part 1: RLHF by iterative rejection sampling (paper §3.2.3,
+SPEC.md §8 and §10). `--method ppo` is issue 13.
+
+Each iteration i = 1..n turns the latest model V(i-1) (V0 = the start: a chat model, SFT or GAtt)
+into Vi:
+  1. re-tune the temperature: on a slice of the training prompts, sample k replies at each T of
+     a grid, score them with the reward model and keep the T with the highest expected max reward
+     of k samples (the paper's Fig. 8: the best T drifts upward as training proceeds);
+  2. evaluate V(i-1) on held-out prompts (evaluate.policy_eval: judged score greedy and at T, RM
+     score, win rate against V0, EOS rate, length, best-of-N curves, adherence by turn);
+  3. sample k replies to every training prompt at that T (batched, KV cache), score each with the
+     reward model, and keep the best as the prompt's new gold answer. A reply that did not end
+     with EOS is never picked (training on it would teach the model not to stop). From V3 on the
+     gold answer is the best over the samples of ALL iterations so far (the paper's fix for V3's
+     forgetting), `--pool false` uses this iteration's samples only;
+  4. fine-tune V(i-1) on (prompt, gold answer) with train_sft's answer-only loss and packing.
+After the last iteration, Vn is tuned and evaluated the same way. The reward model selects; the
+world's judge only measures (`--select judge` is a labelled ORACLE ablation).
+
+The prompts come from training-split problems (world.chat_prompts, "train": with and without a
+standing instruction, 1..max_turns turns), the same set every iteration so that pooling compares
+each prompt's samples across iterations. Evaluation uses held-out problems only.
+
+    # three iterations from the demo GAtt model with the demo reward model
+    python train_rlhf.py --checkpoint out/demo_sft/gatt_none2 --reward_model out/demo_rm/rm_small_1 \\
+        --out_dir out/rlhf_rs
+    # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
+    python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
+    python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
+    # stop mid-iteration, then continue exactly where it stopped
+    python train_rlhf.py --stop_at 2:1 --out_dir out/rlhf_rs && python train_rlhf.py --resume \\
+        --out_dir out/rlhf_rs
+    # chat with the last model
+    python llama2.py --checkpoint out/rlhf_rs/V3 --chat
+
+Writes in --out_dir: ckpt.pt (the run's state for --resume), V1..Vn/ckpt.pt (each iteration's
+model, stage "rlhf"), iter<i>/{tune,eval}.json and samples.jsonl, metrics.jsonl (a line per
+fine-tuning step and per evaluated model), best_of_n.png (Fig. 7), temperatures.png (Fig. 8),
+iterations.png (judge, RM and win rate per iteration).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# OpenMP threads that busy-wait stall when other processes share the cores (see train_sft.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+import evaluate
+import gatt
+import llama2
+import train_sft
+import training
+import world
+
+# -----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    method: str = "rs"  # rs (rejection sampling, this file) | ppo (issue 13, not built yet)
+    # models
+    checkpoint: str = "out/demo_sft/gatt_none2"  # the start policy V0: a chat checkpoint (sft, gatt or rlhf)
+    reward_model: str = "out/demo_rm/rm_small_1"  # the reward model that picks the gold answers (train_rm.py)
+    select: str = "rm"  # who picks the best sample: rm (the recipe) | judge (world's judge: an ORACLE ablation, it is also the evaluation)
+    # rejection sampling (Llama 2 §3.2.3)
+    iterations: int = 3  # RLHF versions V1..Vn (Llama 2: V1..V4 by rejection sampling, V5 by PPO on top)
+    prompts: int = 128  # training prompts, the same set every iteration
+    k: int = 8  # samples per prompt (Llama 2: not one K; Fig. 26 uses 20, Figs. 7-8 sweep N up to 100)
+    pool: bool = True  # from iteration pool_from on, the gold answer is the best sample of all iterations so far (Llama 2: from V3)
+    pool_from: int = 3  # first iteration that pools (Llama 2: V3)
+    temperatures: str = "0.6,0.8,1.0,1.2,1.5"  # grid re-tuned every iteration (Llama 2 Fig. 8: best T 1.2-1.3 for the RLHF model)
+    tune_prompts: int = 16  # training prompts the temperature is tuned on (the first ones of the set)
+    top_p: float = 1.0  # nucleus sampling (1.0 = pure sampling, the temperature is the knob)
+    prompt_levels: str = "1,2"  # difficulty levels of the training prompts
+    p_instruction: float = 0.5  # share of training prompts with a standing instruction
+    max_turns: int = 3  # user turns per training prompt, at most (earlier ones answered by the careful human)
+    max_new_tokens: int = 48  # longest sampled reply
+    gen_batch: int = 64  # sequences per batched generate call
+    # fine-tuning on the gold answers (train_sft's answer-only loss and packing; Llama 2 SFT values in brackets)
+    epochs: float = 2.0  # passes over the gold answers per iteration (SFT: 2)
+    batch_size: int = 8  # packed rows per optimizer step (SFT: 64 rows of 4096)
+    micro_batch: int = 1  # rows per forward pass
+    seq_len: int = 0  # tokens per packed row (0 = the model's context)
+    lr: float = 5e-4  # peak lr, cosine to min_lr_ratio over the iteration (SFT: 2e-5; a 3M model needs more)
+    warmup_steps: int = 1  # linear warmup steps of each iteration
+    min_lr_ratio: float = 0.1  # the cosine ends at this fraction of the peak lr
+    weight_decay: float = 0.1  # AdamW weight decay (Llama 2: 0.1)
+    beta1: float = 0.9  # AdamW beta1 (Llama 2: 0.9)
+    beta2: float = 0.95  # AdamW beta2 (Llama 2: 0.95)
+    eps: float = 1e-5  # AdamW epsilon (Llama 2: 1e-5)
+    grad_clip: float = 1.0  # global gradient-norm clipping (Llama 2: 1.0)
+    # evaluation, held-out prompts only
+    eval: bool = True  # evaluate V0..Vn (false: only train; the temperature is still tuned)
+    eval_n: int = 200  # held-out prompts: one greedy and one sampled reply each (judge, RM, win rate)
+    eval_bestof_n: int = 32  # held-out prompts for the best-of-N curves (Fig. 7)
+    eval_k: int = 16  # samples per prompt for the best-of-N curves (M >= N = 1..eval_k)
+    eval_mt_n: int = 16  # 12-turn dialogs for adherence by turn
+    eval_turns: int = 12  # user turns per adherence dialog
+    eval_levels: str = "1,2"  # difficulty levels of the held-out prompts
+    # logging and checkpoints
+    out_dir: str = "out/rlhf_rs"  # ckpt.pt, V1..Vn/, iter<i>/, metrics.jsonl, PNGs
+    log_every: int = 1  # print a step line every N fine-tuning steps
+    stop_at: str = ""  # stop (and save) at "i:s": iteration i after s fine-tuning steps (0 = right after sampling), e.g. to test --resume
+    resume: bool = False  # continue from <out_dir>/ckpt.pt
+    # system
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: str = "auto"  # autocast: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    seed: int = 1337  # seeds prompts, sampling and data order
+
+
+STAGE = "rlhf_rs"  # the stage of ckpt.pt (the run's state); each Vi is saved as stage "rlhf"
+CHAT_STAGES = ("sft", "gatt", "rlhf")
+
+
+def parse_stop_at(text: str) -> tuple[int, int] | None:
+    """--stop_at "i:s" -> (i, s), or None."""
+    if not text:
+        return None
+    try:
+        i, s = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"error: --stop_at {text!r}: give iteration:steps, e.g. 2:0 (right after "
+                         "iteration 2's sampling) or 2:3") from None
+    return i, s
+
+
+# -----------------------------------------------------------------------------------------------
+# rejection sampling: rollout, scoring, selection, pooling
+
+
+def sample_k(model, tokenizer, prompts, cfg, temperature: float, seed: int, rt, desc: str):
+    """k replies per prompt at `temperature` (batched with the KV cache): [[Reply] * k or None]."""
+    return gatt.generate_replies(model, tokenizer, prompts, n=cfg.k, temperature=temperature,
+                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                 batch=cfg.gen_batch, rt=rt, desc=desc)
+
+
+def score_samples(prompts, samples, select: str, rm) -> list[list[float] | None]:
+    """The reward of each sample that SELECTS: the reward model's by default; the judge's only for
+    the --select judge oracle ablation. samples: [[Reply] * k or None] per prompt."""
+    pairs = [(i, d, r) for i, (d, rs) in enumerate(zip(prompts, samples)) if rs for r in rs]
+    if select == "rm":
+        flat = evaluate.rm_rewards(rm, [d for _, d, _ in pairs], [r.text for _, _, r in pairs])
+    elif select == "judge":  # ORACLE ablation: the evaluation's own gold standard picks
+        flat = evaluate.judge_scores([d for _, d, _ in pairs], [r for _, _, r in pairs])
+    else:
+        raise ValueError(f"select must be rm or judge, got {select!r}")
+    out: list[list[float] | None] = [None if not rs else [] for rs in samples]
+    for (i, _, _), x in zip(pairs, flat):
+        out[i].append(x)
+    return out
+
+
+def choose_best(samples, rewards) -> list[int | None]:
+    """Per prompt, the index of the sample with the highest reward among those that ended with
+    EOS (no EOS -> never the gold answer); None when no sample qualifies. Ties: the first."""
+    best = []
+    for rs, rw in zip(samples, rewards):
+        ok = [j for j in range(len(rs or [])) if rs[j].eos]
+        best.append(max(ok, key=lambda j: (rw[j], -j)) if ok else None)
+    return best
+
+
+def pool_gold(per_iteration: list[list[dict | None]]) -> list[dict | None]:
+    """The gold answer per prompt over several iterations: the candidate with the highest reward
+    (the reward model is fixed, so rewards compare across iterations); ties: the earliest.
+    per_iteration[t][p] = {"text", "reward", "iteration"} or None."""
+    gold = []
+    for cands in zip(*per_iteration):
+        ok = [c for c in cands if c is not None]
+        gold.append(max(ok, key=lambda c: (c["reward"], -c["iteration"])) if ok else None)
+    return gold
+
+
+def write_samples(path: Path, prompts, samples, rewards, best, judged, temperature) -> None:
+    """One JSON line per prompt: its k samples, their rewards and judged scores, the pick."""
+    with training.atomic_write(path, "w") as f:
+        for p, (d, rs) in enumerate(zip(prompts, samples)):
+            f.write(json.dumps({
+                "prompt": p, "messages": d, "temperature": temperature,
+                "responses": [r.text for r in rs or []], "eos": [r.eos for r in rs or []],
+                "n_tokens": [r.n_tokens for r in rs or []], "rewards": rewards[p],
+                "judged": judged[p], "best": best[p]}) + "\n")
+
+
+def read_samples(path: Path) -> list[dict]:
+    return training.read_jsonl(path, lambda obj, where: obj,
+                               missing="the run stopped before sampling; rerun without --resume")
+
+
+def candidates(rows: list[dict], iteration: int) -> list[dict | None]:
+    """Each prompt's picked sample of one iteration as a pooling candidate."""
+    return [None if r["best"] is None else
+            {"text": r["responses"][r["best"]], "reward": r["rewards"][r["best"]],
+             "iteration": iteration} for r in rows]
+
+
+# -----------------------------------------------------------------------------------------------
+# temperature re-tuning (Fig. 8)
+
+
+def tune_temperature(model, tokenizer, rm, prompts, cfg, iteration: int, rt) -> dict:
+    """Expected max reward of N = 1..k samples for each T of the grid, on the tuning slice; the
+    chosen T maximizes it at N = k. Uses the selecting reward (the RM unless --select judge)."""
+    grid = [float(t) for t in cfg.temperatures.split(",") if t]
+    curves = {}
+    for t in grid:
+        samples = sample_k(model, tokenizer, prompts, cfg, t, cfg.seed * 1009 + 97 * iteration,
+                           rt, f"tune V{iteration - 1} T={t:g}")
+        rewards = score_samples(prompts, samples, cfg.select, rm)
+        curves[f"{t:g}"] = evaluate.best_of_n_curve([r for r in rewards if r])
+    best = max(grid, key=lambda t: curves[f"{t:g}"]["max"][-1])  # ties: the lowest T
+    return {"iteration": iteration, "temperature": best, "curves": curves,
+            "prompts": len(prompts), "select": cfg.select}
+
+
+# -----------------------------------------------------------------------------------------------
+# fine-tuning on the gold answers: train_sft's answer-only loss and packing
+
+
+def gold_examples(tokenizer, prompts, gold, seq_len: int, seed: int):
+    """(prompt + gold answer) examples, answer-only loss (train_sft.encode_example "last": the
+    earlier turns, written by the careful human, are context), dropped if too long, shuffled."""
+    examples = [train_sft.encode_example(tokenizer, d + [{"role": "assistant", "content": g["text"]}],
+                                         "last", f"prompt {p}")
+                for p, (d, g) in enumerate(zip(prompts, gold)) if g is not None]
+    examples, dropped = train_sft.fit_examples(examples, seq_len)
+    random.Random(seed).shuffle(examples)
+    return examples, dropped
+
+
+def train_step(model, optimizer, examples, step_rows, cfg, rt) -> tuple[float, int, float]:
+    """One optimizer step over the step's packed rows (gradient accumulation over micro-batches,
+    each weighted by its share of the answer tokens, as train_sft). -> (loss, tokens, grad norm)."""
+    n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)
+    loss_sum, tokens = 0.0, 0
+    for m in range(0, len(step_rows), cfg.micro_batch):
+        batch = train_sft.make_batch(examples, step_rows[m:m + cfg.micro_batch], True, rt.device)
+        k = int((batch["targets"] != -100).sum())
+        if k == 0:
+            continue
+        with rt.autocast():
+            _, loss = train_sft.forward_batch(model, batch)
+        (loss * (k / n_kept)).backward()
+        loss_sum += loss.item() * k
+        tokens += batch["tokens"].numel()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / max(1, n_kept), tokens, float(gnorm)
+
+
+# -----------------------------------------------------------------------------------------------
+# checks of the inputs
+
+
+def _stage_of(path: str) -> str | None:
+    p = Path(path)
+    p = p / "ckpt.pt" if p.is_dir() else p
+    if p.is_file() and p.suffix == ".pt":
+        return llama2.load_checkpoint_file(p).get("stage")
+    return None
+
+
+def load_policy(cfg: Config, rt):
+    """The start policy: one of our chat checkpoints (or an external chat model); a pretrained
+    base model or a reward model is refused with one line."""
+    try:
+        stage = _stage_of(cfg.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
+    if stage == "pretrain":
+        raise SystemExit(f"error: --checkpoint {cfg.checkpoint} is a pretrained (non-chat) model; "
+                         "rejection sampling starts from a chat model: fine-tune it with "
+                         "train_sft.py first")
+    if stage is not None and stage not in CHAT_STAGES:
+        raise SystemExit(f"error: --checkpoint {cfg.checkpoint} is a {stage!r} checkpoint, not a "
+                         f"chat model ({', '.join(CHAT_STAGES)})")
+    try:
+        model, tok = llama2.load_model(cfg.checkpoint, device=str(rt.device))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
+    if tok is None:
+        raise SystemExit(f"error: --checkpoint {cfg.checkpoint} carries no tokenizer")
+    return model.float(), tok, stage or "external"
+
+
+def load_rm(cfg: Config, tokenizer, rt):
+    """The reward model; it must read the policy's tokens (the same tokenizer)."""
+    try:
+        rm, rm_tok = llama2.load_reward_model(cfg.reward_model, device=str(rt.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --reward_model {cfg.reward_model}: {e}") from None
+    if rm_tok is None or rm_tok.model_bytes != tokenizer.model_bytes:
+        raise SystemExit(f"error: --reward_model {cfg.reward_model} does not use the policy's "
+                         f"tokenizer ({cfg.checkpoint}); train the RM from this policy's family")
+    rm.tokenizer = rm_tok
+    return rm
+
+
+def check_config(cfg: Config) -> None:
+    """Bad flags -> one `error:` line, before any work."""
+    if cfg.method == "ppo":
+        raise SystemExit("error: --method ppo is not built yet (issue 13); use --method rs")
+    if cfg.method != "rs":
+        raise SystemExit(f"error: --method {cfg.method!r}: use rs (ppo: issue 13)")
+    if cfg.select not in ("rm", "judge"):
+        raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "
+                         "ORACLE ablation)")
+    for flag in ("iterations", "prompts", "k", "tune_prompts", "batch_size", "micro_batch"):
+        if getattr(cfg, flag) < 1:
+            raise SystemExit(f"error: --{flag} must be >= 1, got {getattr(cfg, flag)}")
+    if cfg.batch_size % cfg.micro_batch:
+        raise SystemExit(f"error: --batch_size {cfg.batch_size} is not a multiple of "
+                         f"--micro_batch {cfg.micro_batch}")
+    try:
+        grid = [float(t) for t in cfg.temperatures.split(",") if t]
+    except ValueError:
+        grid = []
+    if not grid or min(grid) <= 0:
+        raise SystemExit(f"error: --temperatures {cfg.temperatures!r}: give positive "
+                         "temperatures, comma-separated, e.g. 0.6,0.8,1.0,1.2,1.5")
+    for flag in ("prompt_levels", "eval_levels"):
+        try:
+            world.parse_levels(getattr(cfg, flag))
+        except ValueError as e:
+            raise SystemExit(f"error: --{flag}: {e}") from None
+    if cfg.eval and (cfg.eval_k < 1 or cfg.eval_n < 1 or cfg.eval_bestof_n < 1):
+        raise SystemExit("error: --eval_n, --eval_bestof_n and --eval_k must be >= 1")
+
+
+# -----------------------------------------------------------------------------------------------
+# the script
+
+
+def main(argv=None) -> None:
+    cfg = training.parse_config(Config, argv, description=__doc__)
+    check_config(cfg)
+    stop_at = parse_stop_at(cfg.stop_at)
+    rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    if rt.distributed:
+        raise SystemExit("error: train_rlhf.py runs in one process for now (torchrun: not built "
+                         "yet); run it without torchrun")
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    resumed = training.load_resume(ckpt_path, STAGE) if cfg.resume else None
+
+    # ---- models: the policy (V0, or the resumed state) and the fixed reward model
+    model, tokenizer, start_stage = load_policy(cfg, rt)
+    rm = load_rm(cfg, tokenizer, rt)
+    seq_len = cfg.seq_len or model.args.max_seq_len
+    if seq_len > model.args.max_seq_len:
+        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
+                         f"({model.args.max_seq_len}); lower it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = out_dir / "metrics.jsonl"
+    # fine-tuning steps are numbered across iterations ("step"), so a resume trims the log there
+    training.trim_metrics(metrics, resumed["global_step"] if resumed else 0)
+    log = training.MetricsLog(metrics, rt)
+
+    # ---- the training prompts: one fixed set, training-split problems only
+    prompts = world.chat_prompts(cfg.prompts, "train", cfg.seed, world.parse_levels(cfg.prompt_levels),
+                                 cfg.p_instruction, cfg.max_turns)
+    tune_set = prompts[:cfg.tune_prompts]
+
+    # where the run stands: iteration `it` is in progress with `it_step` steps done
+    it, it_step, global_step, opt_state = 1, 0, 0, None
+    if resumed:
+        training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
+        if resumed["config"]["checkpoint"] != cfg.checkpoint or resumed["prompts_key"] != _key(prompts):
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: --checkpoint or the prompt "
+                             "flags differ from the run that wrote it; use the same flags")
+        model.load_state_dict(resumed["model"])
+        it, it_step, global_step = resumed["iteration"], resumed["it_step"], resumed["global_step"]
+        opt_state = resumed.get("optimizer")
+        training.set_rng_state(resumed["rng"])
+        log.print(f"resumed from {ckpt_path}: iteration {it}, {it_step} fine-tuning steps done")
+        del resumed
+    log.print(f"rejection sampling: V0 = {cfg.checkpoint} ({start_stage}, "
+              f"{model.num_params() / 1e6:.2f}M parameters), reward model {cfg.reward_model}, "
+              f"select by {'the RM' if cfg.select == 'rm' else 'the JUDGE (oracle ablation)'}; "
+              f"{cfg.prompts} training prompts x k={cfg.k}, {cfg.iterations} iterations; "
+              f"{rt.device}, kernels {llama2.kernels_in_use()}")
+
+    def save(iteration: int, step: int, optimizer=None) -> None:
+        training.save_checkpoint(ckpt_path, {
+            "model_args": asdict(model.args),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+            "config": asdict(cfg), "stage": STAGE, "parent": cfg.checkpoint,
+            "iteration": iteration, "it_step": step, "global_step": global_step,
+            "prompts_key": _key(prompts), "rng": training.rng_state()})
+
+    def cached(path: Path, make):
+        """A JSON file of this run read back on --resume (what made it is deterministic), else
+        made and written atomically."""
+        if cfg.resume and path.is_file():
+            return json.loads(path.read_text())
+        obj = make()
+        with training.atomic_write(path, "w") as f:
+            f.write(json.dumps(obj))
+        return obj
+
+    t_train = 0.0  # seconds spent tuning, sampling, scoring and fine-tuning (not evaluating)
+    reference = None  # V0's evaluation: the win rates are against it
+    for i in range(it, cfg.iterations + 2):
+        # iteration i starts from V(i-1); "iteration" n+1 only tunes and evaluates Vn
+        d = out_dir / f"iter{i}"
+        t0 = time.perf_counter()
+        tune = cached(d / "tune.json", lambda: tune_temperature(model, tokenizer, rm, tune_set, cfg, i, rt))
+        t_train += time.perf_counter() - t0 if i <= cfg.iterations else 0.0
+        T = tune["temperature"]
+        sweep = " ".join(f"T={t}: {c['max'][-1]:+.3f}" for t, c in tune["curves"].items())
+        log.write({"iteration": i - 1, "tune": {t: c["max"][-1] for t, c in tune["curves"].items()},
+                   "temperature": T},
+                  f"V{i - 1}: temperature re-tuned on {tune['prompts']} training prompts, E[max "
+                  f"of {cfg.k}] reward by T: {sweep} -> T={T:g}")
+        if cfg.eval:
+            if reference is None and i > 1:
+                reference = json.loads((out_dir / "iter1" / "eval.json").read_text())
+            ev = cached(d / "eval.json", lambda: evaluate.policy_eval(
+                model, tokenizer, rm, cfg, T, reference, rt, label=f"V{i - 1}"))
+            if i == 1:
+                reference = ev
+            log.write({"iteration": i - 1, "eval": _light(ev)}, evaluate.format_policy_eval(ev))
+        if i > cfg.iterations:
+            break
+
+        # ---- rejection sampling: k samples per prompt at T, the RM picks the best
+        t0 = time.perf_counter()
+        samples_path = d / "samples.jsonl"
+        if cfg.resume and samples_path.is_file():
+            rows = read_samples(samples_path)
+            log.print(f"V{i}: samples read back from {samples_path}")
+        else:
+            samples = sample_k(model, tokenizer, prompts, cfg, T, cfg.seed * 7919 + i, rt,
+                               f"V{i} sampling")
+            rewards = score_samples(prompts, samples, cfg.select, rm)
+            best = choose_best(samples, rewards)
+            # measured only, never used to pick: what the judge thinks of the samples
+            judged = [evaluate.judge_scores(dd, rs) if rs else None
+                      for dd, rs in zip(([p] * cfg.k for p in prompts), samples)]
+            write_samples(samples_path, prompts, samples, rewards, best, judged, T)
+            rows = read_samples(samples_path)
+            save(i, 0)  # the samples are on disk: a resume from here re-reads them
+        # the gold answers: this iteration's picks, or the best over all iterations (pooling)
+        pooled = cfg.pool and i >= cfg.pool_from
+        per_it = ([candidates(read_samples(out_dir / f"iter{j}" / "samples.jsonl"), j)
+                   for j in range(1, i)] if pooled else []) + [candidates(rows, i)]
+        gold = pool_gold(per_it)
+        with training.atomic_write(d / "gold.jsonl", "w") as f:  # what Vi is fine-tuned on
+            f.writelines(json.dumps({"prompt": p, **(g or {"text": None})}) + "\n"
+                         for p, g in enumerate(gold))
+        _log_selection(log, i, rows, gold, pooled, cfg)
+        if stop_at == (i, 0):
+            log.print(f"stopped after iteration {i}'s sampling (--stop_at {cfg.stop_at})")
+            return
+
+        # ---- fine-tune V(i-1) on the gold answers -> Vi
+        examples, dropped = gold_examples(tokenizer, prompts, gold, seq_len, cfg.seed + i)
+        if not examples:
+            raise SystemExit(f"error: iteration {i}: no gold answer (no sample ended with EOS); "
+                             "raise --max_new_tokens or check the policy with train_sft.py --eval")
+        rows_ = train_sft.pack_rows([len(e) for e in examples], seq_len)
+        sampler = train_sft.RowSampler(len(rows_), cfg.seed * 31 + i)
+        n_steps = max(1, math.ceil(cfg.epochs * len(rows_) / cfg.batch_size))
+        optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                            device_type=rt.device_type)
+        if opt_state is not None and it_step > 0 and i == it:
+            optimizer.load_state_dict(opt_state)
+        start = it_step if i == it else 0
+        opt_state = None
+        log.print(f"V{i}: fine-tuning on {len(examples)} gold answers ({len(dropped)} too long), "
+                  f"{len(rows_)} packed rows, {n_steps} steps of {cfg.batch_size} rows")
+        model.train()
+        for step in range(start, n_steps):
+            t1 = time.perf_counter()
+            lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                    total_steps=n_steps, min_lr_ratio=cfg.min_lr_ratio)
+            training.set_lr(optimizer, lr)
+            step_rows = [rows_[sampler.row(step * cfg.batch_size + r)] for r in range(cfg.batch_size)]
+            loss, tokens, gnorm = train_step(model, optimizer, examples, step_rows, cfg, rt)
+            if not math.isfinite(loss):
+                raise SystemExit(f"error: the loss became {loss} at iteration {i} step {step + 1}; "
+                                 "lower --lr")
+            global_step += 1
+            dt = time.perf_counter() - t1
+            line = f"V{i} " + training.step_line(step + 1, n_steps, loss, lr, gnorm, dt, tokens / dt)
+            log.write({"step": global_step, "iteration": i, "it_step": step + 1, "loss": loss,
+                       "lr": lr, "gnorm": gnorm, "ms": dt * 1000, "tok_s": tokens / dt},
+                      line if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps else None)
+            if stop_at == (i, step + 1) and step + 1 < n_steps:
+                save(i, step + 1, optimizer)
+                log.print(f"stopped at iteration {i} step {step + 1} (--stop_at {cfg.stop_at})")
+                return
+        model.eval()
+        # Vi: a chat checkpoint of its own (stage "rlhf"), then the run's state moves past it
+        training.save_checkpoint(out_dir / f"V{i}" / "ckpt.pt", {
+            "model_args": asdict(model.args),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+            "config": asdict(cfg), "stage": "rlhf", "parent": cfg.checkpoint, "iteration": i})
+        save(i + 1, 0)
+        t_train += time.perf_counter() - t0
+        log.print(f"V{i}: saved {out_dir / f'V{i}'}")
+
+    log.write({"train_seconds": t_train},
+              f"done: {cfg.iterations} iterations; tuning + sampling + scoring + fine-tuning "
+              f"{t_train:.0f}s in this process (evaluation not counted)")
+    if cfg.eval:
+        report(out_dir, cfg, log)
+
+
+def _key(prompts) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def _light(ev: dict) -> dict:
+    """An evaluation without its per-prompt score lists (for metrics.jsonl)."""
+    return {k: ({kk: vv for kk, vv in v.items() if not kk.endswith("_scores")}
+                if isinstance(v, dict) else v)
+            for k, v in ev.items()}
+
+
+def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
+    """One line of health numbers for the selection: the picked samples' reward and judged score
+    against a random sample's (the judge is only read here, after the pick)."""
+    picked = [r for r in rows if r["best"] is not None]
+    mean_r = sum(sum(r["rewards"]) / len(r["rewards"]) for r in picked) / max(1, len(picked))
+    best_r = sum(r["rewards"][r["best"]] for r in picked) / max(1, len(picked))
+    mean_j = sum(sum(r["judged"]) / len(r["judged"]) for r in picked) / max(1, len(picked))
+    best_j = sum(r["judged"][r["best"]] for r in picked) / max(1, len(picked))
+    eos = sum(sum(r["eos"]) for r in rows) / max(1, sum(len(r["eos"]) for r in rows))
+    from_earlier = sum(g is not None and g["iteration"] < i for g in gold)
+    log.write({"iteration": i, "selection": {"prompts_with_gold": sum(g is not None for g in gold),
+               "reward_mean": mean_r, "reward_picked": best_r, "judged_mean": mean_j,
+               "judged_picked": best_j, "eos_rate": eos, "pooled": pooled,
+               "gold_from_earlier": from_earlier}},
+              f"V{i}: picked by the {'RM' if cfg.select == 'rm' else 'JUDGE (oracle)'} from "
+              f"k={cfg.k} at T={rows[0]['temperature']:g}: reward {mean_r:+.3f} (a random sample) "
+              f"-> {best_r:+.3f} (the pick); judged {mean_j:.3f} -> {best_j:.3f}; samples with "
+              f"EOS {eos:.1%}; " + (f"pooled over V1..V{i}: {from_earlier} gold answers from "
+                                    "earlier iterations" if pooled else "no pooling"))
+
+
+def report(out_dir: Path, cfg: Config, log) -> None:
+    """Fig. 7, Fig. 8 and the per-iteration plot; the over-optimization line."""
+    evs = [json.loads((out_dir / f"iter{i}" / "eval.json").read_text())
+           for i in range(1, cfg.iterations + 2)]
+    tunes = [json.loads((out_dir / f"iter{i}" / "tune.json").read_text())
+             for i in range(1, cfg.iterations + 2)]
+    evaluate.plot_best_of_n({e["label"]: e["best_of_n"] for e in evs}, out_dir / "best_of_n.png",
+                            "Expected max (solid) and median (dashed) reward among N samples, "
+                            "held-out prompts")
+    evaluate.plot_temperatures({f"V0 (start)": tunes[0]["curves"],
+                                f"V{cfg.iterations} (last)": tunes[-1]["curves"]},
+                               out_dir / "temperatures.png")
+    rows = [{**e, "iteration": i} for i, e in enumerate(evs)]
+    evaluate.plot_iterations(rows, out_dir / "iterations.png")
+    lines = ["iteration | T | judged greedy | judged at T | RM greedy | RM at T | win rate greedy "
+             "| win rate at T | EOS | tokens"]
+    for r, t in zip(rows, tunes):
+        w = r.get("win_rate", {"greedy": 0.5, "sampled": 0.5})
+        lines.append(f"V{r['iteration']} | {t['temperature']:g} | {r['greedy']['judge']:.3f} | "
+                     f"{r['sampled']['judge']:.3f} | {r['greedy']['rm']:+.3f} | "
+                     f"{r['sampled']['rm']:+.3f} | {w['greedy']:.1%} | {w['sampled']:.1%} | "
+                     f"{r['greedy']['eos_rate']:.1%} | {r['greedy']['tokens']:.1f}")
+    f = rows[0]["floor"]
+    lines.append(f"floors: judged {f['judge_empty']:.3f} (empty reply), "
+                 f"{f['judge_bare_answer']:.3f} (bare correct answer), ceiling 1.0; RM "
+                 f"{f['rm_empty']:+.3f} (empty reply); win rate 50%; EOS ceiling 100%")
+    # over-optimization (Gao et al. 2022): the RM score rising while the judge falls, each change
+    # from V0 to Vn judged against its paired standard error over the same held-out prompts
+    def change(key: str) -> tuple[float, float]:
+        a, b = rows[0]["sampled"][key + "_scores"], rows[-1]["sampled"][key + "_scores"]
+        diff = [y - x for x, y in zip(a, b)]
+        mean = sum(diff) / len(diff)
+        var = sum((x - mean) ** 2 for x in diff) / max(1, len(diff) - 1)
+        return mean, math.sqrt(var / len(diff))
+    (d_rm, se_rm), (d_j, se_j) = change("rm"), change("judge")
+    rm_up, judge_down = d_rm > 2 * se_rm, d_j < -2 * se_j
+    what = (f"RM score {d_rm:+.3f} (+-{se_rm:.3f}), judged score {d_j:+.3f} (+-{se_j:.3f}) from V0 "
+            f"to V{cfg.iterations} at T (paired over {len(rows[0]['sampled']['judge_scores'])} "
+            "held-out prompts, +- one standard error)")
+    if rm_up and judge_down:
+        lines.append(f"OVER-OPTIMIZATION: {what}: the RM score rose while the judged score fell; "
+                     "the policy exploits the reward model")
+    else:
+        lines.append(f"over-optimization check: {what}: no RM rise together with a judged fall "
+                     "beyond 2 standard errors")
+    text = "\n".join(lines)
+    with training.atomic_write(out_dir / "report.txt", "w") as fh:
+        fh.write(text + "\n")
+    log.print(text)
+    log.print(f"wrote {out_dir / 'report.txt'}, best_of_n.png (Fig. 7), temperatures.png "
+              f"(Fig. 8), iterations.png")
+
+
+if __name__ == "__main__":
+    main()
