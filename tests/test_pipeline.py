@@ -1,0 +1,143 @@
+"""pipeline.py's restart logic and report.py, on the tiny size (a 2-layer model, a few steps per stage):
+a finished stage is skipped, a stage stopped midway resumes with --resume and ends bitwise equal to
+an uninterrupted run, --fresh starts over, a changed input reruns what reads it, and the report
+says "not run" for the stages that did not run. The stages run as real subprocesses."""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import pipeline  # noqa: E402
+import report  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the subprocesses inherit it: a small shared CPU
+UNTIL_SFT = ["--size", "tiny", "--until", "sft", "--skip", "eval_pretrain"]
+
+
+def run(out, capfd, *flags):
+    rc = pipeline.main([*UNTIL_SFT, "--out_dir", str(out), *flags])
+    text = capfd.readouterr().out
+    assert rc == 0, text[-3000:]
+    return text
+
+
+def marker(out, stage, name="done.json"):
+    p = Path(out) / stage / name
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """world_text -> pretrain -> sft, uninterrupted (eval_pretrain left out with --skip)."""
+    out = tmp_path_factory.mktemp("pipe") / "a"
+    assert pipeline.main([*UNTIL_SFT, "--out_dir", str(out)]) == 0
+    return out
+
+
+def test_finished_stages_are_skipped_and_a_mid_run_checkpoint_is_not_finished(base, capfd):
+    ids = {s: marker(base, s)["id"] for s in ("world_text", "pretrain", "sft")}
+    text = run(base, capfd)
+    for s in ("world_text", "pretrain", "sft"):
+        assert f"] {s}:" in text and marker(base, s)["id"] == ids[s]
+    assert text.count("skip: finished") == 3 and "$ python" not in text
+    assert "skipped: --skip" in text  # eval_pretrain
+    # a done marker records the command with $OUT for the folder, and the stages it read
+    m = marker(base, "sft")
+    assert m["deps"] == {"pretrain": ids["pretrain"]}
+    assert "--checkpoint" in m["argv"] and "$OUT/pretrain" in m["argv"]
+    # an output that vanished makes the stage run again, not count as finished
+    state, why = pipeline.stage_state(
+        next(s for s in pipeline.build_stages(pipeline.Config(size="tiny"), base) if s.name == "sft"),
+        base, ids)
+    assert state == "done"
+    ck = base / "sft" / "ckpt.pt"
+    ck.rename(ck.with_suffix(".bak"))
+    try:
+        state, why = pipeline.stage_state(
+            next(s for s in pipeline.build_stages(pipeline.Config(size="tiny"), base)
+                 if s.name == "sft"), base, ids)
+        assert state == "new" and "ckpt.pt is gone" in why
+    finally:
+        ck.with_suffix(".bak").rename(ck)
+
+
+def test_a_stage_stopped_midway_resumes_and_equals_the_uninterrupted_run(base, tmp_path, capfd):
+    out = tmp_path / "b"
+    out.mkdir()
+    # a copy of the finished stages still counts as finished ($OUT in the markers)
+    for d in ("world_text", "pretrain"):
+        shutil.copytree(base / d, out / d)
+    shutil.copy(base / "pipeline.json", out / "pipeline.json")
+    text = run(out, capfd, "--stop_at", "sft:1")
+    assert text.count("skip: finished") == 2 and "--stop_at_step 1" in text
+    assert "stopped sft at 1" in text
+    # the checkpoint written mid-run is there, and the stage is not finished
+    assert torch.load(out / "sft" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert marker(out, "sft") is None and marker(out, "sft", "started.json") is not None
+    state, _ = pipeline.stage_state(
+        next(s for s in pipeline.build_stages(pipeline.Config(size="tiny"), out) if s.name == "sft"),
+        out, {"pretrain": marker(out, "pretrain")["id"]})
+    assert state == "partial"
+    text = run(out, capfd)
+    assert "--resume" in text and "resumed from" in text and "at step 1" in text
+    assert marker(out, "sft") is not None
+    a = torch.load(base / "sft" / "ckpt.pt", weights_only=True)
+    b = torch.load(out / "sft" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] > 1
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    # a stage that read a stage which ran again runs again itself (here: pretrain's id changes)
+    m = marker(out, "pretrain")
+    m["id"] = "0" * 32
+    (out / "pretrain" / "done.json").write_text(json.dumps(m))
+    st = pipeline.stage_state(next(s for s in pipeline.build_stages(
+        pipeline.Config(size="tiny"), out) if s.name == "sft"), out, {"pretrain": m["id"]})
+    assert st == ("new", "finished, but a stage it reads has run again since: runs again")
+
+    # --fresh starts over: every stage folder goes, the first stage runs again
+    old = marker(out, "world_text")["id"]
+    text = pipeline.main(["--size", "tiny", "--until", "world_text", "--out_dir", str(out),
+                          "--fresh"])
+    text = capfd.readouterr().out
+    assert "fresh start" in text and "$ python world.py text" in text
+    assert marker(out, "world_text")["id"] != old
+    assert not (out / "pretrain").exists() and not (out / "sft").exists()
+
+
+def test_the_report_says_not_run_for_missing_stages(base, tmp_path):
+    text = report.write_report(base, tmp_path / "r")
+    assert (tmp_path / "r" / "REPORT.md").read_text() == text
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "not run" not in rows["pretraining loss (§2.2, Fig. 5)"]
+    assert "floor: uniform guess ln(384)" in rows["pretraining loss (§2.2, Fig. 5)"]
+    for name in ("RM accuracy by rating (§3.2.2, Table 8)", "best-of-N (§3.2.3, Fig. 7)",
+                 "temperature (Fig. 8)", "PPO (§3.2.3)", "GAtt: instruction kept by turn (§3.3, Fig. 9-10)"):
+        assert "| not run" in rows[name], name
+    assert "80.7 / 67.5 / 60.9 / 54.7 / 63.2" in rows["RM accuracy by rating (§3.2.2, Table 8)"]
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "r" / "report_pretrain_loss.png").shape[0] > 100
+    assert "## Time per stage" in text and "| pretrain |" in text
+
+
+def test_bad_input_is_one_clear_error(base, tmp_path):
+    for flags, msg in ((["--stop_at", "pretrain:2"], "has no flag to stop mid-run"),
+                       (["--until", "nosuch"], "no stage 'nosuch'"),
+                       (["--size", "huge"], "--size 'huge': use one of"),
+                       (["--stop_at", "sft"], "give stage:step")):
+        with pytest.raises(SystemExit, match=msg):
+            pipeline.main(["--size", "tiny", "--out_dir", str(base), *flags])
+    with pytest.raises(SystemExit, match="in the repository or above it"):
+        pipeline.main(["--size", "tiny", "--out_dir", str(ROOT)])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("not the pipeline's")
+    with pytest.raises(SystemExit, match="was not made by pipeline.py"):
+        pipeline.main(["--size", "tiny", "--out_dir", str(tmp_path / "other"), "--fresh"])
+    assert (tmp_path / "other" / "keep.txt").exists()
+    with pytest.raises(SystemExit, match="no such folder"):
+        report.write_report(tmp_path / "nothing", tmp_path / "r")
