@@ -531,6 +531,11 @@ def run(cfg: Config) -> int:
         say(f"pipeline done in {_fmt(time.time() - t_start)}"
               + (f" (ran: {ran})" if ran else " (every stage was already finished)")
               + (f"; report: {report_dir / 'REPORT.md'}" if "report" in timings else ""))
+        final = next((s for s in stages if s.name == "eval_final"), None)
+        if final is not None and final.argv and "eval_final" in ids:
+            ckpt = final.argv[final.argv.index("--checkpoint") + 1]
+            say(f"chat with the final model: python llama2.py --checkpoint {ckpt} --chat "
+                "--system 'Always answer in capital letters.'")
     return 0
 
 
