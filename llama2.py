@@ -263,7 +263,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache_k: Optional[torch.Tensor] = None  # (max_batch, max_len, n_kv, hd), set by setup_cache
+        self.cache_k: Optional[torch.Tensor] = None  # (max_batch, n_kv, max_len, hd), set by setup_cache
         self.cache_v: Optional[torch.Tensor] = None
 
     def forward(self, x, positions, cos, sin, cu_seqlens=None, start_pos=None):
@@ -273,10 +273,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, positions, cos, sin), apply_rope(k, positions, cos, sin)
         if start_pos is not None:
-            # Write this block's keys/values into the cache, then attend over everything so far.
-            self.cache_k[:B, start_pos:start_pos + T] = k
-            self.cache_v[:B, start_pos:start_pos + T] = v
-            k, v = self.cache_k[:B, :start_pos + T], self.cache_v[:B, :start_pos + T]  # (B, Tk, n_kv, hd)
+            # Write this block's keys/values into the cache in place, then attend over everything
+            # so far. The cache is head-major (B, n_kv, max_len, hd), so a decode step reads each
+            # (row, head)'s keys as one contiguous block; attention takes the (B, Tk, n_kv, hd)
+            # view of it as it is (any strides), no copy.
+            self.cache_k[:B, :, start_pos:start_pos + T] = k.transpose(1, 2)
+            self.cache_v[:B, :, start_pos:start_pos + T] = v.transpose(1, 2)
+            k = self.cache_k[:B, :, :start_pos + T].transpose(1, 2)  # (B, Tk, n_kv, hd)
+            v = self.cache_v[:B, :, :start_pos + T].transpose(1, 2)
         y = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)  # (B, T, H, hd)
         return self.wo(y.reshape(B, T, -1))
 
@@ -407,14 +411,18 @@ class Transformer(nn.Module):
         return logits, loss
 
     def setup_cache(self, max_batch: int, max_len: int) -> None:
-        """Preallocate each layer's KV cache, (max_batch, max_len, n_kv, hd), in the compute dtype."""
+        """Preallocate each layer's KV cache, (max_batch, n_kv, max_len, hd), in the compute dtype.
+
+        The buffers are kept between calls of the same shape (generate writes them in place, no
+        per-step torch.cat); free_cache releases them.
+        """
         p = self.output.weight
         # Under autocast the keys and values come out of wk/wv in the autocast dtype: cache that.
         on = p.device.type
         dtype = torch.get_autocast_dtype(on) if torch.is_autocast_enabled(on) else p.dtype
         for layer in self.layers:
             a = layer.attention
-            shape = (max_batch, max_len, a.n_kv_heads, a.head_dim)
+            shape = (max_batch, a.n_kv_heads, max_len, a.head_dim)
             if a.cache_k is None or a.cache_k.shape != shape or a.cache_k.dtype != dtype or a.cache_k.device != p.device:
                 a.cache_k = torch.zeros(shape, dtype=dtype, device=p.device)
                 a.cache_v = torch.zeros(shape, dtype=dtype, device=p.device)
@@ -439,37 +447,46 @@ class Transformer(nn.Module):
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
         device = self.output.weight.device
         B, lens = len(prompts), [len(p) for p in prompts]
+        longest = max(lens)
         max_len = self.args.max_seq_len
         if max(lens) >= max_len:
             raise ValueError(f"generate: a prompt of {max(lens)} tokens does not fit the context "
                              f"(max_seq_len={max_len}) with room to generate; shorten it")
         total = min(max_len, max(lens) + max_new_tokens)
-        tokens = torch.zeros(B, total, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        # The padded (B, total) token grid in one host-to-device copy, not one per prompt.
+        tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], dtype=torch.long,
+                              device=device)
         lens_t = torch.tensor(lens, device=device)
         in_prompt = torch.arange(total, device=device)[None, :] < lens_t[:, None]  # (B, total)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         self.setup_cache(B, total)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         logits_out = [[] for _ in range(B)]
+        per_row = return_logits or stream is not None
         prev = 0
         for cur in range(min(lens), total):
             h = self.hidden(tokens[:, prev:cur], start_pos=prev)
             logits = self.output(h[:, -1]).float()  # (B, vocab)
             nxt = sample(logits, temperature, top_p, gen)
-            generating = ~in_prompt[:, cur] & ~done
-            nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+            if cur < longest:
+                # Rows still inside their prompt keep the prompt's token.
+                generating = ~in_prompt[:, cur] & ~done
+                nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+            else:
+                generating = ~done
             tokens[:, cur] = nxt
-            for i in generating.nonzero().flatten().tolist():
-                if return_logits:
-                    logits_out[i].append(logits[i])
-                if stream is not None:
-                    stream(i, int(nxt[i]))
+            # The per-row host loop only when someone reads per-row results (a sync per step).
+            if per_row:
+                for i in generating.nonzero().flatten().tolist():
+                    if return_logits:
+                        logits_out[i].append(logits[i])
+                    if stream is not None:
+                        stream(i, int(nxt[i]))
             if eos_id is not None:
                 done |= generating & (nxt == eos_id)
             done |= generating & (cur + 1 - lens_t >= max_new_tokens)
             prev = cur
+            # Stop early once every row has hit EOS or its max_new_tokens.
             if bool(done.all()):
                 break
         out = []
@@ -484,16 +501,42 @@ class Transformer(nn.Module):
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """Next token per row from logits (B, vocab): greedy at temperature 0, else top-p sampling."""
+    """Next token per row from logits (B, vocab): greedy at temperature 0, else top-p sampling.
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches top_p (Meta's
+    sample_top_p); top_p >= 1 keeps them all. The draw is one uniform number per row through
+    the kept tokens' cumulative distribution (inverse CDF), so the random stream is the same
+    whichever of the paths below finds the kept set.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    if top_p >= 1:
+        # Every token is kept: no sort, draw straight from the softmax.
+        return _draw(probs, u)
+    # A full sort of the vocabulary is the slow part; the nucleus usually lies in the first few
+    # dozen tokens, which topk finds, so sort everything only for rows where it does not.
+    V = probs.shape[-1]
+    k = min(V, 64)
+    sorted_p, idx = probs.topk(k, dim=-1)  # descending
+    mass = sorted_p.cumsum(dim=-1)
+    if k < V and bool((mass[:, -1] <= top_p).any()):  # token k+1 would still be kept
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        mass = sorted_p.cumsum(dim=-1)
     # Keep the smallest set of tokens whose mass reaches top_p (the first token always stays).
-    sorted_p = sorted_p.masked_fill(sorted_p.cumsum(dim=-1) - sorted_p > top_p, 0.0)
-    sorted_p = sorted_p / sorted_p.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(sorted_p, 1, generator=generator)
-    return idx.gather(-1, choice).squeeze(-1)
+    sorted_p = sorted_p.masked_fill(mass - sorted_p > top_p, 0.0)
+    return idx.gather(-1, _draw(sorted_p, u)[:, None]).squeeze(-1)
+
+
+def _draw(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row of p (B, n) >= 0 (unnormalized), the index whose cumulative-mass interval holds u (B, 1)
+    in [0, 1) times the row's mass: index i with probability p_i / sum(p)."""
+    cdf = p.to(torch.float64).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # Strictly below the total, so the first entry of cdf above it always exists and has p_i > 0.
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 def count_params(args: ModelArgs) -> int:
