@@ -2,13 +2,15 @@
 LlamaForCausalLM.generate on the same weights, in one process.
 
 Sampling is what the RLHF stages spend their time on, so this times a whole `generate` call
-(prefill of the prompts, then one decode step per new token) at several batch sizes, greedy, with
-no EOS stop so every row makes exactly --new_tokens tokens. The weights are the demo checkpoint
+(prefill of the prompts, then one decode step per new token) at several batch sizes, with no EOS
+stop so every row makes exactly --new_tokens tokens. The weights are the demo checkpoint
 (--checkpoint, if it exists) or a random-init model of the demo shape; transformers loads them
 from our Hugging Face export (llama2.export_hf) in float32. Both run round-robin, one call each
-per round, after warm-up; the medians give tokens/s = batch * new_tokens / seconds, and the
-ratio ours / transformers. Both must produce the same greedy tokens (float32 on CPU: they agree;
-a mismatch is reported with the first row and step where they part).
+per round, after warm-up: tokens/s = batch * new_tokens / median seconds, and the ratio ours /
+transformers is the median of the rounds' ratios. Greedy (the default), both must make the same
+tokens (float32 on CPU: they agree; a mismatch is reported with the first row and step where they
+part). With --temperature > 0 both sample from the same distribution, but not the same random
+stream, so only the speed is compared (train_rlhf's setting: --temperature 0.7 --top_p 1.0).
 
     OMP_NUM_THREADS=1 python bench/bench_generate.py                 # CPU, about 2 min
     python bench/bench_generate.py --batch_sizes 32,64 --new_tokens 128 --json gen.json
@@ -72,8 +74,12 @@ def load_theirs(model: llama2.Transformer, attn: str):
     return hf
 
 
-def median_s(fns: dict, warmup: int, reps: int, budget_s: float) -> dict:
-    """Median wall seconds of each fn, run round-robin so a busy machine slows them alike."""
+def median(xs: list) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def times_s(fns: dict, warmup: int, reps: int, budget_s: float) -> dict:
+    """Wall seconds of each fn per round, run round-robin so a busy machine slows them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -86,7 +92,7 @@ def median_s(fns: dict, warmup: int, reps: int, budget_s: float) -> dict:
             times[name].append(time.perf_counter() - t)
         if time.perf_counter() - t_start > budget_s and len(times[name]) >= 3:
             break
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return times
 
 
 def first_mismatch(ours: list, theirs: torch.Tensor):
@@ -123,9 +129,12 @@ def bench_batch(model, hf, B: int, cfg: Config) -> dict:
         return out[:, cfg.prompt_len:]
 
     bad = first_mismatch(ours(), theirs()) if greedy else None
-    t = median_s({"ours": ours, "transformers": theirs}, cfg.warmup, cfg.reps, cfg.budget_s)
-    return {"batch": B, "ours_tok_s": B * N / t["ours"], "transformers_tok_s": B * N / t["transformers"],
-            "ratio": t["transformers"] / t["ours"], "same_greedy_tokens": bad is None if greedy else None,
+    t = times_s({"ours": ours, "transformers": theirs}, cfg.warmup, cfg.reps, cfg.budget_s)
+    # The ratio is the median of each round's ratio: the two calls of a round ran back to back,
+    # under the same load, which a shared machine changes from round to round.
+    ratio = median([b / a for a, b in zip(t["ours"], t["transformers"])])
+    return {"batch": B, "ours_tok_s": B * N / median(t["ours"]),
+            "transformers_tok_s": B * N / median(t["transformers"]), "ratio": ratio, "same_greedy_tokens": bad is None if greedy else None,
             "first_mismatch": bad}
 
 
