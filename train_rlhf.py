@@ -27,6 +27,9 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
     python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
+    # under torchrun: each rank samples and scores its share of the prompts, the samples are
+    # gathered, the fine-tuning is DDP (the same picks as 1 process; weights within float error)
+    torchrun --standalone --nproc_per_node=2 train_rlhf.py --device cpu --out_dir out/rlhf_rs2
     # stop mid-iteration, then continue exactly where it stopped
     python train_rlhf.py --stop_at 2:1 --out_dir out/rlhf_rs && python train_rlhf.py --resume \\
         --out_dir out/rlhf_rs
@@ -144,6 +147,32 @@ def sample_k(model, tokenizer, prompts, cfg, temperature: float, seed: int, rt, 
                                  batch=cfg.gen_batch, rt=rt, desc=desc)
 
 
+def sample_and_score(model, tokenizer, rm, prompts, cfg, temperature: float, seed: int, rt,
+                     desc: str):
+    """k samples per prompt and their selecting rewards, sharded over the ranks.
+
+    The prompts are cut into fixed groups of gen_batch // k (one generate batch each), group g
+    sampled with seed + g; the groups are dealt round robin to the ranks, each rank samples and
+    scores its own, and the results are gathered back in prompt order. The samples depend only on
+    the group, never on the number of processes, so 2 processes select what 1 process selects.
+    """
+    size = max(1, cfg.gen_batch // cfg.k)
+    starts = list(range(0, len(prompts), size))
+    mine = {}
+    for g in range(rt.rank, len(starts), rt.world_size):
+        group = prompts[starts[g]:starts[g] + size]
+        samples = sample_k(model, tokenizer, group, cfg, temperature, seed + 1000 * g, rt,
+                           f"{desc} {g + 1}/{len(starts)}")
+        mine[g] = (samples, score_samples(group, samples, cfg.select, rm))
+    if rt.distributed:  # every rank gets every group (replies are small Python objects)
+        parts = [None] * rt.world_size
+        torch.distributed.all_gather_object(parts, mine)
+        mine = {g: v for part in parts for g, v in part.items()}
+    samples = [r for g in range(len(starts)) for r in mine[g][0]]
+    rewards = [r for g in range(len(starts)) for r in mine[g][1]]
+    return samples, rewards
+
+
 def score_samples(prompts, samples, select: str, rm) -> list[list[float] | None]:
     """The reward of each sample that SELECTS: the reward model's by default; the judge's only for
     the --select judge oracle ablation. samples: [[Reply] * k or None] per prompt."""
@@ -214,9 +243,9 @@ def tune_temperature(model, tokenizer, rm, prompts, cfg, iteration: int, rt) -> 
     grid = [float(t) for t in cfg.temperatures.split(",") if t]
     curves = {}
     for t in grid:
-        samples = sample_k(model, tokenizer, prompts, cfg, t, cfg.seed * 1009 + 97 * iteration,
-                           rt, f"tune V{iteration - 1} T={t:g}")
-        rewards = score_samples(prompts, samples, cfg.select, rm)
+        _, rewards = sample_and_score(model, tokenizer, rm, prompts, cfg, t,
+                                      cfg.seed * 1009 + 97 * iteration, rt,
+                                      f"tune V{iteration - 1} T={t:g}")
         curves[f"{t:g}"] = evaluate.best_of_n_curve([r for r in rewards if r])
     best = max(grid, key=lambda t: curves[f"{t:g}"]["max"][-1])  # ties: the lowest T
     return {"iteration": iteration, "temperature": best, "curves": curves,
@@ -240,19 +269,29 @@ def gold_examples(tokenizer, prompts, gold, seq_len: int, seed: int):
 
 def train_step(model, optimizer, examples, step_rows, cfg, rt) -> tuple[float, int, float]:
     """One optimizer step over the step's packed rows (gradient accumulation over micro-batches,
-    each weighted by its share of the answer tokens, as train_sft). -> (loss, tokens, grad norm)."""
-    n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)
+    each weighted by its share of the step's answer tokens, as train_sft). Under torchrun each
+    rank takes its slice of the rows; DDP averages the gradients over the ranks, so each rank's
+    loss is scaled by world_size to give the 1-process gradient. -> (loss, tokens, grad norm)."""
+    n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)  # over ALL ranks' rows
+    per_rank = len(step_rows) // rt.world_size
+    mine = step_rows[rt.rank * per_rank:(rt.rank + 1) * per_rank]
     loss_sum, tokens = 0.0, 0
-    for m in range(0, len(step_rows), cfg.micro_batch):
-        batch = train_sft.make_batch(examples, step_rows[m:m + cfg.micro_batch], True, rt.device)
+    for m in range(0, len(mine), cfg.micro_batch):
+        # (every row holds at least one gold answer and its EOS, so no micro-batch is empty and
+        # every rank reaches the gradient all-reduce of its last micro-batch)
+        batch = train_sft.make_batch(examples, mine[m:m + cfg.micro_batch], True, rt.device)
         k = int((batch["targets"] != -100).sum())
-        if k == 0:
-            continue
-        with rt.autocast():
-            _, loss = train_sft.forward_batch(model, batch)
-        (loss * (k / n_kept)).backward()
+        # DDP all-reduces the gradients on the last micro-batch only (forward and backward
+        # both inside the context)
+        with training.sync_gradients(model, m + cfg.micro_batch >= len(mine)):
+            with rt.autocast():
+                _, loss = train_sft.forward_batch(model, batch)
+            (loss * (k / n_kept) * rt.world_size).backward()
         loss_sum += loss.item() * k
         tokens += batch["tokens"].numel()
+    if rt.distributed:  # the step's numbers over all ranks, for the log
+        loss_sum = training.all_reduce_mean(loss_sum, rt) * rt.world_size
+        tokens = round(training.all_reduce_mean(tokens, rt) * rt.world_size)
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     optimizer.step()
@@ -348,9 +387,22 @@ def main(argv=None) -> None:
     check_config(cfg)
     stop_at = parse_stop_at(cfg.stop_at)
     rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    try:
+        run(cfg, rt, stop_at)
+    finally:
+        training.cleanup_runtime()
+
+
+def _barrier(rt) -> None:
     if rt.distributed:
-        raise SystemExit("error: train_rlhf.py runs in one process for now (torchrun: not built "
-                         "yet); run it without torchrun")
+        torch.distributed.barrier()
+
+
+def run(cfg: Config, rt, stop_at) -> None:
+    """The iterations (main() sets up and tears down the process group around it)."""
+    if cfg.batch_size % rt.world_size or (cfg.batch_size // rt.world_size) % cfg.micro_batch:
+        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be a multiple of "
+                         f"--micro_batch {cfg.micro_batch} x {rt.world_size} processes")
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = training.load_resume(ckpt_path, STAGE) if cfg.resume else None
@@ -365,8 +417,11 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
     # fine-tuning steps are numbered across iterations ("step"), so a resume trims the log there
-    training.trim_metrics(metrics, resumed["global_step"] if resumed else 0)
+    if rt.is_master:
+        training.trim_metrics(metrics, resumed["global_step"] if resumed else 0)
     log = training.MetricsLog(metrics, rt)
+    # the module that trains: DDP under torchrun (sampling and saving use the plain model)
+    ddp_model = training.wrap_model(model, rt, "ddp")
 
     # ---- the training prompts: one fixed set, training-split problems only
     prompts = world.chat_prompts(cfg.prompts, "train", cfg.seed, world.parse_levels(cfg.prompt_levels),
@@ -390,9 +445,11 @@ def main(argv=None) -> None:
               f"{model.num_params() / 1e6:.2f}M parameters), reward model {cfg.reward_model}, "
               f"select by {'the RM' if cfg.select == 'rm' else 'the JUDGE (oracle ablation)'}; "
               f"{cfg.prompts} training prompts x k={cfg.k}, {cfg.iterations} iterations; "
-              f"{rt.device}, kernels {llama2.kernels_in_use()}")
+              f"{rt.device} x {rt.world_size} process(es), kernels {llama2.kernels_in_use()}")
 
     def save(iteration: int, step: int, optimizer=None) -> None:
+        if not rt.is_master:
+            return
         training.save_checkpoint(ckpt_path, {
             "model_args": asdict(model.args),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -408,8 +465,9 @@ def main(argv=None) -> None:
         if cfg.resume and path.is_file():
             return json.loads(path.read_text())
         obj = make()
-        with training.atomic_write(path, "w") as f:
-            f.write(json.dumps(obj))
+        if rt.is_master:
+            with training.atomic_write(path, "w") as f:
+                f.write(json.dumps(obj))
         return obj
 
     t_train = 0.0  # seconds spent tuning, sampling, scoring and fine-tuning (not evaluating)
@@ -426,7 +484,7 @@ def main(argv=None) -> None:
                    "temperature": T},
                   f"V{i - 1}: temperature re-tuned on {tune['prompts']} training prompts, E[max "
                   f"of {cfg.k}] reward by T: {sweep} -> T={T:g}")
-        if cfg.eval:
+        if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait at the barrier
             if reference is None and i > 1:
                 reference = json.loads((out_dir / "iter1" / "eval.json").read_text())
             ev = cached(d / "eval.json", lambda: evaluate.policy_eval(
@@ -434,6 +492,7 @@ def main(argv=None) -> None:
             if i == 1:
                 reference = ev
             log.write({"iteration": i - 1, "eval": _light(ev)}, evaluate.format_policy_eval(ev))
+        _barrier(rt)
         if i > cfg.iterations:
             break
 
@@ -444,24 +503,26 @@ def main(argv=None) -> None:
             rows = read_samples(samples_path)
             log.print(f"V{i}: samples read back from {samples_path}")
         else:
-            samples = sample_k(model, tokenizer, prompts, cfg, T, cfg.seed * 7919 + i, rt,
-                               f"V{i} sampling")
-            rewards = score_samples(prompts, samples, cfg.select, rm)
+            samples, rewards = sample_and_score(model, tokenizer, rm, prompts, cfg, T,
+                                                cfg.seed * 7919 + i, rt, f"V{i} sampling")
             best = choose_best(samples, rewards)
             # measured only, never used to pick: what the judge thinks of the samples
             judged = [evaluate.judge_scores(dd, rs) if rs else None
                       for dd, rs in zip(([p] * cfg.k for p in prompts), samples)]
-            write_samples(samples_path, prompts, samples, rewards, best, judged, T)
-            rows = read_samples(samples_path)
+            if rt.is_master:
+                write_samples(samples_path, prompts, samples, rewards, best, judged, T)
             save(i, 0)  # the samples are on disk: a resume from here re-reads them
+            _barrier(rt)
+            rows = read_samples(samples_path)
         # the gold answers: this iteration's picks, or the best over all iterations (pooling)
         pooled = cfg.pool and i >= cfg.pool_from
         per_it = ([candidates(read_samples(out_dir / f"iter{j}" / "samples.jsonl"), j)
                    for j in range(1, i)] if pooled else []) + [candidates(rows, i)]
         gold = pool_gold(per_it)
-        with training.atomic_write(d / "gold.jsonl", "w") as f:  # what Vi is fine-tuned on
-            f.writelines(json.dumps({"prompt": p, **(g or {"text": None})}) + "\n"
-                         for p, g in enumerate(gold))
+        if rt.is_master:
+            with training.atomic_write(d / "gold.jsonl", "w") as f:  # what Vi is fine-tuned on
+                f.writelines(json.dumps({"prompt": p, **(g or {"text": None})}) + "\n"
+                             for p, g in enumerate(gold))
         _log_selection(log, i, rows, gold, pooled, cfg)
         if stop_at == (i, 0):
             log.print(f"stopped after iteration {i}'s sampling (--stop_at {cfg.stop_at})")
@@ -491,7 +552,7 @@ def main(argv=None) -> None:
                                     total_steps=n_steps, min_lr_ratio=cfg.min_lr_ratio)
             training.set_lr(optimizer, lr)
             step_rows = [rows_[sampler.row(step * cfg.batch_size + r)] for r in range(cfg.batch_size)]
-            loss, tokens, gnorm = train_step(model, optimizer, examples, step_rows, cfg, rt)
+            loss, tokens, gnorm = train_step(ddp_model, optimizer, examples, step_rows, cfg, rt)
             if not math.isfinite(loss):
                 raise SystemExit(f"error: the loss became {loss} at iteration {i} step {step + 1}; "
                                  "lower --lr")
@@ -507,19 +568,22 @@ def main(argv=None) -> None:
                 return
         model.eval()
         # Vi: a chat checkpoint of its own (stage "rlhf"), then the run's state moves past it
-        training.save_checkpoint(out_dir / f"V{i}" / "ckpt.pt", {
-            "model_args": asdict(model.args),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-            "config": asdict(cfg), "stage": "rlhf", "parent": cfg.checkpoint, "iteration": i})
+        if rt.is_master:
+            training.save_checkpoint(out_dir / f"V{i}" / "ckpt.pt", {
+                "model_args": asdict(model.args),
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+                "config": asdict(cfg), "stage": "rlhf", "parent": cfg.checkpoint,
+                "iteration": i})
         save(i + 1, 0)
+        _barrier(rt)
         t_train += time.perf_counter() - t0
         log.print(f"V{i}: saved {out_dir / f'V{i}'}")
 
     log.write({"train_seconds": t_train},
               f"done: {cfg.iterations} iterations; tuning + sampling + scoring + fine-tuning "
               f"{t_train:.0f}s in this process (evaluation not counted)")
-    if cfg.eval:
+    if cfg.eval and rt.is_master:
         report(out_dir, cfg, log)
 
 

@@ -48,7 +48,7 @@ def _flags(ckpts, out, *more):
     return ["--checkpoint", str(ckpts["sft"]), "--reward_model", str(ckpts["rm"]),
             "--prompts", "6", "--k", "3", "--tune_prompts", "3", "--temperatures", "0.8,1.3",
             "--max_new_tokens", "12", "--max_turns", "1", "--batch_size", "1", "--epochs", "2",
-            "--lr", "3e-3", "--eval", "false", "--device", "cpu", "--out_dir", str(out), *more]
+            "--lr", "1e-3", "--eval", "false", "--device", "cpu", "--out_dir", str(out), *more]
 
 
 def test_the_pick_is_the_rm_argmax_and_the_judge_is_not_called(ckpts, tokenizer, monkeypatch):
@@ -199,3 +199,30 @@ def test_evaluate_curves_from_the_saved_samples_match_brute_force(ckpts, tmp_pat
         brute = sum(sum(max(s) for s in itertools.combinations(r, n))
                     / len(list(itertools.combinations(r, n))) for r in rows) / 2
         assert c["max"][n - 1] == pytest.approx(brute)
+
+
+def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
+    # 2 ranks each sample and score their groups of prompts and fine-tune on half of each step's
+    # rows (DDP) == 1 process: the same picks, weights within float error
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    flags = _flags(ckpts, tmp_path / "one", "--iterations", "2", "--batch_size", "2",
+                   "--gen_batch", "6")  # groups of 2 prompts: 3 groups dealt to 2 ranks
+    torch.set_num_threads(1)
+    train_rlhf.main(flags)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "train_rlhf.py", *flags,
+                           "--out_dir", str(tmp_path / "two")], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "x 2 process(es)" in proc.stdout
+    for i in (1, 2):
+        assert _gold(tmp_path / "one" / f"iter{i}" / "gold.jsonl") == \
+            _gold(tmp_path / "two" / f"iter{i}" / "gold.jsonl")
+    a = torch.load(tmp_path / "one" / "V2" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "V2" / "ckpt.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
