@@ -22,8 +22,8 @@ standing instruction, 1..max_turns turns), the same set every iteration so that 
 each prompt's samples across iterations. Evaluation uses held-out problems only.
 
     # three iterations from the demo GAtt model with the demo reward model
-    python train_rlhf.py --checkpoint out/demo_sft/gatt_none2 --reward_model out/demo_rm/rm_small_1 \\
-        --out_dir out/rlhf_rs
+    python train_rlhf.py --checkpoint out/demo_sft/gatt_none2 \\
+        --reward_model out/demo_rm/rm_small_1 --out_dir out/rlhf_rs
     # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
     python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
@@ -120,6 +120,13 @@ class Config:
     seed: int = 1337  # seeds prompts, sampling and data order
 
 
+# the flags a --resume must share with the run it continues (the others: logging, --eval, --stop_at;
+# --iterations may grow)
+RESUME_SAME = ("method", "checkpoint", "reward_model", "select", "prompts", "k", "pool",
+               "pool_from", "temperatures", "tune_prompts", "top_p", "prompt_levels",
+               "p_instruction", "max_turns", "max_new_tokens", "gen_batch", "epochs", "batch_size",
+               "micro_batch", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
+               "beta1", "beta2", "eps", "grad_clip", "seed")
 STAGE = "rlhf_rs"  # the stage of ckpt.pt (the run's state); each Vi is saved as stage "rlhf"
 CHAT_STAGES = ("sft", "gatt", "rlhf")
 
@@ -259,7 +266,8 @@ def tune_temperature(model, tokenizer, rm, prompts, cfg, iteration: int, rt) -> 
 def gold_examples(tokenizer, prompts, gold, seq_len: int, seed: int):
     """(prompt + gold answer) examples, answer-only loss (train_sft.encode_example "last": the
     earlier turns, written by the careful human, are context), dropped if too long, shuffled."""
-    examples = [train_sft.encode_example(tokenizer, d + [{"role": "assistant", "content": g["text"]}],
+    examples = [train_sft.encode_example(tokenizer,
+                                         d + [{"role": "assistant", "content": g["text"]}],
                                          "last", f"prompt {p}")
                 for p, (d, g) in enumerate(zip(prompts, gold)) if g is not None]
     examples, dropped = train_sft.fit_examples(examples, seq_len)
@@ -424,17 +432,21 @@ def run(cfg: Config, rt, stop_at) -> None:
     ddp_model = training.wrap_model(model, rt, "ddp")
 
     # ---- the training prompts: one fixed set, training-split problems only
-    prompts = world.chat_prompts(cfg.prompts, "train", cfg.seed, world.parse_levels(cfg.prompt_levels),
-                                 cfg.p_instruction, cfg.max_turns)
+    prompts = world.chat_prompts(cfg.prompts, "train", cfg.seed,
+                                 world.parse_levels(cfg.prompt_levels), cfg.p_instruction,
+                                 cfg.max_turns)
     tune_set = prompts[:cfg.tune_prompts]
 
     # where the run stands: iteration `it` is in progress with `it_step` steps done
     it, it_step, global_step, opt_state = 1, 0, 0, None
     if resumed:
         training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
-        if resumed["config"]["checkpoint"] != cfg.checkpoint or resumed["prompts_key"] != _key(prompts):
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: --checkpoint or the prompt "
-                             "flags differ from the run that wrote it; use the same flags")
+        # a resumed run must make the samples and the steps the stopped one would have made
+        differ = [f"--{k}" for k in RESUME_SAME if resumed["config"].get(k) != getattr(cfg, k)]
+        if differ or resumed["prompts_key"] != _key(prompts):
+            what = ", ".join(differ) or "the prompts"
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: {what} differ from the run "
+                             "that wrote it; use the same flags")
         model.load_state_dict(resumed["model"])
         it, it_step, global_step = resumed["iteration"], resumed["it_step"], resumed["global_step"]
         opt_state = resumed.get("optimizer")
@@ -476,7 +488,8 @@ def run(cfg: Config, rt, stop_at) -> None:
         # iteration i starts from V(i-1); "iteration" n+1 only tunes and evaluates Vn
         d = out_dir / f"iter{i}"
         t0 = time.perf_counter()
-        tune = cached(d / "tune.json", lambda: tune_temperature(model, tokenizer, rm, tune_set, cfg, i, rt))
+        tune = cached(d / "tune.json",
+                      lambda: tune_temperature(model, tokenizer, rm, tune_set, cfg, i, rt))
         t_train += time.perf_counter() - t0 if i <= cfg.iterations else 0.0
         T = tune["temperature"]
         sweep = " ".join(f"T={t}: {c['max'][-1]:+.3f}" for t, c in tune["curves"].items())
@@ -551,14 +564,16 @@ def run(cfg: Config, rt, stop_at) -> None:
             lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                                     total_steps=n_steps, min_lr_ratio=cfg.min_lr_ratio)
             training.set_lr(optimizer, lr)
-            step_rows = [rows_[sampler.row(step * cfg.batch_size + r)] for r in range(cfg.batch_size)]
+            step_rows = [rows_[sampler.row(step * cfg.batch_size + r)]
+                         for r in range(cfg.batch_size)]
             loss, tokens, gnorm = train_step(ddp_model, optimizer, examples, step_rows, cfg, rt)
             if not math.isfinite(loss):
                 raise SystemExit(f"error: the loss became {loss} at iteration {i} step {step + 1}; "
                                  "lower --lr")
             global_step += 1
             dt = time.perf_counter() - t1
-            line = f"V{i} " + training.step_line(step + 1, n_steps, loss, lr, gnorm, dt, tokens / dt)
+            line = f"V{i} " + training.step_line(step + 1, n_steps, loss, lr, gnorm, dt,
+                                                 tokens / dt)
             log.write({"step": global_step, "iteration": i, "it_step": step + 1, "loss": loss,
                        "lr": lr, "gnorm": gnorm, "ms": dt * 1000, "tok_s": tokens / dt},
                       line if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps else None)

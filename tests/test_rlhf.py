@@ -71,8 +71,8 @@ def test_the_pick_is_the_rm_argmax_and_the_judge_is_not_called(ckpts, tokenizer,
             assert rewards[p] is None and best[p] is None
             continue
         with torch.no_grad():
-            ref = [float(ref_rm(torch.tensor([llama2.encode_response(tokenizer, d, r.text)]))[0, -1])
-                   for r in rs]
+            ref = [float(ref_rm(torch.tensor([llama2.encode_response(tokenizer, d, r.text)]))
+                         [0, -1]) for r in rs]
         assert rewards[p] == pytest.approx(ref, abs=1e-4)
         # the argmax among the replies that ended with EOS (reply 1 did not: never picked)
         assert best[p] == max((j for j in range(4) if j != 1), key=lambda j: ref[j])
@@ -215,7 +215,8 @@ def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", "train_rlhf.py", *flags,
-                           "--out_dir", str(tmp_path / "two")], cwd=root, capture_output=True, text=True,
+                           "--out_dir", str(tmp_path / "two")], cwd=root, capture_output=True,
+                          text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "x 2 process(es)" in proc.stdout
@@ -226,3 +227,12 @@ def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
     b = torch.load(tmp_path / "two" / "V2" / "ckpt.pt", weights_only=True)["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_resume_with_other_flags_is_refused(ckpts, tmp_path):
+    out = tmp_path / "r"
+    train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--stop_at", "1:0"))
+    for extra, name in ((["--k", "4"], "--k"), (["--lr", "2e-3"], "--lr"),
+                        (["--select", "judge"], "--select")):
+        with pytest.raises(SystemExit, match=f"cannot resume from .*{name} differ"):
+            train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--resume", *extra))
