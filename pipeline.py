@@ -90,7 +90,7 @@ KNOBS = {
         rs=["--iterations", "3", "--prompts", "128", "--k", "8", "--tune_prompts", "16",
             "--eval_n", "200", "--eval_bestof_n", "32", "--eval_k", "16", "--eval_mt_n", "16",
             "--eval_turns", "12", "--log_every", "5"],
-        rs_iterations=3, rm_seeds=(1, 2, 3),
+        rs_iterations=3, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5),
         # seconds on this 2-core CPU beside other jobs (BENCHMARKS.md; rejection sampling guessed
         # from its sample counts at ~17 samples/s until measured)
         estimate=dict(world_text=10, pretrain=480, eval_pretrain=150, sft=240, eval_sft=110,
@@ -124,7 +124,7 @@ KNOBS = {
             "--temperatures", "0.7,1.0,1.3", "--max_new_tokens", "32", "--eval_n", "32",
             "--eval_bestof_n", "8", "--eval_k", "8", "--eval_mt_n", "4", "--eval_turns", "6",
             "--log_every", "2"],
-        rs_iterations=2, rm_seeds=(1,),
+        rs_iterations=2, rm_seeds=(1,), rm_fracs=(),
         estimate=dict(world_text=3, pretrain=45, eval_pretrain=30, sft=25, eval_sft=25,
                       gatt1=30, gatt2=30, eval_gatt=25, rm=60, rs=180, ppo=180, eval_final=25,
                       gatt_judge1=45, gatt_judge2=45, eval_gatt_judge=25, rm_margin=40,
@@ -158,7 +158,7 @@ KNOBS = {
             "--batch_size", "1", "--epochs", "1", "--eval_n", "4", "--eval_bestof_n", "2",
             "--eval_k", "2", "--eval_mt_n", "2", "--eval_turns", "2", "--eval_levels", "1",
             "--device", "cpu"],
-        rs_iterations=1, rm_seeds=(1,),
+        rs_iterations=1, rm_seeds=(1,), rm_fracs=(0.5,),
         estimate=dict(world_text=2, pretrain=5, eval_pretrain=5, sft=5, eval_sft=5, gatt1=5,
                       gatt2=5, eval_gatt=5, rm=6, rs=10, ppo=10, eval_final=5, gatt_judge1=5,
                       gatt_judge2=5, eval_gatt_judge=5, rm_margin=6, rm_ablation=3, report=3)),
@@ -177,6 +177,7 @@ class Stage:
     resume: bool = False  # the script continues a killed run from <folder>/ckpt.pt with --resume
     stop_flag: str = ""  # the script's flag that stops it mid-run (--stop_at_step, --stop_at)
     oracle: bool = False  # an ORACLE / ablation stage (only with --ablations)
+    tag: str = ""  # how its banner labels it: "ORACLE ablation" (the judge picks), "ablation"
     missing: str = ""  # why it cannot run in this checkout (then it is skipped with this message)
     probe: str = ""  # text in the script's error that means "not built yet" (then skipped)
     done_marker: bool = True  # false: always rerun (the report: cheap, reads the latest outputs)
@@ -206,15 +207,17 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                       "--checkpoint", f"{o}/{parent}", *fill(k["world"]), *fill(k["gatt"]),
                       "--seed", str(seed), "--out_dir", f"{o}/{name}"],
                      ["ckpt.pt"], [parent], est[name], resume=True, stop_flag="--stop_at_step",
-                     oracle=oracle)
+                     oracle=oracle, tag="ORACLE ablation" if select == "judge" else "")
 
-    def rm(name, margin, seed, oracle=False):
-        return Stage(name, f"reward model, margin {margin}, seed {seed}: preference pairs from the "
+    def rm(name, margin, seed, oracle=False, frac=1.0):
+        part = f", {frac:g} of the training pairs" if frac != 1.0 else ""
+        return Stage(name, f"reward model, margin {margin}, seed {seed}{part}: preference pairs from the "
                            "SFT and GAtt models labelled by simulated annotators, trained and "
                            "evaluated on held-out pairs (SPEC §7, Tables 8 and 28)",
                      ["train_rm.py", "--checkpoint", f"{o}/sft", "--pair_models",
                       f"{o}/sft,{o}/gatt2", "--pairs_dir", f"{o}/rm_pairs", *fill(k["rm"]),
                       "--margin", margin, "--seed", str(seed), "--threads", "1",
+                      *(["--train_frac", str(frac)] if frac != 1.0 else []),
                       "--out_dir", f"{o}/{name}"],
                      ["ckpt.pt", "eval.json"], ["sft", "gatt2"],
                      est["rm"] if not oracle else est["rm_margin"], resume=True,
@@ -286,12 +289,16 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                    gatt_round("gatt_judge2", "gatt_judge1", "judge", 2, oracle=True),
                    ev("eval_gatt_judge", "gatt_judge2", "GAtt, judge-picked (ORACLE)",
                       ["gatt_judge2"])]
-        stages[-1].oracle = True
+        stages[-1].oracle, stages[-1].tag = True, "ORACLE ablation"
         # ABLATION: the margin in the RM loss (Table 28), none / small / large over seeds
         runs = [(m, s) for m in ("none", "small", "large") for s in k["rm_seeds"]
                 if (m, s) != ("small", 1)]
         stages += [rm(f"rm_{m}_{s}", m, s, oracle=True) for m, s in runs]
         names = ["rm"] + [f"rm_{m}_{s}" for m, s in runs]
+        # ... and the training-set-size curve: a quarter and a half of the training pairs
+        for frac in k["rm_fracs"]:
+            stages.append(rm(f"rm_frac{frac:g}", "small", 1, oracle=True, frac=frac))
+            names.append(f"rm_frac{frac:g}")
         stages.append(Stage("rm_ablation", "the margin ablation table over seeds and the reward "
                                            "histograms per margin (Table 28, Fig. 27)",
                             ["train_rm.py", "--report", ",".join(f"{o}/{x}/eval.json" for x in names),
@@ -435,7 +442,7 @@ def run(cfg: Config) -> int:
     for i, s in enumerate(stages, 1):
         if s.name == "eval_final":
             _final_eval(s, stages, ids, out, cfg)
-        tag = " [ORACLE/ABLATION]" if s.oracle else ""
+        tag = f" [{s.tag or 'ablation'}]" if s.oracle else ""
         head = f"==== [{i}/{len(stages)}] {s.name}{tag}: {s.title}"
         cmd = "python " + shlex.join(s.argv)
         if s.name in skip:

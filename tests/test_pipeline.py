@@ -141,3 +141,42 @@ def test_bad_input_is_one_clear_error(base, tmp_path):
     assert (tmp_path / "other" / "keep.txt").exists()
     with pytest.raises(SystemExit, match="no such folder"):
         report.write_report(tmp_path / "nothing", tmp_path / "r")
+
+
+def _defined(path: Path, name: str) -> bool:
+    """Whether `name` (a function, class, Class.method or module-level assignment) is defined at
+    the top of the Python file `path`."""
+    import ast
+    body = ast.parse(path.read_text()).body
+    for part in name.split("."):
+        found = None
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == part:
+                found = node
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == part for t in targets):
+                    found = node
+        if found is None:
+            return False
+        body = getattr(found, "body", [])
+    return True
+
+
+def test_reading_map_references_resolve():
+    import re
+    text = (ROOT / "docs" / "READING.md").read_text()
+    refs = re.findall(r"`([\w/]+\.(?:py|sh|md))(?:::([\w.]+))?`", text)
+    assert len(refs) > 40
+    named = 0
+    for file, name in refs:
+        path = ROOT / file if (ROOT / file).exists() else ROOT / "docs" / file
+        assert path.is_file(), f"READING.md cites {file}, which does not exist"
+        if name:
+            named += 1
+            assert _defined(path, name), f"READING.md cites {file}::{name}, which is not defined"
+    assert named > 40
+    # and the check itself catches a wrong name
+    assert not _defined(ROOT / "gatt.py", "build_ghost_tokens")
+    assert not _defined(ROOT / "llama2.py", "Transformer.no_such_method")
+    assert "docs/READING.md" in (ROOT / "README.md").read_text()
