@@ -449,10 +449,10 @@ class Transformer(nn.Module):
         B, lens = len(prompts), [len(p) for p in prompts]
         longest = max(lens)
         max_len = self.args.max_seq_len
-        if max(lens) >= max_len:
-            raise ValueError(f"generate: a prompt of {max(lens)} tokens does not fit the context "
+        if longest >= max_len:
+            raise ValueError(f"generate: a prompt of {longest} tokens does not fit the context "
                              f"(max_seq_len={max_len}) with room to generate; shorten it")
-        total = min(max_len, max(lens) + max_new_tokens)
+        total = min(max_len, longest + max_new_tokens)
         # The padded (B, total) token grid in one host-to-device copy, not one per prompt.
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], dtype=torch.long,
                               device=device)
@@ -490,8 +490,9 @@ class Transformer(nn.Module):
             if bool(done.all()):
                 break
         out = []
+        grid = tokens[:, :prev + 1].tolist()  # one device-to-host copy for all rows
         for i, p in enumerate(prompts):
-            row = tokens[i, lens[i]:prev + 1].tolist()[:max_new_tokens]
+            row = grid[i][lens[i]:][:max_new_tokens]
             if eos_id is not None and eos_id in row:
                 row = row[:row.index(eos_id) + 1]
             out.append(row)
