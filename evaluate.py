@@ -431,7 +431,8 @@ def format_policy_eval(s: dict) -> str:
     f, g, t = s["floor"], s["greedy"], s["sampled"]
     lines = [f"[{s['label']}] held-out prompts n={s['n']}; judged score floor: empty reply "
              f"{f['judge_empty']:.3f}, bare correct answer {f['judge_bare_answer']:.3f}, "
-             f"ceiling 1.0; RM floor (empty reply) {f['rm_empty']:+.3f}"]
+             f"ceiling 1.0; RM floor (empty reply) {f['rm_empty']:+.3f}; "
+             f"{s['seconds']:.0f}s"]
     for name, x in (("greedy", g), (f"T={s['temperature']:g}", t)):
         lines.append(f"  {name:>7}: judged {x['judge']:.3f} | RM {x['rm']:+.3f} | EOS "
                      f"{x['eos_rate']:.1%} (ceiling 100%) | {x['tokens']:.1f} tokens")

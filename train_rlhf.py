@@ -661,25 +661,27 @@ def report(out_dir: Path, cfg: Config, log) -> None:
     lines.append(f"floors: judged {f['judge_empty']:.3f} (empty reply), "
                  f"{f['judge_bare_answer']:.3f} (bare correct answer), ceiling 1.0; RM "
                  f"{f['rm_empty']:+.3f} (empty reply); win rate 50%; EOS ceiling 100%")
-    # over-optimization (Gao et al. 2022): the RM score rising while the judge falls, each change
-    # from V0 to Vn judged against its paired standard error over the same held-out prompts
-    def change(key: str) -> tuple[float, float]:
-        a, b = rows[0]["sampled"][key + "_scores"], rows[-1]["sampled"][key + "_scores"]
+    # over-optimization (Gao et al. 2022): the RM score rising while the judge falls. Greedy
+    # replies are the fair comparison (the same decoding for every model; the tuned T moves);
+    # each change from V0 to Vn against its paired standard error over the same prompts
+    def change(decoding: str, key: str) -> tuple[float, float]:
+        a, b = rows[0][decoding][key + "_scores"], rows[-1][decoding][key + "_scores"]
         diff = [y - x for x, y in zip(a, b)]
         mean = sum(diff) / len(diff)
         var = sum((x - mean) ** 2 for x in diff) / max(1, len(diff) - 1)
         return mean, math.sqrt(var / len(diff))
-    (d_rm, se_rm), (d_j, se_j) = change("rm"), change("judge")
-    rm_up, judge_down = d_rm > 2 * se_rm, d_j < -2 * se_j
-    what = (f"RM score {d_rm:+.3f} (+-{se_rm:.3f}), judged score {d_j:+.3f} (+-{se_j:.3f}) from V0 "
-            f"to V{cfg.iterations} at T (paired over {len(rows[0]['sampled']['judge_scores'])} "
-            "held-out prompts, +- one standard error)")
-    if rm_up and judge_down:
-        lines.append(f"OVER-OPTIMIZATION: {what}: the RM score rose while the judged score fell; "
-                     "the policy exploits the reward model")
-    else:
-        lines.append(f"over-optimization check: {what}: no RM rise together with a judged fall "
-                     "beyond 2 standard errors")
+    for decoding in ("greedy", "sampled"):
+        (d_rm, se_rm), (d_j, se_j) = change(decoding, "rm"), change(decoding, "judge")
+        what = (f"{decoding + ' at T' if decoding == 'sampled' else decoding}: RM score "
+                f"{d_rm:+.3f} (+-{se_rm:.3f}), judged score {d_j:+.3f} (+-{se_j:.3f}) from V0 to "
+                f"V{cfg.iterations} (paired over {len(rows[0][decoding]['judge_scores'])} "
+                "held-out prompts, +- one standard error)")
+        if d_rm > 2 * se_rm and d_j < -2 * se_j:
+            lines.append(f"OVER-OPTIMIZATION, {what}: the RM score rose while the judged score "
+                         "fell; the policy exploits the reward model's errors")
+        else:
+            lines.append(f"over-optimization check, {what}: no RM rise together with a judged "
+                         "fall beyond 2 standard errors")
     text = "\n".join(lines)
     with training.atomic_write(out_dir / "report.txt", "w") as fh:
         fh.write(text + "\n")
