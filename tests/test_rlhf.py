@@ -236,3 +236,24 @@ def test_resume_with_other_flags_is_refused(ckpts, tmp_path):
                         (["--select", "judge"], "--select")):
         with pytest.raises(SystemExit, match=f"cannot resume from .*{name} differ"):
             train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--resume", *extra))
+
+
+def test_the_script_selects_without_the_judge_by_default(ckpts, tmp_path, monkeypatch):
+    # every reward that selects (temperature tuning and the picks) goes through score_samples:
+    # run the script with the judge made to fail inside it; it is only read to measure afterwards
+    original, calls = train_rlhf.score_samples, []
+
+    def judge_forbidden(*a, **k):
+        raise AssertionError("the judge was called to select")
+
+    def guarded(*args, **kw):
+        calls.append(args[2])
+        with monkeypatch.context() as m:
+            m.setattr(world, "score", judge_forbidden)
+            return original(*args, **kw)
+    monkeypatch.setattr(train_rlhf, "score_samples", guarded)
+    train_rlhf.main(_flags(ckpts, tmp_path / "rm", "--iterations", "1"))
+    assert calls and set(calls) == {"rm"}
+    with pytest.raises(AssertionError, match="judge was called to select"):
+        train_rlhf.main(_flags(ckpts, tmp_path / "oracle", "--iterations", "1",
+                               "--select", "judge"))
