@@ -533,6 +533,7 @@ def plot_iterations(rows: list[dict], png) -> None:
     c.set(xlabel="iteration", ylabel="win rate (%)", title="win rate against the start model",
           ylim=(0, 100))
     for ax in (a, b, c):
+        ax.set_xticks(it)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     _save(fig, png)
