@@ -463,6 +463,8 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         logits_out = [[] for _ in range(B)]
         per_row = return_logits or stream is not None
+        rows = list(range(B))  # which prompt each row of the (shrinking) batch is
+        finished = {}  # prompt index -> its token row, kept when the row leaves the batch
         prev = 0
         for cur in range(min(lens), total):
             h = self.hidden(tokens[:, prev:cur], start_pos=prev)
@@ -479,20 +481,35 @@ class Transformer(nn.Module):
             if per_row:
                 for i in generating.nonzero().flatten().tolist():
                     if return_logits:
-                        logits_out[i].append(logits[i])
+                        logits_out[rows[i]].append(logits[i])
                     if stream is not None:
-                        stream(i, int(nxt[i]))
+                        stream(rows[i], int(nxt[i]))
             if eos_id is not None:
                 done |= generating & (nxt == eos_id)
             done |= generating & (cur + 1 - lens_t >= max_new_tokens)
             prev = cur
             # Stop early once every row has hit EOS or its max_new_tokens.
-            if bool(done.all()):
+            n_done = int(done.sum())
+            if n_done == len(rows):
                 break
+            # Replies end at different lengths: once every row is past its prompt and a quarter of
+            # the batch is done, drop the finished rows (tokens and KV cache), so later steps
+            # compute only the live ones. The quarter bounds the copying to a fraction of a step.
+            if cur >= longest and 4 * n_done >= len(rows):
+                for i in done.nonzero().flatten().tolist():
+                    finished[rows[i]] = tokens[i, :cur + 1].tolist()
+                keep = (~done).nonzero().flatten()
+                rows = [rows[i] for i in keep.tolist()]
+                tokens, lens_t, done = tokens[keep], lens_t[keep], done[keep]
+                for layer in self.layers:
+                    a = layer.attention
+                    a.cache_k[:len(rows), :, :cur + 1] = a.cache_k[keep, :, :cur + 1]
+                    a.cache_v[:len(rows), :, :cur + 1] = a.cache_v[keep, :, :cur + 1]
+        for i, row in enumerate(tokens[:, :prev + 1].tolist()):  # one device-to-host copy
+            finished[rows[i]] = row
         out = []
-        grid = tokens[:, :prev + 1].tolist()  # one device-to-host copy for all rows
         for i, p in enumerate(prompts):
-            row = grid[i][lens[i]:][:max_new_tokens]
+            row = finished[i][lens[i]:][:max_new_tokens]
             if eos_id is not None and eos_id in row:
                 row = row[:row.index(eos_id) + 1]
             out.append(row)

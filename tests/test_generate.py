@@ -58,14 +58,22 @@ def test_generation_stops_as_soon_as_every_row_has_its_eos(monkeypatch):
     assert len(calls) == max(len(r) for r in expected)
 
 
-def test_stream_sees_every_new_token_in_order():
+def test_stream_and_logits_follow_each_prompt_while_finished_rows_leave_the_batch():
     torch.manual_seed(23)
-    model = Transformer(ModelArgs(**CONFIGS["odd"])).eval()
-    prompts = [[1, 2, 3, 4], [5], [6, 7]]
-    seen = {i: [] for i in range(3)}
-    out = model.generate(prompts, max_new_tokens=6, temperature=0.8, top_p=0.95, seed=5,
-                         stream=lambda row, tok: seen[row].append(tok))
-    assert [seen[i] for i in range(3)] == out
+    model = randomize_norms(Transformer(ModelArgs(**CONFIGS["odd"]))).eval()
+    prompts = [torch.randint(0, model.args.vocab_size, (n,)).tolist() for n in (4, 1, 2, 4, 3, 2)]
+    free = [reference_greedy(model, p, 20) for p in prompts]
+    eos = max(set(sum(free, [])), key=lambda t: sum(t in r[:10] for r in free))  # ends many rows early
+    expected = [reference_greedy(model, p, 20, eos_id=eos) for p in prompts]
+    assert len({len(r) for r in expected}) > 2
+    seen = {i: [] for i in range(len(prompts))}
+    out, logits = model.generate(prompts, max_new_tokens=20, temperature=0, eos_id=eos, return_logits=True,
+                                 stream=lambda row, tok: seen[row].append(tok))
+    assert out == expected and [seen[i] for i in range(len(prompts))] == expected
+    with torch.no_grad():
+        for p, o, lg in zip(prompts, out, logits):
+            full, _ = model(torch.tensor([p + o[:-1]]))
+            torch.testing.assert_close(lg, full[0, len(p) - 1:], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the sampler
