@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
@@ -92,9 +93,9 @@ KNOBS = {
             "--eval_turns", "12", "--log_every", "5"],
         rs_iterations=3, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5),
         # seconds on this 2-core CPU beside other jobs (BENCHMARKS.md; rejection sampling guessed
-        # from its sample counts at ~17 samples/s until measured)
+        # from its sample counts at ~17 samples/s until measured; PPO: the probe that skips it)
         estimate=dict(world_text=10, pretrain=480, eval_pretrain=150, sft=240, eval_sft=110,
-                      gatt1=170, gatt2=150, eval_gatt=110, rm=400, rs=720, ppo=900,
+                      gatt1=170, gatt2=150, eval_gatt=110, rm=400, rs=720, ppo=10,
                       eval_final=110, gatt_judge1=420, gatt_judge2=400, eval_gatt_judge=110,
                       rm_margin=150, rm_ablation=20, report=15)),
     "quick": dict(
@@ -105,28 +106,29 @@ KNOBS = {
                   "--eval_every", "30", "--eval_batches", "4", "--save_every", "20",
                   "--samples", "1", "--sample_tokens", "60"],
         evals=["--eval_n", "40", "--eval_bestof_n", "8", "--eval_k", "4", "--eval_mt_n", "6",
-               "--eval_turns", "6", "--eval_levels", "1,2", "--max_new_tokens", "32"],
+               "--eval_turns", "6", "--eval_levels", "1,2"],
         eval_pretrain=["--eval_n", "24", "--eval_bestof_n", "6", "--eval_k", "4",
                        "--eval_mt_n", "4", "--eval_turns", "6", "--eval_levels", "1,2",
                        "--max_new_tokens", "32"],
-        world=["--data", "world", "--world_n", "400", "--world_p_instruction", "0.5",
+        world=["--data", "world", "--world_n", "1200", "--world_p_instruction", "0.5",
                "--world_levels", "1,2"],
-        sft=["--epochs", "1", "--batch_size", "8", "--lr", "1.5e-3", "--warmup_steps", "2",
-             "--log_every", "2", "--save_every", "4"],
-        gatt=["--gatt_n", "8", "--gatt_min_turns", "3", "--gatt_max_turns", "5",
-              "--gatt_temperature", "0.8", "--gatt_mix", "40", "--epochs", "1", "--batch_size", "8",
-              "--lr", "1e-3", "--warmup_steps", "1", "--log_every", "2", "--save_every", "2",
-              "--max_new_tokens", "32"],
+        # 55 steps: with 10 (400 dialogs, 1 epoch) the SFT model never ended a reply (EOS 0%), so
+        # no preference pair and no gold answer could be made; with 55 it ends 97% of them
+        sft=["--epochs", "2", "--batch_size", "8", "--lr", "2e-3", "--warmup_steps", "3",
+             "--log_every", "5", "--save_every", "10"],
+        gatt=["--gatt_n", "12", "--gatt_min_turns", "3", "--gatt_max_turns", "6",
+              "--gatt_temperature", "0.8", "--gatt_mix", "100", "--epochs", "2", "--batch_size", "8",
+              "--lr", "1e-3", "--warmup_steps", "1", "--log_every", "2", "--save_every", "2"],
         gatt_k=4,
         rm=["--n_train", "160", "--n_test", "80", "--batch_size", "16", "--micro_batch", "16",
-            "--max_new_tokens", "32", "--log_every", "2", "--save_every", "4"],
+            "--log_every", "2", "--save_every", "4"],
         rs=["--iterations", "2", "--prompts", "24", "--k", "4", "--tune_prompts", "6",
-            "--temperatures", "0.7,1.0,1.3", "--max_new_tokens", "32", "--eval_n", "32",
+            "--temperatures", "0.7,1.0,1.3", "--eval_n", "32",
             "--eval_bestof_n", "8", "--eval_k", "8", "--eval_mt_n", "4", "--eval_turns", "6",
             "--log_every", "2"],
         rs_iterations=2, rm_seeds=(1,), rm_fracs=(),
-        estimate=dict(world_text=3, pretrain=45, eval_pretrain=30, sft=25, eval_sft=25,
-                      gatt1=30, gatt2=30, eval_gatt=25, rm=60, rs=180, ppo=180, eval_final=25,
+        estimate=dict(world_text=5, pretrain=140, eval_pretrain=15, sft=70, eval_sft=30,
+                      gatt1=35, gatt2=30, eval_gatt=25, rm=100, rs=150, ppo=5, eval_final=30,
                       gatt_judge1=45, gatt_judge2=45, eval_gatt_judge=25, rm_margin=40,
                       rm_ablation=10, report=10)),
     "tiny": dict(
@@ -160,7 +162,7 @@ KNOBS = {
             "--device", "cpu"],
         rs_iterations=1, rm_seeds=(1,), rm_fracs=(0.5,),
         estimate=dict(world_text=2, pretrain=5, eval_pretrain=5, sft=5, eval_sft=5, gatt1=5,
-                      gatt2=5, eval_gatt=5, rm=6, rs=10, ppo=10, eval_final=5, gatt_judge1=5,
+                      gatt2=5, eval_gatt=5, rm=6, rs=10, ppo=5, eval_final=5, gatt_judge1=5,
                       gatt_judge2=5, eval_gatt_judge=5, rm_margin=6, rm_ablation=3, report=3)),
 }
 
@@ -304,7 +306,8 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                             ["train_rm.py", "--report", ",".join(f"{o}/{x}/eval.json" for x in names),
                              "--out_dir", f"{o}/rm_ablation"],
                             ["rm_margins.png"], names, est["rm_ablation"], oracle=True))
-    stages.append(Stage("report", "docs/REPORT.md: each result of the paper beside ours, figures",
+    stages.append(Stage("report", "{report_dir}/REPORT.md: each result of the paper beside ours, "
+                                  "with figures",
                         ["report.py", "--pipeline_dir", o, "--out_dir", "{report_dir}",
                          "--size", cfg.size], ["REPORT.md"], [], est["report"], done_marker=False))
     return stages
@@ -387,19 +390,24 @@ def _final_eval(stage: Stage, stages: list[Stage], ids: dict, out: Path, cfg: Co
     stage.title = f"judged evaluation of the final model, {label} (SPEC §10)"
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(cfg: Config) -> int:
     if cfg.size not in SIZES:
         raise SystemExit(f"error: --size {cfg.size!r}: use one of {', '.join(SIZES)}")
-    out = Path(cfg.out_dir or {"full": "out/pipeline", "quick": "out/pipeline_quick",
-                               "tiny": "out/pipeline_tiny"}[cfg.size])
-    if not out.is_absolute():
-        out = ROOT / out
-    report_dir = Path(cfg.report_dir) if cfg.report_dir else (
+    # folders given are relative to where you are; the defaults to the repository
+    out = (Path(cfg.out_dir).resolve() if cfg.out_dir else
+           ROOT / {"full": "out/pipeline", "quick": "out/pipeline_quick",
+                   "tiny": "out/pipeline_tiny"}[cfg.size])
+    report_dir = Path(cfg.report_dir).resolve() if cfg.report_dir else (
         ROOT / "docs" if cfg.size == "full" else out / "report")
     _check_out_dir(out)
     stages = build_stages(cfg, out)
     for s in stages:
         s.argv = [a.replace("{report_dir}", str(report_dir)) for a in s.argv]
+        s.title = s.title.replace("{report_dir}", str(report_dir))
     names = [s.name for s in stages]
     skip = {x for x in cfg.skip.split(",") if x}
     for x in skip | ({cfg.until} if cfg.until else set()):
@@ -422,7 +430,8 @@ def run(cfg: Config) -> int:
         stages = stages[:names.index(cfg.until) + 1]
 
     if cfg.fresh and not cfg.list:
-        for s in build_stages(cfg, out) + [Stage("rm_pairs", "", [], [])]:
+        every = build_stages(Config(size=cfg.size, ablations=True), out)  # ablations' too
+        for s in every + [Stage("rm_pairs", "", [], [])]:
             if (out / s.name).is_dir() and s.name != "report":
                 shutil.rmtree(out / s.name)
         say(f"fresh start: deleted the stage folders under {out}")
@@ -552,4 +561,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `kill` (SIGTERM) stops the stage's script too, as Ctrl-C does, so no orphan writes on
+    signal.signal(signal.SIGTERM, _interrupt)
     sys.exit(main())

@@ -95,7 +95,7 @@ def pretraining(run: Path, out: Path):
                f"{val[-1][0]:,} {curve['x']}" if val else ""))
     floor = f"floor: uniform guess ln({vocab}) = {math.log(vocab):.2f}"
     params = sum(v.numel() for v in ck["model"].values())
-    data = ck["config"].get("data", "?").replace(str(run) + "/", "")
+    data = ck["config"].get("data", "?").replace(str(run.resolve()), "$OUT")
     trend = ("still falling when it stops" if len(val) >= 2 and val[-1][1] < val[-2][1]
              else "one validation point" if len(val) < 2 else "flat at the end")
     why = (f"{ck['step']} steps, {curve['train'][-1][0]:,} {curve['x']} instead of 2T tokens; "
@@ -296,8 +296,12 @@ def rejection_sampling(run: Path, out: Path):
     paper8 = ("the best temperature is not constant: it rises as the model is trained "
               "(T 1.2-1.3 for the RLHF model, Fig. 8)")
     paper11 = ("each RLHF version is rated better than the last and wins more often (Fig. 11)")
-    why = (WHY_SMALL + "; the reward model is near chance here, so what it picks is only "
-           "a little better by the judge")
+    rm = _json(run / "rm" / "eval.json")
+    why = WHY_SMALL + (
+        f"; the reward model that picks agrees with the annotators on "
+        f"{_pct(rm['buckets']['average']['rm_vs_annotators'])} of held-out pairs (ceiling "
+        f"{_pct(rm['buckets']['average'].get('ceiling'))}, coin 50%), so its picks are only as "
+        "good as that" if rm else "")
     if not evs:
         rows = [["best-of-N (§3.2.3, Fig. 7)", paper7, NOT_RUN, "", ""],
                 ["temperature (Fig. 8)", paper8, NOT_RUN, "", ""],
@@ -353,7 +357,8 @@ def rejection_sampling(run: Path, out: Path):
     text = (rs / "report.txt").read_text() if (rs / "report.txt").is_file() else ""
     over = [ln for ln in text.splitlines() if "over-optimization" in ln.lower()]
     if over:
-        sec += ["", f"Over-optimization (Gao et al. 2022, SPEC §10): {over[-1]}"]
+        sec += ["", "Over-optimization (Gao et al. 2022, SPEC §10), from `rs/report.txt`:", ""]
+        sec += [f"- {ln}" for ln in over]
     for name, alt in (("report_best_of_n.png", "best of N (Fig. 7)"),
                       ("report_temperatures.png", "temperature (Fig. 8)"),
                       ("report_iterations.png", "per iteration")):
@@ -408,11 +413,14 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
                                  if final else ""),
                "floor: empty reply; ceiling 1.0", WHY_SMALL]
     rows = [r_pre, r_sft, r_gatt, r_rm, r_margin, *r_rs, r_ppo, r_final]
+    ck = run / "pretrain" / "ckpt.pt"
+    params = (f"{sum(v.numel() for v in training.load_checkpoint(ck)['model'].values()) / 1e6:.2f}M"
+              if ck.is_file() else "3M")
     lines = ["# The Llama 2 recipe, reproduced small: our results beside the paper's", "",
              f"Written by `report.py` from one run of `pipeline.py` (size **{size}**, folder "
              f"`{run.name}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Paper: "
              "Touvron et al. 2023, arXiv 2307.09288; its numbers as quoted in SPEC.md. Our model "
-             "has 3M parameters (the paper's smallest: 7B), trains for CPU minutes, and the "
+             f"has {params} parameters (the paper's smallest: 7B), trains for CPU minutes, and the "
              "simulated world of `world.py` (a programmatic judge, noisy simulated annotators) "
              "stands in for Meta's human annotators and raters, so our numbers are not the "
              "paper's: the point is that each stage's effect is measured, with its floor and "
