@@ -514,7 +514,7 @@ def run(cfg: Config) -> int:
         if s.probe:
             sys.stderr.write(proc.stderr or "")
             if proc.returncode != 0 and s.probe in (proc.stderr or ""):
-                say(f"     skipped: {s.argv[0]} does not do this stage yet "
+                say(f"     skipped: {Path(s.argv[0]).name} does not do this stage yet "
                       f"({(proc.stderr or '').strip().splitlines()[-1]})")
                 shutil.rmtree(out / s.name, ignore_errors=True)
                 unavailable.add(s.name)
