@@ -47,18 +47,19 @@ class Config:
     warmup: int = 1  # untimed rounds first
     attn: str = "sdpa"  # transformers' attention implementation: sdpa or eager
     threads: int = 0  # CPU threads (0 = torch's default)
+    chat: bool = False  # RLHF-like prompts instead: world.chat_prompts of similar length, EOS stop
     seed: int = 0  # seeds the random weights and prompts
     json: str = ""  # also write the results to this JSON file
 
 
-def load_ours(cfg: Config) -> tuple[llama2.Transformer, str]:
-    """Our model in eval mode, float32 on the CPU, and where its weights came from."""
+def load_ours(cfg: Config):
+    """Our model in eval mode, float32 on the CPU, its tokenizer (or None), where it came from."""
     if os.path.exists(cfg.checkpoint):
-        model, _ = llama2.load_model(cfg.checkpoint)
-        return model.float().eval(), cfg.checkpoint
+        model, tokenizer = llama2.load_model(cfg.checkpoint)
+        return model.float().eval(), tokenizer, cfg.checkpoint
     torch.manual_seed(cfg.seed)
     model = llama2.Transformer(llama2.ModelArgs.preset(cfg.preset)).eval()
-    return model, f"random init ({cfg.preset} preset; no checkpoint at {cfg.checkpoint})"
+    return model, None, f"random init ({cfg.preset} preset; no checkpoint at {cfg.checkpoint})"
 
 
 def load_theirs(model: llama2.Transformer, attn: str):
@@ -78,63 +79,86 @@ def median(xs: list) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def times_s(fns: dict, warmup: int, reps: int, budget_s: float) -> dict:
-    """Wall seconds of each fn per round, run round-robin so a busy machine slows them alike."""
+def rates(fns: dict, warmup: int, reps: int, budget_s: float) -> dict:
+    """Tokens/s of each fn (which returns how many tokens it made) per round, run round-robin so
+    a busy machine slows them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
+    out = {name: [] for name in fns}
     t_start = time.perf_counter()
     for _ in range(reps):
         for name, fn in fns.items():
             t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-        if time.perf_counter() - t_start > budget_s and len(times[name]) >= 3:
+            n = fn()
+            out[name].append(n / (time.perf_counter() - t))
+        if time.perf_counter() - t_start > budget_s and len(out[name]) >= 3:
             break
-    return times
+    return out
 
 
-def first_mismatch(ours: list, theirs: torch.Tensor):
+def first_mismatch(ours: list, theirs: list):
     """(row, step) where our greedy tokens first differ from transformers', or None."""
-    for i, row in enumerate(ours):
-        ref = theirs[i].tolist()
+    for i, (row, ref) in enumerate(zip(ours, theirs)):
         for t in range(max(len(row), len(ref))):
             if t >= len(row) or t >= len(ref) or row[t] != ref[t]:
                 return i, t
     return None
 
 
-def bench_batch(model, hf, B: int, cfg: Config) -> dict:
+def make_prompts(model, tokenizer, B: int, cfg: Config) -> list:
+    """B prompts: random ids of --prompt_len, or (--chat) RLHF prompt dialogs, B of similar
+    length from the middle of a length-sorted set (as gatt.generate_replies batches them)."""
     g = torch.Generator().manual_seed(cfg.seed + B)
-    prompts = torch.randint(0, model.args.vocab_size, (B, cfg.prompt_len), generator=g)
-    prompt_lists = prompts.tolist()
-    mask = torch.ones_like(prompts)
-    N = cfg.new_tokens
+    if not cfg.chat:
+        return torch.randint(0, model.args.vocab_size, (B, cfg.prompt_len), generator=g).tolist()
+    import world
+    dialogs = world.chat_prompts(4 * B, "train", seed=cfg.seed)
+    prompts = sorted((llama2.encode_dialog(tokenizer, d)[0] for d in dialogs), key=len)
+    return prompts[len(prompts) // 2 - B // 2:][:B]
 
+
+def bench_batch(model, hf, tokenizer, B: int, cfg: Config) -> dict:
+    prompts = make_prompts(model, tokenizer, B, cfg)
+    # transformers takes a (B, P) grid: shorter prompts padded on the left, masked out.
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    N = cfg.new_tokens
+    eos = tokenizer.eos_id if cfg.chat else None
     greedy = cfg.temperature <= 0
     # Sampling: the same distribution on both sides (top_k=0 turns off transformers' default
     # top-50), but not the same random stream, so only greedy tokens can be compared.
     sampling = (dict(do_sample=False, temperature=None, top_p=None, top_k=None) if greedy else
                 dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0))
+    # Without EOS every row makes exactly N tokens; with it a row ends at its EOS (counted).
+    lengths = dict(eos_token_id=eos) if cfg.chat else dict(min_new_tokens=N)
+    made = {}
 
     def ours():
-        return model.generate(prompt_lists, max_new_tokens=N, temperature=cfg.temperature,
-                              top_p=cfg.top_p, seed=cfg.seed, eos_id=None)
+        made["ours"] = model.generate(prompts, max_new_tokens=N, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, seed=cfg.seed, eos_id=eos)
+        return sum(len(r) for r in made["ours"])
 
     def theirs():
         with torch.inference_mode():
-            out = hf.generate(prompts, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
-                              **sampling)
-        return out[:, cfg.prompt_len:]
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=N, **lengths, **sampling)
+        rows = out[:, P:].tolist()
+        if eos is not None:  # cut each row after its EOS (transformers pads the finished rows)
+            rows = [r[:r.index(eos) + 1] if eos in r else r for r in rows]
+        made["theirs"] = rows
+        return sum(len(r) for r in rows)
 
-    bad = first_mismatch(ours(), theirs()) if greedy else None
-    t = times_s({"ours": ours, "transformers": theirs}, cfg.warmup, cfg.reps, cfg.budget_s)
+    ours(), theirs()
+    bad = first_mismatch(made["ours"], made["theirs"]) if greedy else None
+    r = rates({"ours": ours, "transformers": theirs}, cfg.warmup, cfg.reps, cfg.budget_s)
     # The ratio is the median of each round's ratio: the two calls of a round ran back to back,
     # under the same load, which a shared machine changes from round to round.
-    ratio = median([b / a for a, b in zip(t["ours"], t["transformers"])])
-    return {"batch": B, "ours_tok_s": B * N / median(t["ours"]),
-            "transformers_tok_s": B * N / median(t["transformers"]), "ratio": ratio, "same_greedy_tokens": bad is None if greedy else None,
+    ratio = median([a / b for a, b in zip(r["ours"], r["transformers"])])
+    return {"batch": B, "prompt_tokens": [min(map(len, prompts)), P],
+            "new_tokens_per_row": sum(map(len, made["ours"])) / B,
+            "ours_tok_s": median(r["ours"]), "transformers_tok_s": median(r["transformers"]),
+            "ratio": ratio, "same_greedy_tokens": bad is None if greedy else None,
             "first_mismatch": bad}
 
 
@@ -142,8 +166,10 @@ def main(argv=None) -> dict:
     cfg = training.parse_config(Config, argv, description=__doc__)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    model, source = load_ours(cfg)
-    if cfg.prompt_len + cfg.new_tokens > model.args.max_seq_len:
+    model, tokenizer, source = load_ours(cfg)
+    if cfg.chat and tokenizer is None:
+        raise SystemExit(f"error: --chat needs a checkpoint with its tokenizer; none at {cfg.checkpoint}")
+    if not cfg.chat and cfg.prompt_len + cfg.new_tokens > model.args.max_seq_len:
         raise SystemExit(f"error: --prompt_len + --new_tokens = {cfg.prompt_len + cfg.new_tokens} "
                          f"is longer than the context ({model.args.max_seq_len})")
     hf = load_theirs(model, cfg.attn)
@@ -152,17 +178,21 @@ def main(argv=None) -> dict:
           f"{torch.get_num_threads()} threads, kernels {llama2.kernels_in_use()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__} ({cfg.attn})")
     mode = "greedy" if cfg.temperature <= 0 else f"sampling (temperature {cfg.temperature}, top_p {cfg.top_p})"
-    print(f"{mode}, prompt {cfg.prompt_len} tokens, {cfg.new_tokens} new tokens per row, "
-          f"median of up to {cfg.reps} rounds after {cfg.warmup} warm-up")
-    print(f"{'batch':>5} | {'ours tok/s':>11} | {'transformers tok/s':>18} | {'ours/tf':>7} | same tokens")
+    prompts = (f"chat prompts (world.chat_prompts), stop at EOS or {cfg.new_tokens} new tokens"
+               if cfg.chat else f"prompt {cfg.prompt_len} random tokens, {cfg.new_tokens} new tokens per row")
+    print(f"{mode}, {prompts}, median of up to {cfg.reps} rounds after {cfg.warmup} warm-up")
+    print(f"{'batch':>5} | {'prompt':>7} | {'new/row':>7} | {'ours tok/s':>10} | {'transformers tok/s':>18} "
+          f"| {'ours/tf':>7} | same tokens")
     results = []
     for B in [int(b) for b in cfg.batch_sizes.split(",") if b]:
-        r = bench_batch(model, hf, B, cfg)
+        r = bench_batch(model, hf, tokenizer, B, cfg)
         results.append(r)
         same = ("n/a (sampled)" if r["same_greedy_tokens"] is None else "yes" if r["same_greedy_tokens"]
                 else "NO: row {}, step {}".format(*r["first_mismatch"]))
-        print(f"{B:>5} | {r['ours_tok_s']:>11,.0f} | {r['transformers_tok_s']:>18,.0f} | "
-              f"{r['ratio']:>6.2f}x | {same}", flush=True)
+        lo, hi = r["prompt_tokens"]
+        print(f"{B:>5} | {f'{lo}-{hi}' if lo != hi else lo:>7} | {r['new_tokens_per_row']:>7.1f} | "
+              f"{r['ours_tok_s']:>10,.0f} | {r['transformers_tok_s']:>18,.0f} | {r['ratio']:>6.2f}x | {same}",
+              flush=True)
     summary = {"config": dataclasses.asdict(cfg), "model": source, "n_params": model.num_params(),
                "threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "results": results}
