@@ -127,10 +127,11 @@ KNOBS = {
             "--eval_bestof_n", "8", "--eval_k", "8", "--eval_mt_n", "4", "--eval_turns", "6",
             "--log_every", "2"],
         rs_iterations=2, rm_seeds=(1,), rm_fracs=(),
-        estimate=dict(world_text=5, pretrain=140, eval_pretrain=15, sft=70, eval_sft=30,
-                      gatt1=35, gatt2=30, eval_gatt=25, rm=100, rs=150, ppo=5, eval_final=30,
-                      gatt_judge1=45, gatt_judge2=45, eval_gatt_judge=25, rm_margin=40,
-                      rm_ablation=10, report=10)),
+        # measured: 8m02s in all on this 2-core machine shared with other jobs (2026-12-02)
+        estimate=dict(world_text=5, pretrain=140, eval_pretrain=11, sft=100, eval_sft=13,
+                      gatt1=20, gatt2=22, eval_gatt=14, rm=80, rs=70, ppo=5, eval_final=15,
+                      gatt_judge1=45, gatt_judge2=45, eval_gatt_judge=15, rm_margin=40,
+                      rm_ablation=10, report=8)),
     "tiny": dict(
         world_lines=1500,
         pretrain=["--data", "{out}/world_text/world.txt", "--cache_dir", "{out}/pretrain/cache",
