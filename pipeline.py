@@ -376,7 +376,7 @@ def _check_out_dir(out: Path) -> None:
                          "pipeline.py (no pipeline.json); give a new or empty folder")
 
 
-def _final_eval(stage: Stage, stages: list[Stage], ids: dict, out: Path, cfg: Config) -> None:
+def _final_eval(stage: Stage, ids: dict, out: Path, cfg: Config) -> None:
     """Point the final evaluation at the last model that finished: PPO, rejection sampling, GAtt."""
     n = KNOBS[cfg.size]["rs_iterations"]
     for name, ckpt in (("ppo", "ppo"), ("rs", f"rs/V{n}"), ("gatt2", "gatt2")):
@@ -451,7 +451,7 @@ def run(cfg: Config) -> int:
     t_start, left = time.time(), total
     for i, s in enumerate(stages, 1):
         if s.name == "eval_final":
-            _final_eval(s, stages, ids, out, cfg)
+            _final_eval(s, ids, out, cfg)
         tag = f" [{s.tag or 'ablation'}]" if s.oracle else ""
         head = f"==== [{i}/{len(stages)}] {s.name}{tag}: {s.title}"
         cmd = "python " + shlex.join(s.argv)
@@ -487,6 +487,9 @@ def run(cfg: Config) -> int:
             ids[s.name] = read_marker(_marker(out, s))["id"]
             say(f"{head}\n     skip: {why} ({_marker(out, s).relative_to(out)})")
             left -= s.estimate
+            if stop and stop[0] == s.name:
+                say(f"     --stop_at {cfg.stop_at}: {s.name} is already finished, nothing to stop")
+                return 0
             continue
         elapsed = time.time() - t_start
         say(f"{head}\n     estimate ~{_fmt(s.estimate)}; so far {_fmt(elapsed)}, left ~"
