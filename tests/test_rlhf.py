@@ -46,9 +46,9 @@ def ckpts(tokenizer, tmp_path_factory):
 
 def _flags(ckpts, out, *more):
     return ["--checkpoint", str(ckpts["sft"]), "--reward_model", str(ckpts["rm"]),
-            "--prompts", "6", "--k", "3", "--tune_prompts", "3", "--temperatures", "0.8,1.3",
+            "--prompts", "6", "--k", "4", "--tune_prompts", "3", "--temperatures", "0.8,1.3",
             "--max_new_tokens", "12", "--max_turns", "1", "--batch_size", "1", "--epochs", "2",
-            "--lr", "1e-3", "--eval", "false", "--device", "cpu", "--out_dir", str(out), *more]
+            "--lr", "3e-4", "--eval", "false", "--device", "cpu", "--out_dir", str(out), *more]
 
 
 def test_the_pick_is_the_rm_argmax_and_the_judge_is_not_called(ckpts, tokenizer, monkeypatch):
@@ -209,7 +209,7 @@ def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
     import sys
     from pathlib import Path
     flags = _flags(ckpts, tmp_path / "one", "--iterations", "2", "--batch_size", "2",
-                   "--gen_batch", "6")  # groups of 2 prompts: 3 groups dealt to 2 ranks
+                   "--gen_batch", "8")  # groups of 2 prompts: 3 groups dealt to 2 ranks
     torch.set_num_threads(1)
     train_rlhf.main(flags)
     root = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
 def test_resume_with_other_flags_is_refused(ckpts, tmp_path):
     out = tmp_path / "r"
     train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--stop_at", "1:0"))
-    for extra, name in ((["--k", "4"], "--k"), (["--lr", "2e-3"], "--lr"),
+    for extra, name in ((["--k", "5"], "--k"), (["--lr", "2e-3"], "--lr"),
                         (["--select", "judge"], "--select")):
         with pytest.raises(SystemExit, match=f"cannot resume from .*{name} differ"):
             train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--resume", *extra))
