@@ -464,12 +464,18 @@ class Transformer(nn.Module):
         logits_out = [[] for _ in range(B)]
         per_row = return_logits or stream is not None
         rows = list(range(B))  # which prompt each row of the (shrinking) batch is
+        alive = torch.arange(B, device=device)  # the same, on the device
         finished = {}  # prompt index -> its token row, kept when the row leaves the batch
         prev = 0
         for cur in range(min(lens), total):
             h = self.hidden(tokens[:, prev:cur], start_pos=prev)
             logits = self.output(h[:, -1]).float()  # (B, vocab)
-            nxt = sample(logits, temperature, top_p, gen)
+            # One uniform per prompt every step, also for prompts whose rows left the batch, so a
+            # prompt's draws do not depend on when the others finished.
+            u = None
+            if temperature > 0:
+                u = torch.rand(B, 1, generator=gen, device=device, dtype=torch.float64)[alive]
+            nxt = sample(logits, temperature, top_p, gen, u=u)
             if cur < longest:
                 # Rows still inside their prompt keep the prompt's token.
                 generating = ~in_prompt[:, cur] & ~done
@@ -500,6 +506,7 @@ class Transformer(nn.Module):
                     finished[rows[i]] = tokens[i, :cur + 1].tolist()
                 keep = (~done).nonzero().flatten()
                 rows = [rows[i] for i in keep.tolist()]
+                alive = alive[keep]
                 tokens, lens_t, done = tokens[keep], lens_t[keep], done[keep]
                 for layer in self.layers:
                     a = layer.attention
@@ -518,18 +525,21 @@ class Transformer(nn.Module):
         return out
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
+           u: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Next token per row from logits (B, vocab): greedy at temperature 0, else top-p sampling.
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches top_p (Meta's
     sample_top_p); top_p >= 1 keeps them all. The draw is one uniform number per row through
     the kept tokens' cumulative distribution (inverse CDF), so the random stream is the same
-    whichever of the paths below finds the kept set.
+    whichever of the paths below finds the kept set. u (B, 1) float64 in [0, 1): those numbers,
+    if the caller drew them (default: drawn here from generator).
     """
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     if top_p >= 1:
         # Every token is kept: no sort, draw straight from the softmax.
         return _draw(probs, u)

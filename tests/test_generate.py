@@ -76,6 +76,28 @@ def test_stream_and_logits_follow_each_prompt_while_finished_rows_leave_the_batc
             torch.testing.assert_close(lg, full[0, len(p) - 1:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_sampled_batch_with_eos_equals_plain_loop_on_the_same_uniforms(top_p):
+    # One uniform per prompt per step (generate draws them for the whole batch, also once rows
+    # have left it), and each row's token is the full-sort reference's on its full-recompute logits.
+    torch.manual_seed(25)
+    model = randomize_norms(Transformer(ModelArgs(**CONFIGS["odd"]))).eval()
+    prompts = [torch.randint(0, model.args.vocab_size, (3,)).tolist() for _ in range(6)]
+    eos, N, T = 7, 25, 1.3
+    g = torch.Generator().manual_seed(11)
+    expected, live = [[] for _ in prompts], set(range(len(prompts)))
+    with torch.no_grad():
+        while live:
+            u = torch.rand(len(prompts), 1, generator=g, dtype=torch.float64)
+            for i in sorted(live):
+                logits, _ = model(torch.tensor([prompts[i] + expected[i]]))
+                expected[i].append(reference_top_p(logits[0, -1:], T, top_p, u[i:i + 1])[0])
+                if expected[i][-1] == eos or len(expected[i]) == N:
+                    live.discard(i)
+    assert len({len(r) for r in expected}) > 2  # rows end at different steps
+    assert model.generate(prompts, max_new_tokens=N, temperature=T, top_p=top_p, seed=11, eos_id=eos) == expected
+
+
 # ---------------------------------------------------------------- the sampler
 
 def reference_top_p(logits, temperature, top_p, u):
