@@ -185,7 +185,11 @@ def score_samples(prompts, samples, select: str, rm) -> list[list[float] | None]
     the --select judge oracle ablation. samples: [[Reply] * k or None] per prompt."""
     pairs = [(i, d, r) for i, (d, rs) in enumerate(zip(prompts, samples)) if rs for r in rs]
     if select == "rm":
-        flat = evaluate.rm_rewards(rm, [d for _, d, _ in pairs], [r.text for _, _, r in pairs])
+        try:
+            flat = evaluate.rm_rewards(rm, [d for _, d, _ in pairs], [r.text for _, _, r in pairs])
+        except ValueError as e:  # e.g. a prompt and its reply longer than the RM's context
+            raise SystemExit(f"error: the reward model cannot score a sample: {e}; lower "
+                             "--max_turns or --max_new_tokens") from None
     elif select == "judge":  # ORACLE ablation: the evaluation's own gold standard picks
         flat = evaluate.judge_scores([d for _, d, _ in pairs], [r for _, _, r in pairs])
     else:
