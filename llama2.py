@@ -440,8 +440,10 @@ class Transformer(nn.Module):
         Prompts of different lengths share one batch (Meta's scheme: every row advances one
         position per step; a row still inside its prompt keeps its prompt token). Sampling uses
         temperature and top-p (Meta's defaults 0.6 / 0.9); temperature 0 is greedy. A row stops
-        at eos_id (kept as its last token) or after max_new_tokens. stream(row, token) is called for
-        every new token. With return_logits, also returns each row's logits for its new tokens.
+        at eos_id (kept as its last token) or after max_new_tokens; finished rows leave the batch
+        and the loop ends when none is left. stream(row, token) is called for every new token
+        (row: the prompt's index). With return_logits, also returns each row's logits for its new
+        tokens.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
@@ -508,10 +510,10 @@ class Transformer(nn.Module):
                 rows = [rows[i] for i in keep.tolist()]
                 alive = alive[keep]
                 tokens, lens_t, done = tokens[keep], lens_t[keep], done[keep]
-                for layer in self.layers:
+                for layer in self.layers:  # the cache holds positions [0, cur) so far
                     a = layer.attention
-                    a.cache_k[:len(rows), :, :cur + 1] = a.cache_k[keep, :, :cur + 1]
-                    a.cache_v[:len(rows), :, :cur + 1] = a.cache_v[keep, :, :cur + 1]
+                    a.cache_k[:len(rows), :, :cur] = a.cache_k[keep, :, :cur]
+                    a.cache_v[:len(rows), :, :cur] = a.cache_v[keep, :, :cur]
         for i, row in enumerate(tokens[:, :prev + 1].tolist()):  # one device-to-host copy
             finished[rows[i]] = row
         out = []
