@@ -6,13 +6,17 @@ Sampling is what the RLHF stages spend their time on, so this times a whole `gen
 stop so every row makes exactly --new_tokens tokens. The weights are the demo checkpoint
 (--checkpoint, if it exists) or a random-init model of the demo shape; transformers loads them
 from our Hugging Face export (llama2.export_hf) in float32. Both run round-robin, one call each
-per round, after warm-up: tokens/s = batch * new_tokens / median seconds, and the ratio ours /
+per round, after warm-up: tokens/s = batch * new_tokens / seconds (median), and the ratio ours /
 transformers is the median of the rounds' ratios. Greedy (the default), both must make the same
 tokens (float32 on CPU: they agree; a mismatch is reported with the first row and step where they
 part). With --temperature > 0 both sample from the same distribution, but not the same random
 stream, so only the speed is compared (train_rlhf's setting: --temperature 0.7 --top_p 1.0).
+With --chat the prompts are RLHF prompt dialogs (world.chat_prompts, encoded with the checkpoint's
+tokenizer) of similar length, as gatt.generate_replies batches them, and rows stop at EOS; then
+tokens/s counts the tokens each side made, EOS included.
 
     OMP_NUM_THREADS=1 python bench/bench_generate.py                 # CPU, about 2 min
+    OMP_NUM_THREADS=1 python bench/bench_generate.py --chat --temperature 0.7 --top_p 1.0
     python bench/bench_generate.py --batch_sizes 32,64 --new_tokens 128 --json gen.json
 """
 from __future__ import annotations
