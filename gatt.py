@@ -9,9 +9,9 @@ data, not a change to the model: no extra token, no change to attention.
      the replies a1..an with the current model, turn by turn, the chosen reply going into the
      history. `--gatt_select` says how a reply is chosen: "none" (one sample; the default), "judge"
      (best of K by the world's judge, kept only if it obeys: an ORACLE ablation, because the
-     judge is also what evaluates), "rm" (the reward model, as the paper samples "analogous to
-     rejection sampling"; not wired yet: it becomes the default once train_rm.py's
-     reward model is good enough to pick with);
+     judge is also what evaluates), "rm" (best of K by the reward model, `--gatt_rm`, as the paper
+     samples "analogous to rejection sampling"; the paper applied GAtt after RLHF V3, when an RM
+     existed; our pipeline runs GAtt before the RM, so its default stays "none");
   3. for training, keep `inst` only once, as the system message (world.with_instruction_as_system;
      shortened half of the time, world.shorten, as the paper), and zero the loss on every token
      except the kept answers: ONE example per dialog, "train_on" a flag per answer. With a causal
@@ -99,14 +99,24 @@ def generate_replies(model, tokenizer, dialogs: list[list[dict]], *, n: int = 1,
 GATT_SELECT = ("judge", "rm", "none")
 
 
-def _pick(history: list[dict], cands: list[Reply], inst: world.Standing, select: str):
+def _pick(history: list[dict], cands: list[Reply], inst: world.Standing, select: str,
+          rewards: list[float] | None = None):
     """The reply that goes into the history, and whether it carries loss.
 
-    "judge" (an oracle ablation: the evaluation's own gold standard picks): the best of the K
-    candidates by world.score, kept only if it obeys the instruction and ended with EOS.
-    "none": the one sample, kept whatever it says. Either way a reply cut off by max_new_tokens
-    carries no loss: training on it would teach an EOS where the model did not stop.
+    "rm" (the recipe): the best of the K candidates that ended with EOS by the reward model's
+    `rewards` (one per candidate; the RM reads a reply at its EOS, so a cut-off reply cannot
+    compete); no other filter. "judge" (an oracle ablation: the evaluation's own gold standard
+    picks): the best of the K candidates by world.score, kept only if it obeys the instruction and
+    ended with EOS. "none": the one sample, kept whatever it says. In every case a reply cut off
+    by max_new_tokens carries no loss: training on it would teach an EOS where the model did not
+    stop.
     """
+    if select == "rm":
+        ended = [j for j, c in enumerate(cands) if c.eos]
+        if not ended:
+            return cands[0], False
+        best = cands[max(ended, key=lambda j: rewards[j])]  # ties: the first sampled
+        return best, True
     if select == "judge":
         scores = [world.score(history, c.text, c.eos).total for c in cands]
         best = cands[int(np.argmax(scores))]  # ties: the first sampled
@@ -114,7 +124,7 @@ def _pick(history: list[dict], cands: list[Reply], inst: world.Standing, select:
     return cands[0], cands[0].eos
 
 
-def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None
+def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None, rm=None
                     ) -> tuple[list[tuple[list[dict], list[bool]]], dict]:
     """Roll out world.gatt_dialogs with the instruction in every user message, then turn each
     dialog into ONE training example: the instruction once, as the system message (shortened
@@ -129,10 +139,9 @@ def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None
     select = cfg.gatt_select
     if select not in GATT_SELECT:
         raise ValueError(f"--gatt_select must be one of {GATT_SELECT}, got {select!r}")
-    if select == "rm":
-        raise ValueError("--gatt_select rm is not wired to train_rm.py's reward model yet (the demo "
-                         "RM is near chance); use judge (an oracle ablation) or none")
-    k = cfg.gatt_k if select == "judge" else 1
+    if select == "rm" and rm is None:
+        raise ValueError("--gatt_select rm needs a reward model (rm=, train_sft.py --gatt_rm)")
+    k = cfg.gatt_k if select in ("judge", "rm") else 1
     seq_len = seq_len or model.args.max_seq_len
     levels = world.parse_levels(cfg.gatt_levels)
     seeds = world.gatt_dialogs(cfg.gatt_n, seed=cfg.seed + 3, min_turns=cfg.gatt_min_turns,
@@ -154,12 +163,23 @@ def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None
                                    temperature=cfg.gatt_temperature,
                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + t,
                                    batch=cfg.gen_batch, rt=rt, desc=f"GAtt turn {t + 1}")
-        for i, history, cands in zip(active, asked, replies):
+        rewards = [None] * len(active)
+        if select == "rm":  # one batched RM call per turn over every candidate that ended
+            jobs = [(a, j) for a, cands in enumerate(replies) if cands is not None
+                    for j, c in enumerate(cands) if c.eos]
+            if jobs:
+                with torch.no_grad():
+                    r = rm.score([asked[a] for a, _ in jobs],
+                                 [replies[a][j].text for a, j in jobs]).tolist()
+                rewards = [[float("-inf")] * k for _ in active]
+                for (a, j), v in zip(jobs, r):
+                    rewards[a][j] = v
+        for i, history, cands, rw in zip(active, asked, replies, rewards):
             if cands is None:  # the history no longer fits the context: the dialog ends here
                 alive[i] = False
                 plain[i].pop()
                 continue
-            reply, kept = _pick(history, cands, seeds[i].inst, select)
+            reply, kept = _pick(history, cands, seeds[i].inst, select, rw)
             plain[i].append({"role": "assistant", "content": reply.text})
             keep[i].append(kept)
             n_turns += 1

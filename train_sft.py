@@ -15,7 +15,7 @@ as the system message (its short wording half of the time), and the loss covers 
 answers: each dialog is one example whose earlier prompts carry no loss. How a reply is chosen is
 `--gatt_select`: `none` (one sample, every reply that ended with EOS kept; the default), `judge`
 (best of K by the world's judge and only replies that obey: an ORACLE ablation, since the judge is
-also the evaluation), `rm` (the reward model, as the paper: not wired yet).
+also the evaluation), `rm` (best of K by the reward model `--gatt_rm`, as the paper sampled GAtt data once it had one).
 
 Evaluation (`--eval`), on held-out problems only: judged score overall and per family with its
 floor (an empty reply, a bare correct answer), EOS rate and answer length with greedy decoding;
@@ -98,8 +98,9 @@ class Config:
     gatt_min_turns: int = 2  # user turns per GAtt dialog, at least
     gatt_max_turns: int = 12  # user turns per GAtt dialog, at most
     gatt_levels: str = "1,2"  # difficulty levels of the GAtt prompts
-    gatt_select: str = "none"  # how a reply is chosen: none (one sample, no filter), judge (best of gatt_k by the world's judge and only obeying replies: an ORACLE ablation), rm (the reward model: not wired yet)
-    gatt_k: int = 4  # replies sampled per turn for --gatt_select judge
+    gatt_select: str = "none"  # how a reply is chosen: none (one sample, no filter), judge (best of gatt_k by the world's judge and only obeying replies: an ORACLE ablation), rm (best of gatt_k by the reward model --gatt_rm)
+    gatt_k: int = 4  # replies sampled per turn for --gatt_select judge or rm
+    gatt_rm: str = ""  # reward model (train_rm.py) that picks the replies with --gatt_select rm
     gatt_temperature: float = 0.7  # sampling temperature of the GAtt replies
     gatt_mix: int = 0  # dialogs of --data mixed into the GAtt fine-tuning set (keeps the plain SFT skills)
     # evaluation
@@ -381,9 +382,9 @@ def main(argv=None) -> None:
     if cfg.gatt_select not in gatt.GATT_SELECT:
         raise SystemExit(f"error: --gatt_select {cfg.gatt_select!r}: use one of "
                          f"{gatt.GATT_SELECT}")
-    if cfg.gatt and cfg.gatt_select == "rm":
-        raise SystemExit("error: --gatt_select rm is not wired to train_rm.py's reward model yet "
-                         "(the demo RM is near chance); use judge (an oracle ablation) or none")
+    if cfg.gatt and cfg.gatt_select == "rm" and not cfg.gatt_rm:
+        raise SystemExit("error: --gatt_select rm needs --gatt_rm path/to/reward_model "
+                         "(a train_rm.py checkpoint)")
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     stage = "gatt" if cfg.gatt else "sft"
@@ -427,7 +428,9 @@ def main(argv=None) -> None:
             log.print(f"GAtt data read back from {gatt_file} ({len(dialogs)} samples)")
         else:
             t0 = time.perf_counter()
-            samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt, seq_len)
+            rm = load_gatt_rm(cfg, tokenizer, rt) if cfg.gatt_select == "rm" else None
+            samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt, seq_len, rm=rm)
+            del rm
             mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
             write_dialogs(gatt_file, samples + [(m, t) for m, t, _ in mix])
             dialogs = read_dialogs(str(gatt_file))
@@ -435,8 +438,9 @@ def main(argv=None) -> None:
                 log.print("warning: no GAtt sample: no chosen reply both obeyed its instruction "
                           "and ended with EOS; fine-tune the SFT model further, raise --gatt_k, "
                           "or check the model with --eval first")
-            how = (f"best of {stats['k']} by the judge (ORACLE ablation)"
-                   if stats["select"] == "judge" else "one sample each, no filter")
+            how = {"judge": f"best of {stats['k']} by the judge (ORACLE ablation)",
+                   "rm": f"best of {stats['k']} by the reward model {cfg.gatt_rm}",
+                   "none": "one sample each, no filter"}[stats["select"]]
             log.write({"gatt_data": stats, "seconds": time.perf_counter() - t0},
                       f"GAtt data ({how}): {stats['samples']} dialogs of {stats['dialogs']} "
                       f"({stats['turns']} turns sampled, {stats['kept_turns']} with loss, "
@@ -555,6 +559,19 @@ def main(argv=None) -> None:
     if start_step >= max_steps:
         log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
     log.print(f"done: {stage} checkpoint {ckpt_path}")
+
+
+def load_gatt_rm(cfg: Config, tokenizer, rt):
+    """The reward model of --gatt_select rm; it must read the chat model's tokens."""
+    try:
+        rm, rm_tok = llama2.load_reward_model(cfg.gatt_rm, device=str(rt.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --gatt_rm {cfg.gatt_rm}: {e}") from None
+    if rm_tok is None or rm_tok.model_bytes != tokenizer.model_bytes:
+        raise SystemExit(f"error: --gatt_rm {cfg.gatt_rm} does not use the tokenizer of "
+                         f"{cfg.checkpoint}; train the reward model from this model's family")
+    rm.tokenizer = rm_tok
+    return rm.float()
 
 
 def _stage_of(path: str) -> str:

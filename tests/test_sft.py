@@ -303,6 +303,42 @@ def test_gatt_select_judge_picks_the_best_candidate(tokenizer, monkeypatch):
         gatt.build_gatt_data(None, tokenizer, cfg, seq_len=256)
 
 
+class _ShortestRM:
+    """A stand-in reward model: reward = -(characters of the reply), so the pick is known."""
+    def __init__(self):
+        self.calls = []
+
+    def score(self, dialogs, responses):
+        self.calls.append(len(responses))
+        return torch.tensor([-float(len(r)) for r in responses])
+
+
+def test_gatt_select_rm_picks_the_reward_models_best_among_ended(tokenizer, monkeypatch):
+    asked = []
+    monkeypatch.setattr(gatt, "generate_replies", _fake_generate(asked, random.Random(0)))
+    def no_judge(*a, **k):
+        raise AssertionError("the judge was called while the reward model selects")
+    monkeypatch.setattr(world, "score", no_judge)
+    cfg = _Cfg()
+    cfg.gatt_select = "rm"
+    rm = _ShortestRM()
+    samples, stats = gatt.build_gatt_data(None, tokenizer, cfg, seq_len=4096, rm=rm)
+    assert all(n == 3 for _, n in asked) and stats["select"] == "rm" and stats["k"] == 3
+    # one batched RM call per turn, over the candidates that ended with EOS only (none at turns
+    # 4, 8, ...: the fake's replies there are cut off)
+    assert len(rm.calls) == max(len(s.prompts) for s in world.gatt_dialogs(
+        6, seed=3, min_turns=3, max_turns=5, levels=(1, 2))) - 1
+    for messages, flags in samples:
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        for k, (answer, keep) in enumerate(zip(answers, flags), 1):
+            # the shortest candidate wins: the careful answer, or the plain one when all break
+            assert answer.startswith("well ") == (k % 3 == 2 or k % 4 == 0)
+            if k % 3 == 2 and k % 4 != 0:
+                assert not answer.endswith((" x", " y"))
+            # no other filter than EOS: a reply that breaks the instruction is kept
+            assert keep == (k % 4 != 0)
+
+
 def test_train_on_flags(tokenizer, tmp_path):
     msgs = _dialog(turns=[("What is 1 plus 2?", "It is 3."), ("Spell the word cat.", "c-a-t"),
                           ("Add 2 and 2.", "4")])
@@ -510,6 +546,14 @@ def test_script_errors_are_clear(tiny_ckpt, tmp_path):
     with pytest.raises(SystemExit, match="--world_p_instruction 0.9: give a share in"):
         train_sft.main(["--checkpoint", str(tiny_ckpt), "--world_p_instruction", "0.9",
                         "--out_dir", str(tmp_path / "o3"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--gatt_select rm needs --gatt_rm"):
+        train_sft.main(["--checkpoint", str(tiny_ckpt), "--gatt", "--gatt_select", "rm",
+                        "--out_dir", str(tmp_path / "o4"), "--device", "cpu"])
+    # a chat checkpoint is not a reward model
+    with pytest.raises(SystemExit, match="--gatt_rm .* not a reward model"):
+        train_sft.main(["--checkpoint", str(tiny_ckpt), "--gatt", "--gatt_select", "rm",
+                        "--gatt_rm", str(tiny_ckpt), "--out_dir", str(tmp_path / "o5"),
+                        "--device", "cpu"])
 
 
 def test_world_p_instruction_sets_the_share_of_instructed_dialogs():
