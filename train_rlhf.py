@@ -22,8 +22,8 @@ standing instruction, 1..max_turns turns), the same set every iteration so that 
 each prompt's samples across iterations. Evaluation uses held-out problems only.
 
     # three iterations from the demo GAtt model with the demo reward model
-    python train_rlhf.py --checkpoint out/demo_sft/gatt_none2 \\
-        --reward_model out/demo_rm/rm_small_1 --out_dir out/rlhf_rs
+    python train_rlhf.py --checkpoint out/pipeline/gatt2 \\
+        --reward_model out/pipeline/rm --out_dir out/rlhf_rs
     # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
     python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
@@ -71,8 +71,8 @@ import world
 class Config:
     method: str = "rs"  # rs (rejection sampling, this file) | ppo (issue 13, not built yet)
     # models
-    checkpoint: str = "out/demo_sft/gatt_none2"  # the start policy V0: a chat checkpoint (sft, gatt or rlhf)
-    reward_model: str = "out/demo_rm/rm_small_1"  # the reward model that picks the gold answers (train_rm.py)
+    checkpoint: str = "out/pipeline/gatt2"  # the start policy V0: a chat checkpoint (sft, gatt or rlhf)
+    reward_model: str = "out/pipeline/rm"  # the reward model that picks the gold answers (train_rm.py)
     select: str = "rm"  # who picks the best sample: rm (the recipe) | judge (world's judge: an ORACLE ablation, it is also the evaluation)
     # rejection sampling (Llama 2 §3.2.3)
     iterations: int = 3  # RLHF versions V1..Vn (Llama 2: V1..V4 by rejection sampling, V5 by PPO on top)

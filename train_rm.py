@@ -68,12 +68,12 @@ import world  # noqa: E402
 @dataclass
 class Config:
     # model
-    checkpoint: str = "out/demo_sft/sft"  # chat model (SFT/GAtt) the RM starts from; with --eval / --export_hf: the reward model
+    checkpoint: str = "out/pipeline/sft"  # chat model (SFT/GAtt) the RM starts from; with --eval / --export_hf: the reward model
     tokenizer: str = ""  # tokenizer.model, only if the checkpoint carries none (Meta / HF dirs)
     # preference pairs
     pairs: str = ""  # training pairs, JSONL (ours or TRL's), comma-separated; "" = build them with --pair_models
     test_pairs: str = ""  # held-out pairs, JSONL; "" = build them with --pair_models
-    pair_models: str = "out/demo_sft/sft,out/demo_sft/gatt_none2,out/demo_sft/gatt_judge2"  # chat checkpoints whose samples are compared
+    pair_models: str = "out/pipeline/sft,out/pipeline/gatt2"  # chat checkpoints whose samples are compared (the pipeline's SFT and GAtt models)
     pair_temperatures: str = "0.6,0.9,1.2"  # sampling temperatures; a variant is (model, temperature), two different ones per pair
     n_train: int = 1200  # training pairs built (one per training-split prompt)
     n_test: int = 1000  # held-out pairs built (the paper: 1000 per annotation batch)
