@@ -351,6 +351,16 @@ def rejection_sampling(run: Path, out: Path):
                    f"{e['sampled']['rm']:+.3f} | "
                    + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "(itself)")
                    + f" | {e['greedy']['eos_rate']:.0%} |")
+    # the ORACLE ablation (ABLATIONS=1): the same iterations with the judge picking
+    ro, j = run / "rs_oracle", 1
+    while (ro / f"iter{j + 1}" / "eval.json").is_file():
+        e, j = _json(ro / f"iter{j + 1}" / "eval.json"), j + 1
+        w = e.get("win_rate")
+        sec.append(f"| V{j - 1}, judge-picked (ORACLE ablation) | | {e['greedy']['judge']:.3f} | "
+                   f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
+                   f"{e['sampled']['rm']:+.3f} | "
+                   + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "")
+                   + f" | {e['greedy']['eos_rate']:.0%} |")
     f = evs[0]["floor"]
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
                "| 50% | |")
