@@ -1,5 +1,6 @@
 """Stage 4 of the Llama 2 recipe, part 1: RLHF by iterative rejection sampling (paper §3.2.3,
-SPEC.md §8 and §10). `--method ppo` is issue 13.
+SPEC.md §8 and §10); `--method ppo`: PPO with a KL penalty to the start policy (SPEC.md §9, the
+"PPO" section below: rollout, score, advantages and update as plain functions).
 
 Each iteration i = 1..n turns the latest model V(i-1) (V0 = the start: a chat model, SFT or GAtt)
 into Vi:
@@ -33,6 +34,10 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     # stop mid-iteration, then continue exactly where it stopped
     python train_rlhf.py --stop_at 2:1 --out_dir out/rlhf_rs && python train_rlhf.py --resume \\
         --out_dir out/rlhf_rs
+    # PPO from the last rejection-sampling model (writes ckpt.pt: the best policy by validation
+    # score, stage "rlhf"; metrics.jsonl: a row per iteration; eval_{start,final}.json)
+    python train_rlhf.py --method ppo --checkpoint out/rlhf_rs/V3 --out_dir out/rlhf_ppo \\
+        --beta 0.01
     # chat with the last model
     python llama2.py --checkpoint out/rlhf_rs/V3 --chat
 
@@ -69,7 +74,7 @@ import world
 
 @dataclass
 class Config:
-    method: str = "rs"  # rs (rejection sampling, this file) | ppo (issue 13, not built yet)
+    method: str = "rs"  # rs (rejection sampling) | ppo (PPO with a KL penalty to the start policy)
     # models
     checkpoint: str = "out/pipeline/gatt2"  # the start policy V0: a chat checkpoint (sft, gatt or rlhf)
     reward_model: str = "out/pipeline/rm"  # the reward model that picks the gold answers (train_rm.py)
@@ -88,6 +93,28 @@ class Config:
     max_turns: int = 3  # user turns per training prompt, at most (earlier ones answered by the careful human)
     max_new_tokens: int = 48  # longest sampled reply
     gen_batch: int = 64  # sequences per batched generate call
+    # PPO (--method ppo; Llama 2 §3.2.3, SPEC.md §9). Demo scale: a 3M model on 2 CPU cores
+    # cannot take 200-400 iterations of 512 rollouts at lr 1e-6 (hours, and such a small lr would
+    # barely move it in the few dozen steps it can afford), so fewer, smaller batches and a larger
+    # lr; the paper's values are in brackets
+    ppo_iterations: int = 20  # PPO iterations, at most (Llama 2: 200-400, early stopping)
+    ppo_prompts: int = 512  # training-split prompts the rollouts draw from
+    ppo_batch: int = 64  # rollouts per iteration (Llama 2: 512)
+    ppo_minibatch: int = 16  # rollouts per gradient step, one step per mini-batch (Llama 2: 64)
+    ppo_lr: float = 1e-5  # policy lr, constant (Llama 2: 1e-6)
+    value_lr: float = 1e-5  # critic lr, constant (Llama 2: not given)
+    beta: float = 0.01  # KL penalty to pi_0 per token (Llama 2: 0.01 for 7B/13B, 0.005 for 34B/70B)
+    temperature: float = 1.0  # rollout temperature, pure sampling; the same T re-scores (top_p is 1)
+    clip_ratio: float = 0.2  # PPO ratio clip (Llama 2: 0.2)
+    clip_value: float = 0.2  # value clip (Huang et al. 2024: 0.2)
+    gamma: float = 1.0  # GAE discount (Huang et al. 2024: 1)
+    lam: float = 0.95  # GAE lambda (Huang et al. 2024: 0.95)
+    no_eos_score: float = -1.0  # the score of a rollout with no EOS within max_new_tokens
+    whiten_n: int = 64  # pi_0 samples that fix the RM score's whitening statistics
+    val_prompts: int = 32  # training-split validation prompts for early stopping (kept out of the rollouts)
+    val_every: int = 1  # validate every N iterations
+    patience: int = 5  # stop after N validations without a better score (0: never)
+    ppo_judge: bool = True  # log the judge's score of each batch's rollouts (measured only, never trained on)
     # fine-tuning on the gold answers (train_sft's answer-only loss and packing; Llama 2 SFT values in brackets)
     epochs: float = 2.0  # passes over the gold answers per iteration (SFT: 2)
     batch_size: int = 8  # packed rows per optimizer step (SFT: 64 rows of 4096)
@@ -112,7 +139,7 @@ class Config:
     # logging and checkpoints
     out_dir: str = "out/rlhf_rs"  # ckpt.pt, V1..Vn/, iter<i>/, metrics.jsonl, PNGs
     log_every: int = 1  # print a step line every N fine-tuning steps
-    stop_at: str = ""  # stop (and save) at "i:s": iteration i after s fine-tuning steps (0 = right after sampling), e.g. to test --resume
+    stop_at: str = ""  # stop (and save) at "i:s": iteration i after s fine-tuning steps (0 = right after sampling), e.g. to test --resume; ppo: "i:0" stops after PPO iteration i
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -127,6 +154,13 @@ RESUME_SAME = ("method", "checkpoint", "reward_model", "select", "prompts", "k",
                "p_instruction", "max_turns", "max_new_tokens", "gen_batch", "epochs", "batch_size",
                "micro_batch", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
                "beta1", "beta2", "eps", "grad_clip", "seed")
+PPO_RESUME_SAME = ("method", "checkpoint", "reward_model", "prompt_levels", "p_instruction",
+                   "max_turns", "max_new_tokens", "gen_batch", "weight_decay", "beta1", "beta2",
+                   "eps", "grad_clip", "seed", "ppo_prompts", "ppo_batch", "ppo_minibatch",
+                   "ppo_lr", "value_lr", "beta", "temperature", "clip_ratio", "clip_value",
+                   "gamma", "lam", "no_eos_score", "whiten_n", "val_prompts", "val_every",
+                   "patience")
+PPO_STAGE = "rlhf_ppo"  # the stage of a PPO run's ckpt.pt while it trains ("rlhf" when done)
 STAGE = "rlhf_rs"  # the stage of ckpt.pt (the run's state); each Vi is saved as stage "rlhf"
 CHAT_STAGES = ("sft", "gatt", "rlhf")
 
@@ -312,6 +346,435 @@ def train_step(model, optimizer, examples, step_rows, cfg, rt) -> tuple[float, i
 
 
 # -----------------------------------------------------------------------------------------------
+# PPO (--method ppo; Llama 2 §3.2.3, SPEC.md §9; CleanRL's ppo.py and "The N Implementation
+# Details of RLHF with PPO", Huang et al. 2024). Plain functions, read top to bottom:
+#   rollout -> score_rollouts -> old_pass (log-probs of the policy and pi_0, values) ->
+#   token_rewards -> gae -> whiten_advantages -> ppo_update; run_ppo loops over iterations.
+# Shapes: B rollouts in a mini-batch, L tokens of the longest prompt + response row, R tokens of
+# the longest response, V the vocabulary.
+
+
+def combine_rewards(r_safety: torch.Tensor, r_helpful: torch.Tensor,
+                    is_safety: torch.Tensor) -> torch.Tensor:
+    """Llama 2's R_c (§3.2.3): the safety RM's score if the prompt is safety-tagged or the safety
+    score is below 0.15, else the helpfulness RM's. Scores are probabilities in [0, 1] (sigmoid of
+    the head); (N,) each, is_safety (N,) bool. With one RM (r_safety = r_helpful) it is the
+    identity."""
+    return torch.where(is_safety | (r_safety < 0.15), r_safety, r_helpful)
+
+
+def logit(p: torch.Tensor) -> torch.Tensor:
+    """LOGIT(p) = log(p / (1 - p)), the inverse of the sigmoid: undoes the RM's squashing."""
+    return torch.log(p) - torch.log1p(-p)
+
+
+def rollout(policy, tokenizer, prompt_ids: list[list[int]], cfg, seed: int, rt) -> list[dict]:
+    """One reply per prompt: pure sampling at cfg.temperature (top_p 1.0: no top-k, no top-p, so
+    the sampled distribution is exactly softmax(logits / T), what the log-probs are recomputed
+    with), batched with the KV cache. -> [{"prompt": ids, "response": ids (EOS kept), "eos"}]."""
+    out = []
+    policy.eval()
+    with rt.autocast():
+        for c in range(0, len(prompt_ids), cfg.gen_batch):
+            chunk = prompt_ids[c:c + cfg.gen_batch]
+            gens = policy.generate(chunk, cfg.max_new_tokens, temperature=cfg.temperature,
+                                   top_p=1.0, seed=seed + c, eos_id=tokenizer.eos_id)
+            out += [{"prompt": list(p), "response": g,
+                     "eos": bool(g) and g[-1] == tokenizer.eos_id} for p, g in zip(chunk, gens)]
+    policy.free_cache()
+    return out
+
+
+@torch.no_grad()
+def rm_logits(rm, seqs: list[list[int]], rt) -> torch.Tensor:
+    """The RM's raw head output (its LOGIT) read at the last token of each exact token sequence
+    (prompt + sampled response ending with EOS): the policy's own tokens, never re-encoded text.
+    -> (N,) float32."""
+    out = torch.empty(len(seqs), dtype=torch.float32)
+    device = rm.tok_embeddings.weight.device
+    for c in range(0, len(seqs), 32):
+        b = llama2.pack_sequences(seqs[c:c + 32], rm.args.max_seq_len, device=device)
+        with rt.autocast():
+            out[c:c + 32] = rm(b["tokens"], b["ends"], cu_seqlens=b["cu_seqlens"]).float().cpu()
+    return out
+
+
+def score_rollouts(rm, rolls: list[dict], stats: tuple[float, float], no_eos_score: float,
+                   rt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scalar score of each rollout: WHITEN(LOGIT(R_c)) with the whitening statistics fixed
+    once on pi_0's samples; "no EOS -> fixed low score" (never the RM's: a reply cut at the length
+    limit must not be rewarded). -> (score (N,), raw RM logit (N,), nan without EOS)."""
+    mu, sigma = stats
+    raw = torch.full((len(rolls),), float("nan"))
+    ok = [i for i, r in enumerate(rolls) if r["eos"]]
+    if ok:
+        raw[ok] = rm_logits(rm, [rolls[i]["prompt"] + rolls[i]["response"] for i in ok], rt)
+    # (one RM: R_c = combine_rewards(R, R, False) = R; LOGIT(sigmoid(head)) = the head output)
+    score = torch.where(torch.isnan(raw), torch.tensor(no_eos_score), (raw - mu) / sigma)
+    return score, raw
+
+
+def whitening_stats(raw: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard deviation of pi_0's RM logits (replies with EOS), fixed for the run."""
+    raw = raw[~torch.isnan(raw)]
+    if len(raw) < 2:
+        return 0.0, 1.0
+    return float(raw.mean()), max(float(raw.std()), 1e-6)
+
+
+def make_batch(rolls: list[dict], device) -> dict:
+    """Right-padded rows of prompt + response, so every token keeps its position 0.. of the
+    sequence alone (causal attention: the padding after it is never read).
+    -> tokens (B, L); pos (B, R): the index of each response token in its row (clamped in the
+    padding); mask (B, R): 1 on response tokens."""
+    seqs = [r["prompt"] + r["response"] for r in rolls]
+    L = max(len(s) for s in seqs)
+    R = max(len(r["response"]) for r in rolls)
+    tokens = torch.tensor([s + [0] * (L - len(s)) for s in seqs], dtype=torch.long)
+    P = torch.tensor([len(r["prompt"]) for r in rolls])
+    n = torch.tensor([len(r["response"]) for r in rolls])
+    pos = (P[:, None] + torch.arange(R)[None, :]).clamp(max=L - 1)  # (B, R)
+    mask = (torch.arange(R)[None, :] < n[:, None]).float()  # (B, R)
+    return {"tokens": tokens.to(device), "pos": pos.to(device), "mask": mask.to(device)}
+
+
+def response_logprobs(model, batch: dict, temperature: float, rt, entropy: bool = False):
+    """log pi(token | prefix) of each response token, the logits divided by the rollout's
+    temperature ("same T at rollout and re-scoring"). -> logp (B, R) [, entropy (B, R)]."""
+    with rt.autocast():
+        logits, _ = model(batch["tokens"])  # (B, L, V)
+    logits = logits.float() / temperature
+    pred = logits.gather(1, (batch["pos"] - 1)[..., None].expand(-1, -1, logits.size(-1)))  # (B, R, V): the logits that predict each response token
+    logp_all = torch.log_softmax(pred, dim=-1)  # (B, R, V)
+    logp = logp_all.gather(-1, batch["tokens"].gather(1, batch["pos"])[..., None]).squeeze(-1)
+    if not entropy:
+        return logp
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def response_values(critic, batch: dict, rt) -> torch.Tensor:
+    """The critic's value of each state before a response token: the RM's head at every position
+    (the value model is the RM, initialized from it), read where the policy predicts the token.
+    -> (B, R)."""
+    with rt.autocast():
+        v = critic(batch["tokens"])  # (B, L)
+    return v.float().gather(1, batch["pos"] - 1)
+
+
+def token_rewards(score: torch.Tensor, logp_old: torch.Tensor, logp_0: torch.Tensor,
+                  mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: the KL penalty -beta * (logp_old - logp_0) at every response token, and
+    the score added at the last response token (the EOS; the last sampled token without EOS).
+    score (B,), the rest (B, R). -> (rewards (B, R), kl (B, R)), zero in the padding."""
+    kl = (logp_old - logp_0) * mask  # per-token KL estimate to pi_0
+    rewards = -beta * kl
+    last = mask.sum(1).long() - 1  # (B,) index of the last response token
+    rewards[torch.arange(len(score)), last] += score  # score at the EOS token
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016) over response tokens: delta_t =
+    r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V and A zero after the last
+    token (the episode ends at EOS). (B, R) each. -> (advantages, returns = advantages + values)."""
+    values = values * mask
+    rewards = rewards * mask
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.size(1))):
+        next_v = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, adv + values
+
+
+def whiten_advantages(advs: list[torch.Tensor], masks: list[torch.Tensor],
+                      eps: float = 1e-8) -> list[torch.Tensor]:
+    """Advantage whitening over the whole batch's response tokens (all its mini-batches): (A - mean)
+    / sqrt(var + eps), mean and population variance over the tokens where mask is 1; zero in the
+    padding. Lists of (B_i, R_i)."""
+    flat = torch.cat([a[m.bool()] for a, m in zip(advs, masks)])
+    mean, var = flat.mean(), flat.var(unbiased=False)
+    return [(a - mean) * torch.rsqrt(var + eps) * m for a, m in zip(advs, masks)]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def old_pass(policy, ref, critic, rm, rolls, order, cfg, stats, rt) -> list[dict]:
+    """Everything the update reads, fixed before it: per mini-batch (the rollouts in `order`, cut
+    in cfg.ppo_minibatch), logp_old (B, R) of the policy and logp_0 of pi_0 (the same rows, the
+    same padding, the same T), values_old (B, R), the score (B,), rewards, advantages (whitened
+    over the whole batch) and returns."""
+    device = next(policy.parameters()).device
+    mbs = []
+    for c in range(0, len(order), cfg.ppo_minibatch):
+        idx = order[c:c + cfg.ppo_minibatch]
+        mb = make_batch([rolls[i] for i in idx], device)
+        mb["idx"] = idx
+        mb["logp_old"], mb["entropy"] = response_logprobs(policy, mb, cfg.temperature, rt, True)
+        mb["logp_0"] = response_logprobs(ref, mb, cfg.temperature, rt)
+        mb["values_old"] = response_values(critic, mb, rt)
+        mb["score"], mb["raw"] = score_rollouts(rm, [rolls[i] for i in idx], stats,
+                                                cfg.no_eos_score, rt)
+        mb["score"] = mb["score"].to(device)
+        mb["rewards"], mb["kl"] = token_rewards(mb["score"], mb["logp_old"], mb["logp_0"],
+                                                mb["mask"], cfg.beta)
+        mb["adv"], mb["returns"] = gae(mb["rewards"], mb["values_old"], mb["mask"], cfg.gamma,
+                                       cfg.lam)
+        mbs.append(mb)
+    for mb, a in zip(mbs, whiten_advantages([m["adv"] for m in mbs], [m["mask"] for m in mbs])):
+        mb["adv"] = a  # advantage whitening, per batch over response tokens
+    return mbs
+
+
+def ppo_update(policy, critic, opt_pi, opt_v, mbs: list[dict], cfg, rt) -> dict:
+    """One gradient step per mini-batch (Llama 2: batch 512, mini-batch 64, one step each): the
+    clipped surrogate for the policy and the clipped value loss for the critic. -> statistics,
+    with the first mini-batch's max |ratio - 1| (exactly 0: the old log-probs were computed by
+    the same weights on the same rows)."""
+    policy.train()  # (no dropout in this model: train and eval compute the same)
+    critic.train()
+    st = {"pg_loss": 0.0, "value_loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+    for j, mb in enumerate(mbs):
+        m = mb["mask"]
+        logp = response_logprobs(policy, mb, cfg.temperature, rt)  # (B, R)
+        logratio = (logp - mb["logp_old"]) * m  # zero in the padding (no overflow there)
+        ratio = logratio.exp()
+        # ratio clipping (PPO's clipped surrogate)
+        pg = masked_mean(torch.max(-mb["adv"] * ratio,
+                                   -mb["adv"] * ratio.clamp(1 - cfg.clip_ratio,
+                                                            1 + cfg.clip_ratio)), m)
+        v = response_values(critic, mb, rt)  # (B, R)
+        # value clipping: the new value at most clip_value from the old one
+        v_clipped = mb["values_old"] + (v - mb["values_old"]).clamp(-cfg.clip_value,
+                                                                    cfg.clip_value)
+        vf = 0.5 * masked_mean(torch.max((v - mb["returns"]) ** 2,
+                                         (v_clipped - mb["returns"]) ** 2), m)
+        (pg + vf).backward()  # separate models: each loss reaches only its own weights
+        for model, opt in ((policy, opt_pi), (critic, opt_v)):
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            if j == 0:
+                st["first_ratio_dev"] = float(((ratio - 1).abs() * m).max())
+            st["pg_loss"] += float(pg) / len(mbs)
+            st["value_loss"] += float(vf) / len(mbs)
+            # approx-KL between successive policies, the k3 estimator (ratio - 1) - log ratio
+            st["approx_kl"] += float(masked_mean((ratio - 1) - logratio, m)) / len(mbs)
+            st["clipfrac"] += float(masked_mean(((ratio - 1).abs() > cfg.clip_ratio).float(),
+                                                m)) / len(mbs)
+    policy.eval()
+    critic.eval()
+    return st
+
+
+def batch_stats(mbs: list[dict], cfg) -> dict:
+    """The batch's health numbers from the old pass (per rollout, then averaged)."""
+    score = torch.cat([mb["score"].cpu() for mb in mbs])
+    raw = torch.cat([mb["raw"] for mb in mbs])
+    kl = torch.cat([mb["kl"].sum(1).cpu() for mb in mbs])  # per sequence, summed over tokens
+    n = torch.cat([mb["mask"].sum(1).cpu() for mb in mbs])
+    ent = sum(float((mb["entropy"] * mb["mask"]).sum()) for mb in mbs) / float(n.sum())
+    ok = raw[~torch.isnan(raw)]
+    return {"score": float(score.mean()), "rm_raw": float(ok.mean()) if len(ok) else None,
+            "kl": float(kl.mean()), "score_minus_beta_kl": float(score.mean() - cfg.beta * kl.mean()),
+            "eos_rate": float((~torch.isnan(raw)).float().mean()), "length": float(n.mean()),
+            "entropy": ent}
+
+
+def judge_rollouts(tokenizer, dialogs, rolls) -> float:
+    """The judge's mean score of the rollouts: MEASURED for the log only, after the update; the
+    training never reads it."""
+    replies = [gatt.Reply(gatt.clean_reply(tokenizer.decode(
+        r["response"][:-1] if r["eos"] else r["response"])), r["eos"], len(r["response"]))
+        for r in rolls]
+    return sum(evaluate.judge_scores(dialogs, replies)) / max(1, len(replies))
+
+
+@torch.no_grad()
+def validate(policy, rm, val_ids, cfg, stats, rt, eos_id: int) -> float:
+    """The early-stopping number: the mean score (whitened RM logit, no EOS -> the low score) of
+    one greedy reply per validation prompt (training-split problems kept out of the rollouts)."""
+    gens = []
+    policy.eval()
+    with rt.autocast():
+        for c in range(0, len(val_ids), cfg.gen_batch):
+            chunk = val_ids[c:c + cfg.gen_batch]
+            gens += [{"prompt": list(p), "response": g, "eos": bool(g) and g[-1] == eos_id}
+                     for p, g in zip(chunk, policy.generate(
+                         chunk, cfg.max_new_tokens, temperature=0.0, eos_id=eos_id))]
+    policy.free_cache()
+    return float(score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].mean())
+
+
+def ppo_prompts(cfg, max_len: int, tokenizer):
+    """The rollout pool and the validation prompts: both training-split problems, the validation
+    problems kept out of the pool; prompts with no room for max_new_tokens dropped.
+    -> (pool dialogs, pool ids, validation ids)."""
+    levels = world.parse_levels(cfg.prompt_levels)
+    val = world.chat_prompts(cfg.val_prompts, "train", cfg.seed + 1, levels, cfg.p_instruction,
+                             cfg.max_turns)
+    held = {world.parse_dialog(d)[0] for d in val}
+    pool = [d for d in world.chat_prompts(cfg.ppo_prompts, "train", cfg.seed, levels,
+                                          cfg.p_instruction, cfg.max_turns)
+            if world.parse_dialog(d)[0] not in held]
+    fits = lambda ids: len(ids) + cfg.max_new_tokens <= max_len  # noqa: E731
+    pool = [(d, ids) for d in pool if fits(ids := llama2.encode_dialog(tokenizer, d)[0])]
+    val_ids = [ids for d in val if fits(ids := llama2.encode_dialog(tokenizer, d)[0])]
+    if len(pool) < cfg.ppo_batch or not val_ids:
+        raise SystemExit(f"error: {len(pool)} rollout prompts fit the context, fewer than "
+                         f"--ppo_batch {cfg.ppo_batch} (or no validation prompt fits); raise "
+                         "--ppo_prompts or lower --max_turns / --max_new_tokens")
+    return [d for d, _ in pool], [ids for _, ids in pool], val_ids
+
+
+def run_ppo(cfg: Config, rt, stop_at) -> None:
+    """PPO iterations from --checkpoint, the KL penalty to it (pi_0), early stopping on validation
+    prompts, then the final evaluation on held-out prompts."""
+    if rt.distributed:
+        raise SystemExit("error: --method ppo runs in one process (torchrun: not built yet)")
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / "ckpt.pt"
+    resumed = None
+    if cfg.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"error: --resume given but {ckpt_path} does not exist; drop "
+                             "--resume to start a new run")
+        resumed = training.load_checkpoint(ckpt_path)
+        if resumed.get("stage") not in (PPO_STAGE, "rlhf") or resumed.get("method") != "ppo":
+            raise SystemExit(f"error: {ckpt_path} is not a PPO run's checkpoint; use another "
+                             "--out_dir")
+        differ = [f"--{k}" for k in PPO_RESUME_SAME if resumed["config"].get(k) != getattr(cfg, k)]
+        if differ:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: {', '.join(differ)} differ "
+                             "from the run that wrote it; use the same flags")
+
+    # ---- models: the policy, pi_0 (a frozen copy), the critic (from the RM), the fixed RM
+    policy, tokenizer, start_stage = load_policy(cfg, rt)
+    ref = llama2.Transformer(policy.args).to(rt.device)
+    ref.load_state_dict(policy.state_dict())
+    ref.eval().requires_grad_(False)  # pi_0: frozen
+    rm = load_rm(cfg, tokenizer, rt)
+    rm.eval().requires_grad_(False)
+    critic, _ = llama2.load_reward_model(cfg.reward_model, device=str(rt.device))
+    critic = critic.float()  # value model initialized from the reward model
+    max_len = min(policy.args.max_seq_len, rm.args.max_seq_len)
+    dialogs, pool, val_ids = ppo_prompts(cfg, max_len, tokenizer)
+    opt_pi, opt_v = (training.make_optimizer(m, lr=lr, weight_decay=cfg.weight_decay,
+                                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                             device_type=rt.device_type)
+                     for m, lr in ((policy, cfg.ppo_lr), (critic, cfg.value_lr)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = out_dir / "metrics.jsonl"
+
+    it, stats, best, bad, best_sd, done = 0, None, None, 0, None, False
+    if resumed:
+        training.check_same_model_args(resumed["model_args"], asdict(policy.args), str(ckpt_path))
+        policy.load_state_dict(resumed["policy_last"])
+        critic.load_state_dict(resumed["critic"])
+        opt_pi.load_state_dict(resumed["opt_pi"])
+        opt_v.load_state_dict(resumed["opt_v"])
+        it, stats, best, bad = (resumed["iteration"], tuple(resumed["whiten"]),
+                                resumed["best_val"], resumed["bad"])
+        best_sd, done = resumed["model"], resumed.get("done", False)
+        training.set_rng_state(resumed["rng"])
+    training.trim_metrics(metrics, it)
+    log = training.MetricsLog(metrics, rt)
+    log.print(f"PPO: pi_0 = {cfg.checkpoint} ({start_stage}, {policy.num_params() / 1e6:.2f}M "
+              f"parameters), reward model and critic from {cfg.reward_model}; {len(pool)} "
+              f"rollout prompts, {len(val_ids)} validation prompts; batch {cfg.ppo_batch}, "
+              f"mini-batch {cfg.ppo_minibatch}, T={cfg.temperature:g}, beta={cfg.beta:g}"
+              + (f"; resumed after iteration {it}" if resumed else ""))
+
+    def save(final: bool = False) -> None:
+        sd = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
+        training.save_checkpoint(ckpt_path, {
+            "model_args": asdict(policy.args),
+            "model": best_sd,  # the best policy by validation score: the run's model
+            "policy_last": sd(policy), "critic": sd(critic),
+            "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
+            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+            "config": asdict(cfg), "stage": "rlhf" if final else PPO_STAGE, "method": "ppo",
+            "parent": cfg.checkpoint, "iteration": it, "whiten": list(stats), "best_val": best,
+            "bad": bad, "done": final, "rng": training.rng_state()})
+
+    if stats is None:
+        # ---- reward whitening statistics, fixed once on samples of pi_0
+        rolls = rollout(ref, tokenizer, pool[:cfg.whiten_n], cfg, cfg.seed * 13 + 5, rt)
+        ok = [r["prompt"] + r["response"] for r in rolls if r["eos"]]
+        stats = whitening_stats(rm_logits(rm, ok, rt) if ok else torch.empty(0))
+        best = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer.eos_id)
+        best_sd = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
+        log.write({"step": 0, "iteration": 0, "whiten": list(stats), "val_score": best},
+                  f"pi_0: RM logit mean {stats[0]:+.3f} std {stats[1]:.3f} over {len(ok)} of "
+                  f"{len(rolls)} samples with EOS (the whitening, fixed); validation score "
+                  f"{best:+.3f}")
+        save()
+
+    while not done and it < cfg.ppo_iterations:
+        it += 1
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+        pick = torch.randperm(len(pool), generator=g)[:cfg.ppo_batch].tolist()
+        rolls = rollout(policy, tokenizer, [pool[i] for i in pick], cfg, cfg.seed * 31 + it, rt)
+        order = torch.randperm(len(rolls), generator=g).tolist()  # the mini-batches' rows
+        mbs = old_pass(policy, ref, critic, rm, rolls, order, cfg, stats, rt)
+        upd = ppo_update(policy, critic, opt_pi, opt_v, mbs, cfg, rt)
+        row = {"step": it, "iteration": it, **batch_stats(mbs, cfg), **upd}
+        if cfg.ppo_judge:  # measured only, after the update: never a training signal
+            row["judge"] = judge_rollouts(tokenizer, [dialogs[i] for i in pick], rolls)
+        if it % cfg.val_every == 0 or it == cfg.ppo_iterations:
+            row["val_score"] = v = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer.eos_id)
+            if v > best:  # early stopping by the RM score on validation prompts
+                best, bad = v, 0
+                best_sd = {k: t.detach().cpu().clone() for k, t in policy.state_dict().items()}
+            else:
+                bad += 1
+        row["seconds"] = time.perf_counter() - t0
+        log.write(row, f"PPO {it}/{cfg.ppo_iterations}: score {row['score']:+.3f} KL "
+                  f"{row['kl']:.3f} score-beta*KL {row['score_minus_beta_kl']:+.3f}"
+                  + (f" judge {row['judge']:.3f}" if "judge" in row else "")
+                  + f" | EOS {row['eos_rate']:.0%} len {row['length']:.1f} entropy "
+                  f"{row['entropy']:.2f} | approx-KL {row['approx_kl']:.2e} clipfrac "
+                  f"{row['clipfrac']:.3f} value loss {row['value_loss']:.4f}"
+                  + (f" | val {row['val_score']:+.3f} (best {best:+.3f})" if "val_score" in row
+                     else "") + f" | {row['seconds']:.1f}s")
+        if cfg.patience and bad >= cfg.patience:
+            log.print(f"early stop: no better validation score for {bad} validations")
+            done = True
+        save()
+        if stop_at is not None and it == stop_at[0] and not done and it < cfg.ppo_iterations:
+            log.print(f"stopped after PPO iteration {it} (--stop_at {cfg.stop_at})")
+            return
+    save(final=True)
+    log.print(f"PPO done after {it} iterations; {ckpt_path} holds the best policy by validation "
+              f"score ({best:+.3f})")
+    if cfg.eval:
+        # ---- final evaluation on held-out prompts: win rate against the start policy
+        policy.load_state_dict(best_sd)
+        cache = {}
+        for name, model in (("start", ref), ("final", policy)):
+            path = out_dir / f"eval_{name}.json"
+            if path.is_file():
+                cache[name] = json.loads(path.read_text())
+                continue
+            cache[name] = evaluate.policy_eval(model, tokenizer, rm, cfg, cfg.temperature,
+                                               cache.get("start"), rt,
+                                               label="pi_0" if name == "start" else "PPO")
+            with training.atomic_write(path, "w") as f:
+                f.write(json.dumps(cache[name]))
+            log.write({"step": it, "eval": name, **_light(cache[name])},
+                      evaluate.format_policy_eval(cache[name]))
+
+
+# -----------------------------------------------------------------------------------------------
 # checks of the inputs
 
 
@@ -361,10 +824,17 @@ def load_rm(cfg: Config, tokenizer, rt):
 
 def check_config(cfg: Config) -> None:
     """Bad flags -> one `error:` line, before any work."""
+    if cfg.method not in ("rs", "ppo"):
+        raise SystemExit(f"error: --method {cfg.method!r}: use rs (rejection sampling) or ppo")
     if cfg.method == "ppo":
-        raise SystemExit("error: --method ppo is not built yet (issue 13); use --method rs")
-    if cfg.method != "rs":
-        raise SystemExit(f"error: --method {cfg.method!r}: use rs (ppo: issue 13)")
+        for flag in ("ppo_iterations", "ppo_prompts", "ppo_batch", "ppo_minibatch", "whiten_n",
+                     "val_prompts", "val_every"):
+            if getattr(cfg, flag) < 1:
+                raise SystemExit(f"error: --{flag} must be >= 1, got {getattr(cfg, flag)}")
+        if cfg.temperature <= 0:
+            raise SystemExit(f"error: --temperature {cfg.temperature}: PPO samples, give T > 0")
+        if cfg.beta < 0 or cfg.ppo_lr <= 0 or cfg.value_lr <= 0:
+            raise SystemExit("error: --beta must be >= 0, --ppo_lr and --value_lr > 0")
     if cfg.select not in ("rm", "judge"):
         raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "
                          "ORACLE ablation)")
@@ -400,7 +870,7 @@ def main(argv=None) -> None:
     stop_at = parse_stop_at(cfg.stop_at)
     rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     try:
-        run(cfg, rt, stop_at)
+        (run_ppo if cfg.method == "ppo" else run)(cfg, rt, stop_at)
     finally:
         training.cleanup_runtime()
 

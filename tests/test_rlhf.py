@@ -174,7 +174,7 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
 def test_bad_input_is_one_clear_error(ckpts, tmp_path):
     base = _flags(ckpts, tmp_path / "o")
     cases = [
-        (["--method", "ppo"], "not built yet \\(issue 13\\)"),
+        (["--method", "dpo"], "--method 'dpo': use rs"),
         (["--checkpoint", str(tmp_path / "nope")], "--checkpoint .*no checkpoint found"),
         (["--checkpoint", str(ckpts["pretrain"])], "pretrained \\(non-chat\\) model"),
         (["--checkpoint", str(ckpts["rm"])], "'rm' checkpoint, not a chat model"),
