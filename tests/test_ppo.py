@@ -238,3 +238,14 @@ def test_ppo_flag_errors(ckpts, tmp_path):
         train_rlhf.main(_flags(ckpts, tmp_path, "--ppo_minibatch", "0"))
     with pytest.raises(SystemExit, match="fewer than"):
         train_rlhf.main(_flags(ckpts, tmp_path, "--ppo_batch", "500"))
+
+
+def test_the_pipeline_ppo_stage_flags_are_accepted(tmp_path):
+    import pipeline
+    for size in ("full", "quick", "tiny"):
+        st = next(s for s in pipeline.build_stages(pipeline.Config(size=size), tmp_path)
+                  if s.name == "ppo")
+        assert st.argv[:3] == ["train_rlhf.py", "--method", "ppo"] and st.outputs == ["ckpt.pt"]
+        cfg = training.parse_config(train_rlhf.Config, st.argv[1:])
+        train_rlhf.check_config(cfg)  # no error: every flag parses and the PPO scale is valid
+        assert cfg.ppo_batch % cfg.ppo_minibatch == 0 and cfg.top_p == 1.0
