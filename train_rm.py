@@ -74,13 +74,13 @@ class Config:
     pairs: str = ""  # training pairs, JSONL (ours or TRL's), comma-separated; "" = build them with --pair_models
     test_pairs: str = ""  # held-out pairs, JSONL; "" = build them with --pair_models
     pair_models: str = "out/pipeline/sft,out/pipeline/gatt2"  # chat checkpoints whose samples are compared (the pipeline's SFT and GAtt models)
-    pair_temperatures: str = "0.6,0.9,1.2"  # sampling temperatures; a variant is (model, temperature), two different ones per pair
+    pair_temperatures: str = "0.6,1.0,1.4"  # sampling temperatures; a variant is (model, temperature), two different ones per pair (a wider spread than 0.6-1.2 ties fewer pairs, BENCHMARKS.md)
     n_train: int = 1200  # training pairs built (one per training-split prompt)
     n_test: int = 1000  # held-out pairs built (the paper: 1000 per annotation batch)
     train_frac: float = 1.0  # train on this share of the training pairs (the training-set-size curve)
     pair_levels: str = "1,2"  # difficulty levels of the prompts
-    pair_p_instruction: float = 0.5  # share of prompts with a standing instruction
-    pair_max_turns: int = 3  # user turns per prompt, 1..this (earlier ones answered by the careful human)
+    pair_p_instruction: float = 0.6  # share of prompts with a standing instruction
+    pair_max_turns: int = 4  # user turns per prompt, 1..this (earlier ones answered by the careful human)
     annotator_noise: float = 0.1  # sd of the noise annotators add to the judge's score gap (world.prefer)
     max_new_tokens: int = 48  # longest sampled response
     gen_batch: int = 64  # prompts per batched generate call
