@@ -102,7 +102,7 @@ KNOBS = {
         # seconds on this 2-core CPU beside other jobs (BENCHMARKS.md; rejection sampling guessed
         # from its sample counts at ~17 samples/s until measured; PPO: the probe that skips it)
         estimate=dict(world_text=10, pretrain=480, eval_pretrain=150, sft=600, eval_sft=110,
-                      gatt1=170, gatt2=150, eval_gatt=110, rm=520, rs=720, ppo=10,
+                      gatt1=170, gatt2=150, eval_gatt=110, rm=520, rs=720, ppo=300,
                       eval_final=110, gatt_judge1=420, gatt_judge2=400, eval_gatt_judge=110,
                       rm_margin=150, rm_ablation=20, report=15)),
     "quick": dict(

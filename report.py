@@ -378,9 +378,22 @@ def rejection_sampling(run: Path, out: Path):
 
 def ppo(run: Path):
     paper = ("PPO on top of the last rejection-sampling model (V5), KL penalty beta 0.01 (§3.2.3)")
+    start, final = _json(run / "ppo" / "eval_start.json"), _json(run / "ppo" / "eval_final.json")
+    if start and final:
+        w = final.get("win_rate") or {}
+        ours = (f"held-out greedy judged score {start['greedy']['judge']:.3f} (start, the last RS "
+                f"model) -> {final['greedy']['judge']:.3f}; RM {start['greedy']['rm']:+.3f} -> "
+                f"{final['greedy']['rm']:+.3f}; win rate against the start "
+                f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
+                f"sampled; EOS {final['greedy']['eos_rate']:.0%}")
+        f = final.get("floor", {})
+        return ["PPO (§3.2.3)", paper, ours,
+                f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
+                "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model "
+                "ranks right"]
     if (run / "ppo" / "done.json").is_file():
         return ["PPO (§3.2.3)", paper, "ran: see ppo/ in the pipeline folder", "", WHY_SMALL]
-    return ["PPO (§3.2.3)", paper, f"{NOT_RUN} (train_rlhf.py has no --method ppo yet)", "", ""]
+    return ["PPO (§3.2.3)", paper, NOT_RUN, "", ""]
 
 
 # -----------------------------------------------------------------------------------------------
