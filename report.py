@@ -6,6 +6,7 @@ number or trend (SPEC.md) beside ours from one run of pipeline.py, and why they 
 
 Reads only the files the stage scripts leave in the pipeline's folder (pretrain/metrics.jsonl,
 eval_*/eval.jsonl, rm/eval.json, rm_*/eval.json, rs/iter<i>/{tune,eval}.json, rs/report.txt,
+ppo/{metrics.jsonl,eval_start.json,eval_final.json,ppo_overopt.png},
 <stage>/done.json for the times) and writes <out_dir>/REPORT.md and its figures (report_*.png)
 beside it, each atomically. A stage that did not run is a row that says "not run", never an error.
 Every number is shown with its floor (what a trivial answer scores) and its ceiling where one exists.
@@ -376,24 +377,64 @@ def rejection_sampling(run: Path, out: Path):
     return rows, sec
 
 
-def ppo(run: Path):
+def ppo(run: Path, out: Path):
+    """The PPO row and section: held-out evaluation at the start (the last RS model, pi_0) and at
+    the end, the per-iteration rollout numbers (ppo/metrics.jsonl) and the over-optimization figure
+    the PPO stage drew (RM and judge score of the rollouts against sqrt(KL to pi_0))."""
     paper = ("PPO on top of the last rejection-sampling model (V5), KL penalty beta 0.01 (§3.2.3)")
     start, final = _json(run / "ppo" / "eval_start.json"), _json(run / "ppo" / "eval_final.json")
-    if start and final:
-        w = final.get("win_rate") or {}
-        ours = (f"held-out greedy judged score {start['greedy']['judge']:.3f} (start, the last RS "
-                f"model) -> {final['greedy']['judge']:.3f}; RM {start['greedy']['rm']:+.3f} -> "
-                f"{final['greedy']['rm']:+.3f}; win rate against the start "
-                f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
-                f"sampled; EOS {final['greedy']['eos_rate']:.0%}")
-        f = final.get("floor", {})
-        return ["PPO (§3.2.3)", paper, ours,
-                f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
-                "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model "
-                "ranks right"]
-    if (run / "ppo" / "done.json").is_file():
-        return ["PPO (§3.2.3)", paper, "ran: see ppo/ in the pipeline folder", "", WHY_SMALL]
-    return ["PPO (§3.2.3)", paper, NOT_RUN, "", ""]
+    metrics = run / "ppo" / "metrics.jsonl"
+    rows = training.read_jsonl(metrics, lambda o, _: o) if metrics.is_file() else []
+    its = [r for r in rows if "score" in r and "eval" not in r]  # one per PPO iteration
+    if not (start and final):
+        done = (run / "ppo" / "done.json").is_file()
+        return ["PPO (§3.2.3)", paper, "ran: see ppo/ in the pipeline folder" if done else NOT_RUN,
+                "", WHY_SMALL if done else ""], []
+    w = final.get("win_rate") or {}
+    f = final.get("floor", {})
+    ours = (f"held-out greedy judged score {start['greedy']['judge']:.3f} (start, the last RS "
+            f"model) -> {final['greedy']['judge']:.3f}; RM {start['greedy']['rm']:+.3f} -> "
+            f"{final['greedy']['rm']:+.3f}; win rate against the start "
+            f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
+            f"sampled; EOS {final['greedy']['eos_rate']:.0%}"
+            + (f"; KL to pi_0 at the end {its[-1]['kl']:.2f} nats" if its else ""))
+    row = ["PPO (§3.2.3)", paper, ours,
+           f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
+           "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model ranks "
+           "right"]
+    sec = ["## PPO (SPEC §9)", "",
+           "Per iteration, on that iteration's rollouts (training-split prompts): the whitened RM "
+           "score at EOS, the judge's score of the same replies (measured only, never a training "
+           "signal), the KL to pi_0 (nats per reply), EOS rate and length; val is the RM score on "
+           "the validation prompts that early stopping watches. The model kept is the best by val.",
+           "", "| iteration | RM score | judge | KL to pi_0 | score - beta KL | EOS | length | "
+           "entropy | val |", "|---|---|---|---|---|---|---|---|---|"]
+    step = max(1, math.ceil(len(its) / 12))
+    for r in its[::step] + ([its[-1]] if (len(its) - 1) % step else []):
+        sec.append(f"| {r['iteration']} | {r['score']:+.3f} | "
+                   + (f"{r['judge']:.3f}" if "judge" in r else "-")
+                   + f" | {r['kl']:.3f} | {r['score_minus_beta_kl']:+.3f} | {r['eos_rate']:.0%} | "
+                   f"{r['length']:.1f} | {r['entropy']:.2f} | "
+                   + (f"{r['val_score']:+.3f}" if "val_score" in r else "") + " |")
+    sec += ["", "Held-out prompts, start (pi_0) against the final model:", "",
+            "| model | judged greedy | judged sampled | RM greedy | win rate vs start (greedy / "
+            "sampled) | EOS | adherence turns 1..n |", "|---|---|---|---|---|---|---|"]
+    for name, e in (("start (pi_0)", start), ("PPO", final)):
+        ww = e.get("win_rate")
+        sec.append(f"| {name} | {e['greedy']['judge']:.3f} | {e['sampled']['judge']:.3f} | "
+                   f"{e['greedy']['rm']:+.3f} | "
+                   + (f"{ww['greedy']:.0%} / {ww['sampled']:.0%}" if ww else "(itself)")
+                   + f" | {e['greedy']['eos_rate']:.0%} | "
+                   + " ".join(f"{a:.0%}" for a in e.get("adherence_by_turn", [])) + " |")
+    sec.append(f"| floor | {f.get('judge_empty', float('nan')):.3f} (empty) | | "
+               f"{f.get('rm_empty', float('nan')):+.3f} (empty) | 50% | | |")
+    png = run / "ppo" / "ppo_overopt.png"
+    if png.is_file():
+        with training.atomic_write(out / "report_ppo_overopt.png", "wb") as fh:
+            fh.write(png.read_bytes())
+        _img(sec, out, "report_ppo_overopt.png",
+             "over-optimization: RM and judge score against sqrt(KL to pi_0)")
+    return row, sec
 
 
 # -----------------------------------------------------------------------------------------------
@@ -428,7 +469,7 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
     r_rm, s_rm = reward_model(run, out)
     r_margin, s_margin = margin_ablation(run, out)
     r_rs, s_rs = rejection_sampling(run, out)
-    r_ppo = ppo(run)
+    r_ppo, s_ppo = ppo(run, out)
     final = dict(evals).get("final")
     r_final = ["final model, judged (§10)",
                "RLHF improves helpfulness over SFT (Fig. 11, 12)",
@@ -451,7 +492,7 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
              "| result (paper section) | the paper | ours (this run) | floor / ceiling | why they "
              "differ |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
-    for sec in (s_pre, s_sft, s_gatt, s_rm, s_margin, s_rs, timings(run)):
+    for sec in (s_pre, s_sft, s_gatt, s_rm, s_margin, s_rs, s_ppo, timings(run)):
         if sec:
             lines += [""] + sec
     text = "\n".join(lines) + "\n"

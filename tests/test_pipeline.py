@@ -125,6 +125,34 @@ def test_the_report_says_not_run_for_missing_stages(base, tmp_path):
     assert "## Time per stage" in text and "| pretrain |" in text
 
 
+def test_the_report_reads_ppo_outputs(tmp_path):
+    """The PPO row and section from hand-made ppo/ outputs: every number is the file's, and the
+    per-iteration table skips no iteration when there are few."""
+    run = tmp_path / "run"
+    (run / "ppo").mkdir(parents=True)
+    rows = [{"step": 0, "iteration": 0, "whiten": [-3.0, 0.5], "val_score": 0.1}]
+    rows += [{"step": i, "iteration": i, "score": 0.1 * i, "judge": 0.4 + 0.01 * i, "kl": 0.5 * i,
+              "score_minus_beta_kl": 0.1 * i - 0.005 * i, "eos_rate": 1.0, "length": 10.0 + i,
+              "entropy": 2.0 - 0.1 * i} for i in (1, 2, 3)]
+    rows.append({"step": 3, "eval": "final", "greedy": {"judge": 9.0}})  # an eval line: not an iteration
+    (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = lambda judge, rm, win: {"greedy": {"judge": judge, "rm": rm, "eos_rate": 1.0},  # noqa: E731
+                                 "sampled": {"judge": judge - 0.01, "rm": rm},
+                                 "floor": {"judge_empty": 0.3, "rm_empty": -3.2},
+                                 "adherence_by_turn": [1.0, 0.5], **({"win_rate": win} if win else {})}
+    (run / "ppo" / "eval_start.json").write_text(json.dumps(ev(0.43, -3.3, None)))
+    (run / "ppo" / "eval_final.json").write_text(
+        json.dumps(ev(0.47, -3.1, {"greedy": 0.625, "sampled": 0.5})))
+    text = report.write_report(run, tmp_path / "r")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| PPO (§3.2.3)"))
+    assert ("0.430 (start, the last RS model) -> 0.470; RM -3.300 -> -3.100; win rate against the "
+            "start 62% greedy / 50% sampled; EOS 100%; KL to pi_0 at the end 1.50 nats") in row
+    assert "| 1 | +0.100 | 0.410 | 0.500 | +0.095 | 100% | 11.0 | 1.90 |  |" in text
+    assert "| 3 | +0.300 | 0.430 | 1.500 | +0.285 | 100% | 13.0 | 1.70 |  |" in text
+    assert "| PPO | 0.470 | 0.460 | -3.100 | 62% / 50% | 100% | 100% 50% |" in text
+    assert "| 9.0" not in text and "| 0 | " not in text
+
+
 def test_bad_input_is_one_clear_error(base, tmp_path):
     for flags, msg in ((["--stop_at", "pretrain:2"], "has no flag to stop mid-run"),
                        (["--until", "nosuch"], "no stage 'nosuch'"),
