@@ -38,6 +38,10 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     # score, stage "rlhf"; metrics.jsonl: a row per iteration; eval_{start,final}.json)
     python train_rlhf.py --method ppo --checkpoint out/rlhf_rs/V3 --out_dir out/rlhf_ppo \\
         --beta 0.01
+    # PPO under torchrun: each rank rolls out its chunks of the batch and takes an equal share
+    # of every mini-batch (DDP); the whitening and the statistics are reduced over the ranks
+    torchrun --standalone --nproc_per_node=2 train_rlhf.py --method ppo --device cpu \\
+        --checkpoint out/rlhf_rs/V3 --out_dir out/rlhf_ppo2
     # chat with the last model
     python llama2.py --checkpoint out/rlhf_rs/V3 --chat
 
@@ -368,21 +372,48 @@ def logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def rollout(policy, tokenizer, prompt_ids: list[list[int]], cfg, seed: int, rt) -> list[dict]:
+def gather_chunks(mine: dict, rt) -> dict:
+    """Under torchrun: every rank's {chunk index: results} merged on every rank (rollouts are
+    small Python lists); with one process, `mine` itself."""
+    if not rt.distributed:
+        return mine
+    parts = [None] * rt.world_size
+    torch.distributed.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def all_sum(values: list, rt) -> torch.Tensor:
+    """Sums over the ranks of a few local numbers, float64 (the local numbers with one process)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def rollout(policy, tokenizer, prompt_ids: list[list[int]], cfg, seed: int, rt,
+            temperature: float | None = None) -> list[dict]:
     """One reply per prompt: pure sampling at cfg.temperature (top_p 1.0: no top-k, no top-p, so
     the sampled distribution is exactly softmax(logits / T), what the log-probs are recomputed
-    with), batched with the KV cache. -> [{"prompt": ids, "response": ids (EOS kept), "eos"}]."""
-    out = []
+    with; temperature=0: greedy), batched with the KV cache.
+    -> [{"prompt": ids, "response": ids (EOS kept), "eos"}].
+
+    Under torchrun the chunks of gen_batch prompts are dealt round robin to the ranks and the
+    rollouts gathered on every rank; chunk c is sampled with seed + c whatever the number of
+    processes, so 2 processes roll out exactly what 1 process does."""
+    T = cfg.temperature if temperature is None else temperature
+    starts = range(0, len(prompt_ids), cfg.gen_batch)
+    mine = {}
     policy.eval()
     with rt.autocast():
-        for c in range(0, len(prompt_ids), cfg.gen_batch):
+        for c in starts[rt.rank::rt.world_size]:
             chunk = prompt_ids[c:c + cfg.gen_batch]
-            gens = policy.generate(chunk, cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_p=1.0, seed=seed + c, eos_id=tokenizer.eos_id)
-            out += [{"prompt": list(p), "response": g,
-                     "eos": bool(g) and g[-1] == tokenizer.eos_id} for p, g in zip(chunk, gens)]
+            gens = policy.generate(chunk, cfg.max_new_tokens, temperature=T, top_p=1.0,
+                                   seed=seed + c, eos_id=tokenizer.eos_id)
+            mine[c] = [{"prompt": list(p), "response": g,
+                        "eos": bool(g) and g[-1] == tokenizer.eos_id} for p, g in zip(chunk, gens)]
     policy.free_cache()
-    return out
+    mine = gather_chunks(mine, rt)
+    return [r for c in starts for r in mine[c]]
 
 
 @torch.no_grad()
@@ -490,14 +521,20 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, adv + values
 
 
-def whiten_advantages(advs: list[torch.Tensor], masks: list[torch.Tensor],
-                      eps: float = 1e-8) -> list[torch.Tensor]:
-    """Advantage whitening over the whole batch's response tokens (all its mini-batches): (A - mean)
-    / sqrt(var + eps), mean and population variance over the tokens where mask is 1; zero in the
-    padding. Lists of (B_i, R_i)."""
-    flat = torch.cat([a[m.bool()] for a, m in zip(advs, masks)])
-    mean, var = flat.mean(), flat.var(unbiased=False)
-    return [(a - mean) * torch.rsqrt(var + eps) * m for a, m in zip(advs, masks)]
+def whiten_advantages(advs: list[torch.Tensor], masks: list[torch.Tensor], eps: float = 1e-8,
+                      rt=None) -> list[torch.Tensor]:
+    """Advantage whitening over the whole batch's response tokens (all its mini-batches, and under
+    torchrun all the ranks' shares of them): (A - mean) / sqrt(var + eps), mean and population
+    variance over the tokens where mask is 1; zero in the padding. Lists of (B_i, R_i)."""
+    flat = torch.cat([a[m.bool()] for a, m in zip(advs, masks)]).double()
+    if rt is None or not rt.distributed:
+        mean, var = flat.mean(), flat.var(unbiased=False)
+    else:  # two passes over all ranks' tokens: the mean, then the squared deviations from it
+        n, total = all_sum([flat.numel(), flat.sum()], rt)
+        mean = total / n
+        var = all_sum([((flat.cpu() - mean) ** 2).sum()], rt)[0] / n
+    mean, scale = float(mean), float(torch.rsqrt(var + eps))
+    return [(a - mean) * scale * m for a, m in zip(advs, masks)]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -507,13 +544,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def old_pass(policy, ref, critic, rm, rolls, order, cfg, stats, rt) -> list[dict]:
     """Everything the update reads, fixed before it: per mini-batch (the rollouts in `order`, cut
-    in cfg.ppo_minibatch), logp_old (B, R) of the policy and logp_0 of pi_0 (the same rows, the
-    same padding, the same T), values_old (B, R), the score (B,), rewards, advantages (whitened
-    over the whole batch) and returns."""
+    in cfg.ppo_minibatch; under torchrun this rank's equal share of each), logp_old (B, R) of the
+    policy and logp_0 of pi_0 (the same rows, the same padding, the same T), values_old (B, R),
+    the score (B,), rewards, advantages (whitened over the whole batch, all ranks) and returns."""
     device = next(policy.parameters()).device
+    share = cfg.ppo_minibatch // rt.world_size  # (run_ppo checks that it divides)
     mbs = []
     for c in range(0, len(order), cfg.ppo_minibatch):
         idx = order[c:c + cfg.ppo_minibatch]
+        if rt.distributed:
+            idx = idx[rt.rank * share:(rt.rank + 1) * share]
         mb = make_batch([rolls[i] for i in idx], device)
         mb["idx"] = idx
         mb["logp_old"], mb["entropy"] = response_logprobs(policy, mb, cfg.temperature, rt, True)
@@ -527,7 +567,8 @@ def old_pass(policy, ref, critic, rm, rolls, order, cfg, stats, rt) -> list[dict
         mb["adv"], mb["returns"] = gae(mb["rewards"], mb["values_old"], mb["mask"], cfg.gamma,
                                        cfg.lam)
         mbs.append(mb)
-    for mb, a in zip(mbs, whiten_advantages([m["adv"] for m in mbs], [m["mask"] for m in mbs])):
+    for mb, a in zip(mbs, whiten_advantages([m["adv"] for m in mbs], [m["mask"] for m in mbs],
+                                            rt=rt)):
         mb["adv"] = a  # advantage whitening, per batch over response tokens
     return mbs
 
@@ -536,57 +577,78 @@ def ppo_update(policy, critic, opt_pi, opt_v, mbs: list[dict], cfg, rt) -> dict:
     """One gradient step per mini-batch (Llama 2: batch 512, mini-batch 64, one step each): the
     clipped surrogate for the policy and the clipped value loss for the critic. -> statistics,
     with the first mini-batch's max |ratio - 1| (exactly 0: the old log-probs were computed by
-    the same weights on the same rows)."""
+    the same weights on the same rows), the mean and max ratio over the batch.
+
+    Under torchrun policy and critic are DDP modules and each rank holds its share of every
+    mini-batch: the losses are token means over the WHOLE mini-batch (the token count summed over
+    the ranks), times world_size because DDP averages the gradients, so the step is the
+    1-process step; the statistics are summed over the ranks likewise."""
     policy.train()  # (no dropout in this model: train and eval compute the same)
     critic.train()
-    st = {"pg_loss": 0.0, "value_loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+    # per mini-batch sums over all ranks: pg loss, value loss, approx-KL, clipped tokens, ratio
+    sums = torch.zeros(5, dtype=torch.float64)
+    ratio_max, first_dev = 0.0, 0.0
+    n_all = all_sum([mb["mask"].sum() for mb in mbs], rt)  # response tokens per mini-batch
     for j, mb in enumerate(mbs):
         m = mb["mask"]
+        n = float(n_all[j])
+        tok_mean = lambda x: (x * m).sum() / max(n, 1.0)  # noqa: E731  (over all ranks' tokens)
         logp = response_logprobs(policy, mb, cfg.temperature, rt)  # (B, R)
         logratio = (logp - mb["logp_old"]) * m  # zero in the padding (no overflow there)
         ratio = logratio.exp()
         # ratio clipping (PPO's clipped surrogate)
-        pg = masked_mean(torch.max(-mb["adv"] * ratio,
-                                   -mb["adv"] * ratio.clamp(1 - cfg.clip_ratio,
-                                                            1 + cfg.clip_ratio)), m)
+        pg = tok_mean(torch.max(-mb["adv"] * ratio,
+                                -mb["adv"] * ratio.clamp(1 - cfg.clip_ratio, 1 + cfg.clip_ratio)))
         v = response_values(critic, mb, rt)  # (B, R)
         # value clipping: the new value at most clip_value from the old one
         v_clipped = mb["values_old"] + (v - mb["values_old"]).clamp(-cfg.clip_value,
                                                                     cfg.clip_value)
-        vf = 0.5 * masked_mean(torch.max((v - mb["returns"]) ** 2,
-                                         (v_clipped - mb["returns"]) ** 2), m)
-        (pg + vf).backward()  # separate models: each loss reaches only its own weights
+        vf = 0.5 * tok_mean(torch.max((v - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2))
+        # separate models: each loss reaches only its own weights; DDP averages over the ranks
+        ((pg + vf) * rt.world_size).backward()
         for model, opt in ((policy, opt_pi), (critic, opt_v)):
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
         with torch.no_grad():
+            dev = float(((ratio - 1).abs() * m).max()) if m.numel() else 0.0
             if j == 0:
-                st["first_ratio_dev"] = float(((ratio - 1).abs() * m).max())
-            st["pg_loss"] += float(pg) / len(mbs)
-            st["value_loss"] += float(vf) / len(mbs)
+                first_dev = dev
+            ratio_max = max(ratio_max, float((ratio * m).max()) if m.numel() else 0.0)
             # approx-KL between successive policies, the k3 estimator (ratio - 1) - log ratio
-            st["approx_kl"] += float(masked_mean((ratio - 1) - logratio, m)) / len(mbs)
-            st["clipfrac"] += float(masked_mean(((ratio - 1).abs() > cfg.clip_ratio).float(),
-                                                m)) / len(mbs)
+            sums += torch.tensor([float(pg), float(vf), float(tok_mean((ratio - 1) - logratio)),
+                                  float(tok_mean(((ratio - 1).abs() > cfg.clip_ratio).float())),
+                                  float(tok_mean(ratio))], dtype=torch.float64)
     policy.eval()
     critic.eval()
-    return st
+    sums = all_sum(sums.tolist(), rt) / len(mbs)
+    extremes = torch.tensor([ratio_max, first_dev], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    return {"pg_loss": float(sums[0]), "value_loss": float(sums[1]), "approx_kl": float(sums[2]),
+            "clipfrac": float(sums[3]), "ratio_mean": float(sums[4]),
+            "ratio_max": float(extremes[0]), "first_ratio_dev": float(extremes[1])}
 
 
-def batch_stats(mbs: list[dict], cfg) -> dict:
-    """The batch's health numbers from the old pass (per rollout, then averaged)."""
-    score = torch.cat([mb["score"].cpu() for mb in mbs])
-    raw = torch.cat([mb["raw"] for mb in mbs])
-    kl = torch.cat([mb["kl"].sum(1).cpu() for mb in mbs])  # per sequence, summed over tokens
-    n = torch.cat([mb["mask"].sum(1).cpu() for mb in mbs])
-    ent = sum(float((mb["entropy"] * mb["mask"]).sum()) for mb in mbs) / float(n.sum())
+def batch_stats(mbs: list[dict], cfg, rt) -> dict:
+    """The batch's health numbers from the old pass (per rollout, then averaged over all ranks'
+    rollouts). score: the whitened score the PPO reward uses; rm_raw: the RM's logit (replies
+    with EOS); kl: KL to pi_0 per reply, summed over its tokens."""
+    per_roll = torch.stack([
+        torch.cat([mb["score"].cpu() for mb in mbs]),
+        torch.cat([mb["raw"] for mb in mbs]),
+        torch.cat([mb["kl"].sum(1).cpu() for mb in mbs]),
+        torch.cat([mb["mask"].sum(1).cpu() for mb in mbs]),
+        torch.cat([(mb["entropy"] * mb["mask"]).sum(1).cpu() for mb in mbs])]).double()
+    if rt.distributed:
+        per_roll = torch.cat(list(gather_chunks({rt.rank: per_roll}, rt).values()), dim=1)
+    score, raw, kl, n, ent = per_roll
     ok = raw[~torch.isnan(raw)]
     return {"score": float(score.mean()), "rm_raw": float(ok.mean()) if len(ok) else None,
             "kl": float(kl.mean()), "score_minus_beta_kl": float(score.mean() - cfg.beta * kl.mean()),
             "eos_rate": float((~torch.isnan(raw)).float().mean()), "length": float(n.mean()),
-            "entropy": ent}
+            "entropy": float(ent.sum() / n.sum())}
 
 
 def judge_rollouts(tokenizer, dialogs, rolls) -> float:
@@ -599,18 +661,11 @@ def judge_rollouts(tokenizer, dialogs, rolls) -> float:
 
 
 @torch.no_grad()
-def validate(policy, rm, val_ids, cfg, stats, rt, eos_id: int) -> float:
+def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> float:
     """The early-stopping number: the mean score (whitened RM logit, no EOS -> the low score) of
-    one greedy reply per validation prompt (training-split problems kept out of the rollouts)."""
-    gens = []
-    policy.eval()
-    with rt.autocast():
-        for c in range(0, len(val_ids), cfg.gen_batch):
-            chunk = val_ids[c:c + cfg.gen_batch]
-            gens += [{"prompt": list(p), "response": g, "eos": bool(g) and g[-1] == eos_id}
-                     for p, g in zip(chunk, policy.generate(
-                         chunk, cfg.max_new_tokens, temperature=0.0, eos_id=eos_id))]
-    policy.free_cache()
+    one greedy reply per validation prompt (training-split problems kept out of the rollouts);
+    the same number on every rank."""
+    gens = rollout(policy, tokenizer, val_ids, cfg, 0, rt, temperature=0.0)
     return float(score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].mean())
 
 
@@ -638,8 +693,10 @@ def ppo_prompts(cfg, max_len: int, tokenizer):
 def run_ppo(cfg: Config, rt, stop_at) -> None:
     """PPO iterations from --checkpoint, the KL penalty to it (pi_0), early stopping on validation
     prompts, then the final evaluation on held-out prompts."""
-    if rt.distributed:
-        raise SystemExit("error: --method ppo runs in one process (torchrun: not built yet)")
+    if rt.distributed and (cfg.ppo_minibatch % rt.world_size or cfg.ppo_batch % cfg.ppo_minibatch):
+        raise SystemExit(f"error: under torchrun --ppo_minibatch {cfg.ppo_minibatch} must be a "
+                         f"multiple of the {rt.world_size} processes and divide --ppo_batch "
+                         f"{cfg.ppo_batch} (each rank takes an equal share of every mini-batch)")
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = None
@@ -685,15 +742,22 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
                                 resumed["best_val"], resumed["bad"])
         best_sd, done = resumed["model"], resumed.get("done", False)
         training.set_rng_state(resumed["rng"])
-    training.trim_metrics(metrics, it)
+    if rt.is_master:
+        training.trim_metrics(metrics, it)
     log = training.MetricsLog(metrics, rt)
+    # the modules that train: DDP under torchrun (rollouts, the old pass and saving use the plain
+    # models; the wrappers all-reduce the gradients of the update)
+    ddp_policy, ddp_critic = training.wrap_model(policy, rt), training.wrap_model(critic, rt)
     log.print(f"PPO: pi_0 = {cfg.checkpoint} ({start_stage}, {policy.num_params() / 1e6:.2f}M "
               f"parameters), reward model and critic from {cfg.reward_model}; {len(pool)} "
               f"rollout prompts, {len(val_ids)} validation prompts; batch {cfg.ppo_batch}, "
-              f"mini-batch {cfg.ppo_minibatch}, T={cfg.temperature:g}, beta={cfg.beta:g}"
+              f"mini-batch {cfg.ppo_minibatch}, T={cfg.temperature:g}, beta={cfg.beta:g}; "
+              f"{rt.device} x {rt.world_size} process(es)"
               + (f"; resumed after iteration {it}" if resumed else ""))
 
     def save(final: bool = False) -> None:
+        if not rt.is_master:  # the ranks hold the same weights: rank 0 writes, atomically
+            return
         sd = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
         training.save_checkpoint(ckpt_path, {
             "model_args": asdict(policy.args),
@@ -709,13 +773,20 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         # ---- reward whitening statistics, fixed once on samples of pi_0
         rolls = rollout(ref, tokenizer, pool[:cfg.whiten_n], cfg, cfg.seed * 13 + 5, rt)
         ok = [r["prompt"] + r["response"] for r in rolls if r["eos"]]
-        stats = whitening_stats(rm_logits(rm, ok, rt) if ok else torch.empty(0))
-        best = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer.eos_id)
+        raw = rm_logits(rm, ok, rt) if ok else torch.empty(0)
+        stats = whitening_stats(raw)
+        best = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
         best_sd = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
-        log.write({"step": 0, "iteration": 0, "whiten": list(stats), "val_score": best},
-                  f"pi_0: RM logit mean {stats[0]:+.3f} std {stats[1]:.3f} over {len(ok)} of "
-                  f"{len(rolls)} samples with EOS (the whitening, fixed); validation score "
-                  f"{best:+.3f}")
+        # pi_0's samples are iteration 0 of the over-optimization curves (KL 0 by definition)
+        row = {"step": 0, "iteration": 0, "beta": cfg.beta, "whiten": list(stats),
+               "val_score": best, "kl": 0.0, "eos_rate": len(ok) / len(rolls),
+               "rm_raw": float(raw.mean()) if ok else None}
+        if cfg.ppo_judge and rt.is_master:
+            row["judge"] = judge_rollouts(tokenizer, dialogs[:cfg.whiten_n], rolls)
+        log.write(row, f"pi_0: RM logit mean {stats[0]:+.3f} std {stats[1]:.3f} over {len(ok)} "
+                  f"of {len(rolls)} samples with EOS (the whitening, fixed)"
+                  + (f", judged {row['judge']:.3f}" if "judge" in row else "")
+                  + f"; validation score {best:+.3f}")
         save()
 
     while not done and it < cfg.ppo_iterations:
@@ -726,12 +797,12 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         rolls = rollout(policy, tokenizer, [pool[i] for i in pick], cfg, cfg.seed * 31 + it, rt)
         order = torch.randperm(len(rolls), generator=g).tolist()  # the mini-batches' rows
         mbs = old_pass(policy, ref, critic, rm, rolls, order, cfg, stats, rt)
-        upd = ppo_update(policy, critic, opt_pi, opt_v, mbs, cfg, rt)
-        row = {"step": it, "iteration": it, **batch_stats(mbs, cfg), **upd}
-        if cfg.ppo_judge:  # measured only, after the update: never a training signal
+        upd = ppo_update(ddp_policy, ddp_critic, opt_pi, opt_v, mbs, cfg, rt)
+        row = {"step": it, "iteration": it, **batch_stats(mbs, cfg, rt), **upd}
+        if cfg.ppo_judge and rt.is_master:  # measured only, after the update: never trained on
             row["judge"] = judge_rollouts(tokenizer, [dialogs[i] for i in pick], rolls)
         if it % cfg.val_every == 0 or it == cfg.ppo_iterations:
-            row["val_score"] = v = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer.eos_id)
+            row["val_score"] = v = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
             if v > best:  # early stopping by the RM score on validation prompts
                 best, bad = v, 0
                 best_sd = {k: t.detach().cpu().clone() for k, t in policy.state_dict().items()}
@@ -743,7 +814,8 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
                   + (f" judge {row['judge']:.3f}" if "judge" in row else "")
                   + f" | EOS {row['eos_rate']:.0%} len {row['length']:.1f} entropy "
                   f"{row['entropy']:.2f} | approx-KL {row['approx_kl']:.2e} clipfrac "
-                  f"{row['clipfrac']:.3f} value loss {row['value_loss']:.4f}"
+                  f"{row['clipfrac']:.3f} ratio mean {row['ratio_mean']:.4f} max "
+                  f"{row['ratio_max']:.3f} value loss {row['value_loss']:.4f}"
                   + (f" | val {row['val_score']:+.3f} (best {best:+.3f})" if "val_score" in row
                      else "") + f" | {row['seconds']:.1f}s")
         if cfg.patience and bad >= cfg.patience:
@@ -756,7 +828,7 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     save(final=True)
     log.print(f"PPO done after {it} iterations; {ckpt_path} holds the best policy by validation "
               f"score ({best:+.3f})")
-    if cfg.eval:
+    if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait in cleanup_runtime
         # ---- final evaluation on held-out prompts: win rate against the start policy
         policy.load_state_dict(best_sd)
         cache = {}
