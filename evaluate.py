@@ -383,13 +383,10 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
     """
     t0 = time.perf_counter()
     levels = world.parse_levels(cfg.eval_levels)
-    prompts = world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1, levels=levels)
+    prompts = held_out_prompts(cfg)
     s: dict = {"kind": "policy_eval", "label": label, "temperature": temperature,
                "n": len(prompts), "levels": list(levels)}
-    s["greedy"] = _stats(prompts, _one_each(model, tokenizer, prompts, 0.0, cfg, rt, 0,
-                                            f"{label} greedy"), rm)
-    s["sampled"] = _stats(prompts, _one_each(model, tokenizer, prompts, temperature, cfg, rt,
-                                             cfg.seed + 21, f"{label} T={temperature:g}"), rm)
+    s.update(one_sample_stats(model, tokenizer, rm, cfg, temperature, rt, label))
     s["floor"] = {
         "judge_empty": world.summarize(prompts, [""] * len(prompts))["total"],
         "judge_bare_answer": world.summarize(
@@ -417,13 +414,64 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
                                                 for i in range(0, len(pairs), m)])}
 
     # adherence by turn (greedy rollouts), with the floor of a bare correct answer
-    dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns,
-                                   levels=levels)
-    report = world.adherence_report(dialogs, rollout(model, tokenizer, dialogs, cfg, rt))
-    s["adherence_by_turn"] = report["obeys"]
-    s["adherence_floor"] = world.adherence_floor(dialogs, cfg.eval_turns)["bare_answer"]["obeys"]
+    s["adherence_by_turn"], s["adherence_floor"] = adherence_by_turn(model, tokenizer, cfg, rt)
     s["seconds"] = time.perf_counter() - t0
     return s
+
+
+def held_out_prompts(cfg) -> list[list[dict]]:
+    """The held-out prompts of policy_eval (the same for every model of a run: paired scores)."""
+    return world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1,
+                              levels=world.parse_levels(cfg.eval_levels))
+
+
+def one_sample_stats(model, tokenizer, rm, cfg, temperature: float, rt=None,
+                     label: str = "model") -> dict:
+    """One greedy reply and one reply sampled at `temperature` per held-out prompt (fixed seeds,
+    so two models' replies pair up prompt by prompt): {"greedy": stats, "sampled": stats}."""
+    prompts = held_out_prompts(cfg)
+    return {"greedy": _stats(prompts, _one_each(model, tokenizer, prompts, 0.0, cfg, rt, 0,
+                                                f"{label} greedy"), rm),
+            "sampled": _stats(prompts, _one_each(model, tokenizer, prompts, temperature, cfg, rt,
+                                                 cfg.seed + 21, f"{label} T={temperature:g}"),
+                              rm)}
+
+
+def adherence_by_turn(model, tokenizer, cfg, rt=None) -> tuple[list[float], list[float]]:
+    """Instruction adherence at each turn of cfg.eval_mt_n held-out dialogs (greedy rollouts,
+    the instruction given once), and the floor of a bare correct answer."""
+    dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns,
+                                   levels=world.parse_levels(cfg.eval_levels))
+    report = world.adherence_report(dialogs, rollout(model, tokenizer, dialogs, cfg, rt))
+    return report["obeys"], world.adherence_floor(dialogs, cfg.eval_turns)["bare_answer"]["obeys"]
+
+
+def versus(summary: dict, other, tokenizer, rm, cfg, rt=None, label: str = "other") -> dict:
+    """The evaluated model (`summary`: its policy_eval) against another model on the same
+    held-out prompts: the other's judged and RM scores, EOS rate and length (one greedy and one
+    sampled reply per prompt, the same seeds and temperature), the summary model's WIN RATE
+    against it (judged, one sample each, ties half; floor/chance 50%), and the other's adherence
+    by turn."""
+    t0 = time.perf_counter()
+    o = one_sample_stats(other, tokenizer, rm, cfg, summary["temperature"], rt, label)
+    out = {"label": label, "n": summary["n"], **o,
+           "win_rate": {k: win_rate(summary[k]["judge_scores"], o[k]["judge_scores"])
+                        for k in ("greedy", "sampled")}}
+    out["adherence_by_turn"], _ = adherence_by_turn(other, tokenizer, cfg, rt)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def format_versus(summary: dict, v: dict) -> str:
+    """Two lines: the win rate against the other model and both models' scores side by side."""
+    w, g, og = v["win_rate"], summary["greedy"], v["greedy"]
+    return (f"[{summary['label']} vs {v['label']}] win rate on {v['n']} held-out prompts (judged, "
+            f"one sample each, ties half; floor/chance 50%): greedy {w['greedy']:.1%}, sampled "
+            f"{w['sampled']:.1%}\n  greedy judged {g['judge']:.3f} vs {og['judge']:.3f}, RM "
+            f"{g['rm']:+.3f} vs {og['rm']:+.3f}, EOS {g['eos_rate']:.1%} vs {og['eos_rate']:.1%}; "
+            f"adherence by turn (%) {v['label']}: "
+            + " ".join(_pct(x) for x in v["adherence_by_turn"]) + " | "
+            + summary["label"] + ": " + " ".join(_pct(x) for x in summary["adherence_by_turn"]))
 
 
 def format_policy_eval(s: dict) -> str:
@@ -536,4 +584,93 @@ def plot_iterations(rows: list[dict], png) -> None:
         ax.set_xticks(it)
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize=8)
+    _save(fig, png)
+
+
+# -----------------------------------------------------------------------------------------------
+# PPO over-optimization (Gao et al. 2022): the RM score and the judged score of the rollouts
+# against sqrt(KL to pi_0)
+
+
+def _smooth(xs: list[float], window: int) -> list[float]:
+    """Centred moving mean over `window` points (fewer at the ends): per-batch scores are noisy."""
+    h = window // 2
+    return [sum(xs[max(0, i - h):i + h + 1]) / len(xs[max(0, i - h):i + h + 1])
+            for i in range(len(xs))]
+
+
+def overopt_summary(rows: list[dict], window: int = 3, margin: float = 0.03) -> dict:
+    """Where one PPO run's judged score peaked and whether it then fell while the RM rose.
+
+    rows: its per-iteration metrics (iteration, kl: KL to pi_0 per reply, rm_raw: the RM's
+    logit, judge: the judged score of the batch's rollouts), iteration 0 = pi_0's samples. Both
+    scores are smoothed (centred mean of `window` iterations); the peak is the first maximum of
+    the smoothed judge; "fell" means the last smoothed judge is more than `margin` below the peak
+    while the last smoothed RM is above the RM at the peak."""
+    rows = [r for r in rows if r.get("judge") is not None and r.get("rm_raw") is not None]
+    if not rows:
+        raise ValueError("overopt_summary: no iteration with a judged score and an RM score")
+    sqrt_kl = [math.sqrt(max(0.0, r["kl"])) for r in rows]
+    judge = _smooth([r["judge"] for r in rows], window)
+    rm = _smooth([r["rm_raw"] for r in rows], window)
+    p = max(range(len(rows)), key=lambda i: (judge[i], -i))
+    last = rows[-1]
+    fell = p < len(rows) - 1 and judge[p] - judge[-1] > margin and rm[-1] > rm[p]
+    out = {"iterations": last["iteration"], "window": window, "margin": margin,
+           "final": {"iteration": last["iteration"], "kl": last["kl"], "sqrt_kl": sqrt_kl[-1],
+                     "rm": last["rm_raw"], "judge": last["judge"], "rm_smoothed": rm[-1],
+                     "judge_smoothed": judge[-1]},
+           "peak": {"iteration": rows[p]["iteration"], "sqrt_kl": sqrt_kl[p],
+                    "judge_smoothed": judge[p], "rm_smoothed": rm[p]},
+           "judge_fell_while_rm_rose": fell}
+    if fell:
+        out["verdict"] = (f"judge score fell after its peak while RM rose (judged {judge[p]:.3f} "
+                          f"at iteration {rows[p]['iteration']}, sqrt KL {sqrt_kl[p]:.2f} -> "
+                          f"{judge[-1]:.3f}; RM {rm[p]:+.3f} -> {rm[-1]:+.3f})")
+    elif p == len(rows) - 1:
+        out["verdict"] = "no fall: the judged score is highest at the last iteration"
+    else:
+        out["verdict"] = (f"no fall beyond {margin:g} with a rising RM (judged {judge[p]:.3f} at "
+                          f"the peak, {judge[-1]:.3f} at the end; RM {rm[p]:+.3f} -> "
+                          f"{rm[-1]:+.3f})")
+    return out
+
+
+def overopt_table(summaries: dict[str, dict]) -> str:
+    """One line per run (e.g. per beta) of overopt_summary: final KL, RM and judged score, the
+    judged score's peak (iteration, sqrt KL) and the verdict."""
+    lines = ["run | iterations | final KL (nats/reply) | final sqrt KL | final RM logit | final "
+             "judged | judged peak: iteration (sqrt KL) | verdict"]
+    for label, s in summaries.items():
+        f, p = s["final"], s["peak"]
+        lines.append(f"{label} | {s['iterations']} | {f['kl']:.2f} | {f['sqrt_kl']:.2f} | "
+                     f"{f['rm']:+.3f} | {f['judge']:.3f} | {p['iteration']} "
+                     f"({p['sqrt_kl']:.2f}) | {s['verdict']}")
+    lines.append(f"(scores of each iteration's rollouts, iteration 0 = pi_0's samples; the peak "
+                 f"and the verdict on a centred mean of {s['window']} iterations)")
+    return "\n".join(lines)
+
+
+def plot_overopt(runs: dict[str, list[dict]], png, summaries: dict[str, dict] | None = None):
+    """Gao et al.'s over-optimization figure: the RM score (left) and the judged score (right)
+    of the rollouts against sqrt(KL to pi_0), one colour per run; a star at the judge's peak."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    for i, (label, rows) in enumerate(runs.items()):
+        rows = [r for r in rows if r.get("judge") is not None and r.get("rm_raw") is not None]
+        x = [math.sqrt(max(0.0, r["kl"])) for r in rows]
+        for ax, key in zip(axes, ("rm_raw", "judge")):
+            ax.plot(x, [r[key] for r in rows], marker="o", ms=3, color=f"C{i}", label=label)
+        if summaries and label in summaries:
+            p = summaries[label]["peak"]
+            axes[1].plot([p["sqrt_kl"]], [p["judge_smoothed"]], marker="*", ms=14,
+                         color=f"C{i}", ls="none")
+    axes[0].set(xlabel="sqrt(KL to pi_0), nats per reply", ylabel="RM logit of the rollouts",
+                title="reward model (trained on)")
+    axes[1].set(xlabel="sqrt(KL to pi_0), nats per reply", ylabel="judged score of the rollouts",
+                title="judge (measured only; star: smoothed peak)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle("PPO over-optimization: proxy reward and true score against sqrt(KL)")
     _save(fig, png)

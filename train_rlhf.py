@@ -35,9 +35,14 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     python train_rlhf.py --stop_at 2:1 --out_dir out/rlhf_rs && python train_rlhf.py --resume \\
         --out_dir out/rlhf_rs
     # PPO from the last rejection-sampling model (writes ckpt.pt: the best policy by validation
-    # score, stage "rlhf"; metrics.jsonl: a row per iteration; eval_{start,final}.json)
+    # score, stage "rlhf"; metrics.jsonl: a row per iteration, 0 = pi_0's samples;
+    # ppo_overopt.png and ppo_report.{txt,json}: RM and judged score against sqrt KL;
+    # eval_{start,final}.json: held-out evaluation, --compare adds the final model's win rate
+    # against other models to eval_final.json under "compare")
     python train_rlhf.py --method ppo --checkpoint out/rlhf_rs/V3 --out_dir out/rlhf_ppo \\
-        --beta 0.01
+        --beta 0.01 --compare sft=out/pipeline/sft,rs=out/rlhf_rs/V3
+    # the over-optimization report of a beta sweep: runs overlaid in out/ppo_sweep/ppo_overopt.png
+    python train_rlhf.py --method ppo --report out/ppo_sweep/beta0,out/ppo_sweep/beta0.01
     # PPO under torchrun: each rank rolls out its chunks of the batch and takes an equal share
     # of every mini-batch (DDP); the whitening and the statistics are reduced over the ranks
     torchrun --standalone --nproc_per_node=2 train_rlhf.py --method ppo --device cpu \\
@@ -119,6 +124,8 @@ class Config:
     val_every: int = 1  # validate every N iterations
     patience: int = 5  # stop after N validations without a better score (0: never)
     ppo_judge: bool = True  # log the judge's score of each batch's rollouts (measured only, never trained on)
+    compare: str = ""  # ppo: name=checkpoint,... the final model's win rate against each in eval_final.json (e.g. sft=out/pipeline/sft,rs=out/pipeline/rs/V3)
+    report: str = ""  # ppo: run_dir,run_dir,... of finished PPO runs (e.g. a --beta sweep): ppo_overopt.png and the table, no training
     # fine-tuning on the gold answers (train_sft's answer-only loss and packing; Llama 2 SFT values in brackets)
     epochs: float = 2.0  # passes over the gold answers per iteration (SFT: 2)
     batch_size: int = 8  # packed rows per optimizer step (SFT: 64 rows of 4096)
@@ -828,6 +835,8 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     save(final=True)
     log.print(f"PPO done after {it} iterations; {ckpt_path} holds the best policy by validation "
               f"score ({best:+.3f})")
+    if rt.is_master and cfg.ppo_judge:  # this run's over-optimization curves and its line
+        ppo_report([str(out_dir)], log.print)
     if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait in cleanup_runtime
         # ---- final evaluation on held-out prompts: win rate against the start policy
         policy.load_state_dict(best_sd)
@@ -844,10 +853,88 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
                 f.write(json.dumps(cache[name]))
             log.write({"step": it, "eval": name, **_light(cache[name])},
                       evaluate.format_policy_eval(cache[name]))
+        # ---- the final model against other models (--compare, e.g. the SFT and RS models):
+        # win rate on the same held-out prompts, adherence by turn; into eval_final.json
+        final = cache["final"]
+        for name, path in parse_compare(cfg.compare).items():
+            if final.get("compare", {}).get(name, {}).get("checkpoint") == path:
+                continue  # measured by an earlier (resumed) run
+            other = load_compare(path, tokenizer, rt)
+            v = evaluate.versus(final, other, tokenizer, rm, cfg, rt, label=name)
+            del other
+            final.setdefault("compare", {})[name] = {"checkpoint": path, **v}
+            with training.atomic_write(out_dir / "eval_final.json", "w") as f:
+                f.write(json.dumps(final))
+            log.write({"step": it, "eval": f"final_vs_{name}", "win_rate": v["win_rate"],
+                       "judge": {k: v[k]["judge"] for k in ("greedy", "sampled")},
+                       "adherence_by_turn": v["adherence_by_turn"]},
+                      evaluate.format_versus(final, v))
+
+
+def ppo_rows(run_dir: Path) -> list[dict]:
+    """A PPO run's per-iteration rows from its metrics.jsonl (iteration 0: pi_0's samples)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"error: --report {run_dir}: no metrics.jsonl (not a PPO run's --out_dir)")
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in rows if "kl" in r and "eval" not in r and "iteration" in r]
+
+
+def ppo_report(run_dirs: list[str], say=print) -> dict:
+    """The over-optimization report of one or several finished PPO runs (e.g. a --beta sweep):
+    ppo_overopt.png (RM and judged score of the rollouts against sqrt KL, the runs overlaid),
+    ppo_report.txt (the table) and ppo_report.json ({label: run_dir and overopt_summary}),
+    written to the runs' common parent folder (the run's own folder for one run)."""
+    runs, summaries = {}, {}
+    for d in run_dirs:
+        rows = ppo_rows(Path(d))
+        beta = rows[0].get("beta") if rows else None
+        label = f"beta={beta:g}" if beta is not None else Path(d).name
+        label = f"{label} ({d})" if label in runs else label
+        try:
+            summaries[label] = {"run_dir": d, **evaluate.overopt_summary(rows)}
+        except ValueError as e:
+            raise SystemExit(f"error: --report {d}: {e} (run with --ppo_judge true)") from None
+        runs[label] = rows
+    dirs = [str(Path(d).resolve()) for d in run_dirs]
+    where = Path(dirs[0] if len(dirs) == 1 else os.path.commonpath(dirs))
+    evaluate.plot_overopt(runs, where / "ppo_overopt.png", summaries)
+    text = evaluate.overopt_table(summaries)
+    with training.atomic_write(where / "ppo_report.txt", "w") as f:
+        f.write(text + "\n")
+    with training.atomic_write(where / "ppo_report.json", "w") as f:
+        f.write(json.dumps(summaries, indent=1))
+    say(text)
+    say(f"wrote {where / 'ppo_overopt.png'}, ppo_report.txt, ppo_report.json")
+    return summaries
 
 
 # -----------------------------------------------------------------------------------------------
 # checks of the inputs
+
+
+def parse_compare(text: str) -> dict[str, str]:
+    """--compare "sft=PATH,rs=PATH" -> {"sft": PATH, "rs": PATH} (order kept)."""
+    out = {}
+    for item in (x for x in text.split(",") if x):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path or name in out:
+            raise SystemExit(f"error: --compare {text!r}: give name=checkpoint pairs with "
+                             "distinct names, comma-separated, e.g. sft=out/pipeline/sft,"
+                             "rs=out/pipeline/rs/V3")
+        out[name] = path
+    return out
+
+
+def load_compare(path: str, tokenizer, rt):
+    """A model to compare against: any chat checkpoint with the policy's tokenizer."""
+    try:
+        model, tok = llama2.load_model(path, device=str(rt.device))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: --compare {path}: {e}") from None
+    if tok is None or tok.model_bytes != tokenizer.model_bytes:
+        raise SystemExit(f"error: --compare {path} does not use the policy's tokenizer")
+    return model.float().eval()
 
 
 def _stage_of(path: str) -> str | None:
@@ -907,6 +994,9 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"error: --temperature {cfg.temperature}: PPO samples, give T > 0")
         if cfg.beta < 0 or cfg.ppo_lr <= 0 or cfg.value_lr <= 0:
             raise SystemExit("error: --beta must be >= 0, --ppo_lr and --value_lr > 0")
+        for name, path in parse_compare(cfg.compare).items():
+            if not Path(path).exists():
+                raise SystemExit(f"error: --compare {name}={path}: no such checkpoint")
     if cfg.select not in ("rm", "judge"):
         raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "
                          "ORACLE ablation)")
@@ -938,6 +1028,9 @@ def check_config(cfg: Config) -> None:
 
 def main(argv=None) -> None:
     cfg = training.parse_config(Config, argv, description=__doc__)
+    if cfg.report:  # the over-optimization report of finished runs: no models, no training
+        ppo_report([d for d in cfg.report.split(",") if d])
+        return
     check_config(cfg)
     stop_at = parse_stop_at(cfg.stop_at)
     rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)

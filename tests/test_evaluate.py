@@ -55,3 +55,42 @@ def test_win_rate_by_hand():
     assert evaluate.win_rate([1.0], [0.0]) == 1.0
     with pytest.raises(ValueError, match="2 scores against 1"):
         evaluate.win_rate([1.0, 0.0], [0.0])
+
+
+def _rows(judge, rm, kl):
+    return [{"iteration": i, "judge": j, "rm_raw": r, "kl": k}
+            for i, (j, r, k) in enumerate(zip(judge, rm, kl))]
+
+
+def test_overopt_summary_finds_a_peak_then_a_fall_by_hand():
+    # judged score up then down while the RM keeps rising: the over-optimization signature
+    rows = _rows(judge=[0.40, 0.50, 0.60, 0.50, 0.40, 0.30], rm=[0, 1, 2, 3, 4, 5],
+                 kl=[0, 1, 4, 9, 16, 25])
+    s = evaluate.overopt_summary(rows, window=3, margin=0.03)
+    # centred means of 3: judge [.45, .5, .533, .5, .4, .35] -> peak at iteration 2, sqrt KL 2
+    assert s["peak"]["iteration"] == 2 and s["peak"]["sqrt_kl"] == 2.0
+    assert s["peak"]["judge_smoothed"] == pytest.approx(1.6 / 3)
+    assert s["final"]["judge_smoothed"] == pytest.approx(0.35) and s["final"]["sqrt_kl"] == 5.0
+    assert s["final"]["rm"] == 5 and s["final"]["kl"] == 25
+    assert s["judge_fell_while_rm_rose"]
+    assert s["verdict"].startswith("judge score fell after its peak while RM rose")
+    table = evaluate.overopt_table({"beta=0": s})
+    assert "beta=0 | 5 | 25.00 | 5.00 | +5.000 | 0.300 | 2 (2.00) | judge score fell" in table
+
+
+def test_overopt_summary_no_fall():
+    # the judge rises to the end: no peak before the last iteration
+    s = evaluate.overopt_summary(_rows([0.4, 0.45, 0.5, 0.55], [0, 1, 2, 3], [0, 1, 2, 3]))
+    assert s["peak"]["iteration"] == 3 and not s["judge_fell_while_rm_rose"]
+    assert s["verdict"].startswith("no fall: the judged score is highest at the last")
+    # the judge falls, but the RM falls too: not the over-optimization signature
+    s = evaluate.overopt_summary(_rows([0.4, 0.6, 0.6, 0.3, 0.3], [3, 2, 2, 1, 0],
+                                       [0, 1, 2, 3, 4]))
+    assert s["peak"]["iteration"] == 1 and not s["judge_fell_while_rm_rose"]
+    assert s["verdict"].startswith("no fall beyond")
+    # a dip smaller than the margin is noise, not a fall
+    s = evaluate.overopt_summary(_rows([0.5, 0.52, 0.51, 0.50], [0, 1, 2, 3], [0, 1, 2, 3]),
+                                 window=1, margin=0.03)
+    assert s["peak"]["iteration"] == 1 and not s["judge_fell_while_rm_rose"]
+    with pytest.raises(ValueError, match="no iteration"):
+        evaluate.overopt_summary([{"iteration": 0, "kl": 0.0, "rm_raw": None, "judge": 0.5}])

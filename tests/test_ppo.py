@@ -196,20 +196,37 @@ def _flags(ckpts, out, *more):
 
 def test_end_to_end_resume_matches_uninterrupted(ckpts, tmp_path, monkeypatch, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    train_rlhf.main(_flags(ckpts, a, "--ppo_iterations", "2", "--eval", "true", "--eval_n", "2",
+    train_rlhf.main(_flags(ckpts, a, "--ppo_iterations", "2", "--eval", "true", "--eval_n", "4",
                            "--eval_bestof_n", "1", "--eval_k", "2", "--eval_mt_n", "1",
-                           "--eval_turns", "2", "--eval_levels", "1"))
+                           "--eval_turns", "2", "--eval_levels", "1",
+                           "--compare", f"sft={ckpts['sft']}"))
     rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     its = [r for r in rows if r.get("iteration", 0) >= 1 and "score" in r]
     assert [r["iteration"] for r in its] == [1, 2]
-    for k in ("score", "judge", "kl", "score_minus_beta_kl", "eos_rate", "length", "entropy",
-              "approx_kl", "clipfrac", "value_loss", "val_score"):
+    for k in ("score", "rm_raw", "judge", "kl", "score_minus_beta_kl", "eos_rate", "length",
+              "entropy", "approx_kl", "clipfrac", "value_loss", "ratio_mean", "ratio_max",
+              "val_score"):
         assert all(math.isfinite(r[k]) for r in its), k
     assert its[0]["kl"] == 0.0 and its[0]["first_ratio_dev"] == 0.0
+    assert rows[0]["iteration"] == 0 and rows[0]["kl"] == 0.0 and rows[0]["beta"] == 0.01
+    assert 0.0 <= rows[0]["judge"] <= 1.0  # pi_0's samples: the curves' first point
     ev = json.loads((a / "eval_final.json").read_text())
     assert 0.0 <= ev["win_rate"]["greedy"] <= 1.0 and ev["win_rate_against"] == "pi_0"
+    # --compare sft: pi_0 IS the SFT model, so its replies (same prompts, same seeds) must be
+    # eval_start's exactly, and the win rate is counted by hand from the paired judged scores
+    start = json.loads((a / "eval_start.json").read_text())
+    vs = ev["compare"]["sft"]
+    for dec in ("greedy", "sampled"):
+        assert vs[dec]["judge_scores"] == start[dec]["judge_scores"]
+        mine, theirs = ev[dec]["judge_scores"], vs[dec]["judge_scores"]
+        hand = sum(1.0 if x > y else 0.5 if x == y else 0.0
+                   for x, y in zip(mine, theirs)) / len(mine)
+        assert vs["win_rate"][dec] == pytest.approx(hand) == ev["win_rate"][dec]
+    assert vs["adherence_by_turn"] == start["adherence_by_turn"]
+    assert (a / "ppo_overopt.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "PPO 2/2: score" in out and "clipfrac" in out
+    assert "PPO 2/2: score" in out and "clipfrac" in out and "ratio mean" in out
+    assert "[PPO vs sft] win rate" in out
     ck = training.load_checkpoint(a / "ckpt.pt")
     assert ck["stage"] == "rlhf" and ck["done"]
     model, _ = llama2.load_model(str(a))  # a chat checkpoint the evaluation and chat can load
@@ -285,3 +302,29 @@ def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
         for name in a[k]:  # stated tolerance: 1e-5 absolute on every weight (lr 1e-3, 2 steps)
             torch.testing.assert_close(a[k][name], b[k][name], rtol=0, atol=1e-5)
     assert a["whiten"] == b["whiten"]
+
+
+def test_report_overlays_a_beta_sweep_from_hand_made_metrics(tmp_path, capsys):
+    # two finished runs' metrics.jsonl (iteration 0 = pi_0's samples, eval rows ignored):
+    # beta 0 over-optimizes (judge up then down, RM up), beta 0.1 keeps improving
+    def run(name, beta, judge, rm):
+        d = tmp_path / "sweep" / name
+        d.mkdir(parents=True)
+        rows = [{"step": i, "iteration": i, "kl": float(i * i), "rm_raw": r, "judge": j,
+                 **({"beta": beta} if i == 0 else {})} for i, (j, r) in enumerate(zip(judge, rm))]
+        rows.append({"step": len(judge) - 1, "eval": "final", "judge": 0.0})
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+    a = run("b0", 0.0, [0.40, 0.50, 0.60, 0.50, 0.40, 0.30], [0, 1, 2, 3, 4, 5])
+    b = run("b01", 0.1, [0.40, 0.42, 0.44, 0.46], [0, 0.5, 1.0, 1.5])
+    train_rlhf.main(["--method", "ppo", "--report", f"{a},{b}"])
+    out = capsys.readouterr().out
+    assert "beta=0 | 5 | 25.00 | 5.00 | +5.000 | 0.300 | 2 (2.00) | judge score fell after its " \
+           "peak while RM rose" in out
+    assert "beta=0.1 | 3 | 9.00 | 3.00 | +1.500 | 0.460 | 3 (3.00) | no fall" in out
+    rep = json.loads((tmp_path / "sweep" / "ppo_report.json").read_text())
+    assert rep["beta=0"]["judge_fell_while_rm_rose"] and rep["beta=0.1"]["run_dir"] == b
+    assert (tmp_path / "sweep" / "ppo_overopt.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "ppo_report.txt").read_text().startswith("run | iterations")
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        train_rlhf.main(["--method", "ppo", "--report", str(tmp_path)])
