@@ -281,12 +281,15 @@ def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
     torch.set_num_threads(1)
     train_rlhf.main(flags)
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", "train_rlhf.py", *flags,
-                           "--out_dir", str(tmp_path / "two")], cwd=root, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "x 2 process(es)" in proc.stdout
+
+    def torchrun(out, *more):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", "train_rlhf.py", *flags, "--out_dir",
+                               str(tmp_path / out), *more], cwd=root, capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+    assert "x 2 process(es)" in torchrun("two")
     rows = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
             for d in ("one", "two")]
     assert [r["iteration"] for r in rows[1]] == [0, 1, 2]
@@ -302,6 +305,13 @@ def test_torchrun_two_processes_match_one_process(ckpts, tmp_path):
         for name in a[k]:  # stated tolerance: 1e-5 absolute on every weight (lr 1e-3, 2 steps)
             torch.testing.assert_close(a[k][name], b[k][name], rtol=0, atol=1e-5)
     assert a["whiten"] == b["whiten"]
+    # under torchrun too, stopped after iteration 1 and resumed == uninterrupted, bitwise
+    torchrun("two_r", "--stop_at", "1:0")
+    assert "resumed after iteration 1" in torchrun("two_r", "--resume")
+    c = training.load_checkpoint(tmp_path / "two_r" / "ckpt.pt")
+    for k in ("policy_last", "critic", "model"):
+        for name in b[k]:
+            assert torch.equal(b[k][name], c[k][name]), (k, name)
 
 
 def test_report_overlays_a_beta_sweep_from_hand_made_metrics(tmp_path, capsys):
