@@ -653,14 +653,19 @@ def overopt_table(summaries: dict[str, dict]) -> str:
 
 def plot_overopt(runs: dict[str, list[dict]], png, summaries: dict[str, dict] | None = None):
     """Gao et al.'s over-optimization figure: the RM score (left) and the judged score (right)
-    of the rollouts against sqrt(KL to pi_0), one colour per run; a star at the judge's peak."""
+    of the rollouts against sqrt(KL to pi_0), one colour per run: each iteration a faint dot,
+    the line their centred mean over `window` iterations (as overopt_summary); a star at the
+    judge's peak."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
     for i, (label, rows) in enumerate(runs.items()):
         rows = [r for r in rows if r.get("judge") is not None and r.get("rm_raw") is not None]
         x = [math.sqrt(max(0.0, r["kl"])) for r in rows]
+        window = summaries[label]["window"] if summaries and label in summaries else 3
         for ax, key in zip(axes, ("rm_raw", "judge")):
-            ax.plot(x, [r[key] for r in rows], marker="o", ms=3, color=f"C{i}", label=label)
+            y = [r[key] for r in rows]
+            ax.plot(x, y, marker="o", ms=3, ls="none", alpha=0.35, color=f"C{i}")
+            ax.plot(_smooth(x, window), _smooth(y, window), color=f"C{i}", label=label)
         if summaries and label in summaries:
             p = summaries[label]["peak"]
             axes[1].plot([p["sqrt_kl"]], [p["judge_smoothed"]], marker="*", ms=14,
