@@ -704,6 +704,9 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         raise SystemExit(f"error: under torchrun --ppo_minibatch {cfg.ppo_minibatch} must be a "
                          f"multiple of the {rt.world_size} processes and divide --ppo_batch "
                          f"{cfg.ppo_batch} (each rank takes an equal share of every mini-batch)")
+    for name, path in parse_compare(cfg.compare).items():  # before the training, not after
+        if cfg.eval and not Path(path).exists():
+            raise SystemExit(f"error: --compare {name}={path}: no such checkpoint")
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = None
@@ -994,9 +997,7 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"error: --temperature {cfg.temperature}: PPO samples, give T > 0")
         if cfg.beta < 0 or cfg.ppo_lr <= 0 or cfg.value_lr <= 0:
             raise SystemExit("error: --beta must be >= 0, --ppo_lr and --value_lr > 0")
-        for name, path in parse_compare(cfg.compare).items():
-            if not Path(path).exists():
-                raise SystemExit(f"error: --compare {name}={path}: no such checkpoint")
+        parse_compare(cfg.compare)
     if cfg.select not in ("rm", "judge"):
         raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "
                          "ORACLE ablation)")

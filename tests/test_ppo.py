@@ -255,6 +255,11 @@ def test_ppo_flag_errors(ckpts, tmp_path):
         train_rlhf.main(_flags(ckpts, tmp_path, "--ppo_minibatch", "0"))
     with pytest.raises(SystemExit, match="fewer than"):
         train_rlhf.main(_flags(ckpts, tmp_path, "--ppo_batch", "500"))
+    with pytest.raises(SystemExit, match="name=checkpoint pairs"):
+        train_rlhf.main(_flags(ckpts, tmp_path, "--compare", f"{ckpts['sft']}"))
+    with pytest.raises(SystemExit, match="no such checkpoint"):  # before any training
+        train_rlhf.main(_flags(ckpts, tmp_path, "--compare", f"sft={tmp_path / 'nope'}"))
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_the_pipeline_ppo_stage_flags_are_accepted(tmp_path):
