@@ -523,6 +523,15 @@ def evaluate(rm, tokenizer, pairs: list[Pair], rt=None, batch_tokens: int | None
                     ys.append(js)
         out["spearman"] = spearman(xs, ys)
         out["n_responses"] = len(xs)
+        # Beside it, not instead: the same rank correlation on within-prompt differences, RM
+        # r_chosen - r_rejected against the judge's score gap, over the pairs taken in both orders
+        # (so the annotator's choice of which is "chosen" does not matter). A pairwise loss fixes
+        # rewards only up to a constant per prompt, and the judge's totals differ a lot between
+        # prompts (a hard problem, a standing instruction), so the cross-prompt number above also
+        # measures those offsets, which no pair teaches; this one does not.
+        dr = rc - rr
+        dj = np.array([p.judge["chosen_score"] - p.judge["rejected_score"] for p in pairs])
+        out["spearman_within"] = spearman(np.concatenate([dr, -dr]), np.concatenate([dj, -dj]))
     # calibration: each pair seen from a side fixed by a hash (half chosen-first), p = sigmoid(ra - rb)
     flip = np.array([hashlib.sha256(json.dumps([p.messages, p.chosen, p.rejected]).encode())
                      .digest()[0] % 2 for p in pairs], dtype=bool)
@@ -557,6 +566,9 @@ def format_eval(s: dict, title: str = "reward model") -> str:
     if "spearman" in s:
         lines.append(f"Spearman(RM score, judge score) over {s['n_responses']} held-out responses: "
                      f"{s['spearman']:.3f} (floor 0 = unrelated, ceiling 1)")
+    if "spearman_within" in s:
+        lines.append(f"Spearman within prompts (RM r_a - r_b vs the judge's gap, {s['n']} pairs in both "
+                     f"orders): {s['spearman_within']:.3f} (floor 0, ceiling 1)")
     lines.append(f"calibration (sigmoid(r_a - r_b) vs the observed annotator win rate; "
                  f"ECE {s['ece']:.3f}, 0 is perfect):")
     lines.append("| predicted bin | pairs | mean predicted | observed |")

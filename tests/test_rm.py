@@ -348,6 +348,13 @@ def test_evaluate_numbers_by_hand():
     xs = [table[k] for k in "acegbdfh"]
     ys = [1.0, 1.0, 0.6, 0.8, 0.3, 0.4, 0.9, 0.8]
     assert s["spearman"] == pytest.approx(_spearman_reference(xs, ys), abs=1e-12)
+    # within prompts: RM gaps 1, -1, 1, 0 against judge gaps 0.7, 0.6, -0.3, 0, both orders:
+    # x = (1, -1, 1, 0, -1, 1, -1, 0), y = (.7, .6, -.3, 0, -.7, -.6, .3, 0); mid-ranks
+    # rx = (7, 2, 7, 4.5, 2, 7, 2, 4.5), ry = (8, 7, 3, 4.5, 1, 2, 6, 4.5), both with mean 4.5:
+    # sum dx*dy = 8.75 - 6.25 - 3.75 + 0 + 8.75 - 6.25 - 3.75 + 0 = -2.5 (two of three wrong-way gaps),
+    # sum dx^2 = 3 * 6.25 * 2 = 37.5, sum dy^2 = 12.25 + 6.25 + 2.25 + 0 + 12.25 + 6.25 + 2.25 + 0 = 41.5
+    assert s["spearman_within"] == pytest.approx(-2.5 / math.sqrt(37.5 * 41.5), abs=1e-12)
+    assert "Spearman within prompts" in train_rm.format_eval(s)
     assert sum(c["n"] for c in s["calibration"]) == 4
     assert 0 <= s["ece"] <= 1
     assert "ceiling (judge vs annotators)" in train_rm.format_eval(s)
