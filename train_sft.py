@@ -29,7 +29,9 @@ Writes <out_dir>/eval.jsonl and adherence.png.
     python train_sft.py --checkpoint out/pretrain --data world --out_dir out/sft
     # ... or on your own JSONL, the Llama 2 hyperparameters (SPEC.md §5)
     python train_sft.py --checkpoint llama-2-7b --data sft.jsonl --seq_len 4096 --batch_size 64
-    # Ghost Attention on top of the SFT model
+    # data parallel: each process takes its share of every step's rows (DDP; --parallel fsdp)
+    torchrun --nproc_per_node=2 train_sft.py --checkpoint out/pretrain --data world --device cpu
+    # Ghost Attention on top of the SFT model (under torchrun rank 0 builds the data)
     python train_sft.py --gatt --checkpoint out/sft --out_dir out/gatt
     # evaluate, and draw the adherence curve beside earlier evaluations
     python train_sft.py --eval --checkpoint out/gatt --out_dir out/eval_gatt \\
@@ -92,6 +94,7 @@ class Config:
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-5  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm (0 = off)
+    parallel: str = "ddp"  # under torchrun: ddp or fsdp (each rank trains on its share of a step's rows)
     # Ghost Attention
     gatt: bool = False  # build Ghost Attention data with the checkpoint's model and fine-tune on it (stage "gatt")
     gatt_n: int = 64  # GAtt dialogs (instruction + user prompts) to roll out
@@ -366,9 +369,15 @@ def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dic
 def main(argv=None) -> None:
     cfg = training.parse_config(Config, argv, description=__doc__)
     rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    if rt.distributed:
-        raise SystemExit("error: train_sft.py runs in one process (the demo is small); "
-                         "run it without torchrun")
+    try:
+        _main(cfg, rt)
+    finally:
+        training.cleanup_runtime()
+
+
+def _main(cfg: Config, rt) -> None:
+    if rt.distributed and cfg.eval:
+        raise SystemExit("error: --eval runs in one process; run it without torchrun")
     if cfg.kernels != "auto":
         try:
             llama2.set_kernels(cfg.kernels)
@@ -411,19 +420,23 @@ def main(argv=None) -> None:
     if seq_len > model.args.max_seq_len:
         raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
                          f"({model.args.max_seq_len}); lower it")
-    if cfg.batch_size % cfg.micro_batch:
-        raise SystemExit(f"error: --batch_size {cfg.batch_size} is not a multiple of "
-                         f"--micro_batch {cfg.micro_batch}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = out_dir / "metrics.jsonl"
-    # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
-    training.trim_metrics(metrics, resumed["step"] if resumed else 0)
-    log = training.MetricsLog(metrics, rt)
+    # under torchrun each rank takes batch_size / world_size of a step's rows, micro_batch at a time
+    per_rank = cfg.batch_size // rt.world_size
+    if cfg.batch_size % rt.world_size or per_rank % cfg.micro_batch:
+        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be a multiple of "
+                         f"--micro_batch {cfg.micro_batch} x {rt.world_size} process(es)")
+    if rt.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
+        training.trim_metrics(out_dir / "metrics.jsonl", resumed["step"] if resumed else 0)
+    log = training.MetricsLog(out_dir / "metrics.jsonl", rt)
 
     # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)
     if cfg.gatt:
         gatt_file = out_dir / "gatt_data.jsonl"
-        if resumed and gatt_file.exists():
+        if (resumed and gatt_file.exists()) or not rt.is_master:
+            # resuming, or another rank under torchrun: rank 0 builds the data, the others read it
+            _barrier(rt)
             dialogs = read_dialogs(str(gatt_file))
             log.print(f"GAtt data read back from {gatt_file} ({len(dialogs)} samples)")
         else:
@@ -447,6 +460,7 @@ def main(argv=None) -> None:
                       f"{stats['cut_to_fit']} dialogs cut to fit; {stats['obey_rate']:.1%} of "
                       f"chosen replies obey, {stats['eos_rate']:.1%} end with EOS) + {len(mix)} "
                       f"SFT dialogs mixed in; {time.perf_counter() - t0:.0f}s -> {gatt_file}")
+            _barrier(rt)
     else:
         dialogs = load_dialogs(cfg)
     examples = []
@@ -494,17 +508,19 @@ def main(argv=None) -> None:
                              "(--pack, --seq_len) or --batch_size differ from the run that wrote "
                              "it; use the same flags")
         model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        training.set_rng_state(resumed["rng"])
         start_step = resumed["step"]
+    wrapped = training.wrap_model(model, rt, cfg.parallel)  # DDP / FSDP under torchrun, else model
+    if resumed:
+        training.load_optimizer_state_dict(model, optimizer, resumed["optimizer"])
+        training.set_rng_state(resumed["rng"])
         del resumed
         log.print(f"resumed from {ckpt_path} at step {start_step}")
 
     def save(step: int) -> None:
-        training.save_checkpoint(ckpt_path, {
+        state = {
             "model_args": asdict(model.args),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(),
+            "model": training.model_state_dict(model),  # collective under FSDP
+            "optimizer": training.optimizer_state_dict(model, optimizer),
             "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
             "config": asdict(cfg),
             "stage": stage,
@@ -513,12 +529,15 @@ def main(argv=None) -> None:
             "rng": training.rng_state(),
             "data": {"key": data_key, "rows": len(rows), "batch_size": cfg.batch_size,
                      "rows_seen": step * cfg.batch_size},
-        })
-        log.print(f"saved {ckpt_path} at step {step}")
+        }
+        if rt.is_master:
+            training.save_checkpoint(ckpt_path, state)
+            log.print(f"saved {ckpt_path} at step {step}")
 
     # ---- training loop: the loss of a step is the mean over all its answer tokens
     log.print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters from {cfg.checkpoint} "
-              f"({parent_stage}); {rt.device}, kernels {llama2.kernels_in_use()}")
+              f"({parent_stage}); {rt.device}, {rt.world_size} process(es), kernels "
+              f"{llama2.kernels_in_use()}")
     model.train()
     step = start_step
     end_step = min(max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else max_steps
@@ -529,24 +548,32 @@ def main(argv=None) -> None:
         training.set_lr(optimizer, lr)
         step_rows = [rows[sampler.row(step * cfg.batch_size + i)] for i in range(cfg.batch_size)]
         n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)
-        loss_sum, tokens = 0.0, 0
-        for m in range(0, cfg.batch_size, cfg.micro_batch):
-            batch = make_batch(examples, step_rows[m:m + cfg.micro_batch], cfg.pack, rt.device)
+        mine = step_rows[rt.rank * per_rank:(rt.rank + 1) * per_rank]
+        stats = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss sum, tokens
+        for m in range(0, per_rank, cfg.micro_batch):
+            batch = make_batch(examples, mine[m:m + cfg.micro_batch], cfg.pack, rt.device)
             k = int((batch["targets"] != -100).sum())
-            if k == 0:
-                continue
-            with rt.autocast():
-                _, loss = forward_batch(model, batch)
-            # weight each micro-batch by its share of the step's answer tokens
-            (loss * (k / n_kept)).backward()
-            loss_sum += loss.item() * k
-            tokens += batch["tokens"].numel()
+            # (a micro-batch without answer tokens still runs: under DDP every rank must reach the
+            # gradient all-reduce; its loss is 0 * the mean of nothing, so it is skipped as 0)
+            with training.sync_gradients(wrapped, m + cfg.micro_batch >= per_rank):
+                with rt.autocast():
+                    _, loss = forward_batch(wrapped, batch)
+                loss = loss if k else loss.nan_to_num(0.0) * 0.0
+                # weight each micro-batch by its share of the whole step's answer tokens (all
+                # ranks); x world_size because DDP averages the ranks' gradients
+                (loss * (k / n_kept * rt.world_size)).backward()
+            stats += torch.tensor([loss.item() * k, batch["tokens"].numel()],
+                                  dtype=torch.float64, device=rt.device)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
+            gnorm = gnorm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_loss = loss_sum / n_kept
+        if rt.distributed:
+            torch.distributed.all_reduce(stats)
+        train_loss, tokens = stats[0].item() / n_kept, stats[1].item()
         if not math.isfinite(train_loss):
             raise SystemExit(f"error: the loss became {train_loss} at step {step}; lower --lr")
         dt = time.perf_counter() - t0
@@ -559,6 +586,13 @@ def main(argv=None) -> None:
     if start_step >= max_steps:
         log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
     log.print(f"done: {stage} checkpoint {ckpt_path}")
+
+
+def _barrier(rt) -> None:
+    """Under torchrun: rank 0 builds a file the other ranks read; they wait at this barrier before
+    reading, rank 0 reaches it after writing. One process: nothing."""
+    if rt.distributed:
+        torch.distributed.barrier()
 
 
 def load_gatt_rm(cfg: Config, tokenizer, rt):

@@ -1,6 +1,7 @@
 """SFT and Ghost Attention (train_sft.py, gatt.py, evaluate.py): the loss mask, packing without attention across
 examples, the GAtt data builder, bad input, and a tiny end-to-end run (checkpoint, eval, plot)."""
 import json
+from pathlib import Path
 import random
 from dataclasses import asdict
 
@@ -528,6 +529,54 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tiny_ckpt, tmp_path):
     assert mid["step"] == 2 and a["step"] == b["step"] > 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+# FSDP (--parallel fsdp) goes through the same training.wrap_model path that train_pretrain's
+# test covers with both; here DDP, to keep the suite fast on a 2-core machine
+def test_torchrun_two_processes_match_one_process(tiny_ckpt, tmp_path):
+    """SFT, then GAtt from it (rank 0 builds the GAtt data, the other rank reads it): 2 ranks x 2
+    rows (GAtt: x 1) per step equal 1 process x 4 rows (2), loss by loss and weight by weight."""
+    import os
+    import subprocess
+    import sys
+    data = _write(tmp_path / "sft.jsonl", [json.dumps({"messages": d}) for d in
+                                           world.sft_dialogs(40, seed=7)])
+    sft = ["--checkpoint", str(tiny_ckpt), "--data", data, "--batch_size", "4", "--micro_batch",
+           "1", "--lr", "3e-3", "--epochs", "1", "--seq_len", "128", "--device", "cpu"]
+    gatt = ["--gatt", "--gatt_n", "4", "--gatt_min_turns", "2", "--gatt_max_turns", "2",
+            "--gatt_mix", "16", "--max_new_tokens", "6", "--batch_size", "2", "--micro_batch", "1",
+            "--lr", "3e-3", "--epochs", "1", "--device", "cpu", "--data", data]
+    torch.set_num_threads(1)
+    train_sft.main(sft + ["--out_dir", str(tmp_path / "sft1")])
+    train_sft.main(gatt + ["--checkpoint", str(tmp_path / "sft1"), "--out_dir", str(tmp_path / "g1")])
+    root = Path(__file__).resolve().parents[1]
+
+    def torchrun(flags):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", "train_sft.py", *flags], cwd=root,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert "2 process(es)" in proc.stdout
+    torchrun(sft + ["--out_dir", str(tmp_path / "sft2")])
+    torchrun(gatt + ["--checkpoint", str(tmp_path / "sft1"), "--out_dir", str(tmp_path / "g2")])
+    # the GAtt data rank 0 built is the data one process built
+    assert (tmp_path / "g1" / "gatt_data.jsonl").read_text() == \
+        (tmp_path / "g2" / "gatt_data.jsonl").read_text()
+    for one, two in (("sft1", "sft2"), ("g1", "g2")):
+        def logged(d, key):
+            return [json.loads(x)[key] for x in (tmp_path / d / "metrics.jsonl").read_text()
+                    .splitlines() if '"loss"' in x]
+        a, b = logged(one, "loss"), logged(two, "loss")
+        assert len(a) == len(b) >= 2, (a, b)
+        assert max(abs(x - y) for x, y in zip(a, b)) < 2e-5, (a, b)
+        # the gradient itself (AdamW and clipping hide a wrongly scaled one from the weights)
+        a, b = logged(one, "gnorm"), logged(two, "gnorm")
+        assert max(abs(x / y - 1) for x, y in zip(a, b)) < 1e-4, (a, b)
+        wa = torch.load(tmp_path / one / "ckpt.pt", weights_only=True)["model"]
+        wb = torch.load(tmp_path / two / "ckpt.pt", weights_only=True)["model"]
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5)
 
 
 def test_script_errors_are_clear(tiny_ckpt, tmp_path):
