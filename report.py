@@ -392,11 +392,15 @@ def ppo(run: Path, out: Path):
                 "", WHY_SMALL if done else ""], []
     w = final.get("win_rate") or {}
     f = final.get("floor", {})
+    compare = final.get("compare") or {}  # --compare name=checkpoint: PPO against each, judged
+    vs = "".join(f"; against {name} (judged {c['greedy']['judge']:.3f}) PPO wins "
+                 f"{c['win_rate']['greedy']:.0%} greedy / {c['win_rate']['sampled']:.0%} sampled"
+                 for name, c in compare.items())
     ours = (f"held-out greedy judged score {start['greedy']['judge']:.3f} (start, the last RS "
             f"model) -> {final['greedy']['judge']:.3f}; RM {start['greedy']['rm']:+.3f} -> "
             f"{final['greedy']['rm']:+.3f}; win rate against the start "
             f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
-            f"sampled; EOS {final['greedy']['eos_rate']:.0%}"
+            f"sampled{vs}; EOS {final['greedy']['eos_rate']:.0%}"
             + (f"; KL to pi_0 at the end {its[-1]['kl']:.2f} nats" if its else ""))
     row = ["PPO (§3.2.3)", paper, ours,
            f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
@@ -428,6 +432,19 @@ def ppo(run: Path, out: Path):
                    + " ".join(f"{a:.0%}" for a in e.get("adherence_by_turn", [])) + " |")
     sec.append(f"| floor | {f.get('judge_empty', float('nan')):.3f} (empty) | | "
                f"{f.get('rm_empty', float('nan')):+.3f} (empty) | 50% | | |")
+    if compare:
+        sec += ["", "The final model against earlier ones on the same held-out prompts (judged; "
+                "PPO's win rate, ties half; 50% = no better):", "",
+                "| against | its judged greedy | its judged sampled | its RM greedy | PPO wins "
+                "(greedy / sampled) | its adherence turns 1..n |", "|---|---|---|---|---|---|"]
+        for name, c in compare.items():
+            sec.append(f"| {name} (`{Path(c['checkpoint']).name}`) | {c['greedy']['judge']:.3f} | "
+                       f"{c['sampled']['judge']:.3f} | {c['greedy']['rm']:+.3f} | "
+                       f"{c['win_rate']['greedy']:.0%} / {c['win_rate']['sampled']:.0%} | "
+                       + " ".join(f"{a:.0%}" for a in c.get("adherence_by_turn", [])) + " |")
+    verdict = _json(run / "ppo" / "ppo_report.json") or {}
+    for name, v in verdict.items():  # over-optimization (Gao et al.): did the judge fall late?
+        sec += ["", f"Over-optimization check ({name}): {v['verdict']}."]
     png = run / "ppo" / "ppo_overopt.png"
     if png.is_file():
         with training.atomic_write(out / "report_ppo_overopt.png", "wb") as fh:
