@@ -359,11 +359,18 @@ def _one_each(model, tokenizer, prompts, temperature, cfg, rt, seed, desc):
 
 
 def _stats(prompts, replies, rm) -> dict:
-    judged = judge_scores(prompts, replies)
+    scores = [world.score(d, r.text, r.eos) for d, r in zip(prompts, replies)]
+    judged = [s.total for s in scores]
     rewards = rm_rewards(rm, prompts, [r.text for r in replies])
-    return {"judge": sum(judged) / len(judged), "rm": sum(rewards) / len(rewards),
-            "eos_rate": sum(r.eos for r in replies) / len(replies),
-            "tokens": sum(r.n_tokens for r in replies) / len(replies),
+    n = len(replies)
+    return {"judge": sum(judged) / n, "rm": sum(rewards) / n,
+            "eos_rate": sum(r.eos for r in replies) / n,
+            "tokens": sum(r.n_tokens for r in replies) / n,
+            # the judge's parts that reward hacking shows in: right answers, and replies that
+            # ramble (over world.RAMBLING_WORDS words) or repeat a word trigram; floor 0 for both
+            "correct": sum(s.content == 1.0 for s in scores) / n,
+            "rambling": sum(s.rambling for s in scores) / n,
+            "repeating": sum(s.repeating for s in scores) / n,
             "judge_scores": judged, "rm_scores": rewards}
 
 
@@ -483,7 +490,9 @@ def format_policy_eval(s: dict) -> str:
              f"{s['seconds']:.0f}s"]
     for name, x in (("greedy", g), (f"T={s['temperature']:g}", t)):
         lines.append(f"  {name:>7}: judged {x['judge']:.3f} | RM {x['rm']:+.3f} | EOS "
-                     f"{x['eos_rate']:.1%} (ceiling 100%) | {x['tokens']:.1f} tokens")
+                     f"{x['eos_rate']:.1%} (ceiling 100%) | {x['tokens']:.1f} tokens"
+                     + (f" | correct {x['correct']:.1%}, rambling {x['rambling']:.1%}, repeating "
+                        f"{x['repeating']:.1%} (floor 0%)" if "rambling" in x else ""))
     if "win_rate" in s:
         w = s["win_rate"]
         lines.append(f"  win rate against {s['win_rate_against']} (judged, one sample each, ties "

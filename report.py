@@ -377,6 +377,13 @@ def rejection_sampling(run: Path, out: Path):
     return rows, sec
 
 
+def _form(x: dict) -> str:
+    """Right answers, rambling and repeating replies (evaluate._stats), or - when not measured."""
+    if "rambling" not in x:
+        return "-"
+    return f"{x['correct']:.0%} / {x['rambling']:.0%} / {x['repeating']:.0%}"
+
+
 def ppo(run: Path, out: Path):
     """The PPO row and section: held-out evaluation at the start (the last RS model, pi_0) and at
     the end, the per-iteration rollout numbers (ppo/metrics.jsonl) and the over-optimization figure
@@ -422,25 +429,28 @@ def ppo(run: Path, out: Path):
                    + (f"{r['val_score']:+.3f}" if "val_score" in r else "") + " |")
     sec += ["", "Held-out prompts, start (pi_0) against the final model:", "",
             "| model | judged greedy | judged sampled | RM greedy | win rate vs start (greedy / "
-            "sampled) | EOS | adherence turns 1..n |", "|---|---|---|---|---|---|---|"]
+            "sampled) | EOS | correct / rambling / repeating (greedy) | adherence turns 1..n |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, e in (("start (pi_0)", start), ("PPO", final)):
         ww = e.get("win_rate")
         sec.append(f"| {name} | {e['greedy']['judge']:.3f} | {e['sampled']['judge']:.3f} | "
                    f"{e['greedy']['rm']:+.3f} | "
                    + (f"{ww['greedy']:.0%} / {ww['sampled']:.0%}" if ww else "(itself)")
-                   + f" | {e['greedy']['eos_rate']:.0%} | "
+                   + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} | "
                    + " ".join(f"{a:.0%}" for a in e.get("adherence_by_turn", [])) + " |")
     sec.append(f"| floor | {f.get('judge_empty', float('nan')):.3f} (empty) | | "
-               f"{f.get('rm_empty', float('nan')):+.3f} (empty) | 50% | | |")
+               f"{f.get('rm_empty', float('nan')):+.3f} (empty) | 50% | | 0% / 0% / 0% | |")
     if compare:
         sec += ["", "The final model against earlier ones on the same held-out prompts (judged; "
                 "PPO's win rate, ties half; 50% = no better):", "",
                 "| against | its judged greedy | its judged sampled | its RM greedy | PPO wins "
-                "(greedy / sampled) | its adherence turns 1..n |", "|---|---|---|---|---|---|"]
+                "(greedy / sampled) | its correct / rambling / repeating | its adherence turns "
+                "1..n |", "|---|---|---|---|---|---|---|"]
         for name, c in compare.items():
             sec.append(f"| {name} (`{Path(c['checkpoint']).name}`) | {c['greedy']['judge']:.3f} | "
                        f"{c['sampled']['judge']:.3f} | {c['greedy']['rm']:+.3f} | "
                        f"{c['win_rate']['greedy']:.0%} / {c['win_rate']['sampled']:.0%} | "
+                       f"{_form(c['greedy'])} | "
                        + " ".join(f"{a:.0%}" for a in c.get("adherence_by_turn", [])) + " |")
     verdict = _json(run / "ppo" / "ppo_report.json") or {}
     for name, v in verdict.items():  # over-optimization (Gao et al.): did the judge fall late?

@@ -94,3 +94,25 @@ def test_overopt_summary_no_fall():
     assert s["peak"]["iteration"] == 1 and not s["judge_fell_while_rm_rose"]
     with pytest.raises(ValueError, match="no iteration"):
         evaluate.overopt_summary([{"iteration": 0, "kl": 0.0, "rm_raw": None, "judge": 0.5}])
+
+
+def test_policy_stats_count_correct_rambling_and_repeating_by_hand():
+    """evaluate._stats: the rates of right answers, rambling replies (over world.RAMBLING_WORDS
+    words) and repeating ones (a word trigram twice), counted by hand on four replies."""
+    import gatt
+    import world
+
+    class NoRM:  # the RM's scores are not what this test checks
+        def score(self, dialogs, texts):
+            return [0.0] * len(texts)
+
+    prompts = world.eval_prompts(4, seed=3, p_instruction=0.0, levels=(1,))
+    answer = world.parse_dialog(prompts[0])[0].answer
+    long = " ".join(f"w{i}" for i in range(world.RAMBLING_WORDS + 1))  # 21 distinct words
+    replies = [gatt.Reply(f"The answer is {answer}.", True, 5),
+               gatt.Reply(long, True, 30),
+               gatt.Reply("one two three and one two three", True, 8),
+               gatt.Reply("", False, 0)]
+    s = evaluate._stats(prompts, replies, NoRM())
+    assert s["correct"] == 0.25 and s["rambling"] == 0.25 and s["repeating"] == 0.25
+    assert s["eos_rate"] == 0.75 and s["tokens"] == pytest.approx(43 / 4)

@@ -142,6 +142,7 @@ def test_the_report_reads_ppo_outputs(tmp_path):
                                  "adherence_by_turn": [1.0, 0.5], **({"win_rate": win} if win else {})}
     (run / "ppo" / "eval_start.json").write_text(json.dumps(ev(0.43, -3.3, None)))
     final = ev(0.47, -3.1, {"greedy": 0.625, "sampled": 0.5})
+    final["greedy"].update(correct=0.25, rambling=0.0, repeating=0.125)
     final["compare"] = {"sft": {**ev(0.52, -3.4, {"greedy": 0.375, "sampled": 0.25}),
                                 "checkpoint": "/x/sft", "label": "sft"}}
     (run / "ppo" / "eval_final.json").write_text(json.dumps(final))
@@ -152,11 +153,12 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     assert ("0.430 (start, the last RS model) -> 0.470; RM -3.300 -> -3.100; win rate against the "
             "start 62% greedy / 50% sampled; against sft (judged 0.520) PPO wins 38% greedy / 25% "
             "sampled; EOS 100%; KL to pi_0 at the end 1.50 nats") in row
-    assert "| sft (`sft`) | 0.520 | 0.510 | -3.400 | 38% / 25% | 100% 50% |" in text
+    assert "| sft (`sft`) | 0.520 | 0.510 | -3.400 | 38% / 25% | - | 100% 50% |" in text
     assert "Over-optimization check (beta=0.01): no fall beyond 0.03 with a rising RM." in text
     assert "| 1 | +0.100 | 0.410 | 0.500 | +0.095 | 100% | 11.0 | 1.90 |  |" in text
     assert "| 3 | +0.300 | 0.430 | 1.500 | +0.285 | 100% | 13.0 | 1.70 |  |" in text
-    assert "| PPO | 0.470 | 0.460 | -3.100 | 62% / 50% | 100% | 100% 50% |" in text
+    assert "| PPO | 0.470 | 0.460 | -3.100 | 62% / 50% | 100% | 25% / 0% / 12% | 100% 50% |" in text
+    assert "| start (pi_0) | 0.430 | 0.420 | -3.300 | (itself) | 100% | - | 100% 50% |" in text
     assert "| 9.0" not in text and "| 0 | " not in text
 
 
