@@ -491,10 +491,8 @@ def _main(cfg: Config, rt) -> None:
               f"fill {n_tok / (len(rows) * seq_len):.0%}); {max_steps} steps of "
               f"{cfg.batch_size} rows = {cfg.epochs:g} epochs")
 
-    # ---- optimizer
-    optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                        device_type=rt.device_type)
+    # ---- resume the weights, wrap (DDP / FSDP under torchrun), then the optimizer: it must see
+    # the wrapped model's parameters (FSDP replaces them with sharded ones)
     start_step = 0
     if resumed:
         training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
@@ -510,6 +508,9 @@ def _main(cfg: Config, rt) -> None:
         model.load_state_dict(resumed["model"])
         start_step = resumed["step"]
     wrapped = training.wrap_model(model, rt, cfg.parallel)  # DDP / FSDP under torchrun, else model
+    optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                        device_type=rt.device_type)
     if resumed:
         training.load_optimizer_state_dict(model, optimizer, resumed["optimizer"])
         training.set_rng_state(resumed["rng"])
