@@ -400,15 +400,29 @@ def ppo(run: Path, out: Path):
     w = final.get("win_rate") or {}
     f = final.get("floor", {})
     compare = final.get("compare") or {}  # --compare name=checkpoint: PPO against each, judged
+    # the compared models against each other on the same prompts (e.g. RS against SFT), so that
+    # PPO's win rate against SFT has RS's beside it
+    names = list(compare)
+    pair_wins = {(a, b): {k: evaluate.win_rate(compare[a][k]["judge_scores"],
+                                               compare[b][k]["judge_scores"])
+                          for k in ("greedy", "sampled")}
+                 for i, a in enumerate(names) for b in names[:i]}
     vs = "".join(f"; against {name} (judged {c['greedy']['judge']:.3f}) PPO wins "
                  f"{c['win_rate']['greedy']:.0%} greedy / {c['win_rate']['sampled']:.0%} sampled"
                  for name, c in compare.items())
+    vs += "".join(f" ({a} against {b}: {w2['greedy']:.0%} / {w2['sampled']:.0%})"
+                  for (a, b), w2 in pair_wins.items())
     ours = (f"held-out greedy judged score {start['greedy']['judge']:.3f} (start, the last RS "
             f"model) -> {final['greedy']['judge']:.3f}; RM {start['greedy']['rm']:+.3f} -> "
             f"{final['greedy']['rm']:+.3f}; win rate against the start "
             f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
             f"sampled{vs}; EOS {final['greedy']['eos_rate']:.0%}"
             + (f"; KL to pi_0 at the end {its[-1]['kl']:.2f} nats" if its else ""))
+    val = [r for r in its if "val_score" in r]
+    if val:  # early stopping keeps the policy of the best validation score, not the last one
+        best = max(val, key=lambda r: r["val_score"])
+        ours += (f"; the model kept: iteration {best['iteration']} of {its[-1]['iteration']} (best "
+                 f"validation RM score; KL {best['kl']:.2f})")
     row = ["PPO (§3.2.3)", paper, ours,
            f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
            "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model ranks "
@@ -452,6 +466,11 @@ def ppo(run: Path, out: Path):
                        f"{c['win_rate']['greedy']:.0%} / {c['win_rate']['sampled']:.0%} | "
                        f"{_form(c['greedy'])} | "
                        + " ".join(f"{a:.0%}" for a in c.get("adherence_by_turn", [])) + " |")
+        # the compared models against each other on the same prompts (e.g. RS against SFT), so
+        # PPO's win rate against SFT has RS's beside it
+        for (a, b), w2 in pair_wins.items():
+            sec.append(f"| {a} against {b}, for reference | | | | {a} wins "
+                       f"{w2['greedy']:.0%} / {w2['sampled']:.0%} | | |")
     verdict = _json(run / "ppo" / "ppo_report.json") or {}
     for name, v in verdict.items():  # over-optimization (Gao et al.): did the judge fall late?
         sec += ["", f"Over-optimization check ({name}): {v['verdict']}."]

@@ -133,7 +133,7 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     rows = [{"step": 0, "iteration": 0, "whiten": [-3.0, 0.5], "val_score": 0.1}]
     rows += [{"step": i, "iteration": i, "score": 0.1 * i, "judge": 0.4 + 0.01 * i, "kl": 0.5 * i,
               "score_minus_beta_kl": 0.1 * i - 0.005 * i, "eos_rate": 1.0, "length": 10.0 + i,
-              "entropy": 2.0 - 0.1 * i} for i in (1, 2, 3)]
+              "entropy": 2.0 - 0.1 * i, "val_score": [0.2, 0.5, 0.3][i - 1]} for i in (1, 2, 3)]
     rows.append({"step": 3, "eval": "final", "greedy": {"judge": 9.0}})  # an eval line: not an iteration
     (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ev = lambda judge, rm, win: {"greedy": {"judge": judge, "rm": rm, "eos_rate": 1.0},  # noqa: E731
@@ -144,7 +144,13 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     final = ev(0.47, -3.1, {"greedy": 0.625, "sampled": 0.5})
     final["greedy"].update(correct=0.25, rambling=0.0, repeating=0.125)
     final["compare"] = {"sft": {**ev(0.52, -3.4, {"greedy": 0.375, "sampled": 0.25}),
-                                "checkpoint": "/x/sft", "label": "sft"}}
+                                "checkpoint": "/x/sft", "label": "sft"},
+                        "rs": {**ev(0.43, -3.3, {"greedy": 0.5, "sampled": 0.5}),
+                               "checkpoint": "/x/rs/V3", "label": "rs"}}
+    for name, greedy, sampled in (("sft", [0.5, 0.5, 0.4], [0.5, 0.3, 0.4]),
+                                  ("rs", [0.6, 0.5, 0.5], [0.5, 0.3, 0.3])):
+        final["compare"][name]["greedy"]["judge_scores"] = greedy
+        final["compare"][name]["sampled"]["judge_scores"] = sampled
     (run / "ppo" / "eval_final.json").write_text(json.dumps(final))
     (run / "ppo" / "ppo_report.json").write_text(json.dumps(
         {"beta=0.01": {"verdict": "no fall beyond 0.03 with a rising RM"}}))
@@ -152,11 +158,15 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     row = next(ln for ln in text.splitlines() if ln.startswith("| PPO (§3.2.3)"))
     assert ("0.430 (start, the last RS model) -> 0.470; RM -3.300 -> -3.100; win rate against the "
             "start 62% greedy / 50% sampled; against sft (judged 0.520) PPO wins 38% greedy / 25% "
-            "sampled; EOS 100%; KL to pi_0 at the end 1.50 nats") in row
+            "sampled; against rs (judged 0.430) PPO wins 50% greedy / 50% sampled (rs against sft: "
+            "83% / 33%); EOS 100%; KL to pi_0 at the end 1.50 nats; the model kept: iteration 2 of 3 (best "
+            "validation RM score; KL 1.00)") in row
+    # rs against sft by hand: greedy win, tie, win -> 2.5 / 3; sampled tie, tie, loss -> 1 / 3
+    assert "| rs against sft, for reference | | | | rs wins 83% / 33% | | |" in text
     assert "| sft (`sft`) | 0.520 | 0.510 | -3.400 | 38% / 25% | - | 100% 50% |" in text
     assert "Over-optimization check (beta=0.01): no fall beyond 0.03 with a rising RM." in text
-    assert "| 1 | +0.100 | 0.410 | 0.500 | +0.095 | 100% | 11.0 | 1.90 |  |" in text
-    assert "| 3 | +0.300 | 0.430 | 1.500 | +0.285 | 100% | 13.0 | 1.70 |  |" in text
+    assert "| 1 | +0.100 | 0.410 | 0.500 | +0.095 | 100% | 11.0 | 1.90 | +0.200 |" in text
+    assert "| 3 | +0.300 | 0.430 | 1.500 | +0.285 | 100% | 13.0 | 1.70 | +0.300 |" in text
     assert "| PPO | 0.470 | 0.460 | -3.100 | 62% / 50% | 100% | 25% / 0% / 12% | 100% 50% |" in text
     assert "| start (pi_0) | 0.430 | 0.420 | -3.300 | (itself) | 100% | - | 100% 50% |" in text
     assert "| 9.0" not in text and "| 0 | " not in text
