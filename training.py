@@ -920,7 +920,9 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
     """Draw train and validation loss from a metrics JSONL written by MetricsLog (any stage) as a
     PNG. Records with "loss" are train points, records with "val_loss" validation points; the x axis
     is "tokens" when every such record has it (pretraining), else "step" (SFT, GAtt, the RM).
-    Returns {"x": the axis, "train": [(x, loss)], "val": [(x, val_loss)]}."""
+    PPO has no loss to show: its log is drawn as the reward instead, the rollouts' whitened RM
+    score ("score") as train and the validation prompts' RM score ("val_score") as val.
+    Returns {"x": the axis, "train": [(x, y)], "val": [(x, y)], "y": what y is}."""
     records = []
     for n, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
         if not line.strip():
@@ -929,12 +931,16 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             raise SystemExit(f"error: {jsonl}:{n}: not valid JSON") from None
-    points = [r for r in records if "loss" in r or "val_loss" in r]
+    tr, va, y = "loss", "val_loss", "loss (cross-entropy, nats)"
+    if not any(tr in r or va in r for r in records) and any("score" in r for r in records):
+        tr, va, y = "score", "val_score", "reward (RM score; train: the rollouts, val: validation)"
+    points = [r for r in records if tr in r or va in r]
     x = "tokens" if points and all("tokens" in r for r in points) else "step"
-    train = sorted((r[x], r["loss"]) for r in points if "loss" in r and x in r)
-    val = sorted((r[x], r["val_loss"]) for r in points if "val_loss" in r and x in r)
+    train = sorted((r[x], r[tr]) for r in points if tr in r and x in r)
+    val = sorted((r[x], r[va]) for r in points if va in r and x in r)
     if not train and not val:
-        raise SystemExit(f"error: {jsonl} has no records with a loss or val_loss (and a step)")
+        raise SystemExit(f"error: {jsonl} has no records with a loss or val_loss (and a step), nor "
+                         "PPO's score")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -945,14 +951,14 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
             ax.plot(*zip(*series), label=name, **style)
     if x == "tokens":  # 1.2M rather than 1200000
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
-    ax.set(xlabel=x, ylabel="loss (cross-entropy, nats)", title=str(Path(jsonl)))
+    ax.set(xlabel=x, ylabel=y, title=str(Path(jsonl)))
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
     with atomic_write(png, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
-    return {"x": x, "train": train, "val": val}
+    return {"x": x, "train": train, "val": val, "y": y}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -348,6 +348,14 @@ def test_metrics_log_and_plot(tmp_path, capsys):
     drawn = training.plot_metrics(sft, tmp_path / "sft.png")
     assert drawn["x"] == "step" and drawn["train"][0] == (1, 3.0) and len(drawn["train"]) == 8
     assert _curve_pixels(_read_png(tmp_path / "sft.png"), (31, 119, 180)).sum() > 300
+    # PPO logs no loss: its reward is drawn, the rollouts' score as train, val_score as val
+    ppo = tmp_path / "ppo.jsonl"
+    ppo.write_text(json.dumps({"step": 0, "iteration": 0, "val_score": -0.5}) + "\n"
+                   + "".join(json.dumps({"step": s, "score": 0.1 * s, "val_score": 0.05 * s,
+                                         "kl": 0.2}) + "\n" for s in range(1, 6)))
+    drawn = training.plot_metrics(ppo, tmp_path / "ppo.png")
+    assert drawn["y"].startswith("reward") and drawn["train"][-1] == (5, 0.5)
+    assert drawn["val"][0] == (0, -0.5) and len(drawn["val"]) == 6
     (tmp_path / "empty.jsonl").write_text(json.dumps({"gatt_data": {}}) + "\n")
     with pytest.raises(SystemExit, match="no records with a loss"):
         training.plot_metrics(tmp_path / "empty.jsonl", tmp_path / "e.png")
