@@ -418,11 +418,14 @@ def ppo(run: Path, out: Path):
             f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
             f"sampled{vs}; EOS {final['greedy']['eos_rate']:.0%}"
             + (f"; KL to pi_0 at the end {its[-1]['kl']:.2f} nats" if its else ""))
-    val = [r for r in its if "val_score" in r]
-    if val:  # early stopping keeps the policy of the best validation score, not the last one
-        best = max(val, key=lambda r: r["val_score"])
+    # early stopping keeps the policy of the best validation score, not the last one; pi_0's
+    # (iteration 0) counts too, and the first of equal scores wins, as in train_rlhf.py
+    val = [r for r in rows if "val_score" in r and "iteration" in r and "eval" not in r]
+    if its and val:
+        best = max(val, key=lambda r: (r["val_score"], -r["iteration"]))
         ours += (f"; the model kept: iteration {best['iteration']} of {its[-1]['iteration']} (best "
-                 f"validation RM score; KL {best['kl']:.2f})")
+                 f"validation RM score; KL {best.get('kl', 0.0):.2f})"
+                 + (": the start policy, PPO never beat it" if best["iteration"] == 0 else ""))
     row = ["PPO (§3.2.3)", paper, ours,
            f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
            "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model ranks "

@@ -673,7 +673,8 @@ def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> float:
     one greedy reply per validation prompt (training-split problems kept out of the rollouts);
     the same number on every rank."""
     gens = rollout(policy, tokenizer, val_ids, cfg, 0, rt, temperature=0.0)
-    return float(score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].mean())
+    v = float(score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].mean())
+    return training.broadcast_from_rank0([v], rt)[0]  # every rank stops at the same iteration
 
 
 def ppo_prompts(cfg, max_len: int, tokenizer):
@@ -784,7 +785,7 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         rolls = rollout(ref, tokenizer, pool[:cfg.whiten_n], cfg, cfg.seed * 13 + 5, rt)
         ok = [r["prompt"] + r["response"] for r in rolls if r["eos"]]
         raw = rm_logits(rm, ok, rt) if ok else torch.empty(0)
-        stats = whitening_stats(raw)
+        stats = tuple(training.broadcast_from_rank0(list(whitening_stats(raw)), rt))
         best = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
         best_sd = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
         # pi_0's samples are iteration 0 of the over-optimization curves (KL 0 by definition)
@@ -846,7 +847,7 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         cache = {}
         for name, model in (("start", ref), ("final", policy)):
             path = out_dir / f"eval_{name}.json"
-            if path.is_file():
+            if cfg.resume and path.is_file():  # a fresh run into the same folder measures anew
                 cache[name] = json.loads(path.read_text())
                 continue
             cache[name] = evaluate.policy_eval(model, tokenizer, rm, cfg, cfg.temperature,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import glob
 import hashlib
 import importlib.util
@@ -165,7 +166,10 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0,
                          "bfloat16 (float16 would need loss scaling, which these scripts skip)")
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        # rank 0 alone evaluates, reports and builds GAtt data while the others wait in a
+        # barrier: NCCL's default 10-minute timeout would abort a long final evaluation
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None,
+                                timeout=datetime.timedelta(hours=3))
     seed_everything(seed)
     if dev.type == "cuda":
         # TF32 matmuls for the float32 parts (the Ampere+ default in most training code)
@@ -233,6 +237,18 @@ def all_reduce_mean(value: float | torch.Tensor, rt: Runtime) -> float:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= rt.world_size
     return t.item()
+
+
+def broadcast_from_rank0(values: list[float], rt: Runtime) -> list[float]:
+    """Rank 0's numbers on every rank (identity with one process). For numbers every rank
+    computes redundantly that decide control flow (early stopping) or feed training (reward
+    statistics): on GPUs the ranks' copies can differ in the last bit, and ranks that decide
+    differently then wait in different collectives."""
+    if not rt.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)  # exact: Python floats
+    dist.broadcast(t, src=0)
+    return t.tolist()
 
 
 # -----------------------------------------------------------------------------------------------

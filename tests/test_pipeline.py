@@ -170,6 +170,12 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     assert "| PPO | 0.470 | 0.460 | -3.100 | 62% / 50% | 100% | 25% / 0% / 12% | 100% 50% |" in text
     assert "| start (pi_0) | 0.430 | 0.420 | -3.300 | (itself) | 100% | - | 100% 50% |" in text
     assert "| 9.0" not in text and "| 0 | " not in text
+    # pi_0's validation score beats every iteration's: the kept model is the start policy
+    rows[0]["val_score"] = 0.9
+    (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = report.write_report(run, tmp_path / "r")
+    assert ("the model kept: iteration 0 of 3 (best validation RM score; KL 0.00): the start "
+            "policy, PPO never beat it") in text
 
 
 def test_bad_input_is_one_clear_error(base, tmp_path):

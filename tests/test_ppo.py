@@ -196,6 +196,9 @@ def _flags(ckpts, out, *more):
 
 def test_end_to_end_resume_matches_uninterrupted(ckpts, tmp_path, monkeypatch, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()  # an earlier run's evaluations in the folder: a fresh run (no --resume) measures anew
+    for name in ("eval_start.json", "eval_final.json"):
+        (a / name).write_text(json.dumps({"stale": True}))
     train_rlhf.main(_flags(ckpts, a, "--ppo_iterations", "2", "--eval", "true", "--eval_n", "4",
                            "--eval_bestof_n", "1", "--eval_k", "2", "--eval_mt_n", "1",
                            "--eval_turns", "2", "--eval_levels", "1",
@@ -215,6 +218,7 @@ def test_end_to_end_resume_matches_uninterrupted(ckpts, tmp_path, monkeypatch, c
     # --compare sft: pi_0 IS the SFT model, so its replies (same prompts, same seeds) must be
     # eval_start's exactly, and the win rate is counted by hand from the paired judged scores
     start = json.loads((a / "eval_start.json").read_text())
+    assert "stale" not in start and "stale" not in ev
     vs = ev["compare"]["sft"]
     for dec in ("greedy", "sampled"):
         assert vs[dec]["judge_scores"] == start[dec]["judge_scores"]
