@@ -499,9 +499,19 @@ def timings(run: Path) -> list[str]:
     if not rows:
         return []
     rows.sort()
-    out = ["## Time per stage", "", "| stage | wall time | finished |", "|---|---|---|"]
-    out += [f"| {name} | {_fmt_s(sec)} | {fin} |" for fin, name, sec in rows]
-    out.append(f"| all | {_fmt_s(sum(r[2] for r in rows))} | |")
+    import pipeline  # which stages are ORACLE / ablation ones (the same names at every size)
+    extra = {st.name for st in pipeline.build_stages(pipeline.Config(ablations=True), run)
+             if st.oracle}
+    out = ["## Time per stage", "", "A stage rerun later (its inputs changed) shows its last run; "
+           "the RM's preference pairs are built once and cached, so an RM stage that reused them "
+           "shows only its training and evaluation.", "",
+           "| stage | wall time | finished |", "|---|---|---|"]
+    out += [f"| {name}{' (ablation)' if name in extra else ''} | {_fmt_s(sec)} | {fin} |"
+            for fin, name, sec in rows]
+    recipe = sum(sec for _, name, sec in rows if name not in extra)
+    out.append(f"| the recipe | {_fmt_s(recipe)} | |")
+    if any(name in extra for _, name, _ in rows):
+        out.append(f"| ablations | {_fmt_s(sum(r[2] for r in rows) - recipe)} | |")
     return out
 
 

@@ -123,6 +123,14 @@ def test_the_report_says_not_run_for_missing_stages(base, tmp_path):
     import matplotlib.image
     assert matplotlib.image.imread(tmp_path / "r" / "report_pretrain_loss.png").shape[0] > 100
     assert "## Time per stage" in text and "| pretrain |" in text
+    # the recipe's total without the ablations: a fake ablation stage's minute counts apart
+    recipe = next(ln for ln in text.splitlines() if ln.startswith("| the recipe |"))
+    (base / "rs_oracle").mkdir(exist_ok=True)
+    (base / "rs_oracle" / "done.json").write_text(json.dumps({"seconds": 60.0, "finished": "z"}))
+    text = report.write_report(base, tmp_path / "r2")
+    assert recipe in text and "| rs_oracle (ablation) | 1m00s | z |" in text
+    assert "| ablations | 1m00s | |" in text
+    shutil.rmtree(base / "rs_oracle")
 
 
 def test_the_report_reads_ppo_outputs(tmp_path):
