@@ -1049,9 +1049,7 @@ def _barrier(rt) -> None:
 
 def run(cfg: Config, rt, stop_at) -> None:
     """The iterations (main() sets up and tears down the process group around it)."""
-    if cfg.batch_size % rt.world_size or (cfg.batch_size // rt.world_size) % cfg.micro_batch:
-        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be a multiple of "
-                         f"--micro_batch {cfg.micro_batch} x {rt.world_size} processes")
+    training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)  # refuses sizes that do not divide
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = training.load_resume(ckpt_path, STAGE) if cfg.resume else None

@@ -749,10 +749,7 @@ def _main(cfg: Config, rt) -> None:
     if seq_len > chat.args.max_seq_len:
         raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
                          f"({chat.args.max_seq_len}); lower it")
-    per_rank = cfg.batch_size // rt.world_size
-    if cfg.batch_size % rt.world_size or per_rank % cfg.micro_batch:
-        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be a multiple of "
-                         f"--micro_batch {cfg.micro_batch} x {rt.world_size} processes")
+    per_rank = training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)
     if rt.is_master:
         out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"

@@ -421,10 +421,7 @@ def _main(cfg: Config, rt) -> None:
         raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
                          f"({model.args.max_seq_len}); lower it")
     # under torchrun each rank takes batch_size / world_size of a step's rows, micro_batch at a time
-    per_rank = cfg.batch_size // rt.world_size
-    if cfg.batch_size % rt.world_size or per_rank % cfg.micro_batch:
-        raise SystemExit(f"error: --batch_size {cfg.batch_size} must be a multiple of "
-                         f"--micro_batch {cfg.micro_batch} x {rt.world_size} process(es)")
+    per_rank = training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)
     if rt.is_master:
         out_dir.mkdir(parents=True, exist_ok=True)
         # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint

@@ -239,6 +239,16 @@ def all_reduce_mean(value: float | torch.Tensor, rt: Runtime) -> float:
     return t.item()
 
 
+def rows_per_rank(batch_size: int, micro_batch: int, rt: Runtime) -> int:
+    """How many of a step's batch_size rows this rank takes (the same on every rank), worked
+    through micro_batch at a time; a clear error when they do not divide."""
+    per_rank = batch_size // rt.world_size
+    if batch_size % rt.world_size or per_rank % micro_batch:
+        raise SystemExit(f"error: --batch_size {batch_size} must be a multiple of --micro_batch "
+                         f"{micro_batch} x {rt.world_size} process(es)")
+    return per_rank
+
+
 def broadcast_from_rank0(values: list[float], rt: Runtime) -> list[float]:
     """Rank 0's numbers on every rank (identity with one process). For numbers every rank
     computes redundantly that decide control flow (early stopping) or feed training (reward

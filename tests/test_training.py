@@ -359,3 +359,12 @@ def test_metrics_log_and_plot(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text(json.dumps({"gatt_data": {}}) + "\n")
     with pytest.raises(SystemExit, match="no records with a loss"):
         training.plot_metrics(tmp_path / "empty.jsonl", tmp_path / "e.png")
+
+def test_rows_per_rank_splits_a_step_or_says_why_not():
+    two = training.Runtime(torch.device("cpu"), torch.float32, rank=1, world_size=2)
+    assert training.rows_per_rank(8, 2, two) == 4  # each of 2 ranks: 4 rows, 2 at a time
+    assert training.rows_per_rank(8, 8, training.Runtime(torch.device("cpu"), torch.float32)) == 8
+    for batch, micro in ((7, 1), (6, 2)):  # 7 rows over 2 ranks; 3 rows per rank in 2s
+        with pytest.raises(SystemExit, match=f"--batch_size {batch} must be a multiple of "
+                                             f"--micro_batch {micro} x 2 process"):
+            training.rows_per_rank(batch, micro, two)
