@@ -279,7 +279,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                     "best, fine-tune on it; temperature re-tuned each time; best-of-N curves "
                     "(SPEC §8, Figs. 7, 8)",
               ["train_rlhf.py", "--checkpoint", f"{o}/gatt2", "--reward_model", f"{o}/rm",
-               *fill(k["rs"]), "--out_dir", f"{o}/rs"],
+               *fill(k["rs"]), "--compare", f"sft={o}/sft", "--out_dir", f"{o}/rs"],
               [f"V{n}/ckpt.pt", f"iter{n + 1}/eval.json", "report.txt"], ["gatt2", "rm"],
               est["rs"], resume=True, stop_flag="--stop_at", missing=no_rlhf),
         # PPO (issue 13): from the last rejection-sampling model, KL penalty to it; the rs flags

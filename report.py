@@ -337,21 +337,31 @@ def rejection_sampling(run: Path, out: Path):
     wins = " -> ".join(f"V{j} {e['greedy']['judge']:.3f}"
                        + (f" (wins {e['win_rate']['greedy']:.0%})" if "win_rate" in e else "")
                        for j, e in enumerate(evs))
+    vs = list(evs[0].get("win_rate_vs", {}))  # --compare: against other models (e.g. SFT)
+    wins += "".join("; win rate against " + n + ": " + " -> ".join(
+        f"V{j} {e['win_rate_vs'][n]['greedy']:.0%}" for j, e in enumerate(evs)
+        if n in e.get("win_rate_vs", {})) for n in vs)
     rows.append(["judged score / win rate, V0 -> V1..Vn (Fig. 11 in spirit)", paper11,
                  "greedy judged score (win rate against V0): " + wins,
                  f"floor: empty reply {evs[0]['floor']['judge_empty']:.3f}, win rate 50%; "
                  "ceiling 1.0 / 100%", why])
     sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Win rate: "
-            "one reply each against V0's on the same prompts, judged, ties half.", "",
+            "one reply each against V0's (or, in the last columns, the compared model's) on the "
+            "same prompts, judged, ties half.", "",
             "| model | T (re-tuned) | judged greedy | judged at T | RM greedy | RM at T | "
-            "win rate vs V0 (greedy / at T) | EOS |", "|---|---|---|---|---|---|---|---|"]
+            "win rate vs V0 (greedy / at T) | EOS | correct / rambling / repeating (greedy) |"
+            + "".join(f" win rate vs {n} (greedy / sampled) |" for n in vs),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(vs)]
     for j, (e, t) in enumerate(zip(evs, tunes)):
         w = e.get("win_rate")
         sec.append(f"| V{j} | {t['temperature'] if t else '-'} | {e['greedy']['judge']:.3f} | "
                    f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
                    f"{e['sampled']['rm']:+.3f} | "
                    + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "(itself)")
-                   + f" | {e['greedy']['eos_rate']:.0%} |")
+                   + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
+                   + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
+                             f"{e['win_rate_vs'][n]['sampled']:.0%} |"
+                             if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
     # the ORACLE ablation (ABLATIONS=1): the same iterations with the judge picking
     ro, j = run / "rs_oracle", 1
     while (ro / f"iter{j + 1}" / "eval.json").is_file():
@@ -361,10 +371,13 @@ def rejection_sampling(run: Path, out: Path):
                    f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
                    f"{e['sampled']['rm']:+.3f} | "
                    + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "")
-                   + f" | {e['greedy']['eos_rate']:.0%} |")
+                   + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
+                   + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
+                             f"{e['win_rate_vs'][n]['sampled']:.0%} |"
+                             if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
     f = evs[0]["floor"]
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
-               "| 50% | |")
+               "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
     text = (rs / "report.txt").read_text() if (rs / "report.txt").is_file() else ""
     over = [ln for ln in text.splitlines() if "over-optimization" in ln.lower()]
     if over:

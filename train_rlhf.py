@@ -22,9 +22,10 @@ The prompts come from training-split problems (world.chat_prompts, "train": with
 standing instruction, 1..max_turns turns), the same set every iteration so that pooling compares
 each prompt's samples across iterations. Evaluation uses held-out problems only.
 
-    # three iterations from the demo GAtt model with the demo reward model
+    # three iterations from the demo GAtt model with the demo reward model; every Vi's win rate
+    # against V0 and (--compare) against the SFT model, on the same held-out prompts
     python train_rlhf.py --checkpoint out/pipeline/gatt2 \\
-        --reward_model out/pipeline/rm --out_dir out/rlhf_rs
+        --reward_model out/pipeline/rm --compare sft=out/pipeline/sft --out_dir out/rlhf_rs
     # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
     python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
@@ -124,7 +125,7 @@ class Config:
     val_every: int = 1  # validate every N iterations
     patience: int = 5  # stop after N validations without a better score (0: never)
     ppo_judge: bool = True  # log the judge's score of each batch's rollouts (measured only, never trained on)
-    compare: str = ""  # ppo: name=checkpoint,... the final model's win rate against each in eval_final.json (e.g. sft=out/pipeline/sft,rs=out/pipeline/rs/V3)
+    compare: str = ""  # name=checkpoint,... win rates against other models on the held-out prompts: rs, of every Vi (eval.json "win_rate_vs", e.g. sft=out/pipeline/sft); ppo, of the final model (eval_final.json "compare", e.g. sft=...,rs=out/pipeline/rs/V3)
     report: str = ""  # ppo: run_dir,run_dir,... of finished PPO runs (e.g. a --beta sweep): ppo_overopt.png and the table, no training
     # fine-tuning on the gold answers (train_sft's answer-only loss and packing; Llama 2 SFT values in brackets)
     epochs: float = 2.0  # passes over the gold answers per iteration (SFT: 2)
@@ -998,7 +999,7 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"error: --temperature {cfg.temperature}: PPO samples, give T > 0")
         if cfg.beta < 0 or cfg.ppo_lr <= 0 or cfg.value_lr <= 0:
             raise SystemExit("error: --beta must be >= 0, --ppo_lr and --value_lr > 0")
-        parse_compare(cfg.compare)
+    parse_compare(cfg.compare)
     if cfg.select not in ("rm", "judge"):
         raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "
                          "ORACLE ablation)")
@@ -1050,6 +1051,10 @@ def _barrier(rt) -> None:
 def run(cfg: Config, rt, stop_at) -> None:
     """The iterations (main() sets up and tears down the process group around it)."""
     training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)  # refuses sizes that do not divide
+    compare = parse_compare(cfg.compare)
+    for name, path in compare.items():  # before the sampling, not after
+        if cfg.eval and not Path(path).exists():
+            raise SystemExit(f"error: --compare {name}={path}: no such checkpoint")
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = training.load_resume(ckpt_path, STAGE) if cfg.resume else None
@@ -1123,6 +1128,7 @@ def run(cfg: Config, rt, stop_at) -> None:
 
     t_train = 0.0  # seconds spent tuning, sampling, scoring and fine-tuning (not evaluating)
     reference = None  # V0's evaluation: the win rates are against it
+    others: dict[str, dict] = {}  # --compare: the other models' held-out replies, scored
     for i in range(it, cfg.iterations + 2):
         # iteration i starts from V(i-1); "iteration" n+1 only tunes and evaluates Vn
         d = out_dir / f"iter{i}"
@@ -1139,11 +1145,29 @@ def run(cfg: Config, rt, stop_at) -> None:
         if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait at the barrier
             if reference is None and i > 1:
                 reference = json.loads((out_dir / "iter1" / "eval.json").read_text())
-            ev = cached(d / "eval.json", lambda: evaluate.policy_eval(
-                model, tokenizer, rm, cfg, T, reference, rt, label=f"V{i - 1}"))
+            # --compare: each other model's replies to the same held-out prompts, measured once
+            # (greedy, and sampled at V0's tuned T), then every Vi's win rate against them
+            for name, path in compare.items():
+                if name not in others:
+                    others[name] = cached(out_dir / f"compare_{name}.json", lambda: {
+                        "checkpoint": path, **evaluate.one_sample_stats(
+                            load_compare(path, tokenizer, rt), tokenizer, rm, cfg, T, rt, name)})
+
+            def measure():
+                e = evaluate.policy_eval(model, tokenizer, rm, cfg, T, reference, rt,
+                                         label=f"V{i - 1}")
+                e["win_rate_vs"] = {n: {k: evaluate.win_rate(e[k]["judge_scores"],
+                                                             o[k]["judge_scores"])
+                                        for k in ("greedy", "sampled")}
+                                    for n, o in others.items()}
+                return e
+            ev = cached(d / "eval.json", measure)
             if i == 1:
                 reference = ev
-            log.write({"iteration": i - 1, "eval": _light(ev)}, evaluate.format_policy_eval(ev))
+            log.write({"iteration": i - 1, "eval": _light(ev)}, evaluate.format_policy_eval(ev)
+                      + "".join(f"\n  win rate against {n} (judged, one sample each, ties half; "
+                                f"floor/chance 50%): greedy {w['greedy']:.1%}, sampled "
+                                f"{w['sampled']:.1%}" for n, w in ev.get("win_rate_vs", {}).items()))
         _barrier(rt)
         if i > cfg.iterations:
             break
@@ -1288,14 +1312,18 @@ def report(out_dir: Path, cfg: Config, log) -> None:
                                out_dir / "temperatures.png")
     rows = [{**e, "iteration": i} for i, e in enumerate(evs)]
     evaluate.plot_iterations(rows, out_dir / "iterations.png")
+    vs = list(rows[0].get("win_rate_vs", {}))  # --compare: the win rates against other models
     lines = ["iteration | T | judged greedy | judged at T | RM greedy | RM at T | win rate greedy "
-             "| win rate at T | EOS | tokens"]
+             "| win rate at T | EOS | tokens" + "".join(f" | vs {n} greedy | vs {n} at T" for n in vs)]
     for r, t in zip(rows, tunes):
         w = r.get("win_rate", {"greedy": 0.5, "sampled": 0.5})
+        wv = r.get("win_rate_vs", {})
         lines.append(f"V{r['iteration']} | {t['temperature']:g} | {r['greedy']['judge']:.3f} | "
                      f"{r['sampled']['judge']:.3f} | {r['greedy']['rm']:+.3f} | "
                      f"{r['sampled']['rm']:+.3f} | {w['greedy']:.1%} | {w['sampled']:.1%} | "
-                     f"{r['greedy']['eos_rate']:.1%} | {r['greedy']['tokens']:.1f}")
+                     f"{r['greedy']['eos_rate']:.1%} | {r['greedy']['tokens']:.1f}"
+                     + "".join(f" | {wv[n]['greedy']:.1%} | {wv[n]['sampled']:.1%}" if n in wv
+                               else " | - | -" for n in vs))
     f = rows[0]["floor"]
     lines.append(f"floors: judged {f['judge_empty']:.3f} (empty reply), "
                  f"{f['judge_bare_answer']:.3f} (bare correct answer), ceiling 1.0; RM "

@@ -186,6 +186,32 @@ def test_the_report_reads_ppo_outputs(tmp_path):
             "policy, PPO never beat it") in text
 
 
+def test_the_report_reads_rejection_sampling_outputs(tmp_path):
+    """The RS row and table from hand-made rs/ outputs, with --compare's win rates against SFT."""
+    run = tmp_path / "run"
+    curve = {"n": [1, 2], "max": [0.1, 0.3], "median": [0.1, 0.1], "prompts": 2, "m": 2}
+    for i, (judge, vs_sft) in enumerate(((0.50, 0.375), (0.55, 0.625))):
+        d = run / "rs" / f"iter{i + 1}"
+        d.mkdir(parents=True)
+        one = {"judge": judge, "rm": -1.0 + i, "eos_rate": 1.0, "correct": 0.25 * i,
+               "rambling": 0.0, "repeating": 0.0, "judge_scores": [judge], "rm_scores": [0.0]}
+        ev = {"label": f"V{i}", "floor": {"judge_empty": 0.3, "rm_empty": -2.0},
+              "best_of_n": {"temperature": 1.0, "rm": curve, "judge": curve},
+              "greedy": one, "sampled": {**one, "judge": judge - 0.1},
+              "win_rate_vs": {"sft": {"greedy": vs_sft, "sampled": 0.5}}}
+        if i:
+            ev["win_rate"] = {"greedy": 0.75, "sampled": 0.5}
+        (d / "eval.json").write_text(json.dumps(ev))
+        (d / "tune.json").write_text(json.dumps(
+            {"temperature": 1.0, "curves": {"1.0": curve}, "prompts": 2}))
+    text = report.write_report(run, tmp_path / "r")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| judged score / win rate"))
+    assert ("V0 0.500 -> V1 0.550 (wins 75%); win rate against sft: V0 38% -> V1 62%") in row
+    assert "| V1 | 1.0 | 0.550 | 0.450 | +0.000 | +0.000 | 75% / 50% | 100% | 25% / 0% / 0% | " \
+           "62% / 50% |" in text
+    assert "| floor | | 0.300 (empty) | | -2.000 (empty) | | 50% | | 0% / 0% / 0% | 50% |" in text
+
+
 def test_bad_input_is_one_clear_error(base, tmp_path):
     for flags, msg in ((["--stop_at", "pretrain:2"], "has no flag to stop mid-run"),
                        (["--until", "nosuch"], "no stage 'nosuch'"),

@@ -144,12 +144,21 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
     out = tmp_path / "e2e"
     train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--eval", "true", "--eval_n", "6",
                            "--eval_bestof_n", "2", "--eval_k", "3", "--eval_mt_n", "1",
-                           "--eval_turns", "2", "--eval_levels", "1"))
+                           "--eval_turns", "2", "--eval_levels", "1",
+                           "--compare", f"sft={ckpts['sft']}"))
     log = capsys.readouterr().out
     assert "V1 step 1/" in log and "tok/s" in log and "T=" in log
     v0 = json.loads((out / "iter1" / "eval.json").read_text())
     v1 = json.loads((out / "iter2" / "eval.json").read_text())
     assert "win_rate" not in v0 and 0.0 <= v1["win_rate"]["sampled"] <= 1.0
+    # --compare sft: V0 IS the SFT model, so its compared replies (same prompts, same seeds) are
+    # V0's own, V0 ties itself, and V1's win rate against SFT is its win rate against V0
+    sft = json.loads((out / "compare_sft.json").read_text())
+    for k in ("greedy", "sampled"):
+        assert sft[k]["judge_scores"] == v0[k]["judge_scores"]
+    assert v0["win_rate_vs"]["sft"] == {"greedy": 0.5, "sampled": 0.5}
+    assert v1["win_rate_vs"]["sft"] == v1["win_rate"]
+    assert "win rate against sft (judged" in log
     # the win rate is the judged per-prompt scores compared pairwise (ties half), by hand
     a, b = v1["sampled"]["judge_scores"], v0["sampled"]["judge_scores"]
     wins = sum((x > y) + 0.5 * (x == y) for x, y in zip(a, b)) / len(a)
@@ -161,6 +170,7 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
     assert len(v1["adherence_by_turn"]) == 2
     report = (out / "report.txt").read_text()
     assert "floors: judged" in report and "win rate 50%" in report
+    assert "| vs sft greedy | vs sft at T" in report and "| 50.0% | 50.0%" in report
     assert "over-optimization" in report.lower()
     import matplotlib.image
     for png in ("best_of_n.png", "temperatures.png", "iterations.png"):
@@ -184,6 +194,8 @@ def test_bad_input_is_one_clear_error(ckpts, tmp_path):
         (["--select", "human"], "--select 'human'"),
         (["--stop_at", "two"], "--stop_at 'two'"),
         (["--resume"], "--resume given but"),
+        (["--compare", "sft"], "--compare 'sft': give name=checkpoint"),
+        (["--eval", "true", "--compare", f"sft={tmp_path / 'nope'}"], "--compare sft=.*no such"),
     ]
     for extra, msg in cases:
         with pytest.raises(SystemExit, match="error: .*" + msg):
