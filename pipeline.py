@@ -6,6 +6,7 @@
     python pipeline.py --fresh              # start over (deletes every stage's output under --out_dir)
     python pipeline.py --ablations          # + the ORACLE / ablation stages (judge-picked GAtt, RM margins x seeds)
     python pipeline.py --until sft          # stop after a stage; --skip eval_pretrain leaves one out
+    python pipeline.py --model small        # the same recipe with an 8.3M-parameter model (out/pipeline_small)
     bash scripts/demo.sh                    # the same, from the shell (QUICK=1, FRESH=1, ABLATIONS=1)
 
 Stages (each one command of the stage scripts, SPEC.md section in brackets): the world's text ->
@@ -55,6 +56,7 @@ class Config:
     size: str = "full"  # full (the CPU demo, <= 60 min on 2 cores), quick (every stage small, <= 10 min), tiny (seconds: the tests)
     out_dir: str = ""  # where every stage writes ("" = out/pipeline, out/pipeline_quick or out/pipeline_tiny)
     report_dir: str = ""  # where REPORT.md and its figures go ("" = docs for the full size, else <out_dir>/report)
+    model: str = ""  # the model shape pretraining builds ("" = the size's own: demo, 3.1M parameters at full and quick; small = 8.3M, about 2.5x slower; any llama2.PRESETS name); its runs go to out/pipeline_<model> and their report there
     fresh: bool = False  # start over: delete every stage's folder under out_dir first
     ablations: bool = False  # also run the ORACLE / ablation stages (judge-picked GAtt; RM margin none/small/large x seeds, the paper's Table 28)
     until: str = ""  # stop after this stage (e.g. sft)
@@ -200,7 +202,10 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
     o = str(out)
 
     def fill(args):
-        return [a.replace("{out}", o) for a in args]
+        args = [a.replace("{out}", o) for a in args]
+        if cfg.model and "--model" in args:  # --model: the same recipe with another shape
+            args[args.index("--model") + 1] = cfg.model
+        return args
 
     def ev(name, ckpt, label, needs, knobs="evals", extra=()):
         return Stage(name, f"judged evaluation of {label} on held-out problems (SPEC §10)",
@@ -425,11 +430,17 @@ def run(cfg: Config) -> int:
     if cfg.size not in SIZES:
         raise SystemExit(f"error: --size {cfg.size!r}: use one of {', '.join(SIZES)}")
     # folders given are relative to where you are; the defaults to the repository
+    if cfg.model:
+        import llama2
+        if cfg.model not in llama2.PRESETS:
+            raise SystemExit(f"error: --model {cfg.model!r}: use one of "
+                             f"{', '.join(llama2.PRESETS)}")
     out = (Path(cfg.out_dir).resolve() if cfg.out_dir else
-           ROOT / {"full": "out/pipeline", "quick": "out/pipeline_quick",
-                   "tiny": "out/pipeline_tiny"}[cfg.size])
+           ROOT / ({"full": "out/pipeline", "quick": "out/pipeline_quick",
+                    "tiny": "out/pipeline_tiny"}[cfg.size] + (f"_{cfg.model}" if cfg.model else "")))
+    # docs/REPORT.md is the full size's report at its own model; other runs report beside them
     report_dir = Path(cfg.report_dir).resolve() if cfg.report_dir else (
-        ROOT / "docs" if cfg.size == "full" else out / "report")
+        ROOT / "docs" if cfg.size == "full" and not cfg.model else out / "report")
     _check_out_dir(out)
     stages = build_stages(cfg, out)
     for s in stages:

@@ -186,6 +186,24 @@ def test_the_report_reads_ppo_outputs(tmp_path):
             "policy, PPO never beat it") in text
 
 
+def test_model_flag_changes_the_shape_and_the_folders(tmp_path, capsys):
+    """--model small: pretraining builds that shape, every other flag stays, and the runs go to
+    their own folder and report (docs/REPORT.md stays the default model's); a typo is refused."""
+    base = {s.name: s.argv for s in pipeline.build_stages(pipeline.Config(size="full"), tmp_path)}
+    small = {s.name: s.argv for s in pipeline.build_stages(
+        pipeline.Config(size="full", model="small"), tmp_path)}
+    a, b = base["pretrain"], small["pretrain"]
+    assert a[a.index("--model") + 1] == "demo" and b[b.index("--model") + 1] == "small"
+    assert [x for x in a if x != "demo"] == [x for x in b if x != "small"]
+    assert {n: v for n, v in base.items() if n != "pretrain"} == \
+        {n: v for n, v in small.items() if n != "pretrain"}
+    pipeline.main(["--model", "small", "--list"])
+    out = capsys.readouterr().out
+    assert "out/pipeline_small/pretrain" in out and "out/pipeline_small/report" in out
+    with pytest.raises(SystemExit, match="--model 'smal': use one of"):
+        pipeline.main(["--model", "smal", "--list"])
+
+
 def test_the_report_reads_rejection_sampling_outputs(tmp_path):
     """The RS row and table from hand-made rs/ outputs, with --compare's win rates against SFT."""
     run = tmp_path / "run"
