@@ -706,9 +706,7 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         raise SystemExit(f"error: under torchrun --ppo_minibatch {cfg.ppo_minibatch} must be a "
                          f"multiple of the {rt.world_size} processes and divide --ppo_batch "
                          f"{cfg.ppo_batch} (each rank takes an equal share of every mini-batch)")
-    for name, path in parse_compare(cfg.compare).items():  # before the training, not after
-        if cfg.eval and not Path(path).exists():
-            raise SystemExit(f"error: --compare {name}={path}: no such checkpoint")
+    compared_checkpoints(cfg)  # a missing one is refused before the training, not after
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = None
@@ -931,6 +929,16 @@ def parse_compare(text: str) -> dict[str, str]:
     return out
 
 
+def compared_checkpoints(cfg: Config) -> dict[str, str]:
+    """--compare as {name: checkpoint}; with --eval each must exist (refused at the start of a run,
+    not by check_config, so the pipeline's commands parse before the models they name exist)."""
+    compare = parse_compare(cfg.compare)
+    for name, path in compare.items():
+        if cfg.eval and not Path(path).exists():
+            raise SystemExit(f"error: --compare {name}={path}: no such checkpoint")
+    return compare
+
+
 def load_compare(path: str, tokenizer, rt):
     """A model to compare against: any chat checkpoint with the policy's tokenizer."""
     try:
@@ -1051,10 +1059,7 @@ def _barrier(rt) -> None:
 def run(cfg: Config, rt, stop_at) -> None:
     """The iterations (main() sets up and tears down the process group around it)."""
     training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)  # refuses sizes that do not divide
-    compare = parse_compare(cfg.compare)
-    for name, path in compare.items():  # before the sampling, not after
-        if cfg.eval and not Path(path).exists():
-            raise SystemExit(f"error: --compare {name}={path}: no such checkpoint")
+    compare = compared_checkpoints(cfg)  # a missing one is refused before the sampling
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / "ckpt.pt"
     resumed = training.load_resume(ckpt_path, STAGE) if cfg.resume else None
