@@ -134,6 +134,23 @@ def test_sample_equals_full_sort_reference_for_the_same_uniforms(top_p):
     assert peaked.tolist() == reference_top_p(logits[:6], 0.7, top_p, u[:6])
 
 
+
+def test_sample_rows_on_all_three_paths_in_one_batch_equal_the_reference():
+    # A vocabulary of 4096: peaked rows are covered by the top 64, middling ones by the top 512,
+    # flat ones need the full sort; mixed in one batch, each row still draws what the full-sort
+    # reference draws with its own uniform.
+    torch.manual_seed(5)
+    V, top_p = 4096, 0.9
+    logits = torch.cat([torch.randn(3, V) * 5, torch.randn(3, V) * 2.2, torch.randn(3, V) * 0.05])
+    logits = logits[torch.tensor([0, 3, 6, 1, 7, 4, 2, 8, 5])]  # interleaved paths
+    p = torch.softmax(logits / 0.7, -1)
+    top64, top512 = (p.topk(k, dim=-1).values.sum(-1) for k in (64, 512))
+    path = [0 if a > top_p else 1 if b > top_p else 2 for a, b in zip(top64, top512)]
+    assert path == [0, 1, 2, 0, 2, 1, 0, 2, 1], path
+    got = llama2.sample(logits, 0.7, top_p, torch.Generator().manual_seed(3))
+    u = torch.rand(len(logits), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert got.tolist() == reference_top_p(logits, 0.7, top_p, u)
+
 def test_sample_frequencies_follow_the_softmax():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
     logits = probs.log().expand(20000, 5)
