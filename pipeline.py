@@ -95,7 +95,8 @@ KNOBS = {
               "--lr", "1e-3", "--warmup_steps", "2", "--log_every", "10", "--save_every", "10"],
         gatt_k=8,
         # 4,000 training pairs, not 1,200: in session 5 the held-out average rose 52.1% -> 56.9%
-        # with them (BENCHMARKS.md, "Reward model, session 5"); ~8 minutes instead of ~4
+        # with them (BENCHMARKS.md, "Reward model, session 5"); 6.5 minutes with the pairs
+        # (session 8: 2.8 min of pairs, 3.3 of training and evaluation on one thread)
         rm=["--n_train", "4000", "--n_test", "1000", "--log_every", "10", "--save_every", "10"],
         rs=["--iterations", "3", "--prompts", "128", "--k", "8", "--tune_prompts", "16",
             "--eval_n", "200", "--eval_bestof_n", "32", "--eval_k", "16", "--eval_mt_n", "16",
@@ -104,7 +105,7 @@ KNOBS = {
         # seconds on this 2-core CPU beside other jobs (BENCHMARKS.md; rejection sampling guessed
         # from its sample counts at ~17 samples/s until measured; PPO: the probe that skips it)
         estimate=dict(world_text=10, pretrain=480, eval_pretrain=150, sft=600, eval_sft=110,
-                      gatt1=170, gatt2=150, eval_gatt=110, rm=520, rs=720, ppo=300,
+                      gatt1=170, gatt2=150, eval_gatt=110, rm=400, rs=720, ppo=300,
                       eval_final=110, gatt_judge1=420, gatt_judge2=400, eval_gatt_judge=110,
                       rm_margin=150, rm_ablation=20, report=15)),
     "quick": dict(
