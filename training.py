@@ -916,13 +916,58 @@ def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = 
 
 
 def progress(iterable=None, **kw):
-    """A tqdm progress bar (rate and ETA) for a long loop that is not a training step: tokenizing,
-    sampling, evaluation. Shown only when stderr is a terminal (tqdm's disable=None), so logs and
-    CI output stay clean."""
-    from tqdm.auto import tqdm
-    kw.setdefault("disable", None)
-    kw.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **kw)
+    """A progress count for a long loop that is not a training step: tokenizing, sampling,
+    evaluation. On a terminal, a tqdm bar (rate and ETA); in a log file (stderr not a terminal), a
+    plain line every 30 seconds instead of none, so a long silent stage still says how far it is
+    (`LogProgress`); loops shorter than that print nothing."""
+    import sys
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+        kw.setdefault("dynamic_ncols", True)
+        return tqdm(iterable, **kw)
+    return LogProgress(iterable, **kw)
+
+
+class LogProgress:
+    """tqdm's interface (iterate, update, with) for log files: a line such as
+    `sampling: 1,200/32,768, 58.1 reply/s, 9m05s left` every `every` seconds, on rank 0 only."""
+
+    def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it",
+                 every: float = 30.0, **_):
+        self.iterable, self.desc, self.unit, self.every = iterable, desc or "progress", unit, every
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.n = total, 0
+        self.t0 = self.last = time.perf_counter()
+        self.quiet = int(os.environ.get("RANK", "0")) != 0
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update(1)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.perf_counter()
+        if self.quiet or now - self.last < self.every:
+            return
+        self.last = now
+        rate = self.n / max(now - self.t0, 1e-9)
+        of = f"/{self.total:,}" if self.total else ""
+        left = ""
+        if self.total and rate > 0:
+            s = round((self.total - self.n) / rate)
+            left = f", {s // 60}m{s % 60:02d}s left"
+        print(f"{self.desc}: {self.n:,}{of}, {rate:.1f} {self.unit}/s{left}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def step_line(step: int, max_steps: int, loss: float, lr: float, gnorm: float, dt: float,

@@ -368,3 +368,20 @@ def test_rows_per_rank_splits_a_step_or_says_why_not():
         with pytest.raises(SystemExit, match=f"--batch_size {batch} must be a multiple of "
                                              f"--micro_batch {micro} x 2 process"):
             training.rows_per_rank(batch, micro, two)
+
+
+def test_log_progress_prints_counts_rate_and_time_left_in_a_log(capsys, monkeypatch):
+    # In a log file (stderr not a terminal) progress() is a plain line every `every` seconds.
+    monkeypatch.setattr(training.time, "perf_counter", iter([0.0, 10.0, 20.0, 40.0]).__next__)
+    bar = training.LogProgress(total=100, desc="sampling", unit="reply", every=15.0)
+    bar.update(20)   # at 10 s: under 15 s since the start, silent
+    bar.update(20)   # at 20 s: 40 replies in 20 s -> 2.0/s, 60 left -> 30 s
+    bar.update(40)   # at 40 s: 20 s since the last line -> 80 in 40 s, 20 left -> 10 s
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["sampling: 40/100, 2.0 reply/s, 0m30s left",
+                     "sampling: 80/100, 2.0 reply/s, 0m10s left"]
+    # iterating passes every item through and counts them; quiet on ranks other than 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(training.time, "perf_counter", iter(range(0, 100, 10)).__next__)
+    quiet = training.LogProgress(range(5), every=0.0)
+    assert list(quiet) == list(range(5)) and quiet.n == 5 and capsys.readouterr().out == ""
