@@ -73,8 +73,11 @@ SIZES = ("full", "quick", "tiny")
 KNOBS = {
     "full": dict(
         world_lines=30000,
+        # 8,192 tokens a step (16 rows of 512: 3.3M tokens in all), whatever the number of
+        # processes (batch_tokens pins the global batch; one process accumulates 2 micro-steps)
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
                   "--max_seq_len", "512", "--seq_len", "512", "--batch_size", "8",
+                  "--batch_tokens", "8192",
                   "--max_steps", "400", "--warmup_steps", "40", "--lr", "2e-3",
                   "--eval_every", "200", "--save_every", "50", "--samples", "1"],
         evals=["--eval_n", "200", "--eval_bestof_n", "48", "--eval_k", "8", "--eval_mt_n", "96",
