@@ -132,7 +132,8 @@ def sft_vs_pretrained(run: Path, out: Path):
     ours = (f"judged score: pretrained {_judged(pre)} -> SFT {_judged(sft)}"
             if pre or sft else NOT_RUN)
     why = ("the world's programmatic judge instead of human raters, on held-out problems; a 3M "
-           "model learns the answer format and the instructions, rarely the content")
+           "model learns the answer format and the instructions"
+           + (f", the content of {sft['correct']:.0%} of the problems" if sft else ""))
     row = ["SFT vs pretrained, judged (§3.1)", paper, ours, floor, why]
     sec = ["## Judged score of each model (SPEC §5, §10)", "",
            "The world's judge scores one greedy reply per held-out prompt (content, instruction, "
