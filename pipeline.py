@@ -402,11 +402,6 @@ def stage_state(stage: Stage, out: Path, ids: dict[str, str]) -> tuple[str, str]
     return "new", "not run yet"
 
 
-def _fmt(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 # -----------------------------------------------------------------------------------------------
 # the driver
 
@@ -495,7 +490,7 @@ def run(cfg: Config) -> int:
 
     total = sum(s.estimate for s in stages if s.name not in skip)
     say(f"Llama 2 recipe, {cfg.size} size: {len(stages)} stages in {out}; estimate "
-          f"~{_fmt(total)} on this 2-core CPU for a run from scratch"
+          f"~{training.fmt_duration(total)} on this 2-core CPU for a run from scratch"
           + (" (ABLATIONS on: oracle / ablation stages included)" if cfg.ablations else ""))
     ids: dict[str, str] = {}  # finished stages -> their done id
     timings: dict[str, float] = {}
@@ -544,8 +539,8 @@ def run(cfg: Config) -> int:
                 return 0
             continue
         elapsed = time.time() - t_start
-        say(f"{head}\n     estimate ~{_fmt(s.estimate)}; so far {_fmt(elapsed)}, left ~"
-              f"{_fmt(max(left, 0))} ({why})")
+        say(f"{head}\n     estimate ~{training.fmt_duration(s.estimate)}; so far {training.fmt_duration(elapsed)}, left ~"
+              f"{training.fmt_duration(max(left, 0))} ({why})")
         argv = list(s.argv)
         key = {"argv": _portable(s.argv, out), "deps": {d: ids[d] for d in s.needs}}
         if state == "partial":
@@ -577,12 +572,12 @@ def run(cfg: Config) -> int:
                 left -= s.estimate
                 continue
         if proc.returncode != 0:
-            say(f"error: stage {s.name} failed (exit {proc.returncode}) after {_fmt(dt)}; fix "
+            say(f"error: stage {s.name} failed (exit {proc.returncode}) after {training.fmt_duration(dt)}; fix "
                   "it and run the same command again: finished stages are skipped, this one "
                   "resumes where it can")
             return proc.returncode
         if stop and stop[0] == s.name:
-            say(f"     stopped {s.name} at {stop[1]} as --stop_at asked ({_fmt(dt)}); "
+            say(f"     stopped {s.name} at {stop[1]} as --stop_at asked ({training.fmt_duration(dt)}); "
                   "run again without --stop_at to resume it")
             return 0
         missing = [f for f in s.outputs if not (
@@ -597,10 +592,10 @@ def run(cfg: Config) -> int:
             with training.atomic_write(_marker(out, s), "w") as f:
                 f.write(json.dumps({**key, "id": ids[s.name], "seconds": dt,
                                     "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-        say(f"     finished {s.name} in {_fmt(dt)}")
+        say(f"     finished {s.name} in {training.fmt_duration(dt)}")
     if not cfg.list:
-        ran = ", ".join(f"{k} {_fmt(v)}" for k, v in timings.items())
-        say(f"pipeline done in {_fmt(time.time() - t_start)}"
+        ran = ", ".join(f"{k} {training.fmt_duration(v)}" for k, v in timings.items())
+        say(f"pipeline done in {training.fmt_duration(time.time() - t_start)}"
               + (f" (ran: {ran})" if ran else " (every stage was already finished)")
               + (f"; report: {report_dir / 'REPORT.md'}" if "report" in timings else ""))
         final = next((s for s in stages if s.name == "eval_final"), None)

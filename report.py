@@ -65,11 +65,6 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _fmt_s(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
 def _img(lines: list[str], out: Path, name: str, alt: str) -> None:
     if (out / name).is_file():
         lines.append(f"\n![{alt}]({name})\n")
@@ -520,12 +515,12 @@ def timings(run: Path) -> list[str]:
            "the RM's preference pairs are built once and cached, so an RM stage that reused them "
            "shows only its training and evaluation.", "",
            "| stage | wall time | finished |", "|---|---|---|"]
-    out += [f"| {name}{' (ablation)' if name in extra else ''} | {_fmt_s(sec)} | {fin} |"
+    out += [f"| {name}{' (ablation)' if name in extra else ''} | {training.fmt_duration(sec)} | {fin} |"
             for fin, name, sec in rows]
     recipe = sum(sec for _, name, sec in rows if name not in extra)
-    out.append(f"| the recipe | {_fmt_s(recipe)} | |")
+    out.append(f"| the recipe | {training.fmt_duration(recipe)} | |")
     if any(name in extra for _, name, _ in rows):
-        out.append(f"| ablations | {_fmt_s(sum(r[2] for r in rows) - recipe)} | |")
+        out.append(f"| ablations | {training.fmt_duration(sum(r[2] for r in rows) - recipe)} | |")
     return out
 
 

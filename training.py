@@ -915,6 +915,12 @@ def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = 
     return out
 
 
+def fmt_duration(seconds: float) -> str:
+    """`9m05s`, or `42s` under a minute: how logs, the pipeline and the report write durations."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def progress(iterable=None, **kw):
     """A progress count for a long loop that is not a training step: tokenizing, sampling,
     evaluation. On a terminal, a tqdm bar (rate and ETA); in a log file (stderr not a terminal), a
@@ -930,7 +936,7 @@ def progress(iterable=None, **kw):
 
 class LogProgress:
     """tqdm's interface (iterate, update, with) for log files: a line such as
-    `sampling: 1,200/32,768, 58.1 reply/s, 9m05s left` every `every` seconds, on rank 0 only."""
+    `sampling: 1,200/32,768, 58.1 reply/s, 9m05s left` (see fmt_duration) every `every` seconds, on rank 0 only."""
 
     def __init__(self, iterable=None, total=None, desc: str = "", unit: str = "it",
                  every: float = 30.0, **_):
@@ -954,10 +960,8 @@ class LogProgress:
         self.last = now
         rate = self.n / max(now - self.t0, 1e-9)
         of = f"/{self.total:,}" if self.total else ""
-        left = ""
-        if self.total and rate > 0:
-            s = round((self.total - self.n) / rate)
-            left = f", {s // 60}m{s % 60:02d}s left"
+        left = (f", {fmt_duration((self.total - self.n) / rate)} left"
+                if self.total and rate > 0 else "")
         print(f"{self.desc}: {self.n:,}{of}, {rate:.1f} {self.unit}/s{left}", flush=True)
 
     def close(self) -> None:

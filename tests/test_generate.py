@@ -134,7 +134,6 @@ def test_sample_equals_full_sort_reference_for_the_same_uniforms(top_p):
     assert peaked.tolist() == reference_top_p(logits[:6], 0.7, top_p, u[:6])
 
 
-
 def test_sample_rows_on_all_three_paths_in_one_batch_equal_the_reference():
     # A vocabulary of 4096: peaked rows are covered by the top 64, middling ones by the top 512,
     # flat ones need the full sort; mixed in one batch, each row still draws what the full-sort
@@ -150,6 +149,7 @@ def test_sample_rows_on_all_three_paths_in_one_batch_equal_the_reference():
     got = llama2.sample(logits, 0.7, top_p, torch.Generator().manual_seed(3))
     u = torch.rand(len(logits), 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert got.tolist() == reference_top_p(logits, 0.7, top_p, u)
+
 
 def test_sample_frequencies_follow_the_softmax():
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
