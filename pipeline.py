@@ -109,12 +109,11 @@ KNOBS = {
             "--eval_n", "200", "--eval_bestof_n", "32", "--eval_k", "16", "--eval_mt_n", "16",
             "--eval_turns", "12", "--log_every", "5"],
         rs_iterations=3, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5),
-        # seconds on this 2-core CPU beside other jobs (BENCHMARKS.md; rejection sampling guessed
-        # from its sample counts at ~17 samples/s until measured; PPO: the probe that skips it)
-        estimate=dict(world_text=10, pretrain=480, eval_pretrain=150, sft=950, eval_sft=110,
-                      gatt1=170, gatt2=150, eval_gatt=110, rm=400, rs=720, ppo=300,
-                      eval_final=110, gatt_judge1=420, gatt_judge2=400, eval_gatt_judge=110,
-                      rm_margin=150, rm_ablation=20, report=15)),
+        # seconds on this 2-core CPU, from the session-8 full run (BENCHMARKS.md, "The SFT budget")
+        estimate=dict(world_text=10, pretrain=600, eval_pretrain=60, sft=1080, eval_sft=60,
+                      gatt1=60, gatt2=70, eval_gatt=60, rm=330, rs=420, ppo=180,
+                      eval_final=65, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
+                      rm_margin=200, rm_ablation=10, report=10)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
