@@ -38,7 +38,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 LEVELS = (1, 2, 3, 4)
-HELDOUT_PERCENT = 10  # share of canonical problems held out for evaluation
+HELDOUT_PERCENT = 10  # share of canonical problems held out for evaluation: the test split
+VALID_PERCENT = 5  # share held out for choosing hyperparameters and defaults: the validation split
+SPLITS = ("train", "valid", "heldout")
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary: a small fixed set of words and facts, so a tiny model and tokenizer can cope.
@@ -305,6 +307,10 @@ class Problem:
     def heldout(self) -> bool:
         return is_heldout(self)
 
+    @property
+    def split(self) -> str:
+        return split_of(self)
+
     def prompt(self, rng: random.Random) -> str:
         """One phrasing of the problem, chosen with rng."""
         fam = FAMILIES[self.family]
@@ -353,22 +359,31 @@ def canonical_key(family: str, f: dict) -> str:
     raise ValueError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
 
 
+def split_of(problem: Problem) -> str:
+    """The problem's split, by a hash of its canonical key (so every twin of a problem, operands
+    swapped, list permuted, the same sum asked as a subtraction, a word spelled instead of
+    reversed, is in the same split): "heldout" for a fixed ~10% (HELDOUT_PERCENT, what the report
+    shows), "valid" for another ~5% (VALID_PERCENT, where hyperparameters and defaults are chosen),
+    "train" for the rest (everything any stage trains on)."""
+    h = int(hashlib.sha256(problem.canonical.encode()).hexdigest()[:8], 16) % 100
+    return ("heldout" if h < HELDOUT_PERCENT else
+            "valid" if h < HELDOUT_PERCENT + VALID_PERCENT else "train")
+
+
 def is_heldout(problem: Problem) -> bool:
-    """True for the fixed ~10% of problems reserved for evaluation: a hash of the problem's
-    canonical key, so that every twin of a held-out problem (operands swapped, list permuted,
-    the same sum asked as a subtraction, a word spelled instead of reversed) is held out too."""
-    h = int(hashlib.sha256(problem.canonical.encode()).hexdigest()[:8], 16)
-    return h % 100 < HELDOUT_PERCENT
+    """True for the fixed ~10% of problems reserved for evaluation (`split_of`)."""
+    return split_of(problem) == "heldout"
 
 
 def sample_problem(rng: random.Random, split: str = "train", family: str | None = None,
                    level: int | None = None) -> Problem:
-    """Sample a problem of the given split ("train" or "heldout"), family and level (None: random).
+    """Sample a problem of the given split (SPLITS: "train", "valid" or "heldout"), family and
+    level (None: random).
 
     Rejection sampling on the hash split; family and level are re-drawn when left open.
     """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
     if level is not None and level not in LEVELS:
@@ -377,7 +392,7 @@ def sample_problem(rng: random.Random, split: str = "train", family: str | None 
         fam = FAMILIES[family or rng.choice(sorted(FAMILIES))]
         lvl = level or rng.choice(LEVELS)
         p = make_problem(fam.name, fam.sample(rng, lvl))
-        if p.heldout == (split == "heldout"):
+        if p.split == split:
             return p
     raise RuntimeError(f"no {split} problem found for family={family} level={level}")
 
@@ -541,25 +556,194 @@ def strip_instructions(text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # The careful human: short, correct answers that obey whatever is in force.
 
-def careful_answer(problem: Problem, rng: random.Random, inst: Standing | None = None) -> str:
+def careful_answer(problem: Problem, rng: random.Random, inst: Standing | None = None,
+                   answer: str | None = None, lead_in: str = "") -> str:
     """A demonstration answer: a random phrasing of the reference answer, made to obey `inst`.
 
-    Falls back to the bare answer when a longer phrasing would break the word limit.
+    Falls back to the bare answer when a longer phrasing would break the word limit. The writers
+    of varied quality (`written_answer`) pass another `answer` (a near miss, half a list) or a
+    `lead_in` (a preamble before the phrasing) and keep everything else the careful human does.
     """
     fam = FAMILIES[problem.family]
     phrasings = list(fam.phrasings + COMMON_PHRASINGS)
     rng.shuffle(phrasings)
     names = inst.names if inst else ()
+    answer = problem.answer if answer is None else answer
     for phrasing in phrasings + ["{ans}"]:
-        ans = f"[{problem.answer}]" if "brackets" in names else problem.answer
-        text = phrasing.format(ans=ans, **problem.f)
+        ans = f"[{answer}]" if "brackets" in names else answer
+        text = (lead_in + " " if lead_in else "") + phrasing.format(ans=ans, **problem.f)
         # add persona phrases first, change the case last so the phrases follow it too
         for n in ("pirate", "robot", "caps", "lower"):
             if n in names:
                 text = INSTRUCTIONS[n].decorate(text)
-        if inst is None or inst.obeys(text):
+        if inst is None or inst.obeys(text) or lead_in:  # a rambler may break the word limit
             return text
     raise RuntimeError(f"cannot answer {problem.key} obeying {names}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writers of varied quality (paper §5.1, "Beyond Human Supervision", Fig. 20): Llama 2's
+# demonstrations came from many annotators, each writing with their own habits; a model fine-tuned
+# on them learns that whole distribution, its poorly executed tail included, and the reward model
+# (people compare better than they write) learns to push the tail down. These writers are that
+# tail. Each habit is visible in the reply and costs judged score (`python world.py demo` prints
+# the share of each flaw in the data and its judged cost on the same prompts).
+
+# Preambles of the rambler: each is 20+ words on its own, so the reply rambles (the judge's form
+# check, RAMBLING_WORDS) and breaks a word limit in force; each ends with ":" so the answer the
+# judge extracts is still the answer after it (see `extract_answer`).
+LEAD_INS = (
+    "Thank you so much for this question, I always enjoy helping with problems like this one, "
+    "so after thinking it through carefully here is my answer:",
+    "Well, that is a good question and I want to be sure that I give you a complete and helpful "
+    "reply, so let me answer it properly:",
+    "Let me take a moment to think about what you asked, because small details matter a lot in "
+    "questions like this, and then tell you:",
+)
+
+
+def near_miss(problem: Problem, rng: random.Random) -> str:
+    """A wrong answer a sloppy writer might give, close to the reference: one digit changed (add,
+    sub, count), the other number (compare), two neighbouring letters or items swapped (spell,
+    reverse, sort, lookup of several countries), another capital (lookup of one). Never the
+    reference itself."""
+    ans, fam = problem.answer, FAMILIES[problem.family]
+    if problem.family == "compare":
+        f = problem.f
+        return f["b"] if ans == f["a"] else f["a"]
+    if fam.kind in ("number", "exact"):
+        i = rng.randrange(len(ans))
+        digits = [d for d in "0123456789" if d != ans[i] and not (i == 0 and d == "0" and len(ans) > 1)]
+        return ans[:i] + rng.choice(digits) + ans[i + 1:]
+    sep = "-" if fam.kind == "letters" else ", "
+    parts = ans.split(sep)
+    swaps = [i for i in range(len(parts) - 1) if parts[i] != parts[i + 1]]
+    if swaps:
+        i = rng.choice(swaps)
+        parts[i], parts[i + 1] = parts[i + 1], parts[i]
+        return sep.join(parts)
+    if fam.kind == "items":  # one capital: another one
+        return rng.choice(sorted(c for c in CAPITALS.values() if c != ans))
+    i = rng.randrange(len(parts))  # a word of one repeated letter: change a letter
+    parts[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != parts[i]])
+    return sep.join(parts)
+
+
+def incomplete(problem: Problem) -> str | None:
+    """The answer cut short, as a curt writer stops early: the first half (rounded down, at least
+    one) of a spelling or of a list of two or more items. None where an answer has no parts to
+    leave out (a number, a single capital): the habit cannot show there."""
+    fam = FAMILIES[problem.family]
+    if fam.kind not in ("letters", "items"):
+        return None
+    sep = "-" if fam.kind == "letters" else ", "
+    parts = problem.answer.split(sep)
+    return sep.join(parts[:max(1, len(parts) // 2)]) if len(parts) >= 2 else None
+
+
+FLAWS = ("no_instruction", "rambling", "incomplete", "wrong")
+
+
+def written_answer(problem: Problem, rng: random.Random, inst: Standing | None = None,
+                   flaw: str | None = None, flaw_rng: random.Random | None = None) -> str:
+    """An answer written with one flaw (None: the careful answer):
+
+    no_instruction  the standing instructions in force are ignored (the plain careful answer);
+    rambling        a 20+ word preamble before the answer (LEAD_INS), instructions otherwise kept;
+    incomplete      half of the spelling or the list (`incomplete`), in the careful form;
+    wrong           a near-miss answer (`near_miss`), in the careful form.
+    A flaw that cannot show on this problem (no instruction in force, an answer with no parts)
+    leaves the careful answer; `flaw_of` says which one a reply shows. The phrasing is drawn
+    with rng, as the careful human's; what the flaw needs (a preamble, a near miss) with flaw_rng
+    (default rng).
+    """
+    flaw_rng = flaw_rng or rng
+    if flaw is None:
+        return careful_answer(problem, rng, inst)
+    if flaw == "no_instruction":
+        return careful_answer(problem, rng, None)
+    if flaw == "rambling":
+        return careful_answer(problem, rng, inst, lead_in=flaw_rng.choice(LEAD_INS))
+    if flaw == "incomplete":
+        return careful_answer(problem, rng, inst, answer=incomplete(problem))
+    if flaw == "wrong":
+        return careful_answer(problem, rng, inst, answer=near_miss(problem, flaw_rng))
+    raise ValueError(f"unknown flaw {flaw!r}; known: {FLAWS} or None")
+
+
+def flaw_of(dialog, response: str) -> str | None:
+    """Which flaw a reply to the dialog's last user message shows, as a reader would name it
+    (the first that applies): "wrong" (content partly or wholly wrong, the parts there in full),
+    "incomplete" (fewer letters or items than the reference, those present right), "no_instruction"
+    (an instruction in force not obeyed), "rambling" (more than RAMBLING_WORDS words), "repeating"
+    (a word trigram twice), "no_eos"; None for a reply with none of them. Used to count the flaws
+    in the data and in a model's samples (the report's Fig. 20 table)."""
+    s = score(dialog, response)
+    if s.content < 1.0:
+        problem, _ = parse_dialog(dialog)
+        kind = FAMILIES[problem.family].kind
+        sep = "-" if kind == "letters" else ", "
+        ref = problem.answer.lower().split(sep)
+        got = ([c for c in re.sub(r"[^a-z]", "", s.extracted)] if kind == "letters"
+               else _split_items(s.extracted) if kind == "items" else None)
+        short = got is not None and 0 < len(got) < len(ref) and got == ref[:len(got)]
+        return "incomplete" if short else "wrong"
+    if s.instruction < 1.0:
+        return "no_instruction"
+    if s.rambling:
+        return "rambling"
+    if s.repeating:
+        return "repeating"
+    return None
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One of the annotators who write demonstrations: how much of the data they write, their
+    habit (a flaw of `written_answer`) and how often it shows in their replies."""
+    name: str
+    share: float          # share of the demonstration dialogs this writer writes
+    flaw: str | None      # their habit (None: the careful writer)
+    rate: float           # share of their replies that show it (where it can show)
+    habit: str            # the habit in words
+
+
+# The mix ("mixed"): about a quarter of the replies carry a flaw (shares and judged costs:
+# `python world.py demo`, BENCHMARKS.md), each a visible one that costs judged score. The careful writer alone ("careful") is the curated set of
+# the paper's "Quality Is All You Need" (§3.1).
+WRITERS = (
+    Writer("careful", 0.50, None, 0.0, "short, correct, obeys every standing instruction"),
+    Writer("forgetful", 0.15, "no_instruction", 1.0, "ignores the standing instructions"),
+    Writer("rambler", 0.10, "rambling", 0.8, "opens with a 20+ word preamble"),
+    Writer("curt", 0.10, "incomplete", 0.8, "stops halfway through a spelling or a list"),
+    Writer("sloppy", 0.15, "wrong", 0.8, "often a near-miss wrong answer"),
+)
+WRITER_MIXES = ("careful", "mixed")
+
+
+def pick_writer(rng: random.Random, mix: str = "mixed") -> Writer:
+    """The writer of one demonstration dialog: the careful one for mix "careful", else drawn by
+    WRITERS' shares."""
+    if mix not in WRITER_MIXES:
+        raise ValueError(f"writers must be one of {WRITER_MIXES}, got {mix!r}")
+    if mix == "careful":
+        return WRITERS[0]
+    x = rng.random()
+    for w in WRITERS:
+        x -= w.share
+        if x < 0:
+            return w
+    return WRITERS[-1]
+
+
+def write_reply(writer: Writer, problem: Problem, rng: random.Random,
+                inst: Standing | None = None, flaw_rng: random.Random | None = None) -> str:
+    """`writer`'s reply to the problem: their habit with probability writer.rate. The habit's
+    draws come from flaw_rng (default rng), so a mixed data set can share its prompts and
+    phrasings with the careful one."""
+    flaw_rng = flaw_rng or rng
+    flaw = writer.flaw if writer.flaw and flaw_rng.random() < writer.rate else None
+    return written_answer(problem, rng, inst, flaw, flaw_rng)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -904,6 +1088,12 @@ def _check_levels(levels) -> None:
         raise ValueError(f"levels must be a non-empty selection of {LEVELS}, got {levels!r}")
 
 
+def _check_eval_split(split: str) -> None:
+    if split not in ("valid", "heldout"):
+        raise ValueError(f"evaluation prompts come from the 'valid' or the 'heldout' split, "
+                         f"never from training problems; got {split!r}")
+
+
 def _user(text: str) -> dict:
     return {"role": "user", "content": text}
 
@@ -917,9 +1107,11 @@ def _system(text: str) -> dict:
 
 
 def _build(rng: random.Random, problems: list[Problem], inst: Standing | None, placement: str,
-           final_user: bool = False) -> list[dict]:
+           final_user: bool = False, writer: Writer = WRITERS[0],
+           writer_rng: random.Random | None = None) -> list[dict]:
     # placement of the instruction: "system", "first" (appended to the first user message),
-    # "every" (appended to every user message); answers obey it when there is one
+    # "every" (appended to every user message); `writer` writes the answers (the careful one
+    # obeys the instruction when there is one)
     messages = []
     if inst is not None and placement == "system":
         neutral = rng.choice(NEUTRAL_SYSTEM) + " " if rng.random() < 0.3 else ""
@@ -932,19 +1124,27 @@ def _build(rng: random.Random, problems: list[Problem], inst: Standing | None, p
             text = text + " " + inst.text
         messages.append(_user(text))
         if not (final_user and i == len(problems) - 1):
-            messages.append(_assistant(careful_answer(p, rng, inst)))
+            messages.append(_assistant(write_reply(writer, p, rng, inst, writer_rng)))
     return messages
 
 
 def sft_dialogs(n: int, seed: int = 0, p_instruction: float = 0.35, p_multiturn: float = 0.3,
-                max_turns: int = 6, levels: tuple = LEVELS) -> list[list[dict]]:
-    """n SFT dialogs from training problems, answers written by the careful human.
+                max_turns: int = 6, levels: tuple = LEVELS,
+                writers: str = "careful") -> list[list[dict]]:
+    """n SFT dialogs from training problems, the answers written by the careful human
+    (writers="careful", the curated set) or by writers of varied quality (writers="mixed": each
+    dialog by one writer of WRITERS, drawn by their shares).
 
     A share p_instruction carries a standing instruction, and only in short dialogs (1-2 turns),
     as in Llama 2 before GAtt; p_multiturn are 3..max_turns turn dialogs without one; the rest
-    are single-turn without one. Problems are drawn at a random level of `levels`.
+    are single-turn without one. Problems are drawn at a random level of `levels`. The careful
+    and the mixed sets of a seed share their prompts, instructions and phrasings (the writers'
+    draws come from a generator of their own): only the flawed replies differ.
     """
     _check_levels(levels)
+    if writers not in WRITER_MIXES:
+        raise ValueError(f"writers must be one of {WRITER_MIXES}, got {writers!r}")
+    writer_rng = random.Random(f"writers-{seed}")
     if n < 0 or max_turns < 3:
         raise ValueError(f"need n >= 0 and max_turns >= 3, got n={n}, max_turns={max_turns}")
     if min(p_instruction, p_multiturn) < 0 or p_instruction + p_multiturn > 1:
@@ -962,22 +1162,25 @@ def sft_dialogs(n: int, seed: int = 0, p_instruction: float = 0.35, p_multiturn:
             inst, n_turns = None, 1
         problems = [sample_problem(rng, "train", level=rng.choice(levels)) for _ in range(n_turns)]
         placement = rng.choice(["system", "system", "first", "every"])
-        out.append(_build(rng, problems, inst, placement))
+        out.append(_build(rng, problems, inst, placement,
+                          writer=pick_writer(writer_rng, writers), writer_rng=writer_rng))
     return out
 
 
 def eval_prompts(n: int, seed: int = 0, p_instruction: float = 0.5,
-                 levels: tuple = LEVELS) -> list[list[dict]]:
+                 levels: tuple = LEVELS, split: str = "heldout") -> list[list[dict]]:
     """n held-out prompts (dialogs ending with a user turn); a share p_instruction carries a
     standing instruction (as system message or appended to the user message); some have one or
-    two earlier turns answered by the careful human."""
+    two earlier turns answered by the careful human. split="valid": the same from the
+    validation split, to choose hyperparameters on."""
     _check_levels(levels)
+    _check_eval_split(split)
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         inst = sample_standing(rng) if rng.random() < p_instruction else None
         n_turns = rng.choice([1, 1, 1, 2, 3])
-        problems = [sample_problem(rng, "heldout", level=rng.choice(levels))
+        problems = [sample_problem(rng, split, level=rng.choice(levels))
                     for _ in range(n_turns)]
         placement = rng.choice(["system", "every"])
         out.append(_build(rng, problems, inst, placement, final_user=True))
@@ -985,22 +1188,24 @@ def eval_prompts(n: int, seed: int = 0, p_instruction: float = 0.5,
 
 
 def eval_multiturn(n: int, seed: int = 0, turns: int = 12,
-                   levels: tuple = (1, 2)) -> list[list[dict]]:
+                   levels: tuple = (1, 2), split: str = "heldout") -> list[list[dict]]:
     """n held-out dialogs of `turns` user turns, the instruction given once as the system message.
 
     Ends with the last user turn; earlier answers are the careful human's (obeying). To measure
     adherence at turn k either use `prefix_at_turn(d, k)` (earlier answers as written) or roll the
     model out turn by turn over `user_turns(d)`. Easy levels by default keep 12 turns short
     (about 400 tokens with a small tokenizer), since what is measured is the instruction.
+    split="valid" draws them from the validation split instead.
     """
     _check_levels(levels)
+    _check_eval_split(split)
     if turns < 1:
         raise ValueError(f"turns must be >= 1, got {turns}")
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         inst = sample_standing(rng)
-        problems = [sample_problem(rng, "heldout", level=rng.choice(levels)) for _ in range(turns)]
+        problems = [sample_problem(rng, split, level=rng.choice(levels)) for _ in range(turns)]
         messages = [_system(inst.text)]
         for i, p in enumerate(problems):
             messages.append(_user(p.prompt(rng)))
@@ -1012,12 +1217,12 @@ def eval_multiturn(n: int, seed: int = 0, turns: int = 12,
 
 def chat_prompts(n: int, split: str, seed: int, levels: tuple = (1, 2), p_instruction: float = 0.5,
                  max_turns: int = 3) -> list[list[dict]]:
-    """n prompt dialogs (ending with a user turn) whose every problem is from `split` ("train" or
-    "heldout"): 1..max_turns user turns, earlier ones answered by the careful human; with
+    """n prompt dialogs (ending with a user turn) whose every problem is from `split` (SPLITS):
+    1..max_turns user turns, earlier ones answered by the careful human; with
     probability p_instruction a standing instruction, as the system message or appended to every
     user message. The prompts of the reward model's pairs and of the RLHF stages."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     _check_levels(levels)
     rng = random.Random(f"rm-prompts-{split}-{seed}")
     out = []
@@ -1154,6 +1359,47 @@ def _demo(seed: int) -> None:
                   f" | instruction {s.instruction:.2f} | form {s.form:.2f}")
         print(f"{'prefer':>9}: careful vs plain {prefer(d, good, plain)},"
               f" plain vs wrong {prefer(d, plain, wrong)}\n")
+    print(format_writer_table(writer_table(seed=seed)))
+
+
+def writer_table(n: int = 4000, seed: int = 0, p_instruction: float = 0.5,
+                 levels: tuple = (1, 2)) -> dict:
+    """What the writers put into SFT data: the share of each flaw (`flaw_of`) among the replies of
+    n mixed-writer dialogs, and its judged cost, measured against the careful set of the same seed
+    (same prompts and phrasings, reply by reply). Returns {"replies", "judged_careful",
+    "judged_mixed", "flaws": {flaw: {"share", "cost"}}}; `python world.py demo` prints it."""
+    mixed = sft_dialogs(n, seed, p_instruction, levels=levels, writers="mixed")
+    careful = sft_dialogs(n, seed, p_instruction, levels=levels, writers="careful")
+    rows = []
+    for dm, dc in zip(mixed, careful):
+        for i, (m, c) in enumerate(zip(dm, dc)):
+            if m["role"] != "assistant":
+                continue
+            prefix = dc[:i]
+            rows.append((flaw_of(prefix, m["content"]), score(prefix, m["content"]).total,
+                         score(prefix, c["content"]).total))
+    flaws = {}
+    for name in FLAWS + ("repeating",):
+        xs = [(sm, sc) for f, sm, sc in rows if f == name]
+        if xs:
+            flaws[name] = {"share": len(xs) / len(rows),
+                           "cost": sum(sc - sm for sm, sc in xs) / len(xs)}
+    return {"replies": len(rows), "judged_careful": sum(r[2] for r in rows) / len(rows),
+            "judged_mixed": sum(r[1] for r in rows) / len(rows), "flaws": flaws}
+
+
+def format_writer_table(t: dict) -> str:
+    lines = ["writers of the mixed SFT data (WRITERS): " + ", ".join(
+                 f"{w.name} {w.share:.0%}" + (f" ({w.habit}, {w.rate:.0%} of replies)" if w.flaw
+                                              else "") for w in WRITERS),
+             f"{t['replies']} replies; judged: careful set {t['judged_careful']:.3f}, mixed set "
+             f"{t['judged_mixed']:.3f}",
+             f"{'flaw':<16}{'share of replies':>18}{'judged cost':>13}"]
+    for name, v in t["flaws"].items():
+        lines.append(f"{name:<16}{v['share']:>18.1%}{v['cost']:>13.3f}")
+    clean = 1 - sum(v["share"] for v in t["flaws"].values())
+    lines.append(f"{'(no flaw)':<16}{clean:>18.1%}{0:>13.3f}")
+    return "\n".join(lines)
 
 
 def parse_levels(text: str) -> tuple:

@@ -650,3 +650,143 @@ def test_demo_runs(capsys):
     world.main(["demo", "--seed", "1"])
     out = capsys.readouterr().out
     assert "total" in out and "prefer" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers of varied quality (the paper's §5.1 tail), by hand
+
+
+def test_flawed_answers_by_hand():
+    rng = random.Random(0)
+    sort = world.make_problem("sort", {"nums": "3, 17, 42, 8", "order": "smallest to largest"})
+    spell = world.make_problem("spell", {"word": "tiger"})
+    add = world.make_problem("add", {"a": "23", "b": "58"})
+    one = world.make_problem("lookup", {"countries": "France"})
+    two = world.make_problem("lookup", {"countries": "France and Japan"})
+    # incomplete: the first half of a list or a spelling (rounded down, at least one part)
+    assert world.incomplete(sort) == "3, 8"
+    assert world.incomplete(spell) == "t-i"
+    assert world.incomplete(two) == "Paris"
+    assert world.incomplete(add) is None and world.incomplete(one) is None
+    # near misses: one digit changed, the other number, two neighbours swapped, another capital
+    for _ in range(200):
+        got = world.near_miss(add, rng)
+        assert got != "81" and len(got) == 2 and sum(a != b for a, b in zip(got, "81")) == 1
+        assert world.near_miss(sort, rng) in ("8, 3, 17, 42", "3, 17, 8, 42", "3, 8, 42, 17")
+        assert world.near_miss(spell, rng) in ("i-t-g-e-r", "t-g-i-e-r", "t-i-e-g-r", "t-i-g-r-e")
+        assert world.near_miss(two, rng) == "Tokyo, Paris"
+        assert world.near_miss(one, rng) in set(world.CAPITALS.values()) - {"Paris"}
+    cmp = world.make_problem("compare", {"a": "41", "b": "47", "which": "larger"})
+    assert world.near_miss(cmp, rng) == "41"
+    ee = world.make_problem("spell", {"word": "ee"})  # no neighbours to swap: a letter changes
+    assert world.near_miss(ee, rng) != "e-e" and len(world.near_miss(ee, rng)) == 3
+
+
+def test_each_flaw_shows_and_costs_what_the_judge_says():
+    # a standing instruction pair in force; each flawed reply keeps the careful phrasing (same
+    # seed) and differs by its flaw alone; expected totals from the judge's documented weights
+    inst = world.standing("pirate", "brackets")
+    dialog = [S(inst.text), U("Sort these numbers from smallest to largest: 3, 17, 42, 8.")]
+    problem = world.parse_dialog(dialog)[0]
+    careful = world.written_answer(problem, random.Random(1), inst)
+    assert careful.startswith("Ahoy!") and "[3, 8, 17, 42]" in careful
+    assert world.flaw_of(dialog, careful) is None
+    want = {"no_instruction": 0.6 + 0 + 0.15,              # obeys neither instruction
+            "rambling": 0.6 + 0.25 + 0.15 * 2 / 3,          # 20+ words, answer still read right
+            "incomplete": 0.6 * 0.5 * 2 / 4 + 0.25 + 0.15,   # 2 of 4 items in place
+            }
+    for flaw, total in want.items():
+        bad = world.written_answer(problem, random.Random(1), inst, flaw, random.Random(2))
+        assert world.flaw_of(dialog, bad) == flaw, (flaw, bad)
+        assert world.score(dialog, bad).total == pytest.approx(total), (flaw, bad)
+    wrong = world.written_answer(problem, random.Random(1), inst, "wrong", random.Random(2))
+    assert world.flaw_of(dialog, wrong) == "wrong"
+    # two neighbours swapped: 2 of 4 items in place, the form and the instructions intact
+    assert world.score(dialog, wrong).total == pytest.approx(0.6 * 0.5 * 2 / 4 + 0.25 + 0.15)
+    # a flaw that cannot show leaves the careful answer: no instruction to ignore, no parts to drop
+    plain = [U("What is 23 plus 58?")]
+    p = world.parse_dialog(plain)[0]
+    assert world.written_answer(p, random.Random(3), None, "no_instruction") == \
+        world.written_answer(p, random.Random(3), None)
+    with pytest.raises(ValueError, match="unknown flaw"):
+        world.written_answer(p, random.Random(3), None, "typo")
+
+
+def test_mixed_writers_share_prompts_with_the_careful_set():
+    careful = world.sft_dialogs(3000, seed=5, p_instruction=0.5, levels=(1, 2))
+    mixed = world.sft_dialogs(3000, seed=5, p_instruction=0.5, levels=(1, 2), writers="mixed")
+    assert careful == world.sft_dialogs(3000, seed=5, p_instruction=0.5, levels=(1, 2),
+                                        writers="careful")
+    flawed = n = 0
+    for dc, dm in zip(careful, mixed):
+        assert [m for m in dc if m["role"] != "assistant"] == [m for m in dm if m["role"] != "assistant"]
+        for i, (c, m) in enumerate(zip(dc, dm)):
+            if c["role"] == "assistant":
+                n += 1
+                assert world.flaw_of(dc[:i], c["content"]) is None  # the careful set is clean
+                if m["content"] != c["content"]:
+                    flawed += 1
+                    assert world.flaw_of(dc[:i], m["content"]) is not None
+    # WRITERS' shares x rates bound the flawed share from above (a habit cannot always show)
+    bound = sum(w.share * w.rate for w in world.WRITERS)
+    assert 0.15 < flawed / n < bound + 0.02
+    with pytest.raises(ValueError, match="writers must be one of"):
+        world.sft_dialogs(3, writers="sloppy")
+
+
+def test_writer_table_and_demo(capsys):
+    t = world.writer_table(n=1500, seed=3)
+    assert set(t["flaws"]) <= set(world.FLAWS) | {"repeating"}
+    assert t["judged_careful"] == pytest.approx(1.0)
+    # the mixed set's mean is the careful one less each flaw's share times its cost
+    lost = sum(v["share"] * v["cost"] for v in t["flaws"].values())
+    assert t["judged_mixed"] == pytest.approx(t["judged_careful"] - lost)
+    # each flaw costs what the judge's weights say: rambling one form check (0.05), an ignored
+    # instruction a quarter to all of the instruction part, a wrong or half answer content
+    assert t["flaws"]["rambling"]["cost"] == pytest.approx(0.05, abs=0.01)
+    assert 0.125 - 1e-9 <= t["flaws"]["no_instruction"]["cost"] <= 0.25 + 1e-9
+    assert t["flaws"]["wrong"]["cost"] > 0.3 and t["flaws"]["incomplete"]["cost"] > 0.3
+    world.main(["demo", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert "judged cost" in out and "rambling" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation split
+
+
+def test_three_splits_are_disjoint_and_closed_under_twins():
+    rng = random.Random(11)
+    by_split = {s: [] for s in world.SPLITS}
+    for fam in world.FAMILIES:
+        for level in world.LEVELS:
+            for s in world.SPLITS:
+                by_split[s] += [world.sample_problem(rng, s, fam, level) for _ in range(30)]
+    keys = {s: {p.canonical for p in ps} for s, ps in by_split.items()}
+    assert not keys["train"] & keys["valid"] and not keys["train"] & keys["heldout"]
+    assert not keys["valid"] & keys["heldout"]
+    for p in by_split["valid"]:
+        assert p.split == "valid" and not p.heldout
+        assert all(t.split == "valid" for t in _twins(p)), p.key
+    # fixed shares: about 10% held out for the report, 5% for validation
+    adds = [world.make_problem("add", {"a": str(a), "b": str(b)}) for a in range(100) for b in range(100)]
+    shares = {s: sum(p.split == s for p in adds) / len(adds) for s in world.SPLITS}
+    assert 0.07 < shares["heldout"] < 0.13 and 0.03 < shares["valid"] < 0.07
+
+
+def test_validation_prompts_never_in_training_data_nor_test():
+    train = {p.canonical for d in world.sft_dialogs(1500, seed=0, writers="mixed")
+             for p in _user_problems(d)}
+    train |= {world.parse_prompt(q).canonical for g in world.gatt_dialogs(50, seed=3)
+              for q in g.prompts}
+    train |= {p.canonical for d in world.chat_prompts(300, "train", 0) for p in _user_problems(d)}
+    valid = world.eval_prompts(200, seed=1, split="valid") + \
+        world.eval_multiturn(10, seed=2, split="valid")
+    test = world.eval_prompts(200, seed=1) + world.eval_multiturn(10, seed=2)
+    v = {p.canonical for d in valid for p in _user_problems(d)}
+    h = {p.canonical for d in test for p in _user_problems(d)}
+    assert all(world.parse_prompt(world.strip_instructions(q)).split == "valid"
+               for d in valid for q in world.user_turns(d))
+    assert v and h and not v & train and not h & train and not v & h
+    with pytest.raises(ValueError, match="never from training problems"):
+        world.eval_prompts(3, split="train")
