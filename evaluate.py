@@ -1,7 +1,8 @@
 """Evaluation of chat models, one module that every stage's `--eval` calls (SPEC.md §10).
 
-All of it runs on held-out problems only (world's "heldout" split) and is judged by the world's
-programmatic judge (world.score), which plays the human evaluators. Every number is printed beside
+All of it runs on held-out problems only (world's "heldout" split, the test split the report
+shows; `--eval_split valid` uses the validation split instead, where hyperparameters and defaults
+are chosen) and is judged by the world's programmatic judge (world.score), which plays the human evaluators. Every number is printed beside
 its floor (what a trivial reply scores) and, where one exists, its ceiling.
 
   - run_eval: the chat-model report of train_sft.py --eval: greedy judged score overall, per
@@ -136,6 +137,16 @@ def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[l
     return answers
 
 
+def eval_split(cfg) -> str:
+    """The world split evaluation prompts come from: cfg.eval_split ("heldout", the default, or
+    "valid"); never training problems."""
+    split = getattr(cfg, "eval_split", "heldout")  # configs made before the flag existed
+    if split not in ("heldout", "valid"):
+        raise SystemExit(f"error: --eval_split {split!r}: give heldout (the test split, for the "
+                         "report) or valid (the validation split, to choose hyperparameters on)")
+    return split
+
+
 def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     """Judged evaluation of a chat model on held-out problems only; writes <out_dir>/eval.jsonl
     and adherence.png and returns the summary (also the last line of eval.jsonl)."""
@@ -148,7 +159,8 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
 
     # 1. greedy answers to held-out prompts, judged. A pretrained model sees each prompt after
     #    the same k solved examples here and in the best-of-K below.
-    prompts = world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1, levels=levels)
+    prompts = world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1, levels=levels,
+                                 split=eval_split(cfg))
     shown = ([with_fewshot(d, cfg.fewshot, rng, levels) for d in prompts] if cfg.fewshot
              else prompts)
     greedy = gatt.generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
@@ -208,7 +220,7 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     # 3. adherence by turn: the instruction given once (system message), the model's replies in
     #    the history, greedy decoding; with the free floor of trivial replies on the same dialogs
     dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns,
-                                   levels=levels)
+                                   levels=levels, split=eval_split(cfg))
     answers = rollout(model, tokenizer, dialogs, cfg, rt)
     report = world.adherence_report(dialogs, answers)
     floor = world.adherence_floor(dialogs, cfg.eval_turns)
@@ -222,7 +234,8 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     summary["seconds"] = {"greedy": t_greedy, "bestof": t_bestof,
                           "rollout": time.perf_counter() - t0 - t_greedy - t_bestof}
     summary.update({"kind": "summary", "label": label, "checkpoint": cfg.checkpoint,
-                    "fewshot": cfg.fewshot, "levels": list(levels)})
+                    "fewshot": cfg.fewshot, "levels": list(levels),
+                    "split": eval_split(cfg)})
 
     path = out_dir / "eval.jsonl"
     with training.atomic_write(path, "w") as f:
@@ -392,7 +405,7 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
     levels = world.parse_levels(cfg.eval_levels)
     prompts = held_out_prompts(cfg)
     s: dict = {"kind": "policy_eval", "label": label, "temperature": temperature,
-               "n": len(prompts), "levels": list(levels)}
+               "n": len(prompts), "levels": list(levels), "split": eval_split(cfg)}
     s.update(one_sample_stats(model, tokenizer, rm, cfg, temperature, rt, label))
     s["floor"] = {
         "judge_empty": world.summarize(prompts, [""] * len(prompts))["total"],
@@ -429,7 +442,7 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
 def held_out_prompts(cfg) -> list[list[dict]]:
     """The held-out prompts of policy_eval (the same for every model of a run: paired scores)."""
     return world.eval_prompts(cfg.eval_n, seed=cfg.seed + 1,
-                              levels=world.parse_levels(cfg.eval_levels))
+                              levels=world.parse_levels(cfg.eval_levels), split=eval_split(cfg))
 
 
 def one_sample_stats(model, tokenizer, rm, cfg, temperature: float, rt=None,
@@ -448,7 +461,8 @@ def adherence_by_turn(model, tokenizer, cfg, rt=None) -> tuple[list[float], list
     """Instruction adherence at each turn of cfg.eval_mt_n held-out dialogs (greedy rollouts,
     the instruction given once), and the floor of a bare correct answer."""
     dialogs = world.eval_multiturn(cfg.eval_mt_n, seed=cfg.seed + 2, turns=cfg.eval_turns,
-                                   levels=world.parse_levels(cfg.eval_levels))
+                                   levels=world.parse_levels(cfg.eval_levels),
+                                   split=eval_split(cfg))
     report = world.adherence_report(dialogs, rollout(model, tokenizer, dialogs, cfg, rt))
     return report["obeys"], world.adherence_floor(dialogs, cfg.eval_turns)["bare_answer"]["obeys"]
 

@@ -148,6 +148,7 @@ class Config:
     eval_mt_n: int = 16  # 12-turn dialogs for adherence by turn
     eval_turns: int = 12  # user turns per adherence dialog
     eval_levels: str = "1,2"  # difficulty levels of the held-out prompts
+    eval_split: str = "heldout"  # where evaluation prompts come from: heldout (the test split, for the report) or valid (the validation split, to choose hyperparameters on)
     # logging and checkpoints
     out_dir: str = "out/rlhf_rs"  # ckpt.pt, V1..Vn/, iter<i>/, metrics.jsonl, PNGs
     log_every: int = 1  # print a step line every N fine-tuning steps

@@ -80,6 +80,7 @@ class Config:
     world_n: int = 20000  # dialogs generated when --data world
     world_levels: str = "1,2,3,4"  # difficulty levels of the generated dialogs
     world_p_instruction: float = 0.35  # share of generated dialogs with a standing instruction (always 1-2 turns)
+    world_writers: str = "careful"  # who writes the generated answers: careful (the curated set) or mixed (writers of varied quality, world.WRITERS: the paper's §5.1 tail)
     pack: bool = True  # pack examples into full rows (no attention across examples); false = one padded example per row
     seq_len: int = 0  # tokens per row (0 = the model's context; Llama 2: 4096); longer examples are dropped
     # optimization (Llama 2 SFT, §3.1)
@@ -115,6 +116,7 @@ class Config:
     eval_mt_n: int = 32  # 12-turn dialogs for adherence by turn
     eval_turns: int = 12  # user turns per adherence dialog
     eval_levels: str = "1,2,3,4"  # difficulty levels of the held-out prompts
+    eval_split: str = "heldout"  # where evaluation prompts come from: heldout (the test split, for the report) or valid (the validation split, to choose hyperparameters on)
     fewshot: int = 0  # solved example turns put before each prompt (for a pretrained model); also cuts replies at "[INST]"
     max_new_tokens: int = 48  # longest reply generated in evaluation and GAtt sampling
     plot_with: str = ""  # other eval.jsonl files whose adherence curves go into the same PNG
@@ -345,8 +347,11 @@ def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dic
         n = cfg.world_n if n_world is None else n_world
         levels = _levels(cfg.world_levels, "world_levels")
         try:
+            if cfg.world_writers not in world.WRITER_MIXES:
+                raise SystemExit(f"error: --world_writers {cfg.world_writers!r}: give one of "
+                                 f"{', '.join(world.WRITER_MIXES)}")
             dialogs = world.sft_dialogs(n, seed=cfg.seed, p_instruction=cfg.world_p_instruction,
-                                        levels=levels)
+                                        levels=levels, writers=cfg.world_writers)
         except ValueError as e:
             raise SystemExit(f"error: --world_p_instruction {cfg.world_p_instruction}: give a share "
                              f"in [0, 1] that leaves room for the multi-turn dialogs ({e})") from None
