@@ -78,6 +78,8 @@ class Config:
     n_train: int = 1200  # training pairs built (one per training-split prompt)
     n_test: int = 1000  # held-out pairs built (the paper: 1000 per annotation batch)
     train_frac: float = 1.0  # train on this share of the training pairs (the training-set-size curve)
+    synthetic_pairs: int = 0  # + this many "open-source" pairs (the paper's Synthetic GPT-J, Table 6): a careful answer against the same reply with one flaw, on training-split prompts, labelled by the same annotators; 0 = none
+    synthetic_flaws: str = "wrong,incomplete,no_instruction,rambling"  # the flaws those pairs' worse replies carry (world.FLAWS), drawn uniformly
     pair_levels: str = "1,2"  # difficulty levels of the prompts
     pair_p_instruction: float = 0.6  # share of prompts with a standing instruction
     pair_max_turns: int = 4  # user turns per prompt, 1..this (earlier ones answered by the careful human)
@@ -359,6 +361,38 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
     return pairs[:n]
 
 
+def build_synthetic_pairs(cfg: Config, n: int) -> list[Pair]:
+    """n "open-source" pairs, cheap and built differently from the policy's comparisons (the
+    paper's Synthetic GPT-J set: a human answer preferred over a weaker model's reply): on a
+    training-split prompt, the careful writer's answer against the same reply written with one
+    flaw (world.written_answer: a near-miss answer, half a list, the instruction ignored, a long
+    preamble), drawn from --synthetic_flaws. Labelled like every pair by the simulated annotators
+    (world.prefer, with their noise: a small flaw is sometimes preferred), never by the judge.
+    A prompt where the flaw cannot show (no instruction in force, an answer with no parts) is
+    skipped."""
+    flaws = [f for f in cfg.synthetic_flaws.split(",") if f]
+    if not flaws or any(f not in world.FLAWS for f in flaws):
+        raise SystemExit(f"error: --synthetic_flaws {cfg.synthetic_flaws!r}: give some of "
+                         f"{', '.join(world.FLAWS)}, comma-separated")
+    levels = world.parse_levels(cfg.pair_levels)
+    prompts = world.chat_prompts(4 * n + 16, "train", cfg.pair_seed + 77, levels,
+                                 cfg.pair_p_instruction, cfg.pair_max_turns)
+    rng = random.Random(f"rm-synthetic-{cfg.pair_seed}")
+    pairs = []
+    for d in prompts:
+        if len(pairs) == n:
+            break
+        problem, names = world.parse_dialog(d)
+        inst = world.standing(*names) if names else None
+        flaw, seed = rng.choice(flaws), rng.random()
+        # the same phrasing for both (one seed): the replies differ by the flaw alone
+        good = world.written_answer(problem, random.Random(seed), inst)
+        bad = world.written_answer(problem, random.Random(seed), inst, flaw, flaw_rng=rng)
+        if bad != good:
+            pairs.append(label_pair(d, good, bad, "careful", f"flaw:{flaw}", "train", cfg))
+    return pairs
+
+
 def _label(v: tuple[str, float]) -> str:
     return f"{Path(v[0]).name}@T{v[1]:g}"
 
@@ -536,6 +570,7 @@ def evaluate(rm, tokenizer, pairs: list[Pair], rt=None, batch_tokens: int | None
         dr = rc - rr
         dj = np.array([p.judge["chosen_score"] - p.judge["rejected_score"] for p in pairs])
         out["spearman_within"] = spearman(np.concatenate([dr, -dr]), np.concatenate([dj, -dj]))
+        out["by_kind"], out["by_family"] = accuracy_by_kind(pairs, rc, rr)
     # calibration: each pair seen from a side fixed by a hash (half chosen-first), p = sigmoid(ra - rb)
     flip = np.array([hashlib.sha256(json.dumps([p.messages, p.chosen, p.rejected]).encode())
                      .digest()[0] % 2 for p in pairs], dtype=bool)
@@ -550,6 +585,41 @@ def evaluate(rm, tokenizer, pairs: list[Pair], rt=None, batch_tokens: int | None
     out["calibration"] = cal
     out["ece"] = float(sum(c["n"] * abs(c["predicted"] - c["observed"]) for c in cal) / len(pairs))
     return out
+
+
+PAIR_KINDS = ("content only", "form or instruction only", "both", "tie")
+
+
+def pair_kind(pair: Pair) -> str:
+    """How the judge sees a pair's two responses differ: "content only" (the answers differ in
+    correctness, the instructions and the form score the same: what a reward model must check
+    to tell them apart), "form or instruction only" (same content credit), "both", or "tie"."""
+    a, b = (world.score(pair.messages, r) for r in (pair.chosen, pair.rejected))
+    content = a.content != b.content
+    rest = (a.instruction, a.form) != (b.instruction, b.form)
+    return ("both" if content and rest else "content only" if content
+            else "form or instruction only" if rest else "tie")
+
+
+def accuracy_by_kind(pairs: list[Pair], rc, rr) -> tuple[dict, dict]:
+    """The RM against the noise-free judge by pair kind (`pair_kind`) and by task family: {name:
+    {"n", "rm_vs_judge"}}; the judge's ties are left out of both (no right answer)."""
+    by_kind: dict = {k: [] for k in PAIR_KINDS}
+    by_family: dict = {}
+    for i, p in enumerate(pairs):
+        c, s = p.judge["chosen_score"], p.judge["rejected_score"]
+        kind = pair_kind(p)
+        if kind == "tie" or c == s:
+            by_kind["tie"].append(None)
+            continue
+        ok = _agree(rc[i], rr[i]) if c > s else _agree(rr[i], rc[i])
+        by_kind[kind].append(ok)
+        by_family.setdefault(world.parse_dialog(p.messages)[0].family, []).append(ok)
+
+    def rows(d):
+        return {k: {"n": len(v), **({"rm_vs_judge": float(np.mean(v))} if v and v[0] is not None
+                                    else {})} for k, v in d.items()}
+    return rows(by_kind), rows(by_family)
 
 
 def format_eval(s: dict, title: str = "reward model") -> str:
@@ -573,6 +643,14 @@ def format_eval(s: dict, title: str = "reward model") -> str:
     if "spearman_within" in s:
         lines.append(f"Spearman within prompts (RM r_a - r_b vs the judge's gap, {s['n']} pairs in both "
                      f"orders): {s['spearman_within']:.3f} (floor 0, ceiling 1)")
+    if "by_kind" in s:
+        lines.append("RM vs judge by what differs between the two responses (judge ties left "
+                     "out; floor 50%, ceiling 100%): " + "; ".join(
+                         f"{k} {100 * v['rm_vs_judge']:.1f}% of {v['n']}" for k, v in
+                         s["by_kind"].items() if "rm_vs_judge" in v))
+        lines.append("... by task family: " + "; ".join(
+            f"{k} {100 * v['rm_vs_judge']:.1f}% of {v['n']}" for k, v in
+            sorted(s["by_family"].items()) if "rm_vs_judge" in v))
     lines.append(f"calibration (sigmoid(r_a - r_b) vs the observed annotator win rate; "
                  f"ECE {s['ece']:.3f}, 0 is perfect):")
     lines.append("| predicted bin | pairs | mean predicted | observed |")
@@ -768,6 +846,12 @@ def _main(cfg: Config, rt) -> None:
         get_pairs(cfg, "test", rt, log)
     n_use = max(1, round(cfg.train_frac * len(train_pairs)))
     train_pairs = train_pairs[:n_use]
+    if cfg.synthetic_pairs:  # the "open-source" share, scaled with --train_frac like the rest
+        synthetic = build_synthetic_pairs(cfg, round(cfg.train_frac * cfg.synthetic_pairs))
+        log.print(f"synthetic pairs: {len(synthetic)} (careful answer vs one flaw of "
+                  f"{cfg.synthetic_flaws}), annotators prefer the careful one in "
+                  f"{sum(p.source['chosen'] == 'careful' for p in synthetic)}")
+        train_pairs = train_pairs + synthetic
     examples, dropped = encode_pairs(tokenizer, train_pairs, cfg.margin, seq_len)
     if dropped:
         log.print(f"dropped {len(dropped)} of {len(train_pairs)} pairs with a sequence longer than "

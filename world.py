@@ -675,8 +675,9 @@ def flaw_of(dialog, response: str) -> str | None:
     """Which flaw a reply to the dialog's last user message shows, as a reader would name it
     (the first that applies): "wrong" (content partly or wholly wrong, the parts there in full),
     "incomplete" (fewer letters or items than the reference, those present right), "no_instruction"
-    (an instruction in force not obeyed), "rambling" (more than RAMBLING_WORDS words), "repeating"
-    (a word trigram twice), "no_eos"; None for a reply with none of them. Used to count the flaws
+    (an instruction in force not obeyed, other than a word limit that rambling broke), "rambling"
+    (more than RAMBLING_WORDS words), "repeating"
+    (a word trigram twice); None for a reply with none of them. Used to count the flaws
     in the data and in a model's samples (the report's Fig. 20 table)."""
     s = score(dialog, response)
     if s.content < 1.0:
@@ -688,7 +689,8 @@ def flaw_of(dialog, response: str) -> str | None:
                else _split_items(s.extracted) if kind == "items" else None)
         short = got is not None and 0 < len(got) < len(ref) and got == ref[:len(got)]
         return "incomplete" if short else "wrong"
-    if s.instruction < 1.0:
+    # a word limit broken by rambling is the rambling (what a reader would name)
+    if [n for n, ok in s.obeyed.items() if not ok and not (n == "words" and s.rambling)]:
         return "no_instruction"
     if s.rambling:
         return "rambling"

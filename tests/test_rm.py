@@ -520,3 +520,59 @@ def test_report_means_and_spreads_over_seeds(tmp_path, capsys):
     assert out.index("| 1 | none") < out.index("| 1 | small") < out.index("| 0.25 | none")
     import matplotlib.image
     assert matplotlib.image.imread(tmp_path / "r" / "rm_margins.png").shape[:2] == (400, 1000)
+
+
+# -----------------------------------------------------------------------------------------------
+# the "open-source" share: synthetic pairs, and accuracy by what differs
+
+
+def test_synthetic_pairs_flaw_against_careful_labelled_by_annotators():
+    cfg = train_rm.Config(synthetic_pairs=60, pair_seed=3, pair_max_turns=2)
+    pairs = train_rm.build_synthetic_pairs(cfg, 60)
+    assert len(pairs) == 60
+    seen = set()
+    for p in pairs:
+        for u in world.user_turns(p.messages):  # training problems only
+            assert world.parse_prompt(world.strip_instructions(u)).split == "train"
+        src = {p.source["chosen"], p.source["rejected"]}
+        assert "careful" in src and p.source["split"] == "train"
+        flaw = next(s for s in src if s != "careful").split(":")[1]
+        seen.add(flaw)
+        careful, flawed = ((p.chosen, p.rejected) if p.source["chosen"] == "careful"
+                           else (p.rejected, p.chosen))
+        assert world.flaw_of(p.messages, careful) is None
+        assert world.flaw_of(p.messages, flawed) == flaw, (flaw, flawed)
+        # the label is the noisy annotator's (world.prefer, seed = pair_seed), never the judge's
+        assert world.prefer(p.messages, p.chosen, p.rejected, noise=0.1, seed=3) == ("a", p.rating)
+    assert seen == set(world.FLAWS)
+    # the annotators mostly prefer the careful reply; a rambling preamble (a 0.05 gap) loses
+    # to noise now and then, a wrong answer almost never
+    assert 0.8 < sum(p.source["chosen"] == "careful" for p in pairs) / len(pairs) < 1.0
+    with pytest.raises(SystemExit, match="synthetic_flaws"):
+        train_rm.build_synthetic_pairs(train_rm.Config(synthetic_flaws="typo"), 4)
+
+
+def test_pair_kind_and_accuracy_by_kind_by_hand():
+    d = [U("What is 23 plus 58?")]  # 81
+    ramble = ("Well, I had to think about this one for quite a while before I could finally say "
+              "that the sum is 81.")
+
+    def P(c, r):
+        sc, sr = world.score(d, c).total, world.score(d, r).total
+        return train_rm.Pair(d, c, r, "better", judge={"chosen_score": sc, "rejected_score": sr})
+    pairs = [P("The answer is 81.", "The answer is 80."),   # content only, RM right
+             P("The answer is 81.", "The answer is 11."),   # content only, RM wrong
+             P("81", ramble),                               # form only, RM right
+             P("The answer is 81.", ramble.replace("81", "80")),  # both, RM tie -> half
+             P("It is 81.", "The answer is 81."),           # judge tie: left out
+             P("The answer is 8.", "The answer is 81.")]    # the annotator chose the wrong one;
+    assert [train_rm.pair_kind(p) for p in pairs] == [     # the RM agrees with the judge
+        "content only", "content only", "form or instruction only", "both", "tie", "content only"]
+    rc = np.array([1.0, 0.0, 2.0, 0.5, 0.0, 0.0])
+    rr = np.array([0.0, 1.0, 1.0, 0.5, 3.0, 2.0])
+    kind, fam = train_rm.accuracy_by_kind(pairs, rc, rr)
+    assert kind["content only"] == {"n": 3, "rm_vs_judge": pytest.approx(2 / 3)}
+    assert kind["form or instruction only"] == {"n": 1, "rm_vs_judge": 1.0}
+    assert kind["both"] == {"n": 1, "rm_vs_judge": 0.5}
+    assert kind["tie"] == {"n": 1}
+    assert fam == {"add": {"n": 5, "rm_vs_judge": pytest.approx((1 + 0 + 1 + 0.5 + 1) / 5)}}
