@@ -384,7 +384,18 @@ def _stats(prompts, replies, rm) -> dict:
             "correct": sum(s.content == 1.0 for s in scores) / n,
             "rambling": sum(s.rambling for s in scores) / n,
             "repeating": sum(s.repeating for s in scores) / n,
+            # which flaw each reply shows (world.flaw_of; no EOS first), as shares: the tail that
+            # RLHF should cut (the report's Fig. 20 table)
+            "flaws": flaw_shares(prompts, replies),
             "judge_scores": judged, "rm_scores": rewards}
+
+
+def flaw_shares(prompts, replies) -> dict:
+    """{flaw: share of the replies} with world.flaw_of's names, "no_eos" for a reply cut at the
+    length limit, and "none" for a reply with no flaw; the shares sum to 1."""
+    names = ["no_eos" if not r.eos else world.flaw_of(d, r.text) or "none"
+             for d, r in zip(prompts, replies)]
+    return {k: names.count(k) / len(names) for k in sorted(set(names))}
 
 
 def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict | None = None,

@@ -57,6 +57,8 @@ class Config:
     out_dir: str = ""  # where every stage writes ("" = out/pipeline, out/pipeline_quick or out/pipeline_tiny)
     report_dir: str = ""  # where REPORT.md and its figures go ("" = docs for the full size, else <out_dir>/report)
     model: str = ""  # the model shape pretraining builds ("" = the size's own: demo, 3.1M parameters at full and quick; small = 8.3M, about 2.5x slower; any llama2.PRESETS name); its runs go to out/pipeline_<model> and their report there
+    writers: str = "careful"  # who writes the SFT demonstrations: careful (one careful writer: the curated set) or mixed (writers of varied quality, world.WRITERS: the tail RLHF cuts, paper §5.1)
+    synthetic_pairs: int = 0  # the reward model's "open-source" share: this many careful-vs-one-flaw pairs beside the policy's comparisons (train_rm.py --synthetic_pairs; paper Table 6)
     fresh: bool = False  # start over: delete every stage's folder under out_dir first
     ablations: bool = False  # also run the ORACLE / ablation stages (judge-picked GAtt; RM margin none/small/large x seeds, the paper's Table 28)
     until: str = ""  # stop after this stage (e.g. sft)
@@ -210,6 +212,8 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
 
     def fill(args):
         args = [a.replace("{out}", o) for a in args]
+        if "--world_n" in args and cfg.writers != "careful":  # SFT and GAtt: who writes the answers
+            args = args + ["--world_writers", cfg.writers]
         if cfg.model and "--model" in args:  # --model: the same recipe with another shape
             args[args.index("--model") + 1] = cfg.model
         return args
@@ -247,6 +251,8 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                       f"{o}/sft,{o}/gatt2", "--pairs_dir", f"{o}/rm_pairs", *fill(k["rm"]),
                       "--margin", margin, "--seed", str(seed), "--threads", "1",
                       *(["--train_frac", str(frac)] if frac != 1.0 else []),
+                      *(["--synthetic_pairs", str(cfg.synthetic_pairs)] if cfg.synthetic_pairs
+                        else []),
                       "--out_dir", f"{o}/{name}"],
                      ["ckpt.pt", "eval.json"], ["sft", "gatt2"],
                      est["rm"] if not oracle else est["rm_margin"], resume=True,
@@ -438,6 +444,8 @@ def _interrupt(signum, frame):
 def run(cfg: Config) -> int:
     if cfg.size not in SIZES:
         raise SystemExit(f"error: --size {cfg.size!r}: use one of {', '.join(SIZES)}")
+    if cfg.writers not in ("careful", "mixed"):
+        raise SystemExit(f"error: --writers {cfg.writers!r}: use careful or mixed")
     # folders given are relative to where you are; the defaults to the repository
     if cfg.model:
         import llama2

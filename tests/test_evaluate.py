@@ -116,3 +116,6 @@ def test_policy_stats_count_correct_rambling_and_repeating_by_hand():
     s = evaluate._stats(prompts, replies, NoRM())
     assert s["correct"] == 0.25 and s["rambling"] == 0.25 and s["repeating"] == 0.25
     assert s["eos_rate"] == 0.75 and s["tokens"] == pytest.approx(43 / 4)
+    # the flaw of each reply (world.flaw_of, no EOS first): both wordy replies have the answer
+    # wrong, which world.flaw_of names first
+    assert s["flaws"] == {"none": 0.25, "wrong": 0.5, "no_eos": 0.25}
