@@ -386,6 +386,98 @@ def rejection_sampling(run: Path, out: Path):
     return rows, sec
 
 
+FLAW_NAMES = ("none", "wrong", "incomplete", "no_instruction", "rambling", "repeating", "no_eos")
+
+
+def policy_samples(run: Path) -> list[tuple[str, dict]]:
+    """(label, one_sample_stats) of every model the RLHF stages measured on the same held-out
+    prompts with the same reward model: SFT (rejection sampling's --compare sft), V0 (the start:
+    GAtt), V1..Vn, PPO. Each holds one greedy and one sampled reply per prompt, judged and scored
+    by the RM (evaluate._stats)."""
+    rs, out = run / "rs", []
+    sft = _json(rs / "compare_sft.json")
+    if sft:
+        out.append(("SFT", sft))
+    i = 1
+    while (rs / f"iter{i}" / "eval.json").is_file():
+        out.append((f"V{i - 1}" + (" (GAtt)" if i == 1 else ""), _json(rs / f"iter{i}" / "eval.json")))
+        i += 1
+    final = _json(run / "ppo" / "eval_final.json")
+    if final:
+        out.append(("PPO", final))
+    return out
+
+
+def reward_distributions(run: Path, out: Path):
+    """Fig. 20 analog (paper §5.1): the distribution of the RM's score and of the judge's score of
+    sampled replies on held-out prompts, SFT -> V1..Vn -> PPO, with the low tail and each model's
+    flaw shares (world.flaw_of) beside it. The paper's claim: RLHF moves the reward distribution
+    right by cutting the poorly executed tail that SFT learned from its writers."""
+    models = [(n, s) for n, s in policy_samples(run) if "rm_scores" in s.get("sampled", {})]
+    paper = ("the reward distribution of each RLHF version moves right of SFT's: the poor tail "
+             "SFT learned from its writers is cut (Fig. 20)")
+    row = ["reward distribution shift (§5.1, Fig. 20)", paper, NOT_RUN, "", ""]
+    if len(models) < 2:
+        return row, []
+
+    def q(xs, p):  # the p-quantile, nearest rank
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, max(0, math.ceil(p * len(xs)) - 1))]
+
+    sec = ["## The reward distribution, SFT -> RLHF (the paper's Fig. 20)", "",
+           "One reply per held-out prompt sampled from each model (at the temperature its "
+           "rejection-sampling iteration tuned; SFT at V0's), scored by the same reward model and "
+           "by the judge. Low tail: the share judged below 0.7 (a wrong answer, or an instruction "
+           "and the form broken). Flaws as a reader would name them (`world.flaw_of`; floor 0% for "
+           "each flaw, an empty reply: 100% wrong).", "",
+           "| model | n | RM mean | RM 10th pct | judged mean | judged < 0.7 | "
+           + " | ".join(FLAW_NAMES) + " |", "|---" * (6 + len(FLAW_NAMES)) + "|"]
+    for name, s in models:
+        x = s["sampled"]
+        fl = x.get("flaws", {})
+        sec.append(f"| {name} | {len(x['rm_scores'])} | {_mean(x['rm_scores']):+.3f} | "
+                   f"{q(x['rm_scores'], 0.1):+.3f} | {_mean(x['judge_scores']):.3f} | "
+                   f"{sum(j < 0.7 for j in x['judge_scores']) / len(x['judge_scores']):.0%} | "
+                   + " | ".join(_pct(fl.get(k, 0.0)) if fl else "-" for k in FLAW_NAMES) + " |")
+    first, last = models[0], models[-1]
+    row[2] = (f"sampled replies, {first[0]} -> {last[0]}: RM mean "
+              f"{_mean(first[1]['sampled']['rm_scores']):+.3f} -> "
+              f"{_mean(last[1]['sampled']['rm_scores']):+.3f}, judged "
+              f"{_mean(first[1]['sampled']['judge_scores']):.3f} -> "
+              f"{_mean(last[1]['sampled']['judge_scores']):.3f}, judged < 0.7 "
+              + " -> ".join(f"{sum(j < 0.7 for j in s['sampled']['judge_scores']) / len(s['sampled']['judge_scores']):.0%}"
+                            for _, s in (first, last)))
+    row[3] = "floor: an empty reply (see the RS table); judged ceiling 1.0"
+    row[4] = WHY_SMALL
+    _plot_distributions(models, out / "report_reward_distributions.png")
+    _img(sec, out, "report_reward_distributions.png", "reward distributions (Fig. 20)")
+    return row, sec
+
+
+def _plot_distributions(models: list, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=100)
+    for ax, key, title in ((axes[0], "rm_scores", "reward model score"),
+                           (axes[1], "judge_scores", "judged score (the gold standard)")):
+        xs = [x for _, s in models for x in s["sampled"][key]]
+        lo, hi = min(xs), max(xs)
+        bins = [lo + (hi - lo) * i / 24 for i in range(25)] if hi > lo else 10
+        for name, s in models:
+            ax.hist(s["sampled"][key], bins=bins, histtype="step", density=True, label=name,
+                    linewidth=1.6)
+        ax.set_title(f"{title}, sampled replies to held-out prompts")
+        ax.set_xlabel(title)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.suptitle("Fig. 20 analog: the distribution should move right from SFT to RLHF")
+    fig.tight_layout()
+    with training.atomic_write(png, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
 def _form(x: dict) -> str:
     """Right answers, rambling and repeating replies (evaluate._stats), or - when not measured."""
     if "rambling" not in x:
@@ -538,13 +630,14 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
     r_margin, s_margin = margin_ablation(run, out)
     r_rs, s_rs = rejection_sampling(run, out)
     r_ppo, s_ppo = ppo(run, out)
+    r_dist, s_dist = reward_distributions(run, out)
     final = dict(evals).get("final")
     r_final = ["final model, judged (§10)",
                "RLHF improves helpfulness over SFT (Fig. 11, 12)",
                _judged(final) + (f" [{final['label']}] vs SFT {_judged(dict(evals).get('SFT'))}"
                                  if final else ""),
                "floor: empty reply; ceiling 1.0", WHY_SMALL]
-    rows = [r_pre, r_sft, r_gatt, r_rm, r_margin, *r_rs, r_ppo, r_final]
+    rows = [r_pre, r_sft, r_gatt, r_rm, r_margin, *r_rs, r_ppo, r_dist, r_final]
     ck = run / "pretrain" / "ckpt.pt"
     params = (f"{sum(v.numel() for v in training.load_checkpoint(ck)['model'].values()) / 1e6:.2f}M"
               if ck.is_file() else "3M")
@@ -560,7 +653,7 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
              "| result (paper section) | the paper | ours (this run) | floor / ceiling | why they "
              "differ |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
-    for sec in (s_pre, s_sft, s_gatt, s_rm, s_margin, s_rs, s_ppo, timings(run)):
+    for sec in (s_pre, s_sft, s_gatt, s_rm, s_margin, s_rs, s_ppo, s_dist, timings(run)):
         if sec:
             lines += [""] + sec
     text = "\n".join(lines) + "\n"

@@ -367,3 +367,38 @@ def test_the_driver_logic_on_stand_in_stages(tmp_path, monkeypatch, capfd):
     modes["b"] = "ok"
     with pytest.raises(SystemExit, match="c needs b, which did not finish"):
         pipeline.main(["--out_dir", str(out), "--skip", "b"])
+
+
+def test_the_report_draws_the_reward_distributions(tmp_path):
+    """Fig. 20 analog from hand-made outputs: SFT (rs/compare_sft.json), V0, V1 (rs/iter*), PPO
+    (ppo/eval_final.json); each row's numbers computed by hand from the sampled scores."""
+    run = tmp_path / "run"
+
+    def sampled(rm, judge, flaws):
+        return {"sampled": {"rm_scores": rm, "judge_scores": judge, "flaws": flaws}}
+    (run / "rs" / "iter1").mkdir(parents=True)
+    (run / "rs" / "iter2").mkdir()
+    (run / "ppo").mkdir()
+    (run / "rs" / "compare_sft.json").write_text(json.dumps(sampled(
+        [-1.0, 0.0, 1.0, 2.0], [0.4, 1.0, 1.0, 0.6], {"none": 0.5, "wrong": 0.25, "rambling": 0.25})))
+    (run / "rs" / "iter1" / "eval.json").write_text(json.dumps(sampled(
+        [0.0, 0.0, 1.0, 3.0], [0.4, 1.0, 1.0, 1.0], {"none": 0.75, "wrong": 0.25})))
+    (run / "rs" / "iter2" / "eval.json").write_text(json.dumps(sampled(
+        [1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 0.9], {"none": 1.0})))
+    (run / "ppo" / "eval_final.json").write_text(json.dumps(sampled(
+        [2.0, 2.0, 2.0, 2.0], [1.0, 0.65, 1.0, 1.0], {"none": 0.75, "no_eos": 0.25})))
+    row, sec = report.reward_distributions(run, tmp_path)
+    text = "\n".join(sec)
+    # RM mean, its 10th percentile (nearest rank: the lowest of four), judged mean, judged < 0.7
+    assert "| SFT | 4 | +0.500 | -1.000 | 0.750 | 50% | 50.0% | 25.0% | 0.0% | 0.0% | 25.0% | " \
+           "0.0% | 0.0% |" in text
+    assert "| V0 (GAtt) | 4 | +1.000 | +0.000 | 0.850 | 25% | 75.0% | 25.0% |" in text
+    assert "| V1 | 4 | +1.500 | +1.000 | 0.975 | 0% | 100.0% |" in text
+    assert "| PPO | 4 | +2.000 | +2.000 | 0.912 | 25% | 75.0% | 0.0% | 0.0% | 0.0% | 0.0% | " \
+           "0.0% | 25.0% |" in text
+    assert row[2] == ("sampled replies, SFT -> PPO: RM mean +0.500 -> +2.000, judged 0.750 -> "
+                      "0.912, judged < 0.7 50% -> 25%")
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "report_reward_distributions.png").shape[0] > 100
+    # fewer than two models measured: the row says not run
+    assert report.reward_distributions(tmp_path / "none", tmp_path)[0][2] == "not run"
