@@ -467,11 +467,12 @@ def _plot_distributions(models: list, png: Path) -> None:
         for name, s in models:
             ax.hist(s["sampled"][key], bins=bins, histtype="step", density=True, label=name,
                     linewidth=1.6)
-        ax.set_title(f"{title}, sampled replies to held-out prompts")
+        ax.set_title(title)
         ax.set_xlabel(title)
         ax.set_ylabel("density")
         ax.legend(fontsize=8)
-    fig.suptitle("Fig. 20 analog: the distribution should move right from SFT to RLHF")
+    fig.suptitle("Fig. 20 analog: one sampled reply per held-out prompt; RLHF should move the "
+                 "distribution right of SFT's")
     fig.tight_layout()
     with training.atomic_write(png, "wb") as f:
         fig.savefig(f, format="png")
