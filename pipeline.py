@@ -204,6 +204,23 @@ class Stage:
     done_marker: bool = True  # false: always rerun (the report: cheap, reads the latest outputs)
 
 
+def _flag(argv: list[str], flag: str) -> str:
+    """The value of the last `flag` in argv (argparse's rule: the last one counts)."""
+    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+
+
+def _with_flags(argv: list[str], **flags) -> list[str]:
+    """argv with each --name's value replaced (every occurrence), or appended if absent."""
+    argv = list(argv)
+    for name, value in flags.items():
+        flag = f"--{name}"
+        if flag in argv:
+            argv = [str(value) if i and argv[i - 1] == flag else a for i, a in enumerate(argv)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def build_stages(cfg: Config, out: Path) -> list[Stage]:
     """The recipe's stages for cfg.size, in order. Add a stage here to extend the pipeline."""
     k = KNOBS[cfg.size]
@@ -325,6 +342,21 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                             "else the last rejection-sampling model, else GAtt) (SPEC §10)",
               [], ["eval.jsonl"], [], est["eval_final"]),  # argv: final_eval() at run time
     ]
+    if cfg.ablations and cfg.writers == "mixed":
+        # ABLATION, "Quality Is All You Need" (paper §3.1): SFT on the careful writer's share of
+        # the dialogs alone (a smaller curated set) against SFT on the whole mixed-quality set
+        import world
+        sft = next(s for s in stages if s.name == "sft")
+        n = int(_flag(sft.argv, "--world_n"))
+        curated = round(n * world.WRITERS[0].share)
+        stages += [Stage("sft_curated", f"SFT on {curated:,} dialogs of the careful writer only, "
+                                        "the curated set (§3.1 Quality Is All You Need)",
+                         _with_flags(sft.argv, world_writers="careful", world_n=curated,
+                                     out_dir=f"{o}/sft_curated"),
+                         ["ckpt.pt"], ["pretrain"], est["sft"] * curated / n, resume=True,
+                         stop_flag="--stop_at_step", oracle=True, tag="ablation"),
+                   ev("eval_sft_curated", "sft_curated", "SFT, curated set", ["sft_curated"])]
+        stages[-1].oracle, stages[-1].tag = True, "ablation"
     if cfg.ablations:
         # ORACLE ablation: GAtt whose replies the world's judge picks (best of K, obeying only).
         # The judge is also what evaluates, so this bounds what selection can do; it is never the

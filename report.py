@@ -114,11 +114,13 @@ def _judged(s: dict | None) -> str:
 def sft_vs_pretrained(run: Path, out: Path):
     evals = [("pretrained (3-shot)", _summary(run / "eval_pretrain" / "eval.jsonl")),
              ("SFT", _summary(run / "eval_sft" / "eval.jsonl")),
+             ("SFT, curated set: the careful writer only (ablation)",
+              _summary(run / "eval_sft_curated" / "eval.jsonl")),
              ("GAtt", _summary(run / "eval_gatt" / "eval.jsonl")),
              ("GAtt, judge-picked (ORACLE ablation)",
               _summary(run / "eval_gatt_judge" / "eval.jsonl")),
              ("final", _summary(run / "eval_final" / "eval.jsonl"))]
-    pre, sft = evals[0][1], evals[1][1]
+    pre, sft, curated = evals[0][1], evals[1][1], evals[2][1]
     paper = ("SFT on ~27k high-quality dialogs makes a usable chat model out of the pretrained "
              "one (§3.1; human evaluations, Fig. 1, 12)")
     some = next((s for _, s in evals if s), None)
@@ -130,6 +132,14 @@ def sft_vs_pretrained(run: Path, out: Path):
            "model learns the answer format and the instructions"
            + (f", the content of {sft['correct']:.0%} of the problems" if sft else ""))
     row = ["SFT vs pretrained, judged (§3.1)", paper, ours, floor, why]
+    if curated:  # the quality ablation ran (pipeline --writers mixed --ablations)
+        row = [row, ["Quality Is All You Need (§3.1), judged",
+                     "a few thousand curated SFT examples beat millions of third-party ones",
+                     f"SFT on the mixed-quality set {_judged(sft)} vs on the careful writer's "
+                     f"share alone (curated) {_judged(curated)}", floor,
+                     "our writers' flaws are simulated (world.WRITERS, `python world.py demo`)"]]
+    else:
+        row = [row]
     sec = ["## Judged score of each model (SPEC §5, §10)", "",
            "The world's judge scores one greedy reply per held-out prompt (content, instruction, "
            "form; `world.score`). Floor: what an empty reply scores on the same prompts; a bare "
@@ -638,7 +648,7 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
                _judged(final) + (f" [{final['label']}] vs SFT {_judged(dict(evals).get('SFT'))}"
                                  if final else ""),
                "floor: empty reply; ceiling 1.0", WHY_SMALL]
-    rows = [r_pre, r_sft, r_gatt, r_rm, r_margin, *r_rs, r_ppo, r_dist, r_final]
+    rows = [r_pre, *r_sft, r_gatt, r_rm, r_margin, *r_rs, r_ppo, r_dist, r_final]
     ck = run / "pretrain" / "ckpt.pt"
     params = (f"{sum(v.numel() for v in training.load_checkpoint(ck)['model'].values()) / 1e6:.2f}M"
               if ck.is_file() else "3M")

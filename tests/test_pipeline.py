@@ -402,3 +402,31 @@ def test_the_report_draws_the_reward_distributions(tmp_path):
     assert matplotlib.image.imread(tmp_path / "report_reward_distributions.png").shape[0] > 100
     # fewer than two models measured: the row says not run
     assert report.reward_distributions(tmp_path / "none", tmp_path)[0][2] == "not run"
+
+
+def test_writers_and_synthetic_pairs_reach_the_stages(tmp_path):
+    """--writers mixed: SFT and GAtt generate with the mixed writers; --synthetic_pairs reaches the
+    RM; with --ablations the curated SFT (the careful writer's share of the dialogs alone) and its
+    evaluation are added. The default (careful) leaves every command as it was."""
+    def argvs(**kw):
+        return {s.name: s.argv for s in pipeline.build_stages(pipeline.Config(size="full", **kw),
+                                                               tmp_path)}
+    base, mixed = argvs(), argvs(writers="mixed", synthetic_pairs=8000, ablations=True)
+    assert not any("--world_writers" in a for a in base.values())
+    assert not any("--synthetic_pairs" in a for a in base.values())
+    for name in ("sft", "gatt1", "gatt2"):
+        assert pipeline._flag(mixed[name], "--world_writers") == "mixed", name
+    assert pipeline._flag(mixed["rm"], "--synthetic_pairs") == "8000"
+    assert pipeline._flag(mixed["sft"], "--world_n") == "80000"
+    cur = mixed["sft_curated"]
+    assert pipeline._flag(cur, "--world_writers") == "careful"
+    assert {cur[i + 1] for i, x in enumerate(cur) if x == "--world_n"} == {"40000"}  # 50%
+    assert pipeline._flag(cur, "--out_dir") == f"{tmp_path}/sft_curated"
+    # everything else as the mixed SFT's command
+    strip = lambda a: [x for i, x in enumerate(a) if not (i and a[i - 1] in  # noqa: E731
+                                                         ("--world_writers", "--world_n", "--out_dir"))]
+    assert strip(cur) == strip(mixed["sft"])
+    assert pipeline._flag(mixed["eval_sft_curated"], "--checkpoint") == f"{tmp_path}/sft_curated"
+    assert "sft_curated" not in argvs(ablations=True)  # the careful world has nothing to curate
+    with pytest.raises(SystemExit, match="--writers 'sloppy'"):
+        pipeline.main(["--writers", "sloppy", "--list"])
