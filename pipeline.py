@@ -259,7 +259,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                      ["ckpt.pt"], [parent], est[name], resume=True, stop_flag="--stop_at_step",
                      oracle=oracle, tag="ORACLE ablation" if select == "judge" else "")
 
-    def rm(name, margin, seed, oracle=False, frac=1.0):
+    def rm(name, margin, seed, oracle=False, frac=1.0, synthetic=True):
         part = f", {frac:g} of the training pairs" if frac != 1.0 else ""
         return Stage(name, f"reward model, margin {margin}, seed {seed}{part}: preference pairs from the "
                            "SFT and GAtt models labelled by simulated annotators, trained and "
@@ -268,8 +268,8 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                       f"{o}/sft,{o}/gatt2", "--pairs_dir", f"{o}/rm_pairs", *fill(k["rm"]),
                       "--margin", margin, "--seed", str(seed), "--threads", "1",
                       *(["--train_frac", str(frac)] if frac != 1.0 else []),
-                      *(["--synthetic_pairs", str(cfg.synthetic_pairs)] if cfg.synthetic_pairs
-                        else []),
+                      *(["--synthetic_pairs", str(cfg.synthetic_pairs)]
+                        if cfg.synthetic_pairs and synthetic else []),
                       "--out_dir", f"{o}/{name}"],
                      ["ckpt.pt", "eval.json"], ["sft", "gatt2"],
                      est["rm"] if not oracle else est["rm_margin"], resume=True,
@@ -375,6 +375,9 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         for frac in k["rm_fracs"]:
             stages.append(rm(f"rm_frac{frac:g}", "small", 1, oracle=True, frac=frac))
             names.append(f"rm_frac{frac:g}")
+        if cfg.synthetic_pairs:  # ... and the RM without its open-source share (Table 6)
+            stages.append(rm("rm_nosyn", "small", 1, oracle=True, synthetic=False))
+            stages[-1].title += ", without the synthetic (open-source) pairs"
         stages.append(Stage("rm_ablation", "the margin ablation table over seeds and the reward "
                                            "histograms per margin (Table 28, Fig. 27)",
                             ["train_rm.py", "--report", ",".join(f"{o}/{x}/eval.json" for x in names),

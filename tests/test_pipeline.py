@@ -430,3 +430,23 @@ def test_writers_and_synthetic_pairs_reach_the_stages(tmp_path):
     assert "sft_curated" not in argvs(ablations=True)  # the careful world has nothing to curate
     with pytest.raises(SystemExit, match="--writers 'sloppy'"):
         pipeline.main(["--writers", "sloppy", "--list"])
+
+
+def test_the_report_shows_the_rm_by_kind_with_and_without_synthetic_pairs(tmp_path):
+    run = tmp_path / "run"
+
+    def ev(content, fam):
+        return {"buckets": {"average": {"rm_vs_annotators": 0.6, "ceiling": 0.7}}, "spearman": 0.25,
+                "by_kind": {"content only": {"n": 10, "rm_vs_judge": content},
+                            "form or instruction only": {"n": 5, "rm_vs_judge": 0.8},
+                            "both": {"n": 2, "rm_vs_judge": 1.0}, "tie": {"n": 3}},
+                "by_family": {"add": {"n": 7, "rm_vs_judge": fam}}}
+    for d, content, fam in (("rm", 0.75, 0.5), ("rm_nosyn", 0.55, 0.25)):
+        (run / d).mkdir(parents=True)
+        (run / d / "eval.json").write_text(json.dumps(ev(content, fam)))
+    row, sec = report.rm_by_kind(run)
+    assert row[2] == "RM: 75.0% of 10; RM without the synthetic open-source pairs: 55.0% of 10"
+    assert "| RM | 60.0% (70.0%) | 0.250 | 75.0% (10) | 80.0% (5) | 100.0% (2) | 50.0% |" in sec
+    assert "| RM without the synthetic open-source pairs (ablation) | 60.0% (70.0%) | 0.250 | " \
+           "55.0% (10) | 80.0% (5) | 100.0% (2) | 25.0% |" in sec
+    assert report.rm_by_kind(tmp_path / "none")[0][2] == "not run"
