@@ -363,10 +363,20 @@ def judge_scores(dialogs: list[list[dict]], replies: list) -> list[float]:
     return [world.score(d, r.text, r.eos).total for d, r in zip(dialogs, replies)]
 
 
-def _one_each(model, tokenizer, prompts, temperature, cfg, rt, seed, desc):
+def user_sampling(cfg, temperature: float) -> tuple[float, float]:
+    """(temperature, top_p) of the "sampled" replies an evaluation judges: cfg.eval_temperature
+    and cfg.eval_top_p when given (train_rlhf.py: Meta's chat default, T 0.6 and top-p 0.9, how a
+    user meets the model and where the tail of a fine-tuned model lives, SPEC §11), else the
+    method's own `temperature` and cfg.top_p."""
+    t = getattr(cfg, "eval_temperature", 0.0)  # scripts without the flag: the method's T
+    return (t, cfg.eval_top_p) if t > 0 else (temperature, cfg.top_p)
+
+
+def _one_each(model, tokenizer, prompts, temperature, cfg, rt, seed, desc, top_p=None):
     """One reply per prompt (greedy at temperature 0); a prompt with no room gets an empty one."""
     out = gatt.generate_replies(model, tokenizer, prompts, temperature=temperature,
-                                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                top_p=cfg.top_p if top_p is None else top_p,
+                                max_new_tokens=cfg.max_new_tokens, seed=seed,
                                 batch=cfg.gen_batch, rt=rt, desc=desc)
     return [r[0] if r else gatt.Reply("", False, 0) for r in out]
 
@@ -458,14 +468,17 @@ def held_out_prompts(cfg) -> list[list[dict]]:
 
 def one_sample_stats(model, tokenizer, rm, cfg, temperature: float, rt=None,
                      label: str = "model") -> dict:
-    """One greedy reply and one reply sampled at `temperature` per held-out prompt (fixed seeds,
-    so two models' replies pair up prompt by prompt): {"greedy": stats, "sampled": stats}."""
+    """One greedy reply and one sampled reply per held-out prompt (fixed seeds, so two models'
+    replies pair up prompt by prompt): {"greedy": stats, "sampled": stats}; sampled at
+    `user_sampling(cfg, temperature)`, recorded in the sampled stats."""
     prompts = held_out_prompts(cfg)
+    t, p = user_sampling(cfg, temperature)
+    sampled = _stats(prompts, _one_each(model, tokenizer, prompts, t, cfg, rt, cfg.seed + 21,
+                                        f"{label} T={t:g} top-p {p:g}", top_p=p), rm)
+    sampled.update(temperature=t, top_p=p)
     return {"greedy": _stats(prompts, _one_each(model, tokenizer, prompts, 0.0, cfg, rt, 0,
                                                 f"{label} greedy"), rm),
-            "sampled": _stats(prompts, _one_each(model, tokenizer, prompts, temperature, cfg, rt,
-                                                 cfg.seed + 21, f"{label} T={temperature:g}"),
-                              rm)}
+            "sampled": sampled}
 
 
 def adherence_by_turn(model, tokenizer, cfg, rt=None) -> tuple[list[float], list[float]]:
@@ -513,7 +526,7 @@ def format_policy_eval(s: dict) -> str:
              f"{f['judge_empty']:.3f}, bare correct answer {f['judge_bare_answer']:.3f}, "
              f"ceiling 1.0; RM floor (empty reply) {f['rm_empty']:+.3f}; "
              f"{s['seconds']:.0f}s"]
-    for name, x in (("greedy", g), (f"T={s['temperature']:g}", t)):
+    for name, x in (("greedy", g), (f"T={t.get('temperature', s['temperature']):g}", t)):
         lines.append(f"  {name:>7}: judged {x['judge']:.3f} | RM {x['rm']:+.3f} | EOS "
                      f"{x['eos_rate']:.1%} (ceiling 100%) | {x['tokens']:.1f} tokens"
                      + (f" | correct {x['correct']:.1%}, rambling {x['rambling']:.1%}, repeating "

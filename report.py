@@ -384,11 +384,13 @@ def rejection_sampling(run: Path, out: Path):
                  "greedy judged score (win rate against V0): " + wins,
                  f"floor: empty reply {evs[0]['floor']['judge_empty']:.3f}, win rate 50%; "
                  "ceiling 1.0 / 100%", why])
-    sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Win rate: "
+    sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Greedy: "
+            "one reply at temperature 0; sampled: one reply " + _sampled_at(evs[0]) + " (the "
+            "re-tuned T is what rejection sampling draws its k samples at). Win rate: "
             "one reply each against V0's (or, in the last columns, the compared model's) on the "
             "same prompts, judged, ties half.", "",
-            "| model | T (re-tuned) | judged greedy | judged at T | RM greedy | RM at T | "
-            "win rate vs V0 (greedy / at T) | EOS | correct / rambling / repeating (greedy) |"
+            "| model | T (re-tuned) | judged greedy | judged sampled | RM greedy | RM sampled | "
+            "win rate vs V0 (greedy / sampled) | EOS | correct / rambling / repeating (greedy) |"
             + "".join(f" win rate vs {n} (greedy / sampled) |" for n in vs),
             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(vs)]
     for j, (e, t) in enumerate(zip(evs, tunes)):
@@ -468,9 +470,8 @@ def reward_distributions(run: Path, out: Path):
         return xs[min(len(xs) - 1, max(0, math.ceil(p * len(xs)) - 1))]
 
     sec = ["## The reward distribution, SFT -> RLHF (the paper's Fig. 20)", "",
-           "One reply per held-out prompt sampled from each model (at the temperature its "
-           "rejection-sampling iteration tuned; SFT at V0's), scored by the same reward model and "
-           "by the judge. Low tail: the share judged below 0.7 (a wrong answer, or an instruction "
+           "One reply per held-out prompt sampled from each model (" + _sampled_at(models[0][1])
+           + "), scored by the same reward model and by the judge. Low tail: the share judged below 0.7 (a wrong answer, or an instruction "
            "and the form broken). Flaws as a reader would name them (`world.flaw_of`; floor 0% for "
            "each flaw, an empty reply: 100% wrong).", "",
            "| model | n | RM mean | RM 10th pct | judged mean | judged < 0.7 | "
@@ -520,6 +521,14 @@ def _plot_distributions(models: list, png: Path) -> None:
     with training.atomic_write(png, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
+
+
+def _sampled_at(e: dict) -> str:
+    """How an evaluation's "sampled" replies were drawn, in words."""
+    x = e.get("sampled", {})
+    if "temperature" in x:
+        return f"T {x['temperature']:g}, top-p {x['top_p']:g}"
+    return "at the method's temperature (the re-tuned T column)"
 
 
 def _form(x: dict) -> str:

@@ -98,6 +98,8 @@ class Config:
     temperatures: str = "0.6,0.8,1.0,1.2,1.5"  # grid re-tuned every iteration (Llama 2 Fig. 8: best T 1.2-1.3 for the RLHF model)
     tune_prompts: int = 16  # training prompts the temperature is tuned on (the first ones of the set)
     top_p: float = 1.0  # nucleus sampling (1.0 = pure sampling, the temperature is the knob)
+    eval_temperature: float = 0.6  # the "sampled" replies every evaluation judges: Meta's chat default (T 0.6, top-p 0.9), how a user meets the model; 0 = at the method's temperature (RS's tuned T, PPO's rollout T)
+    eval_top_p: float = 0.9  # ... and their top-p
     prompt_levels: str = "1,2"  # difficulty levels of the training prompts
     p_instruction: float = 0.5  # share of training prompts with a standing instruction
     max_turns: int = 3  # user turns per training prompt, at most (earlier ones answered by the careful human)

@@ -119,3 +119,31 @@ def test_policy_stats_count_correct_rambling_and_repeating_by_hand():
     # the flaw of each reply (world.flaw_of, no EOS first): both wordy replies have the answer
     # wrong, which world.flaw_of names first
     assert s["flaws"] == {"none": 0.25, "wrong": 0.5, "no_eos": 0.25}
+
+
+def test_sampled_replies_are_drawn_as_a_user_meets_the_model(monkeypatch):
+    """one_sample_stats: greedy at T 0; the sampled replies at train_rlhf's eval_temperature and
+    eval_top_p (Meta's chat default 0.6 / 0.9) whatever the method's T, recorded in the stats;
+    eval_temperature 0 samples at the method's T and top_p."""
+    import gatt
+    import train_rlhf
+
+    calls = []
+
+    def fake(model, tok, prompts, temperature=0.0, top_p=1.0, **kw):
+        calls.append((temperature, top_p))
+        return [[gatt.Reply("The answer is 1.", True, 4)] for _ in prompts]
+
+    class NoRM:
+        def score(self, dialogs, texts):
+            return [0.0] * len(texts)
+    monkeypatch.setattr(gatt, "generate_replies", fake)
+    cfg = train_rlhf.Config(eval_n=3, eval_levels="1")
+    s = evaluate.one_sample_stats(None, None, NoRM(), cfg, 1.3)
+    assert sorted(calls) == [(0.0, 1.0), (0.6, 0.9)]
+    assert (s["sampled"]["temperature"], s["sampled"]["top_p"]) == (0.6, 0.9)
+    calls.clear()
+    cfg = train_rlhf.Config(eval_n=3, eval_levels="1", eval_temperature=0.0, top_p=0.95)
+    s = evaluate.one_sample_stats(None, None, NoRM(), cfg, 1.3)
+    assert sorted(calls) == [(0.0, 0.95), (1.3, 0.95)]
+    assert (s["sampled"]["temperature"], s["sampled"]["top_p"]) == (1.3, 0.95)
