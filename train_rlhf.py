@@ -123,7 +123,7 @@ class Config:
     lam: float = 0.95  # GAE lambda (Huang et al. 2024: 0.95)
     no_eos_score: float = -1.0  # the score of a rollout with no EOS within max_new_tokens
     whiten_n: int = 64  # pi_0 samples that fix the RM score's whitening statistics
-    val_prompts: int = 32  # training-split validation prompts for early stopping (kept out of the rollouts)
+    val_prompts: int = 32  # validation-split prompts for early stopping (world.SPLITS: never in the rollouts nor in the test)
     val_every: int = 1  # validate every N iterations
     patience: int = 5  # stop after N validations without a better score (0: never)
     ppo_judge: bool = True  # log the judge's score of each batch's rollouts (measured only, never trained on)
@@ -674,7 +674,7 @@ def judge_rollouts(tokenizer, dialogs, rolls) -> float:
 @torch.no_grad()
 def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> float:
     """The early-stopping number: the mean score (whitened RM logit, no EOS -> the low score) of
-    one greedy reply per validation prompt (training-split problems kept out of the rollouts);
+    one greedy reply per validation prompt (the world's validation split);
     the same number on every rank."""
     gens = rollout(policy, tokenizer, val_ids, cfg, 0, rt, temperature=0.0)
     v = float(score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].mean())
@@ -682,16 +682,14 @@ def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> float:
 
 
 def ppo_prompts(cfg, max_len: int, tokenizer):
-    """The rollout pool and the validation prompts: both training-split problems, the validation
-    problems kept out of the pool; prompts with no room for max_new_tokens dropped.
-    -> (pool dialogs, pool ids, validation ids)."""
+    """The rollout pool (training-split problems) and the validation prompts (the world's
+    validation split: disjoint from the pool and from the held-out test problems by construction);
+    prompts with no room for max_new_tokens dropped. -> (pool dialogs, pool ids, validation ids)."""
     levels = world.parse_levels(cfg.prompt_levels)
-    val = world.chat_prompts(cfg.val_prompts, "train", cfg.seed + 1, levels, cfg.p_instruction,
+    val = world.chat_prompts(cfg.val_prompts, "valid", cfg.seed + 1, levels, cfg.p_instruction,
                              cfg.max_turns)
-    held = {world.parse_dialog(d)[0] for d in val}
-    pool = [d for d in world.chat_prompts(cfg.ppo_prompts, "train", cfg.seed, levels,
-                                          cfg.p_instruction, cfg.max_turns)
-            if world.parse_dialog(d)[0] not in held]
+    pool = world.chat_prompts(cfg.ppo_prompts, "train", cfg.seed, levels, cfg.p_instruction,
+                              cfg.max_turns)
     fits = lambda ids: len(ids) + cfg.max_new_tokens <= max_len  # noqa: E731
     pool = [(d, ids) for d in pool if fits(ids := llama2.encode_dialog(tokenizer, d)[0])]
     val_ids = [ids for d in val if fits(ids := llama2.encode_dialog(tokenizer, d)[0])]

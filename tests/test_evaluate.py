@@ -147,3 +147,20 @@ def test_sampled_replies_are_drawn_as_a_user_meets_the_model(monkeypatch):
     s = evaluate.one_sample_stats(None, None, NoRM(), cfg, 1.3)
     assert sorted(calls) == [(0.0, 0.95), (1.3, 0.95)]
     assert (s["sampled"]["temperature"], s["sampled"]["top_p"]) == (1.3, 0.95)
+
+
+def test_ppo_validates_on_the_validation_split(tokenizer):
+    """PPO's early stopping reads the world's validation split; its rollouts train-split problems;
+    neither touches the held-out test problems the report shows."""
+    import llama2
+    import train_rlhf
+    import world
+    cfg = train_rlhf.Config(ppo_prompts=40, val_prompts=12, ppo_batch=4, max_new_tokens=8)
+    pool, pool_ids, val_ids = train_rlhf.ppo_prompts(cfg, 512, tokenizer)
+    assert len(pool) == len(pool_ids) > 30 and len(val_ids) == 12
+    split = lambda d: {world.parse_prompt(world.strip_instructions(u)).split  # noqa: E731
+                       for u in world.user_turns(d)}
+    assert all(split(d) == {"train"} for d in pool)
+    val = world.chat_prompts(12, "valid", cfg.seed + 1, (1, 2), cfg.p_instruction, cfg.max_turns)
+    assert [llama2.encode_dialog(tokenizer, d)[0] for d in val] == val_ids
+    assert all(split(d) == {"valid"} for d in val)
