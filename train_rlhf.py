@@ -1292,14 +1292,24 @@ def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
     mean_j = sum(sum(r["judged"]) / len(r["judged"]) for r in picked) / max(1, len(picked))
     best_j = sum(r["judged"][r["best"]] for r in picked) / max(1, len(picked))
     eos = sum(sum(r["eos"]) for r in rows) / max(1, sum(len(r["eos"]) for r in rows))
+    # how often the pick's content is right, against a random sample's and against "any of the
+    # k" (what a perfect selector could reach): rejection sampling can only lift content where
+    # the pick beats the policy's own rate (SPEC §11); measured, never used to pick
+    right = [[world.score(r["messages"], t).content == 1.0 for t in r["responses"]] for r in picked]
+    n = max(1, len(picked))
+    correct = {"random": sum(sum(c) / len(c) for c in right) / n,
+               "picked": sum(c[r["best"]] for c, r in zip(right, picked)) / n,
+               "any": sum(any(c) for c in right) / n}
     from_earlier = sum(g is not None and g["iteration"] < i for g in gold)
     log.write({"iteration": i, "selection": {"prompts_with_gold": sum(g is not None for g in gold),
                "reward_mean": mean_r, "reward_picked": best_r, "judged_mean": mean_j,
                "judged_picked": best_j, "eos_rate": eos, "pooled": pooled,
-               "gold_from_earlier": from_earlier}},
+               "gold_from_earlier": from_earlier, "correct": correct}},
               f"V{i}: picked by the {'RM' if cfg.select == 'rm' else 'JUDGE (oracle)'} from "
               f"k={cfg.k} at T={rows[0]['temperature']:g}: reward {mean_r:+.3f} (a random sample) "
-              f"-> {best_r:+.3f} (the pick); judged {mean_j:.3f} -> {best_j:.3f}; samples with "
+              f"-> {best_r:+.3f} (the pick); judged {mean_j:.3f} -> {best_j:.3f}; right answers "
+              f"{correct['random']:.1%} -> {correct['picked']:.1%} (any of the k: "
+              f"{correct['any']:.1%}); samples with "
               f"EOS {eos:.1%}; " + (f"pooled over V1..V{i}: {from_earlier} gold answers from "
                                     "earlier iterations" if pooled else "no pooling"))
 

@@ -269,3 +269,25 @@ def test_the_script_selects_without_the_judge_by_default(ckpts, tmp_path, monkey
     with pytest.raises(AssertionError, match="judge was called to select"):
         train_rlhf.main(_flags(ckpts, tmp_path / "oracle", "--iterations", "1",
                                "--select", "judge"))
+
+
+def test_selection_log_counts_right_answers_of_the_pick_by_hand():
+    """_log_selection: the share of right answers among random samples, the picks and 'any of
+    the k', counted by hand (the judge reads content only after the pick)."""
+    d1, d2 = [{"role": "user", "content": "What is 23 plus 58?"}], \
+        [{"role": "user", "content": "Spell the word cat."}]
+    rows = [{"messages": d1, "responses": ["The answer is 81.", "The answer is 80."],
+             "rewards": [0.0, 1.0], "judged": [1.0, 0.6], "best": 1, "eos": [True, True],
+             "temperature": 1.0},
+            {"messages": d2, "responses": ["c-a-t", "It is c-a-t."], "rewards": [0.5, 0.2],
+             "judged": [1.0, 1.0], "best": 0, "eos": [True, True], "temperature": 1.0}]
+
+    class Log:
+        def write(self, record, text):
+            self.record, self.text = record, text
+    log = Log()
+    train_rlhf._log_selection(log, 1, rows, [None, None], False, train_rlhf.Config(k=2))
+    c = log.record["selection"]["correct"]
+    # prompt 1: one of two right, the pick wrong, any right; prompt 2: both right, the pick right
+    assert c == {"random": pytest.approx((0.5 + 1.0) / 2), "picked": 0.5, "any": 1.0}
+    assert "right answers 75.0% -> 50.0% (any of the k: 100.0%)" in log.text
