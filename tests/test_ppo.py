@@ -274,12 +274,12 @@ def test_one_step_moves_the_values_toward_the_returns_and_the_value_clip(ckpts):
     for sign in (1.0, -1.0):
         mb, v, st, _ = critic_step(lambda cur: cur, lambda cur: cur + 0.1 * sign, 1e-5)
         m = mb["mask"]
-        # the value loss reported is the formula on the old values: 0.5 * mean (0.1)^2
-        assert st["value_loss"] == pytest.approx(0.5 * 0.01, rel=1e-4)
         move = ((v - mb["values_old"]) * m).sum(1) / m.sum(1)  # (B,)
         assert all(float(x) * sign > 0 for x in move), (sign, move)
         assert ((v - mb["returns"]) ** 2 * m).sum() < ((mb["values_old"] - mb["returns"]) ** 2
                                                        * m).sum()
+        # the value loss reported is the formula on the old values: 0.5 * mean (0.1)^2
+        assert st["value_loss"] == pytest.approx(0.5 * 0.01, rel=1e-4)
     assert all(torch.equal(policy_before[k], t) for k, t in policy.state_dict().items())
 
     # value clipping: the old values 0.5 below the current ones (the value has already moved
