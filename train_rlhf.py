@@ -37,7 +37,8 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
         --out_dir out/rlhf_rs
     # PPO from the last rejection-sampling model (writes ckpt.pt, stage "rlhf": the iteration of
     # the best validation score if it beats pi_0's by more than --keep_se paired standard errors
-    # over the validation prompts, else pi_0; metrics.jsonl: a row per iteration, 0 = pi_0's samples;
+    # over the validation prompts, else pi_0; metrics.jsonl: a row per iteration, 0 = pi_0's
+    # samples, with val_diff and val_se against pi_0;
     # ppo_overopt.png and ppo_report.{txt,json}: RM and judged score against sqrt KL;
     # eval_{start,final}.json: held-out evaluation, --compare adds the final model's win rate
     # against other models to eval_final.json under "compare")

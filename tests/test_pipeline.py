@@ -307,8 +307,8 @@ if mode != "no_output":
 
 def test_the_driver_logic_on_stand_in_stages(tmp_path, monkeypatch, capfd):
     """The driver alone, on stand-in stage scripts (no torch, milliseconds each): a failure, or an
-    exit 0 that left no output, is never marked finished; a crashed stage with a ckpt.pt gets --resume; a stage
-    that ran again makes the stages that read it run again."""
+    exit 0 that left no output, is never marked finished; a crashed stage with a ckpt.pt gets
+    --resume; a stage that ran again makes the stages that read it run again."""
     step = tmp_path / "step.py"
     step.write_text(STEP)
     out = tmp_path / "run"

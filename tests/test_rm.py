@@ -361,7 +361,8 @@ def test_evaluate_numbers_by_hand():
     import hashlib
     seen = []
     for pr, (c, r) in zip(pairs, ["ab", "cd", "ef", "gh"]):
-        flip = hashlib.sha256(json.dumps([pr.messages, pr.chosen, pr.rejected]).encode()).digest()[0] % 2
+        key = json.dumps([pr.messages, pr.chosen, pr.rejected]).encode()
+        flip = hashlib.sha256(key).digest()[0] % 2
         gap = table[r] - table[c] if flip else table[c] - table[r]
         seen.append((1 / (1 + math.exp(-gap)), 0.0 if flip else 1.0))
     bins = {}
@@ -432,7 +433,8 @@ def test_train_resume_exact_and_eval(tokenizer, tmp_path, capsys):
     test_pairs = train_rm.read_pairs(test)
     with torch.no_grad():
         def r(p, text):
-            return float(trained(torch.tensor([llama2.encode_response(tok, p.messages, text)]))[0, -1])
+            ids = llama2.encode_response(tok, p.messages, text)
+            return float(trained(torch.tensor([ids]))[0, -1])
         agree = [(p.rating, 1.0 if r(p, p.chosen) > r(p, p.rejected) else 0.0) for p in test_pairs]
     for name, row in s["buckets"].items():
         got = [a for rating, a in agree if name == "average" or rating == name]
