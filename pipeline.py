@@ -12,8 +12,8 @@
 Stages (each one command of the stage scripts, SPEC.md section in brackets): the world's text ->
 pretraining (§4) -> its judged evaluation -> SFT (§5) -> evaluation -> Ghost Attention, two rounds
 (§6) -> evaluation -> reward model (§7, evaluated on held-out pairs) -> rejection sampling (§8, with
-Fig. 7/8 and the per-iteration evaluation) -> PPO (§9, skipped with a message until train_rlhf.py
-has --method ppo) -> the final model's evaluation -> report.py (docs/REPORT.md).
+Fig. 7/8 and the per-iteration evaluation) -> PPO (§9, train_rlhf.py --method ppo from the last
+rejection-sampling model) -> the final model's evaluation -> report.py (docs/REPORT.md).
 
 Restarting. A stage is FINISHED when its command exited 0, the files it must leave exist, and then
 <out_dir>/<stage>/done.json was written atomically; done.json records the command and the ids of

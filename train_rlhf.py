@@ -35,8 +35,10 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     # stop mid-iteration, then continue exactly where it stopped
     python train_rlhf.py --stop_at 2:1 --out_dir out/rlhf_rs && python train_rlhf.py --resume \\
         --out_dir out/rlhf_rs
-    # PPO from the last rejection-sampling model (writes ckpt.pt: the best policy by validation
-    # score, stage "rlhf"; metrics.jsonl: a row per iteration, 0 = pi_0's samples;
+    # PPO from the last rejection-sampling model (writes ckpt.pt, stage "rlhf": the iteration of
+    # the best validation score if it beats pi_0's by more than --keep_se paired standard errors
+    # over the validation prompts, else pi_0; metrics.jsonl: a row per iteration, 0 = pi_0's
+    # samples, with val_diff and val_se against pi_0;
     # ppo_overopt.png and ppo_report.{txt,json}: RM and judged score against sqrt KL;
     # eval_{start,final}.json: held-out evaluation, --compare adds the final model's win rate
     # against other models to eval_final.json under "compare")
@@ -126,6 +128,7 @@ class Config:
     val_prompts: int = 32  # validation-split prompts for early stopping (world.SPLITS: never in the rollouts nor in the test)
     val_every: int = 1  # validate every N iterations
     patience: int = 5  # stop after N validations without a better score (0: never)
+    keep_se: float = 2.0  # the run's model is the best iteration by validation score only if it beats pi_0 by more than this many paired standard errors over the validation prompts, else pi_0 (0: the best one above pi_0)
     ppo_judge: bool = True  # log the judge's score of each batch's rollouts (measured only, never trained on)
     compare: str = ""  # name=checkpoint,... win rates against other models on the held-out prompts: rs, of every Vi (eval.json "win_rate_vs", e.g. sft=out/pipeline/sft); ppo, of the final model (eval_final.json "compare", e.g. sft=...,rs=out/pipeline/rs/V3)
     report: str = ""  # ppo: run_dir,run_dir,... of finished PPO runs (e.g. a --beta sweep): ppo_overopt.png and the table, no training
@@ -174,7 +177,7 @@ PPO_RESUME_SAME = ("method", "checkpoint", "reward_model", "prompt_levels", "p_i
                    "eps", "grad_clip", "seed", "ppo_prompts", "ppo_batch", "ppo_minibatch",
                    "ppo_lr", "value_lr", "beta", "temperature", "clip_ratio", "clip_value",
                    "gamma", "lam", "no_eos_score", "whiten_n", "val_prompts", "val_every",
-                   "patience")
+                   "patience", "keep_se")
 PPO_STAGE = "rlhf_ppo"  # the stage of a PPO run's ckpt.pt while it trains ("rlhf" when done)
 STAGE = "rlhf_rs"  # the stage of ckpt.pt (the run's state); each Vi is saved as stage "rlhf"
 CHAT_STAGES = ("sft", "gatt", "rlhf")
@@ -369,20 +372,6 @@ def train_step(model, optimizer, examples, step_rows, cfg, rt) -> tuple[float, i
 # the longest response, V the vocabulary.
 
 
-def combine_rewards(r_safety: torch.Tensor, r_helpful: torch.Tensor,
-                    is_safety: torch.Tensor) -> torch.Tensor:
-    """Llama 2's R_c (§3.2.3): the safety RM's score if the prompt is safety-tagged or the safety
-    score is below 0.15, else the helpfulness RM's. Scores are probabilities in [0, 1] (sigmoid of
-    the head); (N,) each, is_safety (N,) bool. With one RM (r_safety = r_helpful) it is the
-    identity."""
-    return torch.where(is_safety | (r_safety < 0.15), r_safety, r_helpful)
-
-
-def logit(p: torch.Tensor) -> torch.Tensor:
-    """LOGIT(p) = log(p / (1 - p)), the inverse of the sigmoid: undoes the RM's squashing."""
-    return torch.log(p) - torch.log1p(-p)
-
-
 def gather_chunks(mine: dict, rt) -> dict:
     """Under torchrun: every rank's {chunk index: results} merged on every rank (rollouts are
     small Python lists); with one process, `mine` itself."""
@@ -443,15 +432,19 @@ def rm_logits(rm, seqs: list[list[int]], rt) -> torch.Tensor:
 
 def score_rollouts(rm, rolls: list[dict], stats: tuple[float, float], no_eos_score: float,
                    rt) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scalar score of each rollout: WHITEN(LOGIT(R_c)) with the whitening statistics fixed
-    once on pi_0's samples; "no EOS -> fixed low score" (never the RM's: a reply cut at the length
-    limit must not be rewarded). -> (score (N,), raw RM logit (N,), nan without EOS)."""
+    """The scalar score of each rollout: the reward model's raw head output at the EOS, whitened
+    with the statistics fixed once on pi_0's samples, (raw - mu) / sigma; "no EOS -> fixed low
+    score" (never the RM's: a reply cut at the length limit must not be rewarded).
+    -> (score (N,), raw RM logit (N,), nan without EOS).
+
+    The paper's WHITEN(LOGIT(R_c)) (SPEC.md §7, §12) reduces to this here: there is one reward
+    model (no safety RM), so R_c is the helpfulness RM's score, and LOGIT of its sigmoid is the
+    raw head output that is read directly; no sigmoid or logit is ever computed."""
     mu, sigma = stats
     raw = torch.full((len(rolls),), float("nan"))
     ok = [i for i, r in enumerate(rolls) if r["eos"]]
     if ok:
         raw[ok] = rm_logits(rm, [rolls[i]["prompt"] + rolls[i]["response"] for i in ok], rt)
-    # (one RM: R_c = combine_rewards(R, R, False) = R; LOGIT(sigmoid(head)) = the head output)
     score = torch.where(torch.isnan(raw), torch.tensor(no_eos_score), (raw - mu) / sigma)
     return score, raw
 
@@ -672,13 +665,25 @@ def judge_rollouts(tokenizer, dialogs, rolls) -> float:
 
 
 @torch.no_grad()
-def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> float:
-    """The early-stopping number: the mean score (whitened RM logit, no EOS -> the low score) of
-    one greedy reply per validation prompt (the world's validation split);
-    the same number on every rank."""
+def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> list[float]:
+    """The early-stopping numbers: the score (whitened RM logit, no EOS -> the low score) of one
+    greedy reply per validation prompt (the world's validation split), in prompt order so that
+    two policies pair up; the same numbers on every rank."""
     gens = rollout(policy, tokenizer, val_ids, cfg, 0, rt, temperature=0.0)
-    v = float(score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].mean())
-    return training.broadcast_from_rank0([v], rt)[0]  # every rank stops at the same iteration
+    v = score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].tolist()
+    return training.broadcast_from_rank0(v, rt)  # every rank stops at the same iteration
+
+
+def paired_gain(scores: list[float], start: list[float]) -> tuple[float, float]:
+    """How much a policy's validation scores beat pi_0's on the same prompts: the mean of the
+    per-prompt differences and its standard error (the differences' sample standard deviation
+    over sqrt(n); infinite with one prompt). -> (mean difference, standard error)."""
+    diff = [a - b for a, b in zip(scores, start)]
+    n = len(diff)
+    mean = sum(diff) / n
+    if n < 2:
+        return mean, math.inf
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
 
 
 def ppo_prompts(cfg, max_len: int, tokenizer):
@@ -742,7 +747,11 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
 
+    # best: the best validation mean so far (patience); kept: the iteration whose weights best_sd
+    # holds, the run's model (pi_0 = iteration 0 until one beats it by more than keep_se standard
+    # errors); val_start: pi_0's validation score per prompt, what each iteration is paired with
     it, stats, best, bad, best_sd, done = 0, None, None, 0, None, False
+    kept, val_start = None, None
     if resumed:
         training.check_same_model_args(resumed["model_args"], asdict(policy.args), str(ckpt_path))
         policy.load_state_dict(resumed["policy_last"])
@@ -752,6 +761,10 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         it, stats, best, bad = (resumed["iteration"], tuple(resumed["whiten"]),
                                 resumed["best_val"], resumed["bad"])
         best_sd, done = resumed["model"], resumed.get("done", False)
+        if "val_start" not in resumed:
+            raise SystemExit(f"error: cannot resume from {ckpt_path}: it predates the paired "
+                             "validation (no val_start); start a new run")
+        kept, val_start = resumed["kept"], resumed["val_start"]
         training.set_rng_state(resumed["rng"])
     if rt.is_master:
         training.trim_metrics(metrics, it)
@@ -772,13 +785,14 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         sd = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
         training.save_checkpoint(ckpt_path, {
             "model_args": asdict(policy.args),
-            "model": best_sd,  # the best policy by validation score: the run's model
+            "model": best_sd,  # the kept policy (pi_0 unless one beat it): the run's model
             "policy_last": sd(policy), "critic": sd(critic),
             "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
             "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
             "config": asdict(cfg), "stage": "rlhf" if final else PPO_STAGE, "method": "ppo",
             "parent": cfg.checkpoint, "iteration": it, "whiten": list(stats), "best_val": best,
-            "bad": bad, "done": final, "rng": training.rng_state()})
+            "bad": bad, "kept": kept, "val_start": val_start, "done": final,
+            "rng": training.rng_state()})
 
     if stats is None:
         # ---- reward whitening statistics, fixed once on samples of pi_0
@@ -786,11 +800,14 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         ok = [r["prompt"] + r["response"] for r in rolls if r["eos"]]
         raw = rm_logits(rm, ok, rt) if ok else torch.empty(0)
         stats = tuple(training.broadcast_from_rank0(list(whitening_stats(raw)), rt))
-        best = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
+        val_start = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
+        best = sum(val_start) / len(val_start)
+        kept = {"iteration": 0, "val_score": best, "val_diff": 0.0, "val_se": 0.0}
         best_sd = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
         # pi_0's samples are iteration 0 of the over-optimization curves (KL 0 by definition)
         row = {"step": 0, "iteration": 0, "beta": cfg.beta, "whiten": list(stats),
-               "val_score": best, "kl": 0.0, "eos_rate": len(ok) / len(rolls),
+               "val_score": best, "val_diff": 0.0, "val_se": 0.0, "val_kept": True,
+               "kl": 0.0, "eos_rate": len(ok) / len(rolls),
                "rm_raw": float(raw.mean()) if ok else None}
         if cfg.ppo_judge and rt.is_master:
             row["judge"] = judge_rollouts(tokenizer, dialogs[:cfg.whiten_n], rolls)
@@ -813,12 +830,21 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
         if cfg.ppo_judge and rt.is_master:  # measured only, after the update: never trained on
             row["judge"] = judge_rollouts(tokenizer, [dialogs[i] for i in pick], rolls)
         if it % cfg.val_every == 0 or it == cfg.ppo_iterations:
-            row["val_score"] = v = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
+            scores = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
+            v = sum(scores) / len(scores)
+            diff, se = paired_gain(scores, val_start)
             if v > best:  # early stopping by the RM score on validation prompts
                 best, bad = v, 0
-                best_sd = {k: t.detach().cpu().clone() for k, t in policy.state_dict().items()}
             else:
                 bad += 1
+            # the run's model: an iteration replaces the kept one only if it scores higher and
+            # beats pi_0 beyond noise, by more than keep_se paired standard errors
+            better = v > kept["val_score"] and diff > (cfg.keep_se * se if cfg.keep_se else 0.0)
+            if better:
+                kept = {"iteration": it, "val_score": v, "val_diff": diff, "val_se": se}
+                best_sd = {k: t.detach().cpu().clone() for k, t in policy.state_dict().items()}
+            row.update(val_score=v, val_diff=diff, val_se=se if math.isfinite(se) else None,
+                       val_kept=better)
         row["seconds"] = time.perf_counter() - t0
         log.write(row, f"PPO {it}/{cfg.ppo_iterations}: score {row['score']:+.3f} KL "
                   f"{row['kl']:.3f} score-beta*KL {row['score_minus_beta_kl']:+.3f}"
@@ -827,8 +853,9 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
                   f"{row['entropy']:.2f} | approx-KL {row['approx_kl']:.2e} clipfrac "
                   f"{row['clipfrac']:.3f} ratio mean {row['ratio_mean']:.4f} max "
                   f"{row['ratio_max']:.3f} value loss {row['value_loss']:.4f}"
-                  + (f" | val {row['val_score']:+.3f} (best {best:+.3f})" if "val_score" in row
-                     else "") + f" | {row['seconds']:.1f}s")
+                  + (f" | val {row['val_score']:+.3f} (best {best:+.3f}), vs pi_0 "
+                     f"{row['val_diff']:+.3f} +- {se:.3f}" + (" (kept)" if row["val_kept"] else "")
+                     if "val_score" in row else "") + f" | {row['seconds']:.1f}s")
         if cfg.patience and bad >= cfg.patience:
             log.print(f"early stop: no better validation score for {bad} validations")
             done = True
@@ -837,8 +864,12 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
             log.print(f"stopped after PPO iteration {it} (--stop_at {cfg.stop_at})")
             return
     save(final=True)
-    log.print(f"PPO done after {it} iterations; {ckpt_path} holds the best policy by validation "
-              f"score ({best:+.3f})")
+    log.print(f"PPO done after {it} iterations; {ckpt_path} holds "
+              + (f"iteration {kept['iteration']}, validation score {kept['val_score']:+.3f}: "
+                 f"{kept['val_diff']:+.3f} +- {kept['val_se']:.3f} (one paired standard error "
+                 f"over {len(val_start)} prompts) above pi_0" if kept["iteration"] else
+                 f"pi_0 (validation score {kept['val_score']:+.3f}): no iteration beat it by more "
+                 f"than {cfg.keep_se:g} paired standard errors (the best mean: {best:+.3f})"))
     if rt.is_master and cfg.ppo_judge:  # this run's over-optimization curves and its line
         ppo_report([str(out_dir)], log.print)
     if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait in cleanup_runtime
@@ -1008,6 +1039,9 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"error: --temperature {cfg.temperature}: PPO samples, give T > 0")
         if cfg.beta < 0 or cfg.ppo_lr <= 0 or cfg.value_lr <= 0:
             raise SystemExit("error: --beta must be >= 0, --ppo_lr and --value_lr > 0")
+        if not cfg.keep_se >= 0:
+            raise SystemExit(f"error: --keep_se {cfg.keep_se}: give the number of standard "
+                             "errors (>= 0) by which an iteration must beat pi_0 to be kept")
     parse_compare(cfg.compare)
     if cfg.select not in ("rm", "judge"):
         raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "

@@ -293,8 +293,6 @@ out, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
 out.mkdir(parents=True, exist_ok=True)
 with open(out / "calls.txt", "a") as f:
     f.write(" ".join(sys.argv[3:]) + "\n")
-if mode == "ppo":
-    sys.exit("error: --method ppo is not built yet (issue 13); use --method rs")
 if mode == "fail":
     sys.exit(3)
 crash = out.parent.parent / f"crash_{out.name}"  # outside the stage folder: crash once
@@ -308,14 +306,13 @@ if mode != "no_output":
 
 
 def test_the_driver_logic_on_stand_in_stages(tmp_path, monkeypatch, capfd):
-    """The driver alone, on stand-in stage scripts (no torch, milliseconds each): a stage whose
-    script says "not built" is skipped and so is what needs it; a failure, or an exit 0 that left
-    no output, is never marked finished; a crashed stage with a ckpt.pt gets --resume; a stage
-    that ran again makes the stages that read it run again."""
+    """The driver alone, on stand-in stage scripts (no torch, milliseconds each): a failure, or an
+    exit 0 that left no output, is never marked finished; a crashed stage with a ckpt.pt gets
+    --resume; a stage that ran again makes the stages that read it run again."""
     step = tmp_path / "step.py"
     step.write_text(STEP)
     out = tmp_path / "run"
-    modes = {"a": "ok", "b": "ok", "c": "ok", "p": "ppo", "q": "ok"}
+    modes = {"a": "ok", "b": "ok", "c": "ok"}
     (tmp_path / "crash_c").write_text("")
 
     def stages(cfg, o):
@@ -323,10 +320,7 @@ def test_the_driver_logic_on_stand_in_stages(tmp_path, monkeypatch, capfd):
         return [S("a", "first", [str(step), f"{o}/a", modes["a"]], ["out.txt"]),
                 S("b", "reads a", [str(step), f"{o}/b", modes["b"]], ["out.txt"], ["a"]),
                 S("c", "resumable", [str(step), f"{o}/c", modes["c"]], ["out.txt"], ["b"],
-                  resume=True),
-                S("p", "not built", [str(step), f"{o}/p", modes["p"]], ["out.txt"], ["c"],
-                  probe="--method"),
-                S("q", "reads p", [str(step), f"{o}/q", modes["q"]], ["out.txt"], ["p"])]
+                  resume=True)]
 
     monkeypatch.setattr(pipeline, "build_stages", stages)
 
@@ -340,13 +334,10 @@ def test_the_driver_logic_on_stand_in_stages(tmp_path, monkeypatch, capfd):
     rc, cap = go()  # c crashes after writing its checkpoint
     assert rc == 1 and "error: stage c failed (exit 1)" in cap.out
     assert marker(out, "b") is not None and marker(out, "c") is None
-    rc, cap = go()  # c resumes; p is not built: skipped, and q that needs it
+    rc, cap = go()  # c resumes
     assert rc == 0, cap.out
     assert calls("c") == ["", "--resume"] and marker(out, "c") is not None
     assert "skip: finished" in cap.out and cap.out.count("skip: finished") == 2
-    assert "skipped: step.py does not do this stage yet (error: --method ppo is not built" in cap.out
-    assert "skipped: it needs p, not built yet" in cap.out and not (out / "q").exists()
-    assert marker(out, "p") is None
     # a stage that ran again (a's flags changed) makes b and c run again, not from a checkpoint
     ids = {s: marker(out, s)["id"] for s in "abc"}
     modes["a"] = "ok-changed"

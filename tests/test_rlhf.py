@@ -2,6 +2,7 @@
 across iterations, exact --resume mid-iteration, clear errors, and a tiny end-to-end run with
 its report. Tiny models made here; the chat model leans toward EOS so that replies end."""
 import json
+import math
 from dataclasses import asdict
 
 import pytest
@@ -27,6 +28,12 @@ def _chat_model(tokenizer, seed=0):
     return m
 
 
+def _plain_model(tokenizer, seed):
+    torch.manual_seed(seed)
+    return llama2.Transformer(llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words,
+                                                      max_seq_len=256))
+
+
 def _save(path, model, tokenizer, stage):
     training.save_checkpoint(path / "ckpt.pt", {
         "model_args": asdict(model.args), "model": model.state_dict(), "config": {},
@@ -41,7 +48,10 @@ def ckpts(tokenizer, tmp_path_factory):
     chat = _chat_model(tokenizer)
     return {"sft": _save(d / "sft", chat, tokenizer, "sft"),
             "pretrain": _save(d / "pt", chat, tokenizer, "pretrain"),
-            "rm": _save(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm")}
+            "rm": _save(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm"),
+            # another chat model for --compare: other weights and no lean toward EOS, so its
+            # replies differ from V0's (which mostly end at once)
+            "other": _save(d / "other", _plain_model(tokenizer, seed=1), tokenizer, "sft")}
 
 
 def _flags(ckpts, out, *more):
@@ -142,35 +152,66 @@ def test_pooling_in_the_script_and_resume_is_bitwise_exact(ckpts, tmp_path):
 
 def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
     out = tmp_path / "e2e"
-    train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--eval", "true", "--eval_n", "6",
-                           "--eval_bestof_n", "2", "--eval_k", "3", "--eval_mt_n", "1",
-                           "--eval_turns", "2", "--eval_levels", "1",
-                           "--compare", f"sft={ckpts['sft']}"))
+    flags = _flags(ckpts, out, "--iterations", "1", "--eval", "true", "--eval_n", "6",
+                   "--eval_bestof_n", "2", "--eval_k", "3", "--eval_mt_n", "1",
+                   "--eval_turns", "2", "--eval_levels", "1",
+                   "--compare", f"other={ckpts['other']}")
+    train_rlhf.main(flags)
     log = capsys.readouterr().out
     assert "V1 step 1/" in log and "tok/s" in log and "T=" in log
     v0 = json.loads((out / "iter1" / "eval.json").read_text())
     v1 = json.loads((out / "iter2" / "eval.json").read_text())
-    assert "win_rate" not in v0 and 0.0 <= v1["win_rate"]["sampled"] <= 1.0
-    # --compare sft: V0 IS the SFT model, so its compared replies (same prompts, same seeds) are
-    # V0's own, V0 ties itself, and V1's win rate against SFT is its win rate against V0
-    sft = json.loads((out / "compare_sft.json").read_text())
+    assert "win_rate" not in v0
+
+    def by_hand(mine, theirs):  # judged per-prompt scores compared pairwise, ties half
+        return sum((x > y) + 0.5 * (x == y) for x, y in zip(mine, theirs)) / len(mine)
     for k in ("greedy", "sampled"):
-        assert sft[k]["judge_scores"] == v0[k]["judge_scores"]
-    assert v0["win_rate_vs"]["sft"] == {"greedy": 0.5, "sampled": 0.5}
-    assert v1["win_rate_vs"]["sft"] == v1["win_rate"]
-    assert "win rate against sft (judged" in log
-    # the win rate is the judged per-prompt scores compared pairwise (ties half), by hand
-    a, b = v1["sampled"]["judge_scores"], v0["sampled"]["judge_scores"]
-    wins = sum((x > y) + 0.5 * (x == y) for x, y in zip(a, b)) / len(a)
-    assert v1["win_rate"]["sampled"] == pytest.approx(wins)
+        assert v1["win_rate"][k] == pytest.approx(by_hand(v1[k]["judge_scores"],
+                                                          v0[k]["judge_scores"]))
+    # --compare other: a different model, evaluated here directly on the same held-out prompts,
+    # with the run's seeds and V0's tuned temperature; its replies are not V0's, and every Vi's
+    # win rate against it is counted by hand from the paired judged scores
+    cfg = training.parse_config(train_rlhf.Config, flags)
+    T0 = json.loads((out / "iter1" / "tune.json").read_text())["temperature"]
+    other, tok = llama2.load_model(str(ckpts["other"]))
+    rm, _ = llama2.load_reward_model(str(ckpts["rm"]))
+    direct = evaluate.one_sample_stats(other.float().eval(), tok, rm, cfg, T0)
+    stored = json.loads((out / "compare_other.json").read_text())
+    assert stored["checkpoint"] == str(ckpts["other"])
+    for k in ("greedy", "sampled"):
+        assert stored[k]["judge_scores"] == direct[k]["judge_scores"]
+        assert stored[k]["rm_scores"] == pytest.approx(direct[k]["rm_scores"], abs=1e-5)
+        assert stored[k]["rm_scores"] != pytest.approx(v0[k]["rm_scores"], abs=1e-3)
+        for v in (v0, v1):
+            assert v["win_rate_vs"]["other"][k] == pytest.approx(
+                by_hand(v[k]["judge_scores"], direct[k]["judge_scores"]))
+    assert "win rate against other (judged" in log
+    # the best-of-N curve of V1: its eval_k samples per prompt drawn again here (the evaluation's
+    # seed, V1's tuned T), each scored by a float64 forward of the RM, and E[max of N] taken over
+    # every N-subset by brute force
+    import itertools
+    T1 = json.loads((out / "iter2" / "tune.json").read_text())["temperature"]
+    v1_model, _ = llama2.load_model(str(out / "V1"))
+    few = evaluate.held_out_prompts(cfg)[:cfg.eval_bestof_n]
+    samples = gatt.generate_replies(v1_model.float().eval(), tok, few, n=cfg.eval_k,
+                                    temperature=T1, top_p=cfg.top_p,
+                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 31,
+                                    batch=cfg.gen_batch)
+    rm64 = rm.double()
+    with torch.no_grad():
+        rewards = [[float(rm64(torch.tensor([llama2.encode_response(tok, d, c.text)]))[0, -1])
+                    for c in cands] for d, cands in zip(few, samples)]
     assert v1["best_of_n"]["rm"]["n"] == [1, 2, 3]
-    # the curve is the brute-force mean over prompts of the max of each N-subset... for N = M:
-    # the max of all three samples' RM rewards, which a reader can check in the samples
-    assert v1["best_of_n"]["rm"]["max"][-1] >= v1["best_of_n"]["rm"]["median"][-1]
+    for n in (1, 2, 3):
+        brute = sum(sum(max(s) for s in itertools.combinations(r, n))
+                    / math.comb(3, n) for r in rewards) / len(rewards)
+        assert v1["best_of_n"]["rm"]["max"][n - 1] == pytest.approx(brute, abs=1e-4)
     assert len(v1["adherence_by_turn"]) == 2
     report = (out / "report.txt").read_text()
     assert "floors: judged" in report and "win rate 50%" in report
-    assert "| vs sft greedy | vs sft at T" in report and "| 50.0% | 50.0%" in report
+    w = v1["win_rate_vs"]["other"]
+    assert "| vs other greedy | vs other at T" in report
+    assert f"| {w['greedy']:.1%} | {w['sampled']:.1%}" in report
     assert "over-optimization" in report.lower()
     import matplotlib.image
     for png in ("best_of_n.png", "temperatures.png", "iterations.png"):

@@ -615,3 +615,25 @@ def test_world_p_instruction_sets_the_share_of_instructed_dialogs():
         # the instruction stays in short dialogs (1-2 user turns), whatever the share
         assert all(sum(m["role"] == "user" for m in d) <= 2 for d in with_inst)
         assert abs(len(with_inst) / len(dialogs) - p) < 0.07, (p, len(with_inst))
+
+
+def test_gatt_by_default_never_calls_the_judge(tiny_ckpt, tmp_path, monkeypatch):
+    # the recipe's GAtt (the default --gatt_select none) must not be picked by the world's judge,
+    # which is also the evaluation: the script's whole default path with the judge made to fail
+    data = _write(tmp_path / "sft.jsonl", [json.dumps({"messages": d}) for d in
+                                           world.sft_dialogs(8, seed=7)])
+    flags = ["--gatt", "--checkpoint", str(tiny_ckpt), "--gatt_n", "3", "--gatt_min_turns", "2",
+             "--gatt_max_turns", "2", "--gatt_mix", "4", "--data", data, "--max_new_tokens", "6",
+             "--batch_size", "2", "--epochs", "1", "--device", "cpu"]
+
+    def judge(*a, **k):
+        raise AssertionError("the judge was called while building the GAtt data")
+    monkeypatch.setattr(world, "score", judge)
+    assert train_sft.Config().gatt_select == "none"
+    train_sft.main(flags + ["--out_dir", str(tmp_path / "g")])
+    rows = [json.loads(x) for x in (tmp_path / "g" / "metrics.jsonl").read_text().splitlines()]
+    stats = next(r["gatt_data"] for r in rows if "gatt_data" in r)
+    assert stats["select"] == "none" and stats["turns"] > 0
+    # the guard is live: the judge-picked ablation calls it
+    with pytest.raises(AssertionError, match="the judge was called"):
+        train_sft.main(flags + ["--gatt_select", "judge", "--out_dir", str(tmp_path / "j")])
