@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import glob
 import hashlib
 import importlib.util
@@ -404,11 +405,49 @@ def atomic_write(path: str | os.PathLike, mode: str | None = "wb"):
         raise
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: itself, or one it was raised from or during (torch.save turns a
+    failed write into RuntimeError "[enforce fail at inline_container.cc...]", the OSError above)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(path: str | os.PathLike, e: BaseException, kept: str = "") -> SystemExit | None:
+    """One `error:` line for a write to `path` that the system refused (an OSError with an errno:
+    no space, no permission, ...); None for any other failure, which keeps its traceback. `kept`
+    says what survived."""
+    err = _os_error(e)
+    if err is None or err.errno is None:
+        return None
+    folder = Path(path).parent
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = f"free some space on the disk of {folder}, or point --out_dir at another disk"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = f"make {folder} writable, or point --out_dir at a folder you can write"
+    else:
+        todo = "check the disk and the folder, then run again"
+    why = err.strerror or str(err)
+    return SystemExit(f"error: cannot write {path}: {why}{'; ' + kept if kept else ''}; {todo}")
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write `state` to `path` with torch.save, atomically (atomic_write): a crash mid-write leaves
-    the previous checkpoint intact."""
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+    the previous checkpoint intact. A full disk or a folder that cannot be written is one `error:`
+    line (write_error), not torch's traceback."""
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        kept = "the previous checkpoint there is intact" if Path(path).exists() else ""
+        stop = write_error(path, e, kept)
+        if stop is None:
+            raise
+        raise stop from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -872,14 +911,26 @@ class MetricsLog:
             record = {"time": round(time.time(), 3), **record}
             # appended, not rewritten through atomic_write: a crash can cut at most the last line
             # short, and trim_metrics drops such a line when the run resumes
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise write_error(self.path, e) from None
 
 
 def trim_metrics(path: str | os.PathLike, step: int) -> None:
-    """Start a run's JSONL log at `step`: a fresh run (step 0) starts it empty, a resumed one keeps
-    the records up to its checkpoint's step. A line a crash cut short is dropped. Atomic."""
+    """Start a run's JSONL log at `step`: a fresh run (step 0) removes an old log (the first record
+    creates the new one, so a run that fails before its first step leaves none), a resumed one keeps
+    the records up to its checkpoint's step. A line a crash cut short is dropped. Atomic.
+
+    Every stage calls this first thing in its --out_dir, so this is also where a fresh run over
+    an earlier run's ckpt.pt says that it will replace it (--resume continues it instead)."""
     path, keep = Path(path), []
+    old = path.parent / "ckpt.pt"
+    if not step and old.is_file():
+        print(f"warning: {old} holds an earlier run; this new run starts from scratch and "
+              f"replaces it at its first save (stop now and add --resume to continue that run, or "
+              f"pick another --out_dir to keep it)", flush=True)
     if step and path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -887,14 +938,27 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue
-    with atomic_write(path, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
+    try:
+        if keep:
+            with atomic_write(path, "w") as f:
+                f.write("".join(line + "\n" for line in keep))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            # the folder must take the log: fail here, before the run spends any time
+            probe = path.with_name(f".{path.name}.{os.getpid()}.probe.tmp")
+            with open(probe, "x"):
+                pass
+            probe.unlink()
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = "") -> list:
     """Read a JSONL file: parse(obj, "path:line") -> item for each non-empty line. A missing file,
     a line that is not JSON, or a ValueError from parse is one ValueError naming the file and line
-    (with `expect`, what a line should look like; `missing`, what to do about a missing file)."""
+    (with `expect`, what a line should look like; `missing`, what to do about a missing file).
+    With `expect` the caller needs rows, so a file without any is a ValueError too."""
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such file" + (f"; {missing}" if missing else ""))
     out = []
@@ -912,6 +976,8 @@ def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = 
                 out.append(parse(obj, where))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+    if not out and expect:
+        raise ValueError(f"{path}: the file holds no rows (it is empty); {expect}")
     return out
 
 
