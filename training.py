@@ -74,7 +74,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     """Turn the dataclass `cls` into `--field value` flags and return an instance.
 
     Field types int, float, str and bool are supported; a bool flag may be given bare
-    (`--compile`) or with a value (`--compile false`). The help text of each flag is the trailing
+    (`--compile`) or with a value (`--compile false`). `--max_new_tokens` may also be spelled
+    `--max-new-tokens`, as llama2.py spells its flags. The help text of each flag is the trailing
     comment of its field, so the config class documents the command line.
     """
     hints = typing.get_type_hints(cls)
@@ -86,13 +87,16 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{comments.get(f.name, '')} (default: {default!r})"
         if tp is bool:
-            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True,
-                                default=default, metavar="BOOL", help=help_text)
+            kw = dict(type=_str2bool, nargs="?", const=True, metavar="BOOL")
         elif tp in (int, float, str):
-            parser.add_argument(f"--{f.name}", type=tp, default=default, help=help_text)
+            kw = dict(type=tp)
         else:
             raise TypeError(f"config field {f.name} has type {tp}; parse_config supports "
                             "int, float, str and bool")
+        parser.add_argument(f"--{f.name}", default=default, help=help_text, **kw)
+        if "_" in f.name:  # --max-new-tokens as in llama2.py works too (not listed twice in --help)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     args = parser.parse_args(argv)
     return cls(**vars(args))
 
