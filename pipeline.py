@@ -435,6 +435,92 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class _StderrRelay:
+    """A stage's stderr, passed on to ours as it comes, but for a traceback: that is held until
+    the stage ends, then shown, unless Ctrl-C ended it (the pipeline's one line says what
+    happened; the stage's and torchrun's KeyboardInterrupt tracebacks, 50 lines, add nothing).
+    On a terminal the stage writes to a pseudo-terminal, so its progress bars still draw."""
+
+    START = b"Traceback (most recent call last):"
+
+    def __init__(self):
+        import threading
+        if sys.stderr.isatty() and os.name == "posix":
+            import pty
+            self._r, self.fd = pty.openpty()
+        else:
+            self._r, self.fd = os.pipe()
+        self.interrupted, self.text = False, []
+        self._held, self._holding = [], False
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _out(self, data: bytes) -> None:
+        if self.interrupted:
+            return
+        if self._holding or data.startswith(self.START):
+            self._holding = True
+            self._held.append(data)
+        else:
+            os.write(sys.stderr.fileno(), data)
+
+    def _pump(self) -> None:
+        rest = b""
+        while True:
+            try:
+                chunk = os.read(self._r, 65536)
+            except OSError:  # EIO: the pseudo-terminal's other end closed
+                break
+            if not chunk:
+                break
+            self.text.append(chunk)
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                self._out(line + b"\n")
+            # a line in progress (a progress bar's update) goes now, unless it may open a traceback
+            if rest and not self.START.startswith(rest.lstrip(b"\r")[:len(self.START)]):
+                self._out(rest)
+                rest = b""
+        if rest:
+            self._out(rest)
+
+    def close(self) -> str:
+        """After the stage ended: wait for its last output, show a held traceback (unless
+        interrupted); returns everything it wrote."""
+        os.close(self.fd)
+        self._thread.join(timeout=10)
+        os.close(self._r)
+        if not self.interrupted and self._held:
+            sys.stderr.flush()
+            os.write(sys.stderr.fileno(), b"".join(self._held))
+        return b"".join(self.text).decode("utf-8", "replace")
+
+
+def run_stage(argv: list[str]) -> tuple[int | None, str]:
+    """Run one stage's command -> (exit code, its stderr); (None, ...) when Ctrl-C (or SIGTERM to
+    the pipeline) stopped it. The stage gets Ctrl-C too (the terminal sends it to both) and stops
+    as a script does (atomic writes leave no half file); given SIGTERM, the pipeline passes SIGINT
+    on. Either way, only the pipeline's message is shown, no traceback."""
+    relay = _StderrRelay()
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stderr=relay.fd)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        relay.interrupted = True
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:  # it did not get the terminal's Ctrl-C: pass it on
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        relay.close()
+        return None, ""
+    return code, relay.close()
+
+
 def run(cfg: Config) -> int:
     if cfg.size not in SIZES:
         raise SystemExit(f"error: --size {cfg.size!r}: use one of {', '.join(SIZES)}")
@@ -553,28 +639,25 @@ def run(cfg: Config) -> int:
                 f.write(json.dumps(key) + "\n")
         say(f"     $ python {shlex.join(argv)}")
         t0 = time.time()
-        try:
-            proc = subprocess.run([sys.executable, *argv], cwd=ROOT,
-                                  stderr=subprocess.PIPE if s.probe else None, text=True)
-        except KeyboardInterrupt:
+        returncode, stderr = run_stage(argv)
+        if returncode is None:
             say(f"\ninterrupted in {s.name}: run the same command again to continue "
-                  "(finished stages are skipped, this one resumes)")
+                "(finished stages are skipped, this one resumes)")
             return 130
         dt = time.time() - t0
         if s.probe:
-            sys.stderr.write(proc.stderr or "")
-            if proc.returncode != 0 and s.probe in (proc.stderr or ""):
+            if returncode != 0 and s.probe in stderr:
                 say(f"     skipped: {Path(s.argv[0]).name} does not do this stage yet "
-                      f"({(proc.stderr or '').strip().splitlines()[-1]})")
+                      f"({stderr.strip().splitlines()[-1]})")
                 shutil.rmtree(out / s.name, ignore_errors=True)
                 unavailable.add(s.name)
                 left -= s.estimate
                 continue
-        if proc.returncode != 0:
-            say(f"error: stage {s.name} failed (exit {proc.returncode}) after {training.fmt_duration(dt)}; fix "
+        if returncode != 0:
+            say(f"error: stage {s.name} failed (exit {returncode}) after {training.fmt_duration(dt)}; fix "
                   "it and run the same command again: finished stages are skipped, this one "
                   "resumes where it can")
-            return proc.returncode
+            return returncode
         if stop and stop[0] == s.name:
             say(f"     stopped {s.name} at {stop[1]} as --stop_at asked ({training.fmt_duration(dt)}); "
                   "run again without --stop_at to resume it")

@@ -367,3 +367,34 @@ def test_the_driver_logic_on_stand_in_stages(tmp_path, monkeypatch, capfd):
     modes["b"] = "ok"
     with pytest.raises(SystemExit, match="c needs b, which did not finish"):
         pipeline.main(["--out_dir", str(out), "--skip", "b"])
+
+
+def test_ctrl_c_shows_the_pipelines_message_and_no_traceback(tmp_path):
+    """Ctrl-C reaches the pipeline and the stage it runs (the terminal signals the whole process
+    group): one line says what to do, no 50-line KeyboardInterrupt traceback comes first."""
+    import signal
+    import subprocess
+    import threading
+    import time
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *UNTIL_SFT, "--out_dir",
+                             str(tmp_path / "p")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    err = []
+    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.strip().startswith("$ python") and "train_pretrain.py" in line:
+            break
+    time.sleep(3)  # inside the stage's script (importing or training)
+    os.killpg(proc.pid, signal.SIGINT)
+    out.append(proc.stdout.read())
+    assert proc.wait(timeout=60) == 130
+    time.sleep(0.5)
+    text, errors = "".join(out), "".join(err)
+    assert "\ninterrupted in pretrain: run the same command again to continue" in text
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors[-3000:]
+    # a stage that fails shows its traceback as before (held until it ended, then shown)
+    assert pipeline.run_stage(["-c", "raise RuntimeError('boom')"]) == (
+        1, 'Traceback (most recent call last):\n  File "<string>", line 1, in <module>\n'
+           "RuntimeError: boom\n")
