@@ -405,6 +405,18 @@ def stage_state(stage: Stage, out: Path, ids: dict[str, str]) -> tuple[str, str]
 # the driver
 
 
+def read_timings(out: Path) -> dict[str, float]:
+    """Seconds each stage took when it last ran from scratch in `out` (<out>/timings.json; kept by
+    --fresh, so the next run's estimate is this machine's); {} when there is none."""
+    t = read_marker(out / "timings.json")
+    return {k: float(v) for k, v in t.items()} if isinstance(t, dict) else {}
+
+
+def write_timings(out: Path, timings: dict[str, float]) -> None:
+    with training.atomic_write(out / "timings.json", "w") as f:
+        f.write(json.dumps(timings, indent=1) + "\n")
+
+
 def _check_out_dir(out: Path) -> None:
     """Refuse an out_dir that is not the pipeline's own: --fresh and stale stages delete folders."""
     r = out.resolve()
@@ -573,9 +585,21 @@ def run(cfg: Config) -> int:
         with training.atomic_write(out / "pipeline.json", "w") as f:
             f.write(json.dumps({"size": cfg.size, "ablations": cfg.ablations}) + "\n")
 
-    total = sum(s.estimate for s in stages if s.name not in skip)
+    # each stage's estimate: what it took when it last ran from scratch here (timings.json), else
+    # the reference run's seconds in KNOBS
+    measured = read_timings(out)
+    for s in stages:
+        # (a stage that is skipped or cannot run in this checkout takes no time)
+        s.estimate = 0.0 if s.name in skip or s.missing else measured.get(s.name, s.estimate)
+    counted = [s for s in stages if s.name not in skip and not s.missing]
+    n_measured = sum(s.name in measured for s in counted)
+    total = sum(s.estimate for s in counted)
+    source = ("as long as each stage took when it last ran here" if n_measured == len(counted)
+              else f"{n_measured} of {len(counted)} stages as long as they took when they last ran "
+                   "here, the others from a reference run on a 2-core CPU" if n_measured
+              else "from a reference run on a 2-core CPU")
     say(f"Llama 2 recipe, {cfg.size} size: {len(stages)} stages in {out}; estimate "
-          f"~{training.fmt_duration(total)} on this 2-core CPU for a run from scratch"
+          f"~{training.fmt_duration(total)} for a run from scratch ({source})"
           + (" (ABLATIONS on: oracle / ablation stages included)" if cfg.ablations else ""))
     ids: dict[str, str] = {}  # finished stages -> their done id
     timings: dict[str, float] = {}
@@ -669,6 +693,8 @@ def run(cfg: Config) -> int:
             return 1
         timings[s.name] = dt
         left -= s.estimate
+        if state == "new" and not cfg.list:  # a whole run (a resumed one took only its rest)
+            write_timings(out, {**read_timings(out), s.name: round(dt, 1)})
         if s.done_marker:
             ids[s.name] = uuid.uuid4().hex
             with training.atomic_write(_marker(out, s), "w") as f:

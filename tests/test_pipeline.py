@@ -398,3 +398,24 @@ def test_ctrl_c_shows_the_pipelines_message_and_no_traceback(tmp_path):
     assert pipeline.run_stage(["-c", "raise RuntimeError('boom')"]) == (
         1, 'Traceback (most recent call last):\n  File "<string>", line 1, in <module>\n'
            "RuntimeError: boom\n")
+
+
+def test_estimates_come_from_the_last_measured_run_here(tmp_path, capfd):
+    out = tmp_path / "p"
+    flags = ["--size", "tiny", "--until", "pretrain", "--out_dir", str(out)]
+    assert pipeline.main(flags) == 0
+    text = capfd.readouterr().out
+    assert "estimate ~7s for a run from scratch (from a reference run on a 2-core CPU)" in text
+    took = json.loads((out / "timings.json").read_text())
+    assert set(took) == {"world_text", "pretrain"} and all(t > 0 for t in took.values())
+    # --fresh keeps what was measured: the next estimate is this machine's
+    assert pipeline.main(flags + ["--fresh"]) == 0
+    text = capfd.readouterr().out
+    total = pipeline.training.fmt_duration(took["world_text"] + took["pretrain"])
+    assert (f"estimate ~{total} for a run from scratch (as long as each stage took when it last "
+            "ran here)") in text
+    assert f"estimate ~{pipeline.training.fmt_duration(took['pretrain'])}; so far" in text
+    # a stage left out takes no time in the estimate; a resumed stage's time is not a whole run
+    assert pipeline.main(flags + ["--fresh", "--skip", "pretrain", "--until", "world_text"]) == 0
+    assert (f"estimate ~{pipeline.training.fmt_duration(json.loads((out / 'timings.json').read_text())['world_text'])} "
+            "for a run from scratch (as long as") in capfd.readouterr().out
