@@ -1061,12 +1061,15 @@ def model_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) 
 # plot: metrics.jsonl -> PNG with matplotlib
 
 
-def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
+def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, title: str | None = None,
+                 floor: tuple[float, str] | None = None) -> dict:
     """Draw train and validation loss from a metrics JSONL written by MetricsLog (any stage) as a
     PNG. Records with "loss" are train points, records with "val_loss" validation points; the x axis
     is "tokens" when every such record has it (pretraining), else "step" (SFT, GAtt, the RM).
     PPO has no loss to show: its log is drawn as the reward instead, the rollouts' whitened RM
     score ("score") as train and the validation prompts' RM score ("val_score") as val.
+    title defaults to the stage folder and file (out/sft/metrics.jsonl -> "sft/metrics.jsonl");
+    floor = (y, label) draws a dashed line there (e.g. ln(V), a uniform guess's loss).
     Returns {"x": the axis, "train": [(x, y)], "val": [(x, y)], "y": what y is}."""
     records = []
     for n, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
@@ -1094,9 +1097,11 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
                                 (val, "val", {"lw": 2, "marker": "o"})):
         if series:
             ax.plot(*zip(*series), label=name, **style)
+    if floor is not None:
+        ax.axhline(floor[0], ls="--", color="0.5", label=floor[1])
     if x == "tokens":  # 1.2M rather than 1200000
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
-    ax.set(xlabel=x, ylabel=y, title=str(Path(jsonl)))
+    ax.set(xlabel=x, ylabel=y, title=title or f"{Path(jsonl).parent.name}/{Path(jsonl).name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
