@@ -1194,9 +1194,9 @@ def _chat(model, tok, system: Optional[str], gen: dict) -> None:
             print("(history cleared" + (", the system message kept)" if system else ")"),
                   file=sys.stderr)
             continue
-        try:
-            ids, dialog, dropped = _fit_dialog(tok, dialog + [{"role": "user", "content": user}],
-                                               ctx, room)
+        try:  # the history changes only once the reply came
+            ids, kept, dropped = _fit_dialog(tok, dialog + [{"role": "user", "content": user}],
+                                             ctx, room)
             if dropped:
                 print(f"(the history outgrew the model's {ctx}-token context: the oldest "
                       f"{dropped} exchange{'s' if dropped > 1 else ''} dropped"
@@ -1206,14 +1206,13 @@ def _chat(model, tok, system: Optional[str], gen: dict) -> None:
             out = model.generate([ids], stream=_stream_printer(tok), **gen)[0]
         except ValueError as e:
             print(f"\nerror: {e}", file=sys.stderr)
-            dialog = dialog[:-1] if dialog and dialog[-1]["role"] == "user" else dialog
             continue
         print()
         if not out or out[-1] != tok.eos_id:  # cut short: say so, and why
             why = (f"the {ctx}-token context is full" if len(ids) + len(out) >= ctx else
                    f"--max-new-tokens {gen['max_new_tokens']} reached")
             print(f"(reply cut: {why})", file=sys.stderr)
-        dialog.append({"role": "assistant", "content": tok.decode([t for t in out if t != tok.eos_id])})
+        dialog = kept + [{"role": "assistant", "content": tok.decode([t for t in out if t != tok.eos_id])}]
 
 
 def _parser() -> argparse.ArgumentParser:

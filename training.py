@@ -919,7 +919,7 @@ class MetricsLog:
                 with open(self.path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             except OSError as e:
-                raise write_error(self.path, e) from None
+                raise (write_error(self.path, e) or e) from None
 
 
 def trim_metrics(path: str | os.PathLike, step: int) -> None:
@@ -955,7 +955,7 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
                 pass
             probe.unlink()
     except OSError as e:
-        raise write_error(path, e) from None
+        raise (write_error(path, e) or e) from None
 
 
 def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = "") -> list:
