@@ -125,9 +125,14 @@ def sft_vs_pretrained(run: Path, out: Path):
     pre, sft = evals[0][1], evals[1][1]
     paper = ("SFT on ~27k high-quality dialogs makes a usable chat model out of the pretrained "
              "one (§3.1; human evaluations, Fig. 1, 12)")
-    some = next((s for _, s in evals if s), None)
-    floor = (f"floor: empty reply {some['floor']['empty']:.3f}; a bare correct answer "
-             f"{some['floor']['bare_answer']:.3f}; ceiling 1.0" if some else "")
+    # the floor of the prompts SFT was scored on (the pretrained model's, fewer, have their own)
+    some = sft or next((s for _, s in evals if s), None)
+    floor = (f"floor: empty reply {some['floor']['empty']:.3f} on {some['label']}'s "
+             f"{some['n']} prompts"
+             + (f" ({pre['floor']['empty']:.3f} on the pretrained model's {pre['n']})"
+                if pre and pre is not some and pre["n"] != some["n"] else "")
+             + f"; a bare correct answer {some['floor']['bare_answer']:.3f}; ceiling 1.0"
+             if some else "")
     ours = (f"judged score: pretrained {_judged(pre)} -> SFT {_judged(sft)}"
             if pre or sft else NOT_RUN)
     why = ("the world's programmatic judge instead of human raters, on held-out problems; a 3M "
@@ -228,7 +233,8 @@ def reward_model(run: Path, out: Path):
     ax.axhline(50, ls="--", color="0.5", label="floor: a coin (50%)")
     empty = [i for i, r in enumerate(RATINGS) if not b.get(r, {}).get("n")]
     for i in empty:  # no bar there is no pair, not 0%
-        ax.text(i, 4, "no pairs\nwith this\nrating", ha="center", fontsize=8, color="0.3")
+        ax.text(i + w / 2, 3, "no pairs", ha="center", va="bottom", rotation=90, fontsize=9,
+                color="0.3")
     ax.set_xticks(list(x), [r.replace(" better", "").replace("/unsure", "") for r in RATINGS])
     ax.set(ylabel="accuracy (%)", ylim=(0, 105), title="Reward model accuracy by preference rating")
     ax.legend(loc="upper right", fontsize=8)
@@ -545,7 +551,7 @@ def plot_overoptimization(its: list[dict], png: Path) -> None:
         ax2.plot([xs[best]], [js[best]], marker="*", ms=16, color="C3", ls="none",
                  label=f"best judged: iteration {pts[best][1]['iteration']}")
         ax2.set_ylabel("judge's score")
-        ax2.legend(loc="lower right", fontsize=8)
+        ax2.legend(loc="lower center", fontsize=8)
     for x, r in pts:
         ax.annotate(str(r["iteration"]), (x, r["score"]), textcoords="offset points",
                     xytext=(0, 6), ha="center", fontsize=7)

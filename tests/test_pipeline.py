@@ -251,9 +251,15 @@ def test_the_report_says_why_the_same_model_has_two_floors(tmp_path, figures):
                "bestof": {"pass1_score": 0.6, "bestof_score": 0.7, "k": 4},
                "floor": {"empty": 0.338, "bare_answer": 0.9}, "adherence_by_turn": [1.0, 0.5],
                "adherence_floor": {"bare_answer": {"obeys": [0.1, 0.1]}}, "adherence": {}}
-    (run / "eval_gatt").mkdir()
-    (run / "eval_gatt" / "eval.jsonl").write_text(json.dumps(summary) + "\n")
+    for stage, label, n, empty in (("eval_gatt", "GAtt", 40, 0.338), ("eval_sft", "SFT", 40, 0.319),
+                                   ("eval_pretrain", "pretrained, 3-shot", 24, 0.338)):
+        (run / stage).mkdir()
+        (run / stage / "eval.jsonl").write_text(json.dumps(
+            {**summary, "label": label, "n": n, "floor": {"empty": empty, "bare_answer": 0.9}}) + "\n")
     text = report.write_report(run, tmp_path / "r")
+    # the summary row's floor is the SFT model's prompts' (the pretrained model's 24 have another)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| SFT vs pretrained"))
+    assert "| floor: empty reply 0.319 on SFT's 40 prompts (0.338 on the pretrained model's 24); " in row
     assert "| GAtt (`gatt2`) | 0.600 | 30.0% | 100% | 0.600 -> 0.700 (K=4) | 0.338 (40 prompts) | " in text
     assert ("The floor row is what an empty reply scores on these 32 held-out prompts. An empty "
             "reply's score depends on the prompt, so a table on other prompts has another floor "
@@ -315,8 +321,8 @@ def test_the_rm_chart_says_where_a_rating_had_no_pairs_and_quick_is_a_smoke_run(
     assert ("No held-out pair had the rating 'significantly better': its columns are empty (-), "
             "not 0.") in text
     ax = figure(figures, "report_rm_accuracy.png").axes[0]
-    notes = [t for t in ax.texts if t.get_text() == "no pairs\nwith this\nrating"]
-    assert len(notes) == 1 and notes[0].get_position()[0] == 0  # under the first rating's bars
+    notes = [t for t in ax.texts if t.get_text() == "no pairs"]
+    assert len(notes) == 1 and 0 < notes[0].get_position()[0] < 0.5  # in the first rating's slots
     # the quick size is a smoke run: said before any number is read as a stage's effect
     assert ("**A smoke run, not a result.** The quick size runs every stage small, to check in "
             "minutes that the whole recipe runs end to end; it is too small to show what the stages "
