@@ -24,7 +24,8 @@ fi
 pip install -q "setuptools>=64" wheel
 # The build takes minutes (13 with the CUDA kernels on 2 cores): skip it when nothing it depends on
 # changed since the last build here (sources, setup.py, build settings, this Python and torch),
-# e.g. `bash setup.sh --dev` after `bash setup.sh`. rm build/llama2_C.stamp forces a rebuild.
+# e.g. `bash setup.sh --dev` after `bash setup.sh`; the build must be this folder's (not another
+# checkout's editable install). rm build/llama2_C.stamp forces a rebuild.
 stamp=$(python - <<'PY'
 import glob, hashlib, os, platform, sys
 import torch
@@ -39,7 +40,8 @@ print(h.hexdigest())
 PY
 )
 if [ -f build/llama2_C.stamp ] && [ "$(cat build/llama2_C.stamp)" = "$stamp" ] \
-    && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llama2_C') is None)"; then
+    && python -c "import importlib.util as u, os, sys; s = u.find_spec('llama2_C'); \
+sys.exit(not (s and s.origin and os.path.dirname(os.path.realpath(s.origin)) == os.path.realpath('.')))"; then
   echo "llama2_C extension: nothing changed since the last build, not rebuilt (rm build/llama2_C.stamp to force)"
 else
   pip install -q --no-build-isolation -e .

@@ -546,6 +546,7 @@ def test_estimates_come_from_the_last_measured_run_here(tmp_path, capfd):
             "ran here)") in text
     assert f"estimate ~{pipeline.training.fmt_duration(took['pretrain'])}; so far" in text
     # a stage left out takes no time in the estimate; a resumed stage's time is not a whole run
+    world = json.loads((out / "timings.json").read_text())["world_text"]
     assert pipeline.main(flags + ["--fresh", "--skip", "pretrain", "--until", "world_text"]) == 0
-    assert (f"estimate ~{pipeline.training.fmt_duration(json.loads((out / 'timings.json').read_text())['world_text'])} "
-            "for a run from scratch (as long as") in capfd.readouterr().out
+    assert (f"estimate ~{pipeline.training.fmt_duration(world)} for a run from scratch (as long as "
+            "each stage took when it last ran here)") in capfd.readouterr().out
