@@ -1158,21 +1158,93 @@ def _is_reward_model(path: str) -> bool:
         "architectures", [])
 
 
-def main(argv=None):
+def _fit_dialog(tok: Tokenizer, dialog: list, max_seq_len: int, room: int):
+    """The chat history that fits the context: drop the oldest user/assistant exchanges (the
+    system message stays) until the prompt leaves `room` tokens for the reply. Returns (ids, the
+    kept dialog, exchanges dropped); the newest user message is always kept."""
+    head = dialog[:1] if dialog and dialog[0]["role"] == "system" else []
+    turns, dropped = dialog[len(head):], 0
+    while True:
+        ids, _ = encode_dialog(tok, head + turns)
+        if len(ids) + room <= max_seq_len or len(turns) == 1:
+            return ids, head + turns, dropped
+        turns, dropped = turns[2:], dropped + 1
+
+
+def _chat(model, tok, system: Optional[str], gen: dict) -> None:
+    """The --chat loop: one line per message from the terminal or a pipe, Meta's chat format. When
+    the history outgrows the context, the oldest exchanges go (with a notice); /reset clears it."""
+    dialog = [{"role": "system", "content": system}] if system else []
+    ctx, piped = model.args.max_seq_len, not sys.stdin.isatty()
+    # what a reply may use at least; the history gives way to it (half the context at most)
+    room = min(gen["max_new_tokens"], ctx // 2)
+    print("chat: type a message; /reset clears the history; an empty line or Ctrl-D quits",
+          file=sys.stderr)
+    while True:
+        try:
+            user = input("\nuser> ").strip()
+        except EOFError:
+            break
+        if piped:  # a pipe's text is not echoed: print it, so the transcript reads as a dialog
+            print(user)
+        if not user:
+            break
+        if user == "/reset":
+            dialog = dialog[:1] if system else []
+            print("(history cleared" + (", the system message kept)" if system else ")"),
+                  file=sys.stderr)
+            continue
+        try:  # the history changes only once the reply came
+            ids, kept, dropped = _fit_dialog(tok, dialog + [{"role": "user", "content": user}],
+                                             ctx, room)
+            if dropped:
+                print(f"(the history outgrew the model's {ctx}-token context: the oldest "
+                      f"{dropped} exchange{'s' if dropped > 1 else ''} dropped"
+                      f"{', the system message kept' if system else ''}; /reset clears it all)",
+                      file=sys.stderr)
+            print("assistant> ", end="", flush=True)
+            out = model.generate([ids], stream=_stream_printer(tok), **gen)[0]
+        except ValueError as e:
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        print()
+        if not out or out[-1] != tok.eos_id:  # cut short: say so, and why
+            why = (f"the {ctx}-token context is full" if len(ids) + len(out) >= ctx else
+                   f"--max-new-tokens {gen['max_new_tokens']} reached")
+            print(f"(reply cut: {why})", file=sys.stderr)
+        dialog = kept + [{"role": "assistant", "content": tok.decode([t for t in out if t != tok.eos_id])}]
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate with, chat with or export a Llama 2 checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="our ckpt dir/file, a Meta dir or a Hugging Face dir")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model, if the checkpoint has none")
-    p.add_argument("--prompt", default=None, help="text to continue")
-    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat in Meta's format")
-    p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--export-hf", default=None, metavar="DIR", help="write the model in Hugging Face layout")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+
+    def flag(name: str, **kw):
+        # both spellings: --max-new-tokens here, --max_new_tokens as in the training scripts
+        names = [name] + (["--" + name[2:].replace("-", "_")] if "-" in name[2:] else [])
+        p.add_argument(*names, **kw)
+    flag("--checkpoint", required=True, help="our ckpt dir/file, a Meta dir or a Hugging Face dir")
+    flag("--tokenizer", default=None, help="tokenizer.model, if the checkpoint has none")
+    flag("--prompt", default=None, help="text to continue")
+    flag("--chat", action="store_true", help="interactive multi-turn chat in Meta's format")
+    flag("--system", default=None, help="system message for --chat")
+    flag("--export-hf", default=None, metavar="DIR", help="write the model in Hugging Face layout")
+    flag("--max-new-tokens", type=int, default=256, metavar="N", help="longest reply, in tokens (default: %(default)s)")
+    flag("--temperature", type=float, default=0.6, help="sampling temperature; 0 = greedy (default: %(default)s)")
+    flag("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling: keep the top tokens "
+         "holding this much probability (default: %(default)s)")
+    flag("--seed", type=int, default=None, help="sampling seed (default: unset, each run samples anew)")
+    flag("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
+    flag("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+         help="the weights' dtype (default: as stored in the checkpoint)")
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     a = p.parse_args(argv)
+    # every check that needs no checkpoint comes before loading one (seconds for a big model)
+    if not (a.prompt is not None or a.chat or a.export_hf):
+        p.error("give --prompt, --chat or --export-hf")
 
     device = _pick_device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else None
@@ -1194,29 +1266,8 @@ def main(argv=None):
     gen = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
                eos_id=tok.eos_id)
     if a.chat:
-        dialog = [{"role": "system", "content": a.system}] if a.system else []
-        print("chat: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
-        while True:
-            try:
-                user = input("\nuser> ").strip()
-            except EOFError:
-                break
-            if not user:
-                break
-            dialog.append({"role": "user", "content": user})
-            try:
-                ids, _ = encode_dialog(tok, dialog)
-                print("assistant> ", end="", flush=True)
-                out = model.generate([ids], stream=_stream_printer(tok), **gen)[0]
-            except ValueError as e:
-                print(f"\nerror: {e}", file=sys.stderr)
-                dialog.pop()
-                continue
-            print()
-            dialog.append({"role": "assistant", "content": tok.decode([t for t in out if t != tok.eos_id])})
+        _chat(model, tok, a.system, gen)
         return
-    if a.prompt is None:
-        p.error("give --prompt, --chat or --export-hf")
     print(a.prompt, end="", flush=True)
     model.generate([tok.encode(a.prompt, bos=True)], stream=_stream_printer(tok), **gen)
     print()

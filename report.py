@@ -1,5 +1,5 @@
 """The pipeline's report: each result of the Llama 2 paper that this project reproduces, the paper's
-number or trend (SPEC.md) beside ours from one run of pipeline.py, and why they differ.
+number or trend (its sections, tables and figures) beside ours from one run of pipeline.py, and why they differ.
 
     python report.py --pipeline_dir out/pipeline --out_dir docs          # what pipeline.py runs last
     python report.py --pipeline_dir out/pipeline_quick --out_dir /tmp/r  # any run, any folder
@@ -36,7 +36,7 @@ class Config:
 
 NOT_RUN = "not run"
 
-# the paper's results we set ours beside (SPEC.md sections 4-10)
+# the paper's results we set ours beside (its Tables 8 and 28)
 PAPER_TABLE8 = {"significantly better": 80.7, "better": 67.5, "slightly better": 60.9,
                 "negligibly better/unsure": 54.7, "average": 63.2}
 PAPER_TABLE28 = {"none": [79.1, 66.9, 59.8, 54.5, 62.5], "small": [80.4, 67.3, 60.4, 55.0, 63.0],
@@ -81,9 +81,11 @@ def pretraining(run: Path, out: Path):
     paper = "loss keeps falling with more tokens; no saturation after 2T tokens (Fig. 5)"
     if not metrics.is_file():
         return ["pretraining loss (§2.2, Fig. 5)", paper, NOT_RUN, "", ""], []
-    curve = training.plot_metrics(metrics, out / "report_pretrain_loss.png")
     ck = training.load_checkpoint(run / "pretrain" / "ckpt.pt")
     vocab = ck["model_args"]["vocab_size"]
+    curve = training.plot_metrics(metrics, out / "report_pretrain_loss.png",
+                                  title="Pretraining: train and validation loss",
+                                  floor=(math.log(vocab), f"floor: uniform guess ln({vocab})"))
     val = curve["val"]
     first, last = (curve["train"][0][1], curve["train"][-1][1]) if curve["train"] else (None, None)
     ours = (f"train loss {first:.2f} -> {last:.2f}"
@@ -91,13 +93,15 @@ def pretraining(run: Path, out: Path):
                f"{val[-1][0]:,} {curve['x']}" if val else ""))
     floor = f"floor: uniform guess ln({vocab}) = {math.log(vocab):.2f}"
     params = sum(v.numel() for v in ck["model"].values())
-    data = ck["config"].get("data", "?").replace(str(run.resolve()), "$OUT")
+    # the data as the pipeline folder's own paths (e.g. world_text/world.txt), not absolute ones
+    data = ", ".join(d.replace(str(run.resolve()) + "/", "")
+                     for d in ck["config"].get("data", "?").split(","))
     trend = ("still falling when it stops" if len(val) >= 2 and val[-1][1] < val[-2][1]
              else "one validation point" if len(val) < 2 else "flat at the end")
     why = (f"{ck['step']} steps, {curve['train'][-1][0]:,} {curve['x']} instead of 2T tokens; "
            f"{params / 1e6:.2f}M parameters on {data}; validation loss {trend}")
     row = ["pretraining loss (§2.2, Fig. 5)", paper, ours, floor, why]
-    sec = ["## Pretraining (SPEC §4)", "",
+    sec = ["## Pretraining (§2.2)", "",
            f"Train and validation loss against {curve['x']} (`{metrics.relative_to(run)}`). "
            f"Validation is held out by whole document. {floor} nats; a model that learned "
            "nothing stays there."]
@@ -123,9 +127,14 @@ def sft_vs_pretrained(run: Path, out: Path):
     pre, sft, curated = evals[0][1], evals[1][1], evals[2][1]
     paper = ("SFT on ~27k high-quality dialogs makes a usable chat model out of the pretrained "
              "one (§3.1; human evaluations, Fig. 1, 12)")
-    some = next((s for _, s in evals if s), None)
-    floor = (f"floor: empty reply {some['floor']['empty']:.3f}; a bare correct answer "
-             f"{some['floor']['bare_answer']:.3f}; ceiling 1.0" if some else "")
+    # the floor of the prompts SFT was scored on (the pretrained model's, fewer, have their own)
+    some = sft or next((s for _, s in evals if s), None)
+    floor = (f"floor: empty reply {some['floor']['empty']:.3f} on {some['label']}'s "
+             f"{some['n']} prompts"
+             + (f" ({pre['floor']['empty']:.3f} on the pretrained model's {pre['n']})"
+                if pre and pre is not some and pre["n"] != some["n"] else "")
+             + f"; a bare correct answer {some['floor']['bare_answer']:.3f}; ceiling 1.0"
+             if some else "")
     ours = (f"judged score: pretrained {_judged(pre)} -> SFT {_judged(sft)}"
             if pre or sft else NOT_RUN)
     why = ("the world's programmatic judge instead of human raters, on held-out problems; a 3M "
@@ -140,10 +149,11 @@ def sft_vs_pretrained(run: Path, out: Path):
                      "our writers' flaws are simulated (world.WRITERS, `python world.py demo`)"]]
     else:
         row = [row]
-    sec = ["## Judged score of each model (SPEC §5, §10)", "",
+    sec = ["## Judged score of each model (§3.1, §3.4)", "",
            "The world's judge scores one greedy reply per held-out prompt (content, instruction, "
-           "form; `world.score`). Floor: what an empty reply scores on the same prompts; a bare "
-           "correct answer (no instruction followed) for reference; ceiling 1.0.", "",
+           "form; `world.score`). Floor: what an empty reply scores on the same prompts (it "
+           "depends on the prompts, hence a different floor for a model scored on fewer of them); "
+           "a bare correct answer (no instruction followed) for reference; ceiling 1.0.", "",
            "| model | judged score | correct | EOS | best-of-K by the judge (pass@1 -> best-of-K) "
            "| floor (empty) | bare correct answer |",
            "|---|---|---|---|---|---|---|"]
@@ -155,7 +165,7 @@ def sft_vs_pretrained(run: Path, out: Path):
         sec.append(f"| {name} (`{s['checkpoint'].split('/')[-1] if s.get('checkpoint') else ''}`) "
                    f"| {s['total']:.3f} | {s['correct']:.1%} | {s['eos_rate']:.0%} | "
                    f"{bo['pass1_score']:.3f} -> {bo['bestof_score']:.3f} (K={bo['k']}) | "
-                   f"{s['floor']['empty']:.3f} | {s['floor']['bare_answer']:.3f} |")
+                   f"{s['floor']['empty']:.3f} ({s['n']} prompts) | {s['floor']['bare_answer']:.3f} |")
     return row, sec, evals
 
 
@@ -182,7 +192,7 @@ def gatt_adherence(evals, out: Path):
            "figure; GAtt from the SFT model (the paper: after RLHF V3), replies unfiltered")
     row = ["GAtt: instruction kept by turn (§3.3, Fig. 9-10)", paper, ours or NOT_RUN, floor, why]
     evaluate.plot_adherence(curves, out / "report_adherence.png", floor_curve)
-    sec = ["## Ghost Attention: the instruction kept over a dialog (SPEC §6)", "",
+    sec = ["## Ghost Attention: the instruction kept over a dialog (§3.3)", "",
            f"Held-out {n}-turn dialogs whose instruction is given once, as the system message; "
            "each model's own replies go into the history. Obeyed (%) by turn; the floor is what a "
            "bare correct answer obeys by chance (e.g. a number already 'at most 8 words').", "",
@@ -231,15 +241,21 @@ def reward_model(run: Path, out: Path):
     for j, (label, ys) in enumerate(series):
         ax.bar([i + (j - 1) * w for i in x], ys, w, label=label)
     ax.axhline(50, ls="--", color="0.5", label="floor: a coin (50%)")
+    empty = [i for i, r in enumerate(RATINGS) if not b.get(r, {}).get("n")]
+    for i in empty:  # no bar there is no pair, not 0%
+        ax.text(i + w / 2, 3, "no pairs", ha="center", va="bottom", rotation=90, fontsize=9,
+                color="0.3")
     ax.set_xticks(list(x), [r.replace(" better", "").replace("/unsure", "") for r in RATINGS])
     ax.set(ylabel="accuracy (%)", ylim=(0, 105), title="Reward model accuracy by preference rating")
     ax.legend(loc="upper right", fontsize=8)
     evaluate._save(fig, out / "report_rm_accuracy.png")
-    sec = ["## Reward model (SPEC §7)", "",
+    sec = ["## Reward model (§3.2.2)", "",
            f"Accuracy on {s['n']} held-out pairs (held-out problems only) by the annotators' "
            "rating, against the annotators and against the noise-free judge; the ceiling is the "
            "judge's own agreement with the noisy annotators (no RM can do better); the floor is a "
-           "coin.", "",
+           "coin." + (" No held-out pair had the rating " + ", ".join(
+               f"'{RATINGS[i]}'" for i in empty) + ": its columns are empty (-), not 0."
+               if empty else ""), "",
            "| | " + " | ".join(RATINGS) + " |", "|---" * (len(RATINGS) + 1) + "|",
            "| paper, Table 8 | " + " | ".join(f"{PAPER_TABLE8[r]}" for r in RATINGS) + " |",
            "| pairs (share) | " + " | ".join(
@@ -306,7 +322,7 @@ def margin_ablation(run: Path, out: Path):
     ours = " / ".join(f"{m} {_pct(avg[m])}" for m in order) + " (average, mean over seeds)"
     row = ["RM margin ablation (Table 28) [ABLATION]", paper, ours, "floor 50%",
            "differences of a point are within our seed-to-seed spread; " + WHY_SMALL]
-    sec = ["## Margin ablation (SPEC §7, Table 28) [ABLATION]", "",
+    sec = ["## Margin ablation (§3.2.2, Table 28) [ABLATION]", "",
            "| margin | seeds | " + " | ".join(RATINGS) + " | paper (same columns) |",
            "|---" * (len(RATINGS) + 3) + "|"]
     for m in order:
@@ -348,7 +364,7 @@ def rejection_sampling(run: Path, out: Path):
                 ["judged score / win rate, V0 -> V1..Vn (Fig. 11 in spirit)", paper11, NOT_RUN,
                  "", ""]]
         return rows, []
-    sec = ["## Rejection sampling (SPEC §8, §10)", ""]
+    sec = ["## Rejection sampling (§3.2.3, §3.4)", ""]
     bo = evs[0]["best_of_n"]
     c = bo["rm"]
     ours7 = (f"V0, RM reward at T={bo['temperature']:g}: E[max] N=1 {c['max'][0]:+.3f} -> "
@@ -368,8 +384,9 @@ def rejection_sampling(run: Path, out: Path):
                  f"tuned on {tunes[0]['prompts'] if tunes and tunes[0] else '?'} prompts; "
                  "a few iterations of a small model"])
     if tunes and tunes[0]:
-        evaluate.plot_temperatures({"V0 (start)": tunes[0]["curves"],
-                                    f"V{len(tunes) - 1} (last)": tunes[-1]["curves"]},
+        what = "best-of-N RM reward by temperature (Fig. 8)"
+        evaluate.plot_temperatures({f"{what}: V0 (start)": tunes[0]["curves"],
+                                    f"{what}: V{len(tunes) - 1} (last)": tunes[-1]["curves"]},
                                    out / "report_temperatures.png")
     its = [{**e, "iteration": j} for j, e in enumerate(evs)]
     evaluate.plot_iterations(its, out / "report_iterations.png")
@@ -419,10 +436,17 @@ def rejection_sampling(run: Path, out: Path):
     f = evs[0]["floor"]
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
                "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
+    # the same model (V0 = the GAtt model) has another floor in the judged-score table: other prompts
+    n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
+    gatt = _summary(run / "eval_gatt" / "eval.jsonl")
+    sec += ["", f"The floor row is what an empty reply scores on these {n} held-out prompts. An "
+            "empty reply's score depends on the prompt, so a table on other prompts has another "
+            "floor" + (f" (the judged-score table scores V0, the GAtt model, on {gatt['n']} "
+                       f"prompts: floor {gatt['floor']['empty']:.3f})" if gatt else "") + "."]
     text = (rs / "report.txt").read_text() if (rs / "report.txt").is_file() else ""
     over = [ln for ln in text.splitlines() if "over-optimization" in ln.lower()]
     if over:
-        sec += ["", "Over-optimization (Gao et al. 2022, SPEC §10), from `rs/report.txt`:", ""]
+        sec += ["", "Over-optimization (Gao et al. 2022), from `rs/report.txt`:", ""]
         sec += [f"- {ln}" for ln in over]
     for name, alt in (("report_best_of_n.png", "best of N (Fig. 7)"),
                       ("report_temperatures.png", "temperature (Fig. 8)"),
@@ -584,11 +608,12 @@ def ppo(run: Path, out: Path):
            f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
            "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model ranks "
            "right"]
-    sec = ["## PPO (SPEC §9)", "",
+    sec = ["## PPO (§3.2.3)", "",
            "Per iteration, on that iteration's rollouts (training-split prompts): the whitened RM "
            "score at EOS, the judge's score of the same replies (measured only, never a training "
            "signal), the KL to pi_0 (nats per reply), EOS rate and length; val is the RM score on "
-           "the validation prompts that early stopping watches. The model kept is the best by val.",
+           "the validation prompts that early stopping watches. The model kept is the best by val."
+           + _negative_kl(its),
            "", "| iteration | RM score | judge | KL to pi_0 | score - beta KL | EOS | length | "
            "entropy | val |", "|---|---|---|---|---|---|---|---|---|"]
     step = max(1, math.ceil(len(its) / 12))
@@ -631,13 +656,55 @@ def ppo(run: Path, out: Path):
     verdict = _json(run / "ppo" / "ppo_report.json") or {}
     for name, v in verdict.items():  # over-optimization (Gao et al.): did the judge fall late?
         sec += ["", f"Over-optimization check ({name}): {v['verdict']}."]
-    png = run / "ppo" / "ppo_overopt.png"
-    if png.is_file():
-        with training.atomic_write(out / "report_ppo_overopt.png", "wb") as fh:
-            fh.write(png.read_bytes())
+    if its:
+        plot_overoptimization(its, out / "report_ppo_overopt.png")
         _img(sec, out, "report_ppo_overopt.png",
              "over-optimization: RM and judge score against sqrt(KL to pi_0)")
     return row, sec
+
+
+def _negative_kl(its: list[dict]) -> str:
+    """A sentence for a negative KL in the table: what it is (estimator noise), or ""."""
+    neg = [r for r in its if r.get("kl", 0.0) < 0]
+    if not neg:
+        return ""
+    low = min(neg, key=lambda r: r["kl"])
+    return (f" A negative KL (here {low['kl']:.3f} at iteration {low['iteration']}) is estimator "
+            "noise, not a negative divergence (a KL is never below 0): the KL is estimated from the "
+            "rollouts as the mean over replies of log pi(y) - log pi_0(y) (the k1 estimator; "
+            "unbiased for replies drawn from pi itself, but noisy), so near 0 it can come out "
+            "below; read it as 0.")
+
+
+def plot_overoptimization(its: list[dict], png: Path) -> None:
+    """Gao et al.'s over-optimization plot from PPO's per-iteration rows: the RM score and the
+    judge's score of the rollouts against sqrt(KL to pi_0). The KL does not grow every iteration,
+    so the points are joined in order of sqrt(KL) (not of iteration, which doubles back) and
+    labelled with their iteration; a negative KL estimate (noise) counts as 0. The star marks the
+    best judged point, on the line."""
+    pts = sorted(((math.sqrt(max(r["kl"], 0.0)), r) for r in its if "kl" in r),
+                 key=lambda p: (p[0], p[1]["iteration"]))
+    plt = evaluate._plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    xs = [x for x, _ in pts]
+    ax.plot(xs, [r["score"] for _, r in pts], marker="o", label="RM score (whitened, trained on)")
+    if all("judge" in r for _, r in pts):
+        js = [r["judge"] for _, r in pts]
+        ax2 = ax.twinx()
+        ax2.plot(xs, js, marker="s", color="C1", label="judge's score (measured only)")
+        best = max(range(len(js)), key=lambda i: (js[i], -i))
+        ax2.plot([xs[best]], [js[best]], marker="*", ms=16, color="C3", ls="none",
+                 label=f"best judged: iteration {pts[best][1]['iteration']}")
+        ax2.set_ylabel("judge's score")
+        ax2.legend(loc="lower center", fontsize=8)
+    for x, r in pts:
+        ax.annotate(str(r["iteration"]), (x, r["score"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=7)
+    ax.set(xlabel="sqrt(KL to pi_0), nats^0.5 (labels: iteration)", ylabel="RM score",
+           title="PPO over-optimization: reward against distance from pi_0 (Gao et al. 2022)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    evaluate._save(fig, png)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -699,7 +766,7 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
     lines = ["# The Llama 2 recipe, reproduced small: our results beside the paper's", "",
              f"Written by `report.py` from one run of `pipeline.py` (size **{size}**, folder "
              f"`{run.name}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). Paper: "
-             "Touvron et al. 2023, arXiv 2307.09288; its numbers as quoted in SPEC.md. Our model "
+             "Touvron et al. 2023, arXiv 2307.09288 (section numbers are the paper's). Our model "
              f"has {params} parameters (the paper's smallest: 7B), trains for CPU minutes, and the "
              "simulated world of `world.py` (a programmatic judge, noisy simulated annotators) "
              "stands in for Meta's human annotators and raters, so our numbers are not the "
@@ -707,6 +774,16 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
              "ceiling beside it. \"not run\" marks a stage this run did not do.", "",
              "| result (paper section) | the paper | ours (this run) | floor / ceiling | why they "
              "differ |", "|---|---|---|---|---|"]
+    if size in ("quick", "tiny"):  # a smoke run: say so before any number is read as a result
+        rm = _json(run / "rm" / "eval.json")
+        acc = rm["buckets"]["average"].get("rm_vs_annotators") if rm else None
+        lines[-2:-2] = [f"**A smoke run, not a result.** The {size} size runs every stage small, "
+                        "to check in minutes that the whole recipe runs end to end; it is too small "
+                        "to show what the stages do"
+                        + (f" (here the reward model agrees with the annotators on {_pct(acc)} of "
+                           "held-out pairs, where a coin gets 50%)" if acc is not None else "")
+                        + ". The full size's report (docs/REPORT.md, `bash scripts/demo.sh`) shows "
+                        "the stages' effects.", ""]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
     for sec in (s_pre, s_sft, s_gatt, s_rm, s_margin, s_rs, s_ppo, s_dist, timings(run)):
         if sec:

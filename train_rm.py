@@ -273,10 +273,12 @@ def pairs_key(cfg: Config, split: str) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_chat(path: str, rt, tokenizer_path: str = ""):
+def _load_chat(path: str, rt, tokenizer_path: str = "", flag: str = "--checkpoint"):
     try:
         model, tok = llama2.load_model(path, device=str(rt.device))
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {flag} {path}: {e}{_who_writes(path)}") from None
+    except ValueError as e:
         raise SystemExit(f"error: {path}: {e}") from None
     if tokenizer_path:
         tok = llama2.Tokenizer(tokenizer_path)
@@ -289,6 +291,19 @@ def _load_chat(path: str, rt, tokenizer_path: str = ""):
     if stage == "rm":
         raise SystemExit(f"error: {path} is a reward model; give a chat model (SFT or GAtt)")
     return model.float(), tok
+
+
+def _who_writes(path: str) -> str:
+    """For a missing chat model: which stage writes it, and such a model that exists elsewhere
+    (the defaults name the full pipeline's out/pipeline/sft; a QUICK run writes out/pipeline_quick)."""
+    p = Path(path)
+    if not p.parent.name.startswith("pipeline"):
+        return f"; train one first (train_sft.py --out_dir {path})"
+    size = " --size quick" if p.parent.name.startswith("pipeline_quick") else ""
+    found = [q for q in sorted(p.parent.parent.glob(f"pipeline*/{p.name}"))
+             if (q / "ckpt.pt").is_file()]
+    return (f"; the pipeline's {p.name} stage writes it (python pipeline.py{size} --until {p.name})"
+            + (f", or give {found[0]}, which exists" if found else ""))
 
 
 def _stage_of(path: str) -> str:
@@ -323,7 +338,7 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
         replies: dict = {}
         done, total = 0, 2 * len(prompts)
         for path in dict.fromkeys(p for p, _ in vs):
-            model, tok = _load_chat(path, rt, cfg.tokenizer)
+            model, tok = _load_chat(path, rt, cfg.tokenizer, "--pair_models")
             for vi, (vpath, temp) in enumerate(vs):
                 if vpath != path:
                     continue

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import errno
 import glob
 import hashlib
 import importlib.util
@@ -73,7 +74,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     """Turn the dataclass `cls` into `--field value` flags and return an instance.
 
     Field types int, float, str and bool are supported; a bool flag may be given bare
-    (`--compile`) or with a value (`--compile false`). The help text of each flag is the trailing
+    (`--compile`) or with a value (`--compile false`). `--max_new_tokens` may also be spelled
+    `--max-new-tokens`, as llama2.py spells its flags. The help text of each flag is the trailing
     comment of its field, so the config class documents the command line.
     """
     hints = typing.get_type_hints(cls)
@@ -85,13 +87,16 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{comments.get(f.name, '')} (default: {default!r})"
         if tp is bool:
-            parser.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True,
-                                default=default, metavar="BOOL", help=help_text)
+            kw = dict(type=_str2bool, nargs="?", const=True, metavar="BOOL")
         elif tp in (int, float, str):
-            parser.add_argument(f"--{f.name}", type=tp, default=default, help=help_text)
+            kw = dict(type=tp)
         else:
             raise TypeError(f"config field {f.name} has type {tp}; parse_config supports "
                             "int, float, str and bool")
+        parser.add_argument(f"--{f.name}", default=default, help=help_text, **kw)
+        if "_" in f.name:  # --max-new-tokens as in llama2.py works too (not listed twice in --help)
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     args = parser.parse_args(argv)
     return cls(**vars(args))
 
@@ -404,11 +409,49 @@ def atomic_write(path: str | os.PathLike, mode: str | None = "wb"):
         raise
 
 
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: itself, or one it was raised from or during (torch.save turns a
+    failed write into RuntimeError "[enforce fail at inline_container.cc...]", the OSError above)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(path: str | os.PathLike, e: BaseException, kept: str = "") -> SystemExit | None:
+    """One `error:` line for a write to `path` that the system refused (an OSError with an errno:
+    no space, no permission, ...); None for any other failure, which keeps its traceback. `kept`
+    says what survived."""
+    err = _os_error(e)
+    if err is None or err.errno is None:
+        return None
+    folder = Path(path).parent
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = f"free some space on the disk of {folder}, or point --out_dir at another disk"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        todo = f"make {folder} writable, or point --out_dir at a folder you can write"
+    else:
+        todo = "check the disk and the folder, then run again"
+    why = err.strerror or str(err)
+    return SystemExit(f"error: cannot write {path}: {why}{'; ' + kept if kept else ''}; {todo}")
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write `state` to `path` with torch.save, atomically (atomic_write): a crash mid-write leaves
-    the previous checkpoint intact."""
-    with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+    the previous checkpoint intact. A full disk or a folder that cannot be written is one `error:`
+    line (write_error), not torch's traceback."""
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        kept = "the previous checkpoint there is intact" if Path(path).exists() else ""
+        stop = write_error(path, e, kept)
+        if stop is None:
+            raise
+        raise stop from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -872,14 +915,26 @@ class MetricsLog:
             record = {"time": round(time.time(), 3), **record}
             # appended, not rewritten through atomic_write: a crash can cut at most the last line
             # short, and trim_metrics drops such a line when the run resumes
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise (write_error(self.path, e) or e) from None
 
 
 def trim_metrics(path: str | os.PathLike, step: int) -> None:
-    """Start a run's JSONL log at `step`: a fresh run (step 0) starts it empty, a resumed one keeps
-    the records up to its checkpoint's step. A line a crash cut short is dropped. Atomic."""
+    """Start a run's JSONL log at `step`: a fresh run (step 0) removes an old log (the first record
+    creates the new one, so a run that fails before its first step leaves none), a resumed one keeps
+    the records up to its checkpoint's step. A line a crash cut short is dropped. Atomic.
+
+    Every stage calls this first thing in its --out_dir, so this is also where a fresh run over
+    an earlier run's ckpt.pt says that it will replace it (--resume continues it instead)."""
     path, keep = Path(path), []
+    old = path.parent / "ckpt.pt"
+    if not step and old.is_file():
+        print(f"warning: {old} holds an earlier run; this new run starts from scratch and "
+              f"replaces it at its first save (stop now and add --resume to continue that run, or "
+              f"pick another --out_dir to keep it)", flush=True)
     if step and path.exists():
         for line in path.read_text().splitlines():
             try:
@@ -887,14 +942,27 @@ def trim_metrics(path: str | os.PathLike, step: int) -> None:
                     keep.append(line)
             except json.JSONDecodeError:
                 continue
-    with atomic_write(path, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
+    try:
+        if keep:
+            with atomic_write(path, "w") as f:
+                f.write("".join(line + "\n" for line in keep))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            # the folder must take the log: fail here, before the run spends any time
+            probe = path.with_name(f".{path.name}.{os.getpid()}.probe.tmp")
+            with open(probe, "x"):
+                pass
+            probe.unlink()
+    except OSError as e:
+        raise (write_error(path, e) or e) from None
 
 
 def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = "") -> list:
     """Read a JSONL file: parse(obj, "path:line") -> item for each non-empty line. A missing file,
     a line that is not JSON, or a ValueError from parse is one ValueError naming the file and line
-    (with `expect`, what a line should look like; `missing`, what to do about a missing file)."""
+    (with `expect`, what a line should look like; `missing`, what to do about a missing file).
+    With `expect` the caller needs rows, so a file without any is a ValueError too."""
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such file" + (f"; {missing}" if missing else ""))
     out = []
@@ -912,6 +980,8 @@ def read_jsonl(path: str | os.PathLike, parse, expect: str = "", missing: str = 
                 out.append(parse(obj, where))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+    if not out and expect:
+        raise ValueError(f"{path}: the file holds no rows (it is empty); {expect}")
     return out
 
 
@@ -991,12 +1061,15 @@ def model_flops_per_token(n_params: int, n_layers: int, dim: int, seq_len: int) 
 # plot: metrics.jsonl -> PNG with matplotlib
 
 
-def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
+def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, title: str | None = None,
+                 floor: tuple[float, str] | None = None) -> dict:
     """Draw train and validation loss from a metrics JSONL written by MetricsLog (any stage) as a
     PNG. Records with "loss" are train points, records with "val_loss" validation points; the x axis
     is "tokens" when every such record has it (pretraining), else "step" (SFT, GAtt, the RM).
     PPO has no loss to show: its log is drawn as the reward instead, the rollouts' whitened RM
     score ("score") as train and the validation prompts' RM score ("val_score") as val.
+    title defaults to the stage folder and file (out/sft/metrics.jsonl -> "sft/metrics.jsonl");
+    floor = (y, label) draws a dashed line there (e.g. ln(V), a uniform guess's loss).
     Returns {"x": the axis, "train": [(x, y)], "val": [(x, y)], "y": what y is}."""
     records = []
     for n, line in enumerate(Path(jsonl).read_text().splitlines(), 1):
@@ -1024,9 +1097,11 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike) -> dict:
                                 (val, "val", {"lw": 2, "marker": "o"})):
         if series:
             ax.plot(*zip(*series), label=name, **style)
+    if floor is not None:
+        ax.axhline(floor[0], ls="--", color="0.5", label=floor[1])
     if x == "tokens":  # 1.2M rather than 1200000
         ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
-    ax.set(xlabel=x, ylabel=y, title=str(Path(jsonl)))
+    ax.set(xlabel=x, ylabel=y, title=title or f"{Path(jsonl).parent.name}/{Path(jsonl).name}")
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()

@@ -3,6 +3,7 @@ a finished stage is skipped, a stage stopped midway resumes with --resume and en
 an uninterrupted run, --fresh starts over, a changed input reruns what reads it, and the report
 says "not run" for the stages that did not run. The stages run as real subprocesses."""
 import json
+import math
 import os
 import shutil
 import sys
@@ -230,6 +231,135 @@ def test_the_report_reads_rejection_sampling_outputs(tmp_path):
     assert "| floor | | 0.300 (empty) | | -2.000 (empty) | | 50% | | 0% / 0% / 0% | 50% |" in text
 
 
+def test_the_report_says_why_the_same_model_has_two_floors(tmp_path, figures):
+    """V0 (the GAtt model) is scored in the judged-score table and in the RS table on other
+    prompts: two empty-reply floors, each said to be its prompts'. And the temperature figure
+    says what it shows."""
+    run = tmp_path / "run"
+    curve = {"n": [1, 2], "max": [0.1, 0.3], "median": [0.1, 0.1], "prompts": 2, "m": 2}
+    d = run / "rs" / "iter1"
+    d.mkdir(parents=True)
+    one = {"judge": 0.5, "rm": -1.0, "eos_rate": 1.0, "judge_scores": [0.5] * 32}
+    (d / "eval.json").write_text(json.dumps(
+        {"label": "V0", "floor": {"judge_empty": 0.319, "rm_empty": -2.0},
+         "best_of_n": {"temperature": 1.0, "rm": curve, "judge": curve}, "greedy": one,
+         "sampled": one}))
+    (d / "tune.json").write_text(json.dumps({"temperature": 1.0, "curves": {"1.0": curve},
+                                             "prompts": 2}))
+    summary = {"kind": "summary", "label": "GAtt", "checkpoint": "/x/gatt2", "n": 40,
+               "total": 0.6, "correct": 0.3, "eos_rate": 1.0,
+               "bestof": {"pass1_score": 0.6, "bestof_score": 0.7, "k": 4},
+               "floor": {"empty": 0.338, "bare_answer": 0.9}, "adherence_by_turn": [1.0, 0.5],
+               "adherence_floor": {"bare_answer": {"obeys": [0.1, 0.1]}}, "adherence": {}}
+    for stage, label, n, empty in (("eval_gatt", "GAtt", 40, 0.338), ("eval_sft", "SFT", 40, 0.319),
+                                   ("eval_pretrain", "pretrained, 3-shot", 24, 0.338)):
+        (run / stage).mkdir()
+        (run / stage / "eval.jsonl").write_text(json.dumps(
+            {**summary, "label": label, "n": n, "floor": {"empty": empty, "bare_answer": 0.9}}) + "\n")
+    text = report.write_report(run, tmp_path / "r")
+    # the summary row's floor is the SFT model's prompts' (the pretrained model's 24 have another)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| SFT vs pretrained"))
+    assert "| floor: empty reply 0.319 on SFT's 40 prompts (0.338 on the pretrained model's 24); " in row
+    assert "| GAtt (`gatt2`) | 0.600 | 30.0% | 100% | 0.600 -> 0.700 (K=4) | 0.338 (40 prompts) | " in text
+    assert ("The floor row is what an empty reply scores on these 32 held-out prompts. An empty "
+            "reply's score depends on the prompt, so a table on other prompts has another floor "
+            "(the judged-score table scores V0, the GAtt model, on 40 prompts: floor 0.338).") in text
+    titles = [ax.get_title() for ax in figure(figures, "report_temperatures.png").axes]
+    assert titles == ["best-of-N RM reward by temperature (Fig. 8): V0 (start)",
+                      "best-of-N RM reward by temperature (Fig. 8): V0 (last)"]
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib figure saved while the test runs, by the file it went to."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    saved = {}
+    real = Figure.savefig
+
+    def savefig(self, fname, *args, **kw):
+        saved[str(getattr(fname, "name", fname))] = self
+        return real(self, fname, *args, **kw)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def figure(figures, name):
+    """The figure saved to `name` (written atomically: through a temp file named after it)."""
+    hits = [f for path, f in figures.items() if name in Path(path).name]
+    assert hits, f"no figure saved to {name}: {list(figures)}"
+    return hits[-1]
+
+
+def test_the_report_cites_the_paper_and_draws_the_pretraining_floor(base, tmp_path, figures):
+    text = report.write_report(base, tmp_path / "r", size="full")
+    assert "SPEC" not in text  # the repository has no SPEC.md: the paper's sections are cited
+    assert "## Pretraining (§2.2)" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("| pretraining loss"))
+    assert "$OUT" not in row and " on world_text/world.txt;" in row
+    assert "A smoke run" not in text
+    ax = figure(figures, "report_pretrain_loss.png").axes[0]
+    assert ax.get_title() == "Pretraining: train and validation loss"  # not a path
+    floors = [ln for ln in ax.get_lines() if ln.get_label() == "floor: uniform guess ln(384)"]
+    assert len(floors) == 1 and list(floors[0].get_ydata()) == [pytest.approx(math.log(384))] * 2
+
+
+def _rm_eval(empty_bucket: str) -> dict:
+    b = {r: {"n": 10, "share": 0.25, "rm_vs_annotators": 0.4, "rm_vs_judge": 0.45, "ceiling": 0.7}
+         for r in report.RATINGS}
+    b[empty_bucket] = {"n": 0, "share": 0.0}
+    b["average"]["rm_vs_annotators"] = 0.438
+    return {"n": 40, "margin": "small", "buckets": b}
+
+
+def test_the_rm_chart_says_where_a_rating_had_no_pairs_and_quick_is_a_smoke_run(tmp_path, figures):
+    run = tmp_path / "run"
+    (run / "rm").mkdir(parents=True)
+    (run / "rm" / "eval.json").write_text(json.dumps(_rm_eval("significantly better")))
+    text = report.write_report(run, tmp_path / "r", size="quick")
+    assert ("No held-out pair had the rating 'significantly better': its columns are empty (-), "
+            "not 0.") in text
+    ax = figure(figures, "report_rm_accuracy.png").axes[0]
+    notes = [t for t in ax.texts if t.get_text() == "no pairs"]
+    assert len(notes) == 1 and 0 < notes[0].get_position()[0] < 0.5  # in the first rating's slots
+    # the quick size is a smoke run: said before any number is read as a stage's effect
+    assert ("**A smoke run, not a result.** The quick size runs every stage small, to check in "
+            "minutes that the whole recipe runs end to end; it is too small to show what the stages "
+            "do (here the reward model agrees with the annotators on 43.8% of held-out pairs, where "
+            "a coin gets 50%).") in text
+    assert text.index("A smoke run") < text.index("| result (paper section)")
+
+
+def test_the_ppo_figure_runs_along_the_kl_and_a_negative_kl_is_explained(tmp_path, figures):
+    run = tmp_path / "run"
+    (run / "ppo").mkdir(parents=True)
+    kls, judges = [0.0, -0.062, 0.96, 0.83, 3.9, 1.6], [0.577, 0.576, 0.537, 0.591, 0.552, 0.55]
+    rows = [{"step": i, "iteration": i, "score": 0.01 * i, "judge": j, "kl": kl,
+             "score_minus_beta_kl": 0.0, "eos_rate": 1.0, "length": 10.0, "entropy": 1.0,
+             "val_score": 0.1} for i, (kl, j) in enumerate(zip(kls, judges), 1)]
+    (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = {"greedy": {"judge": 0.5, "rm": 0.1, "eos_rate": 1.0}, "sampled": {"judge": 0.5, "rm": 0.1},
+          "floor": {"judge_empty": 0.3, "rm_empty": -3.0}}
+    for name in ("eval_start.json", "eval_final.json"):
+        (run / "ppo" / name).write_text(json.dumps(ev))
+    text = report.write_report(run, tmp_path / "r")
+    assert ("A negative KL (here -0.062 at iteration 2) is estimator noise, not a negative "
+            "divergence (a KL is never below 0)") in text
+    fig = figure(figures, "report_ppo_overopt.png")
+    lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+    curves = [ln for ln in lines if len(ln.get_xdata()) == len(rows)]
+    assert len(curves) == 2
+    for ln in curves:  # along sqrt(KL): no doubling back
+        xs = list(ln.get_xdata())
+        assert xs == sorted(xs) and xs[0] == 0.0  # the negative estimate counts as 0
+    judge = next(ln for ln in curves if "judge" in ln.get_label())
+    star = next(ln for ln in lines if ln.get_marker() == "*")
+    (x,), (y,) = star.get_xdata(), star.get_ydata()
+    assert y == max(judges) and (x, y) in zip(judge.get_xdata(), judge.get_ydata())  # on the line
+    assert x == pytest.approx(math.sqrt(0.83)) and "iteration 4" in star.get_label()
+
+
 def test_bad_input_is_one_clear_error(base, tmp_path):
     for flags, msg in ((["--stop_at", "pretrain:2"], "has no flag to stop mid-run"),
                        (["--until", "nosuch"], "no stage 'nosuch'"),
@@ -441,3 +571,56 @@ def test_the_report_shows_the_rm_by_kind_with_and_without_synthetic_pairs(tmp_pa
     assert "| RM without the synthetic open-source pairs (ablation) | 60.0% (70.0%) | 0.250 | " \
            "55.0% (10) | 80.0% (5) | 100.0% (2) | 25.0% |" in sec
     assert report.rm_by_kind(tmp_path / "none")[0][2] == "not run"
+
+
+def test_ctrl_c_shows_the_pipelines_message_and_no_traceback(tmp_path):
+    """Ctrl-C reaches the pipeline and the stage it runs (the terminal signals the whole process
+    group): one line says what to do, no 50-line KeyboardInterrupt traceback comes first."""
+    import signal
+    import subprocess
+    import threading
+    import time
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *UNTIL_SFT, "--out_dir",
+                             str(tmp_path / "p")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    err = []
+    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.strip().startswith("$ python") and "train_pretrain.py" in line:
+            break
+    time.sleep(3)  # inside the stage's script (importing or training)
+    os.killpg(proc.pid, signal.SIGINT)
+    out.append(proc.stdout.read())
+    assert proc.wait(timeout=60) == 130
+    time.sleep(0.5)
+    text, errors = "".join(out), "".join(err)
+    assert "\ninterrupted in pretrain: run the same command again to continue" in text
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors[-3000:]
+    # a stage that fails shows its traceback as before (held until it ended, then shown)
+    assert pipeline.run_stage(["-c", "raise RuntimeError('boom')"]) == (
+        1, 'Traceback (most recent call last):\n  File "<string>", line 1, in <module>\n'
+           "RuntimeError: boom\n")
+
+
+def test_estimates_come_from_the_last_measured_run_here(tmp_path, capfd):
+    out = tmp_path / "p"
+    flags = ["--size", "tiny", "--until", "pretrain", "--out_dir", str(out)]
+    assert pipeline.main(flags) == 0
+    text = capfd.readouterr().out
+    assert "estimate ~7s for a run from scratch (from a reference run on a 2-core CPU)" in text
+    took = json.loads((out / "timings.json").read_text())
+    assert set(took) == {"world_text", "pretrain"} and all(t > 0 for t in took.values())
+    # --fresh keeps what was measured: the next estimate is this machine's
+    assert pipeline.main(flags + ["--fresh"]) == 0
+    text = capfd.readouterr().out
+    total = pipeline.training.fmt_duration(took["world_text"] + took["pretrain"])
+    assert (f"estimate ~{total} for a run from scratch (as long as each stage took when it last "
+            "ran here)") in text
+    assert f"estimate ~{pipeline.training.fmt_duration(took['pretrain'])}; so far" in text
+    # a stage left out takes no time in the estimate; a resumed stage's time is not a whole run
+    world = json.loads((out / "timings.json").read_text())["world_text"]
+    assert pipeline.main(flags + ["--fresh", "--skip", "pretrain", "--until", "world_text"]) == 0
+    assert (f"estimate ~{pipeline.training.fmt_duration(world)} for a run from scratch (as long as "
+            "each stage took when it last ran here)") in capfd.readouterr().out

@@ -496,6 +496,21 @@ def test_bad_input_is_one_clear_error(tokenizer, tmp_path):
             train_rm.main(flags + base)
 
 
+def test_the_default_checkpoint_missing_says_which_stage_writes_it(tokenizer, tmp_path, monkeypatch):
+    # after a QUICK run, the default --checkpoint out/pipeline/sft does not exist
+    monkeypatch.chdir(tmp_path)
+    _chat_ckpt(tokenizer, tmp_path / "out" / "pipeline_quick" / "sft")
+    with pytest.raises(SystemExit) as e:
+        train_rm.main(["--device", "cpu", "--out_dir", str(tmp_path / "o")])
+    msg = str(e.value.code)
+    assert msg.startswith("error: --checkpoint out/pipeline/sft: out/pipeline/sft: no checkpoint found")
+    assert msg.endswith("; the pipeline's sft stage writes it (python pipeline.py --until sft), "
+                        "or give out/pipeline_quick/sft, which exists"), msg
+    with pytest.raises(SystemExit, match=r"^error: --checkpoint elsewhere/sft: .*; train one first "
+                                         r"\(train_sft.py --out_dir elsewhere/sft\)$"):
+        train_rm.main(["--checkpoint", "elsewhere/sft", "--device", "cpu"])
+
+
 # FSDP (--parallel fsdp) passes the same test (run once by hand, 28 s); only DDP runs in the suite,
 # to keep it fast on a 2-core machine: train_pretrain's test covers training.wrap_model's FSDP path
 @pytest.mark.parametrize("parallel", ["ddp"])

@@ -1,10 +1,12 @@
 """Damaged files and interrupted writes: a truncated or corrupted checkpoint is a one-line error
 (from the command line, llama2.load_model and training.load_checkpoint), and training.atomic_write
 leaves the old file intact and no temp file behind when a write fails halfway."""
+import errno
 import io
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,7 +162,7 @@ def test_save_checkpoint_failing_mid_write_keeps_the_old_checkpoint(ckpt_dir, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_then_disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SystemExit, match="No space left on device; the previous checkpoint"):
         training.save_checkpoint(path, {"model": {}, "step": 8})
     assert path.read_bytes() == before and training.load_checkpoint(ckpt_dir)["step"] == 7
     assert listing(ckpt_dir) == ["ckpt.pt"]
@@ -202,5 +204,120 @@ def test_trim_metrics_drops_a_line_cut_short(tmp_path):
     assert path.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n'
     training.trim_metrics(path, 1)
     assert path.read_text() == '{"step": 1, "loss": 3.0}\n'
-    training.trim_metrics(path, 0)  # a fresh run starts an empty log
-    assert path.read_text() == "" and listing(tmp_path) == ["metrics.jsonl"]
+    training.trim_metrics(path, 0)  # a fresh run starts a new log: the first record writes it
+    assert listing(tmp_path) == []
+
+
+# ------------------------------------------------------------------- a training run that cannot go on
+# each is one `error:` line saying what was wrong and what to do; the last checkpoint survives
+
+
+@pytest.fixture
+def sft_run(tmp_path, tokenizer):
+    """A tiny parent checkpoint, SFT data and the flags of a short SFT run on it."""
+    import json
+    import world
+    args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=128)
+    parent = tmp_path / "pt"
+    training.save_checkpoint(parent / "ckpt.pt", {
+        "model_args": vars(args), "model": llama2.Transformer(args).state_dict(), "config": {},
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "stage": "pretrain"})
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": d}) + "\n" for d in world.sft_dialogs(12, seed=6)))
+    flags = ["--checkpoint", str(parent), "--data", str(data), "--batch_size", "2", "--epochs", "1",
+             "--seq_len", "128", "--device", "cpu", "--out_dir", str(tmp_path / "sft")]
+    return flags, tmp_path / "sft"
+
+
+def _flag(flags, name, value):
+    i = flags.index(name)
+    return flags[:i + 1] + [value] + flags[i + 2:]
+
+
+def test_empty_sft_data_is_one_error_line_and_leaves_no_log(sft_run, tmp_path):
+    import train_sft
+    flags, out = sft_run
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(_flag(flags, "--data", str(empty)))
+    assert str(e.value.code).startswith(f"error: {empty}: the file holds no rows (it is empty); "
+                                        "each line must be {\"messages\"")
+    assert "\n" not in str(e.value.code)
+    assert not (out / "metrics.jsonl").exists()  # a failed run leaves no empty log behind
+
+
+class _DiskFull:
+    """A file whose disk fills up after a few writes (torch.save then raises RuntimeError
+    "[enforce fail at inline_container.cc...]" with the OSError only as its context)."""
+
+    def __init__(self, f):
+        self.f, self.writes = f, 0
+
+    def write(self, b):
+        self.writes += 1
+        if self.writes > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_at_save_is_one_error_line_and_keeps_the_checkpoint(sft_run, monkeypatch):
+    import train_sft
+    flags, out = sft_run
+    train_sft.main(flags + ["--stop_at_step", "1"])
+    before = (out / "ckpt.pt").read_bytes()
+
+    def open_on_a_full_disk(path, mode="r", *a, **kw):
+        f = open(path, mode, *a, **kw)
+        return _DiskFull(f) if mode == "xb" else f  # the checkpoint's temp file
+
+    monkeypatch.setattr(training, "open", open_on_a_full_disk, raising=False)
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(flags + ["--resume"])
+    msg = str(e.value.code)
+    assert msg == (f"error: cannot write {out / 'ckpt.pt'}: No space left on device; the previous "
+                   f"checkpoint there is intact; free some space on the disk of {out}, or point "
+                   "--out_dir at another disk"), msg
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert training.load_checkpoint(out)["step"] == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_read_only_out_dir_is_one_error_line_before_any_step(sft_run, monkeypatch, capsys):
+    import train_sft
+    flags, out = sft_run
+    out.mkdir()
+
+    def open_read_only(path, mode="r", *a, **kw):
+        # tests run as root, whom chmod does not stop: refuse as a read-only folder would
+        if mode[0] in "wxa" and Path(path).parent == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(training, "open", open_read_only, raising=False)
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(flags)
+    assert str(e.value.code) == (f"error: cannot write {out / 'metrics.jsonl'}: Permission denied; "
+                                 f"make {out} writable, or point --out_dir at a folder you can write")
+    assert "step 1/" not in capsys.readouterr().out  # before any work
+
+
+def test_fresh_run_over_a_checkpoint_says_it_replaces_it(sft_run, capsys):
+    import train_sft
+    flags, out = sft_run
+    train_sft.main(flags + ["--stop_at_step", "1"])
+    assert "warning" not in capsys.readouterr().out
+    train_sft.main(flags + ["--stop_at_step", "1"])
+    assert (f"warning: {out / 'ckpt.pt'} holds an earlier run; this new run starts from scratch and "
+            "replaces it at its first save (stop now and add --resume to continue that run"
+            in capsys.readouterr().out)

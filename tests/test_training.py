@@ -111,6 +111,24 @@ def test_parse_config_flags_and_help(capsys):
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
 
 
+@dataclasses.dataclass
+class _Cfg2:
+    max_new_tokens: int = 8  # longest reply
+    use_cache: bool = False  # a two-word bool
+
+
+def test_parse_config_takes_both_spellings_of_a_flag(capsys):
+    # llama2.py spells its flags --max-new-tokens: the training scripts take that spelling too
+    for argv in (["--max_new_tokens", "5", "--use_cache"], ["--max-new-tokens", "5", "--use-cache"]):
+        assert training.parse_config(_Cfg2, argv) == _Cfg2(max_new_tokens=5, use_cache=True)
+    assert training.parse_config(_Cfg2, ["--use-cache", "false"]).use_cache is False
+    assert training.parse_config(_Cfg2, []) == _Cfg2()
+    with pytest.raises(SystemExit):
+        training.parse_config(_Cfg2, ["--help"])
+    out = capsys.readouterr().out
+    assert "--max_new_tokens" in out and "--max-new-tokens" not in out  # listed once
+
+
 # --------------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_weights_only(tmp_path):

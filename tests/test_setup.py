@@ -1,0 +1,57 @@
+"""setup.sh, run as a user would twice (`bash setup.sh`, then `bash setup.sh --dev`): the second
+run must not rebuild the extension when nothing it is built from changed (pip is a stand-in that
+logs its calls; the build is a file the stand-in writes)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_setup_rebuilds_the_extension_only_when_its_inputs_change(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("setup.sh", "setup.py", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "csrc", repo / "csrc")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "pip.log"
+    # the stand-in pip: logs its arguments; `install -e .` "builds" an importable llama2_C
+    (bin_dir / "pip").write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+case " $* " in *" -e . "*) echo "AVAILABLE = True" > llama2_C.py ;; esac
+""")
+    (bin_dir / "pip").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LLAMA2_NO_CUDA": "1"}
+
+    def setup(*args):
+        r = subprocess.run(["bash", str(repo / "setup.sh"), *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    def builds():
+        return sum(" -e ." in f" {line} " for line in log.read_text().splitlines())
+
+    setup()
+    assert builds() == 1
+    out = setup("--dev")
+    assert builds() == 1, "the unchanged extension was built again"
+    assert "not rebuilt" in out
+    assert "-r requirements-dev.txt" in log.read_text()  # --dev still installs what it adds
+    # a changed kernel source, or another build setting, is built again
+    with open(repo / "csrc" / "ops.cpp", "a") as f:
+        f.write("\n// changed\n")
+    setup()
+    assert builds() == 2
+    env["LLAMA2_PORTABLE"] = "1"
+    setup()
+    assert builds() == 3
+    # and a build that is gone (here: the module removed) is built again
+    (repo / "llama2_C.py").unlink()
+    setup()
+    assert builds() == 4
