@@ -475,6 +475,12 @@ def _main(cfg: Config, rt) -> None:
     if dropped:
         log.print(f"dropped {len(dropped)} of {len(dropped) + len(examples)} examples longer "
                   f"than --seq_len {seq_len} (e.g. {dropped[0].where}, {len(dropped[0])} tokens)")
+    if not examples:
+        raise SystemExit(f"error: no training examples left: all {len(dropped)} are longer than "
+                         f"--seq_len {seq_len} tokens" + (f" (e.g. {dropped[0].where}, "
+                                                          f"{len(dropped[0])} tokens)" if dropped
+                                                          else "") + "; raise --seq_len (up to "
+                         "the model's context) or give shorter dialogs")
     # a seeded shuffle, then greedy packing (or one example per row)
     random.Random(cfg.seed).shuffle(examples)
     rows = (pack_rows([len(e) for e in examples], seq_len) if cfg.pack

@@ -248,6 +248,18 @@ def test_empty_sft_data_is_one_error_line_and_leaves_no_log(sft_run, tmp_path):
     assert not (out / "metrics.jsonl").exists()  # a failed run leaves no empty log behind
 
 
+def test_every_example_too_long_is_one_error_line(sft_run):
+    import train_sft
+    flags, out = sft_run
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(_flag(flags, "--seq_len", "4"))
+    msg = str(e.value.code)
+    assert msg.startswith("error: no training examples left: all 12 are longer than --seq_len 4 "
+                          "tokens (e.g. ") and msg.endswith("raise --seq_len (up to the model's "
+                                                             "context) or give shorter dialogs")
+    assert "\n" not in msg
+
+
 class _DiskFull:
     """A file whose disk fills up after a few writes (torch.save then raises RuntimeError
     "[enforce fail at inline_container.cc...]" with the OSError only as its context)."""
