@@ -69,6 +69,16 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
+// A static shared array, T name[N], of the block. In the CPU emulation every block gets its own
+// copy (simt::static_shared, keyed by this declaration), so races between blocks can show.
+#ifdef LLAMA2_CUDA_EMULATION
+#define LLAMA2_SHARED_ARRAY(T, name, N)                                                  \
+  static const char name##_key = 0;                                                     \
+  T(&name)[N] = *static_cast<T(*)[N]>(simt::static_shared(&name##_key, sizeof(T[N]), alignof(T)))
+#else
+#define LLAMA2_SHARED_ARRAY(T, name, N) __shared__ T name[N]
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

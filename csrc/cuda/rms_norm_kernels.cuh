@@ -23,7 +23,7 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict
                                     T* __restrict__ out, float* __restrict__ rstd, int64_t N,
                                     int C, float eps) {
   using V = Vec<T, VEC>;
-  __shared__ float shm[32];
+  LLAMA2_SHARED_ARRAY(float, shm, 32);
   const int n_vec = C / VEC;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const V* xr = reinterpret_cast<const V*>(x + row * C);
@@ -66,7 +66,7 @@ __global__ void rms_norm_bwd_kernel(const T* __restrict__ grad_out, const T* __r
                                     int C) {
   using V = Vec<T, VEC>;
   float* dw_acc = reinterpret_cast<float*>(dynamic_smem());  // (C)
-  __shared__ float shm[32];
+  LLAMA2_SHARED_ARRAY(float, shm, 32);
   const int n_vec = C / VEC;
   const V* wv = reinterpret_cast<const V*>(weight);
   // Thread i owns columns [i*VEC, i*VEC + VEC) for every i = threadIdx.x + k*blockDim.x.

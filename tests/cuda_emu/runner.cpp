@@ -17,9 +17,8 @@
 //                                          q, k, v or qkv, [cu (i32)] -> out, lse (f32)
 //   attn_bwd  same keys                    q, k, v, out, dout, lse, [cu] -> dq (f32, before the
 //                                          cast the .cu does), dk, dv
-// attn_* and rope also take concurrent=N (default 4): N blocks run interleaved, so that
-// ThreadSanitizer sees races between blocks too (the RMSNorm kernels use a static __shared__
-// array and run one block at a time).
+// Every op also takes concurrent=N (default 4): N blocks run interleaved, so that
+// ThreadSanitizer sees races between blocks too.
 // Exit status 0 on success; simt.h exits 3 on a deadlock, a failed device assertion or a broken
 // WMMA rule, ThreadSanitizer (when built with it) 66 on a race.
 #include <cstdio>
@@ -94,12 +93,15 @@ void write(const std::string& name, const Buffer& b) {
   std::fclose(f);
 }
 
+int concurrent() { return g_args.count("concurrent") ? static_cast<int>(iarg("concurrent")) : 4; }
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm (rms_norm.cu)
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
 void rms_fwd() {
+  simt::ConcurrentBlocks blocks_at_once(concurrent());
   const long long N = iarg("N"), C = iarg("C");
   const bool vec = iarg("vec") && C % vec16<T>() == 0;
   const int grid = static_cast<int>(std::min<long long>(N, iarg("grid")));
@@ -121,6 +123,7 @@ void rms_fwd() {
 
 template <typename T>
 void rms_bwd() {
+  simt::ConcurrentBlocks blocks_at_once(concurrent());
   const long long N = iarg("N"), C = iarg("C");
   const bool vec = iarg("vec") && C % vec16<T>() == 0;
   const int grid = static_cast<int>(std::min<long long>(N, iarg("grid")));
@@ -161,8 +164,6 @@ void rope_launch(const Buffer& x, const Buffer& pos, const Buffer& cos, const Bu
                n_items, T_, H, D, (int64_t)P, (int64_t)T_ * Hx * D, (int64_t)Hx * D, (int64_t)D,
                inverse ? -1.0f : 1.0f);
 }
-
-int concurrent() { return g_args.count("concurrent") ? static_cast<int>(iarg("concurrent")) : 4; }
 
 template <typename T>
 void rope() {
