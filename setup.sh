@@ -22,6 +22,29 @@ fi
 # Python 3.12+ venv has no setuptools): setuptools >= 64 for editable builds (PEP 660) and wheel
 # (setuptools before 70.1 needs it to make the editable wheel).
 pip install -q "setuptools>=64" wheel
-pip install -q --no-build-isolation -e .
-python -c "import llama2_kernels as k; print('llama2_C extension:', 'built' if k.AVAILABLE else 'NOT built', '| CUDA kernels:', k.has_cuda())" 2>/dev/null \
-  || echo "llama2_C extension: not importable; the PyTorch reference path will be used"
+# The extension must build and import (CI relies on it: the kernel tests fail without it).
+# LLAMA2_ALLOW_NO_EXTENSION=1 carries on without it, for a machine without a compiler: llama2.py
+# then runs its PyTorch reference path and the kernel tests skip.
+allow_no_ext="${LLAMA2_ALLOW_NO_EXTENSION:-0}"
+if ! pip install -q --no-build-isolation -e .; then
+  if [ "$allow_no_ext" != "1" ]; then
+    echo "setup.sh: building the llama2_C extension failed (see above); set LLAMA2_ALLOW_NO_EXTENSION=1 to go on without it" >&2
+    exit 1
+  fi
+  echo "llama2_C extension: the build failed; LLAMA2_ALLOW_NO_EXTENSION=1, so the PyTorch reference path will be used"
+  exit 0
+fi
+python - "$allow_no_ext" <<'EOF'
+import sys
+
+import llama2_kernels as k
+
+if k.AVAILABLE:
+    print("llama2_C extension: built | CUDA kernels:", k.has_cuda())
+elif sys.argv[1] == "1":
+    print(f"llama2_C extension: NOT importable ({k.IMPORT_ERROR}); LLAMA2_ALLOW_NO_EXTENSION=1, so "
+          "the PyTorch reference path will be used")
+else:
+    sys.exit(f"setup.sh: the llama2_C extension was built but does not import ({k.IMPORT_ERROR}); "
+             "set LLAMA2_ALLOW_NO_EXTENSION=1 to go on without it")
+EOF
