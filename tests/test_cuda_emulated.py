@@ -5,8 +5,9 @@ thread, barriers for __syncthreads/__syncwarp, shuffles (registers only, no memo
 atomics, dynamic and static shared memory per block (poisoned with NaN before every block) and
 warp-wide reference WMMA that checks alignment and leading dimensions. The runner is built with
 ThreadSanitizer, so a read of shared memory racing a write in the same barrier epoch fails the test
-as a race, and so does a race between blocks (they run interleaved). Launch configurations (block
-sizes, shared-memory layouts, grids) are the .cu files' own; see tests/cuda_emu/runner.cpp.
+as a race, and so does a race between blocks (they run interleaved). The host logic is the .cu
+files' own: the runner calls the same *_launch functions and attn_params of the kernel headers
+(which kernel, grid, block, shared memory, parameters); see tests/cuda_emu/runner.cpp.
 
 Each output must be within twice the error of the PyTorch reference run in the kernel's dtype
 (flash-attention's rule, as in test_kernels_cuda.py), both measured against float64.
@@ -14,7 +15,8 @@ test_seeded_bugs_are_caught shows that the emulation fails when it should, on co
 kernels with a seeded bug (MUTATIONS): a removed __syncthreads or __syncwarp (a race in shared
 memory, also where only a shuffle stood between the write and the read), dQ summed without atomics
 and RMSNorm blocks redoing each other's rows (races between blocks in global memory), a wrong GQA
-head mapping (wrong numbers) and a WMMA store whose leading dimension breaks the alignment rule.
+head mapping and launch grids that miss work (wrong numbers) and a WMMA store whose leading
+dimension breaks the alignment rule.
 
     python -m pytest -q tests/test_cuda_emulated.py
 """
@@ -303,6 +305,17 @@ MUTATIONS = {
         "  const int n_vec = C / VEC;\n  for (int64_t row = blockIdx.x; row < N; row += 1) {\n"
         "    const V* xr",
         "rms", "race"),
+    # Host side (the launch logic the .cu files share with the emulator): the forward's grid
+    # rounds the query tiles down, so the ragged last tile is never computed.
+    "forward grid rounds down": (ATTN,
+        "  const dim3 grid((p.Tq + L::BM - 1) / L::BM, p.H, p.B);\n",
+        "  const dim3 grid(p.Tq / L::BM, p.H, p.B);\n",
+        "attn_fwd", "wrong"),
+    # Host side: dw summed over one block's partial sums too few.
+    "RMSNorm dw misses a block": (RMS,
+        "         static_cast<const float*>(partial), dw, grid, C);\n",
+        "         static_cast<const float*>(partial), dw, grid - 1, C);\n",
+        "rms", "wrong"),
 }
 
 
@@ -337,3 +350,10 @@ def test_seeded_bugs_are_caught(tmp_path, name):
     else:
         assert isinstance(info.value, AssertionError), info.value
 
+
+def test_cu_files_launch_only_through_the_shared_launch_functions():
+    # Every launch goes through the *_launch functions of the kernel headers, which the emulator
+    # runs too; a <<<>>> written in a .cu file would be launch logic no emulated test exercises.
+    for cu in sorted(emu.KERNELS.glob("*.cu")):
+        assert "<<<" not in cu.read_text(), (f"{cu.name} launches a kernel itself; put the launch in a "
+                                             "*_launch function of its kernel header")

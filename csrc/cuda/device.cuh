@@ -56,6 +56,20 @@ __host__ __device__ constexpr int vec16() {
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ---------------------------------------------------------------------------------------------
+// Launches: the host side computes them in plain functions (the *_launch functions of the kernel
+// headers) that both the .cu launchers and the CPU emulation call, so the emulated tests run the
+// real launch logic. Such a function picks the kernel and its configuration and hands them to a
+// callback, launch(kernel, config, args...): a <<<>>> launch on the GPU (common.cuh), simt::launch
+// in the emulation.
+// ---------------------------------------------------------------------------------------------
+
+struct LaunchConfig {
+  dim3 grid, block;
+  size_t shared_bytes = 0;  // dynamic shared memory, the <<<>>>'s third argument
+  size_t static_bytes = 0;  // the kernel's static shared arrays (for the opt-in limit check)
+};
+
+// ---------------------------------------------------------------------------------------------
 // Shared memory and reductions
 // ---------------------------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@
 // interleaved blocks; kernels declare static shared arrays with LLAMA2_SHARED_ARRAY (device.cuh),
 // which gives each block its own (simt::static_shared).
 #define __shared__ \
-  static_assert(false, "simt.h: declare static shared arrays with LLAMA2_SHARED_ARRAY (device.cuh)");
+  static_assert(false, "simt.h: declare static shared arrays with LLAMA2_SHARED_ARRAY");
 #define __align__(n) alignas(n)
 
 struct dim3 {
