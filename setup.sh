@@ -39,13 +39,34 @@ h.update(f"{sys.prefix} {platform.machine()} {torch.__version__} {torch.version.
 print(h.hexdigest())
 PY
 )
+# The extension must build and import (CI relies on it: the kernel tests fail without it).
+# LLAMA2_ALLOW_NO_EXTENSION=1 carries on without it, for a machine without a compiler: llama2.py
+# then runs its PyTorch reference path and the kernel tests skip.
+allow_no_ext="${LLAMA2_ALLOW_NO_EXTENSION:-0}"
 if [ -f build/llama2_C.stamp ] && [ "$(cat build/llama2_C.stamp)" = "$stamp" ] \
     && python -c "import importlib.util as u, os, sys; s = u.find_spec('llama2_C'); \
 sys.exit(not (s and s.origin and os.path.dirname(os.path.realpath(s.origin)) == os.path.realpath('.')))"; then
   echo "llama2_C extension: nothing changed since the last build, not rebuilt (rm build/llama2_C.stamp to force)"
-else
-  pip install -q --no-build-isolation -e .
+elif pip install -q --no-build-isolation -e .; then
   mkdir -p build && echo "$stamp" > build/llama2_C.stamp
+elif [ "$allow_no_ext" != "1" ]; then
+  echo "setup.sh: building the llama2_C extension failed (see above); set LLAMA2_ALLOW_NO_EXTENSION=1 to go on without it" >&2
+  exit 1
+else
+  echo "llama2_C extension: the build failed; LLAMA2_ALLOW_NO_EXTENSION=1, so the PyTorch reference path will be used"
+  exit 0
 fi
-python -c "import llama2_kernels as k; print('llama2_C extension:', 'built' if k.AVAILABLE else 'NOT built', '| CUDA kernels:', k.has_cuda())" 2>/dev/null \
-  || echo "llama2_C extension: not importable; the PyTorch reference path will be used"
+python - "$allow_no_ext" <<'EOF'
+import sys
+
+import llama2_kernels as k
+
+if k.AVAILABLE:
+    print("llama2_C extension: built | CUDA kernels:", k.has_cuda())
+elif sys.argv[1] == "1":
+    print(f"llama2_C extension: NOT importable ({k.IMPORT_ERROR}); LLAMA2_ALLOW_NO_EXTENSION=1, so "
+          "the PyTorch reference path will be used")
+else:
+    sys.exit(f"setup.sh: the llama2_C extension was built but does not import ({k.IMPORT_ERROR}); "
+             "set LLAMA2_ALLOW_NO_EXTENSION=1 to go on without it")
+EOF

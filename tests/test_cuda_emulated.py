@@ -1,18 +1,22 @@
 """The CUDA kernels (csrc/cuda/*_kernels.cuh) run on the CPU, against float64 references.
 
 No GPU needed: tests/cuda_emu/simt.h compiles the real kernel code as C++ with a fiber per CUDA
-thread, barriers for __syncthreads/__syncwarp, shuffles, atomics, dynamic shared memory (poisoned
-with NaN before every block) and warp-wide reference WMMA that checks alignment and leading
-dimensions. The runner is built with ThreadSanitizer, so a read of shared memory racing a write in
-the same barrier epoch fails the test as a race. Launch configurations (block sizes, shared-memory
-layouts, grids) are the .cu files' own; see tests/cuda_emu/runner.cpp.
+thread, barriers for __syncthreads/__syncwarp, shuffles (registers only, no memory ordering),
+atomics, dynamic and static shared memory per block (poisoned with NaN before every block) and
+warp-wide reference WMMA that checks alignment and leading dimensions. The runner is built with
+ThreadSanitizer, so a read of shared memory racing a write in the same barrier epoch fails the test
+as a race, and so does a race between blocks (they run interleaved). The host logic is the .cu
+files' own: the runner calls the same *_launch functions and attn_params of the kernel headers
+(which kernel, grid, block, shared memory, parameters); see tests/cuda_emu/runner.cpp.
 
 Each output must be within twice the error of the PyTorch reference run in the kernel's dtype
 (flash-attention's rule, as in test_kernels_cuda.py), both measured against float64.
 test_seeded_bugs_are_caught shows that the emulation fails when it should, on copies of the
-kernels with a seeded bug: a removed __syncthreads or __syncwarp (a race in shared memory), dQ
-summed without atomics (a race between blocks in global memory), a wrong GQA head mapping (wrong
-numbers) and a WMMA store whose leading dimension breaks the alignment rule.
+kernels with a seeded bug (MUTATIONS): a removed __syncthreads or __syncwarp (a race in shared
+memory, also where only a shuffle stood between the write and the read), dQ summed without atomics
+and RMSNorm blocks redoing each other's rows (races between blocks in global memory), a wrong GQA
+head mapping and launch grids that miss work (wrong numbers) and a WMMA store whose leading
+dimension breaks the alignment rule.
 
     python -m pytest -q tests/test_cuda_emulated.py
 """
@@ -250,44 +254,80 @@ def test_no_races_attention(tsan_runner, dtype):
 # The emulation fails when it should: seeded bugs in copies of the kernels
 # ---------------------------------------------------------------------------------------------
 
+ATTN = "attention_kernels.cuh"
+RMS = "rms_norm_kernels.cuh"
+
+# name: (kernel header, text before, text after, what runs, how it must fail). "race": a
+# ThreadSanitizer report; "wrong": an assertion on the numbers; "wmma": the WMMA rule's message.
 MUTATIONS = {
     # The barrier between loading a K/V tile and the warps reading it: a race on shared memory.
-    "removed __syncthreads": (
+    "removed __syncthreads": (ATTN,
         "    load_tile<T, D, BN, NT>(Vs, LDT, vb, p.v_st, n0, p.Tk, p.v_vec);\n    __syncthreads();\n",
-        "    load_tile<T, D, BN, NT>(Vs, LDT, vb, p.v_st, n0, p.Tk, p.v_vec);\n"),
+        "    load_tile<T, D, BN, NT>(Vs, LDT, vb, p.v_st, n0, p.Tk, p.v_vec);\n",
+        "attn_fwd", "race"),
     # Query head h reads K/V head h % KV instead of h / (H / KV): wrong numbers with GQA.
-    "wrong GQA head mapping": (
+    "wrong GQA head mapping": (ATTN,
         "  const int kv_head = h / (p.H / p.KV);\n",
-        "  const int kv_head = h % p.KV;\n"),
+        "  const int kv_head = h % p.KV;\n",
+        "attn_fwd", "wrong"),
     # The warp barrier between the score product (WMMA stores) and the softmax that reads the
     # scores of its row from the other lanes' stores: a race within a warp.
-    "removed __syncwarp": (
+    "removed __syncwarp": (ATTN,
         "    __syncwarp();\n\n    // Online softmax",
-        "\n    // Online softmax"),
+        "\n    // Online softmax",
+        "attn_fwd", "race"),
+    # The warp barrier between the P stores and the P @ V product that reads every lane's P: a race
+    # within a warp, caught only because a shuffle (the row sum's, in between) orders no memory.
+    "removed __syncwarp before P @ V": (ATTN,
+        "    m = m_new;\n    __syncwarp();\n",
+        "    m = m_new;\n",
+        "attn_fwd", "race"),
     # dQ summed over key tiles (blocks) with a plain += instead of atomicAdd: a race between
     # blocks on global memory (the sums come out right here, as fibers never interleave inside
     # one statement; ThreadSanitizer sees the unordered writes).
-    "non-atomic dQ sum": (
+    "non-atomic dQ sum": (ATTN,
         "          atomicAdd(p.dq_accum + ((static_cast<int64_t>(b) * p.Tq + i) * p.H + h) * D + col,\n"
         "                    p.scale * Sc[(warp * 16 + r) * LDS + col]);\n",
         "          p.dq_accum[((static_cast<int64_t>(b) * p.Tq + i) * p.H + h) * D + col] +=\n"
-        "              p.scale * Sc[(warp * 16 + r) * LDS + col];\n"),
+        "              p.scale * Sc[(warp * 16 + r) * LDS + col];\n",
+        "attn_bwd", "race"),
     # A WMMA store with a leading dimension that is not a multiple of 16 bytes.
-    "bad WMMA leading dimension": (
+    "bad WMMA leading dimension": (ATTN,
         "      wmma::store_matrix_sync(c + nn * 16, acc, ldc, wmma::mem_row_major);\n",
-        "      wmma::store_matrix_sync(c + nn * 16, acc, ldc + 2, wmma::mem_row_major);\n"),
+        "      wmma::store_matrix_sync(c + nn * 16, acc, ldc + 2, wmma::mem_row_major);\n",
+        "attn_fwd", "wmma"),
+    # RMSNorm's row loop strides by one block instead of the grid: blocks redo each other's rows
+    # and write the same outputs (the same values, so only the race between blocks shows; that
+    # needs the blocks interleaved, each with its own static shared array).
+    "RMSNorm rows not grid-strided": (RMS,
+        "  const int n_vec = C / VEC;\n  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {\n"
+        "    const V* xr",
+        "  const int n_vec = C / VEC;\n  for (int64_t row = blockIdx.x; row < N; row += 1) {\n"
+        "    const V* xr",
+        "rms", "race"),
+    # Host side (the launch logic the .cu files share with the emulator): the forward's grid
+    # rounds the query tiles down, so the ragged last tile is never computed.
+    "forward grid rounds down": (ATTN,
+        "  const dim3 grid((p.Tq + L::BM - 1) / L::BM, p.H, p.B);\n",
+        "  const dim3 grid(p.Tq / L::BM, p.H, p.B);\n",
+        "attn_fwd", "wrong"),
+    # Host side: dw summed over one block's partial sums too few.
+    "RMSNorm dw misses a block": (RMS,
+        "         static_cast<const float*>(partial), dw, grid, C);\n",
+        "         static_cast<const float*>(partial), dw, grid - 1, C);\n",
+        "rms", "wrong"),
 }
 
 
 def mutated_runner(tmp_path, name):
-    before, after = MUTATIONS[name]
+    header, before, after = MUTATIONS[name][:3]
     kdir = tmp_path / "kernels"
     kdir.mkdir()
     for n in emu.KERNEL_HEADERS:
         shutil.copy(emu.KERNELS / n, kdir / n)
-    src = (kdir / "attention_kernels.cuh").read_text()
+    src = (kdir / header).read_text()
     assert src.count(before) == 1, f"the seeded bug '{name}' no longer matches the kernel source"
-    (kdir / "attention_kernels.cuh").write_text(src.replace(before, after))
+    (kdir / header).write_text(src.replace(before, after))
     tag = "_" + re.sub(r"\W+", "_", name)
     return emu.build(tsan=True, head_dims=(16,), dtypes=("bf16",), kernel_dir=kdir, tag=tag)
 
@@ -295,13 +335,25 @@ def mutated_runner(tmp_path, name):
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_seeded_bugs_are_caught(tmp_path, name):
     binary = mutated_runner(tmp_path, name)
+    what, expect = MUTATIONS[name][3:]
     with pytest.raises((emu.EmulatorError, AssertionError)) as info:
-        attention_case(binary, torch.bfloat16, B=1, Tq=40, Tk=40, H=4, KV=2, D=16, causal=True,
-                       backward=name == "non-atomic dQ sum")
-    if name in ("removed __syncthreads", "removed __syncwarp", "non-atomic dQ sum"):
+        if what == "rms":
+            test_rms_norm(binary, torch.bfloat16, N=5, C=64, vec=True)
+        else:
+            attention_case(binary, torch.bfloat16, B=1, Tq=40, Tk=40, H=4, KV=2, D=16, causal=True,
+                           backward=what == "attn_bwd")
+    if expect == "race":
         assert isinstance(info.value, emu.EmulatorError) and "data race" in info.value.stderr, info.value
-    elif name == "bad WMMA leading dimension":
+    elif expect == "wmma":
         assert isinstance(info.value, emu.EmulatorError), info.value
         assert "store_matrix_sync: ldm 70 is not a multiple of 16 bytes" in info.value.stderr, info.value
     else:
         assert isinstance(info.value, AssertionError), info.value
+
+
+def test_cu_files_launch_only_through_the_shared_launch_functions():
+    # Every launch goes through the *_launch functions of the kernel headers, which the emulator
+    # runs too; a <<<>>> written in a .cu file would be launch logic no emulated test exercises.
+    for cu in sorted(emu.KERNELS.glob("*.cu")):
+        assert "<<<" not in cu.read_text(), (f"{cu.name} launches a kernel itself; put the launch in a "
+                                             "*_launch function of its kernel header")

@@ -7,8 +7,8 @@ import llama2_kernels
 from llama2 import ModelArgs, Transformer
 from test_model import CONFIGS, randomize_norms
 
-pytestmark = pytest.mark.skipif(not llama2_kernels.AVAILABLE,
-                                reason="llama2_C extension not built (pip install --no-build-isolation -e .)")
+# Fails without llama2_C, or skips with LLAMA2_ALLOW_NO_EXTENSION=1 (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("llama2_extension")
 
 
 @pytest.fixture(autouse=True)

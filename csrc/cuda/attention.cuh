@@ -1,5 +1,6 @@
-// Host side of the flash-attention ops (attention_fwd.cu, attention_bwd.cu): input checks and the
-// kernel parameters. The kernels themselves are in attention_kernels.cuh.
+// Host side of the flash-attention ops (attention_fwd.cu, attention_bwd.cu): input checks, then
+// the kernel parameters from attn_params. The kernels, their parameters and launches (shared with
+// the CPU emulation) are in attention_kernels.cuh.
 #pragma once
 
 #include <climits>
@@ -16,11 +17,9 @@ inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-// 16-byte tile loads need the data pointer and the batch/token/head strides 16-byte aligned.
-inline bool rows_aligned16(const at::Tensor& t) {
-  const int64_t v = 16 / t.element_size();
-  return aligned16(t.data_ptr()) && t.stride(0) % v == 0 && t.stride(1) % v == 0 &&
-         t.stride(2) % v == 0;
+// A (B, T, heads, D) tensor as the kernels see it.
+inline AttnOperand operand(const at::Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
 // Checks q/k/v/cu_seqlens as the schema in csrc/ops.cpp documents them and fills the input part
@@ -66,20 +65,8 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
               ": causal attention needs Tq <= Tk (queries are the last Tq of the Tk positions), "
               "got Tq=", Tq, " and Tk=", Tk);
 
-  AttnParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
-  p.k_sb = k.stride(0), p.k_st = k.stride(1), p.k_sh = k.stride(2);
-  p.v_sb = v.stride(0), p.v_st = v.stride(1), p.v_sh = v.stride(2);
-  p.q_vec = rows_aligned16(q), p.k_vec = rows_aligned16(k), p.v_vec = rows_aligned16(v);
-  p.B = static_cast<int>(B), p.Tq = static_cast<int>(Tq), p.Tk = static_cast<int>(Tk);
-  p.H = static_cast<int>(H), p.KV = static_cast<int>(KV);
-  p.scale = static_cast<float>(scale);
-  p.causal = causal;
-  p.cu_seqlens = nullptr;
-  p.n_seqs = 0;
+  const int* cu_ptr = nullptr;
+  int n_seqs = 0;
   if (cu_seqlens.has_value()) {
     const at::Tensor& cu = *cu_seqlens;
     TORCH_CHECK(cu.device().is_cpu() || cu.device() == q.device(), op, ": cu_seqlens is on ",
@@ -110,10 +97,13 @@ inline AttnParams make_attn_params(const at::Tensor& q, const at::Tensor& k, con
       cu_device = cu.contiguous();
     }
     // The caller keeps cu_device alive until the kernels are launched.
-    p.cu_seqlens = cu_device.data_ptr<int>();
-    p.n_seqs = static_cast<int>(cu.size(0) - 1);
+    cu_ptr = cu_device.data_ptr<int>();
+    n_seqs = static_cast<int>(cu.size(0) - 1);
   }
-  return p;
+  return attn_params(operand(q), operand(k), operand(v), static_cast<int>(q.element_size()),
+                     static_cast<int>(B), static_cast<int>(Tq), static_cast<int>(Tk),
+                     static_cast<int>(H), static_cast<int>(KV), static_cast<float>(scale), causal,
+                     cu_ptr, n_seqs);
 }
 
 }  // namespace cuda

@@ -30,23 +30,6 @@ namespace llama2 {
 namespace cuda {
 namespace {
 
-template <typename T, int D>
-void launch_bwd(const AttnParams& p, const char* op) {
-  constexpr int WARPS = kBwdWarps;
-  using L = BwdLayout<T, D, WARPS>;
-  const int64_t n_rows = static_cast<int64_t>(p.B) * p.Tq * p.H;
-  const int threads = 256;
-  const int64_t blocks = (n_rows * 32 + threads - 1) / threads;
-  TORCH_CHECK(blocks < INT_MAX, op, ": too many rows (", n_rows, ")");
-  attention_delta_kernel<T><<<static_cast<int>(blocks), threads, 0, current_stream()>>>(p, D);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  auto kernel = attention_bwd_kernel<T, D, WARPS>;
-  set_shared_memory(kernel, L::bytes, op);
-  const dim3 grid((p.Tk + L::BN - 1) / L::BN, p.KV, p.B);
-  kernel<<<grid, L::NT, L::bytes, current_stream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // grad_out (B, Tq, H, D), q (B, Tq, H, D), k/v (B, Tk, KV, D), out (B, Tq, H, D),
 // lse (B, H, Tq) float32, cu_seqlens (S+1) int32 or None -> dq, dk, dv shaped like q, k, v
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
@@ -89,23 +72,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
   at::Tensor dq_accum = at::zeros({B, Tq, H, D}, q.options().dtype(at::kFloat));
-  p.out_in = out.data_ptr();
-  p.o_sb = out.stride(0), p.o_st = out.stride(1), p.o_sh = out.stride(2);
-  p.dout = grad_out.data_ptr();
-  p.do_sb = grad_out.stride(0), p.do_st = grad_out.stride(1), p.do_sh = grad_out.stride(2);
-  p.do_vec = rows_aligned16(grad_out);
-  p.lse_in = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.dq_accum = dq_accum.data_ptr<float>();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
+  attn_set_backward(p, operand(out), operand(grad_out), static_cast<int>(q.element_size()),
+                    lse.data_ptr<float>(), delta.data_ptr<float>(), dq_accum.data_ptr<float>(),
+                    dk.data_ptr(), dv.data_ptr());
+  TORCH_CHECK(attention_delta_blocks(p) < INT_MAX, op, ": too many rows (B * Tq * H = ",
+              B * Tq * H, ")");
+  const auto launch = stream_launcher(op);
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
     switch (D) {
-      case 16: launch_bwd<scalar_t, 16>(p, op); break;
-      case 32: launch_bwd<scalar_t, 32>(p, op); break;
-      case 48: launch_bwd<scalar_t, 48>(p, op); break;
-      case 64: launch_bwd<scalar_t, 64>(p, op); break;
-      default: launch_bwd<scalar_t, 128>(p, op); break;  // D checked above
+      case 16: attention_bwd_launch<scalar_t, 16>(p, launch); break;
+      case 32: attention_bwd_launch<scalar_t, 32>(p, launch); break;
+      case 48: attention_bwd_launch<scalar_t, 48>(p, launch); break;
+      case 64: attention_bwd_launch<scalar_t, 64>(p, launch); break;
+      default: attention_bwd_launch<scalar_t, 128>(p, launch); break;  // D checked above
     }
   });
   return {dq_accum.to(q.scalar_type()), dk, dv};

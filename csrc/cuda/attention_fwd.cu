@@ -25,17 +25,6 @@ namespace llama2 {
 namespace cuda {
 namespace {
 
-template <typename T, int D>
-void launch_fwd(const AttnParams& p, const char* op) {
-  constexpr int WARPS = fwd_warps<T>();
-  using L = FwdLayout<T, D, WARPS>;
-  auto kernel = attention_fwd_kernel<T, D, WARPS>;
-  set_shared_memory(kernel, L::bytes, op);
-  const dim3 grid((p.Tq + L::BM - 1) / L::BM, p.H, p.B);
-  kernel<<<grid, L::NT, L::bytes, current_stream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // q (B, Tq, H, D), k/v (B, Tk, KV, D), cu_seqlens (S+1) int32 or None
 //   -> out (B, Tq, H, D), lse (B, H, Tq) float32
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
@@ -52,16 +41,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  p.out = out.data_ptr();
-  p.o_sb = out.stride(0), p.o_st = out.stride(1), p.o_sh = out.stride(2);
-  p.lse = lse.data_ptr<float>();
+  attn_set_forward_outputs(p, out.data_ptr(), static_cast<int>(D), lse.data_ptr<float>());
+  const auto launch = stream_launcher(op);
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), op, [&] {
     switch (D) {
-      case 16: launch_fwd<scalar_t, 16>(p, op); break;
-      case 32: launch_fwd<scalar_t, 32>(p, op); break;
-      case 48: launch_fwd<scalar_t, 48>(p, op); break;
-      case 64: launch_fwd<scalar_t, 64>(p, op); break;
-      default: launch_fwd<scalar_t, 128>(p, op); break;  // D checked above
+      case 16: attention_fwd_launch<scalar_t, 16>(p, launch); break;
+      case 32: attention_fwd_launch<scalar_t, 32>(p, launch); break;
+      case 48: attention_fwd_launch<scalar_t, 48>(p, launch); break;
+      case 64: attention_fwd_launch<scalar_t, 64>(p, launch); break;
+      default: attention_fwd_launch<scalar_t, 128>(p, launch); break;  // D checked above
     }
   });
   return {out, lse};

@@ -537,5 +537,98 @@ __global__ void __launch_bounds__(32 * WARPS) attention_bwd_kernel(const AttnPar
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Host side: the parameters and the launches (see device.cuh), after the launchers' input checks
+// (attention.cuh)
+// ---------------------------------------------------------------------------------------------
+
+// A (B, T, heads, D) tensor as the kernels see it: data pointer and strides in elements (the last
+// dim has stride 1).
+struct AttnOperand {
+  const void* data;
+  int64_t sb, st, sh;
+};
+
+// 16-byte tile loads need the data pointer and the batch/token/head strides 16-byte aligned.
+inline bool rows_aligned16(const AttnOperand& t, int element_size) {
+  const int64_t v = 16 / element_size;
+  return aligned16(t.data) && t.sb % v == 0 && t.st % v == 0 && t.sh % v == 0;
+}
+
+// The input part of the parameters: q (B, Tq, H, D), k/v (B, Tk, KV, D) of element_size bytes,
+// cu_seqlens (n_seqs + 1) or nullptr.
+inline AttnParams attn_params(const AttnOperand& q, const AttnOperand& k, const AttnOperand& v,
+                              int element_size, int B, int Tq, int Tk, int H, int KV,
+                              float scale, bool causal, const int* cu_seqlens, int n_seqs) {
+  AttnParams p{};
+  p.q = q.data, p.k = k.data, p.v = v.data;
+  p.q_sb = q.sb, p.q_st = q.st, p.q_sh = q.sh;
+  p.k_sb = k.sb, p.k_st = k.st, p.k_sh = k.sh;
+  p.v_sb = v.sb, p.v_st = v.st, p.v_sh = v.sh;
+  p.q_vec = rows_aligned16(q, element_size);
+  p.k_vec = rows_aligned16(k, element_size);
+  p.v_vec = rows_aligned16(v, element_size);
+  p.B = B, p.Tq = Tq, p.Tk = Tk, p.H = H, p.KV = KV;
+  p.scale = scale;
+  p.causal = causal;
+  p.cu_seqlens = cu_seqlens;
+  p.n_seqs = cu_seqlens != nullptr ? n_seqs : 0;
+  return p;
+}
+
+// The forward's outputs: out (B, Tq, H, D) contiguous, lse (B, H, Tq).
+inline void attn_set_forward_outputs(AttnParams& p, void* out, int D, float* lse) {
+  p.out = out;
+  p.o_sb = static_cast<int64_t>(p.Tq) * p.H * D, p.o_st = static_cast<int64_t>(p.H) * D;
+  p.o_sh = D;
+  p.lse = lse;
+}
+
+// The backward's inputs and outputs: out and dout (B, Tq, H, D) as the forward's out and its
+// gradient, lse (B, H, Tq), the delta scratch (B, H, Tq), dq_accum (B, Tq, H, D) float32 zeros,
+// dk/dv (B, Tk, KV, D) contiguous.
+inline void attn_set_backward(AttnParams& p, const AttnOperand& out, const AttnOperand& dout,
+                              int element_size, const float* lse, float* delta, float* dq_accum,
+                              void* dk, void* dv) {
+  p.out_in = out.data;
+  p.o_sb = out.sb, p.o_st = out.st, p.o_sh = out.sh;
+  p.dout = dout.data;
+  p.do_sb = dout.sb, p.do_st = dout.st, p.do_sh = dout.sh;
+  p.do_vec = rows_aligned16(dout, element_size);
+  p.lse_in = lse;
+  p.delta = delta;
+  p.dq_accum = dq_accum;
+  p.dk = dk;
+  p.dv = dv;
+}
+
+// The forward: one block per (tile of BM query rows, head, batch).
+template <typename T, int D, typename Launch>
+void attention_fwd_launch(const AttnParams& p, Launch&& launch) {
+  constexpr int WARPS = fwd_warps<T>();
+  using L = FwdLayout<T, D, WARPS>;
+  const dim3 grid((p.Tq + L::BM - 1) / L::BM, p.H, p.B);
+  launch(attention_fwd_kernel<T, D, WARPS>, LaunchConfig{grid, L::NT, L::bytes}, p);
+}
+
+// Blocks of kDeltaThreads threads for the backward's delta kernel (one warp per query row); the
+// launcher checks that they are fewer than INT_MAX.
+constexpr int kDeltaThreads = 256;
+inline int64_t attention_delta_blocks(const AttnParams& p) {
+  const int64_t n_rows = static_cast<int64_t>(p.B) * p.Tq * p.H;
+  return (n_rows * 32 + kDeltaThreads - 1) / kDeltaThreads;
+}
+
+// The backward: delta, then one block per (tile of BN keys, K/V head, batch).
+template <typename T, int D, typename Launch>
+void attention_bwd_launch(const AttnParams& p, Launch&& launch) {
+  constexpr int WARPS = kBwdWarps;
+  using L = BwdLayout<T, D, WARPS>;
+  launch(attention_delta_kernel<T>,
+         LaunchConfig{static_cast<unsigned>(attention_delta_blocks(p)), kDeltaThreads}, p, D);
+  const dim3 grid((p.Tk + L::BN - 1) / L::BN, p.KV, p.B);
+  launch(attention_bwd_kernel<T, D, WARPS>, LaunchConfig{grid, L::NT, L::bytes}, p);
+}
+
 }  // namespace cuda
 }  // namespace llama2

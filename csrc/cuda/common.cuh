@@ -136,5 +136,16 @@ void set_shared_memory(Kernel kernel, size_t dynamic_bytes, const char* op,
   done.insert(key);
 }
 
+// The launch callback of the *_launch functions (device.cuh): kernel<<<grid, block, shared_bytes,
+// stream>>>(args...) on the current stream, after the shared-memory opt-in where the kernel uses
+// dynamic shared memory, with the launch check.
+inline auto stream_launcher(const char* op) {
+  return [op](auto kernel, const LaunchConfig& c, auto... args) {
+    if (c.shared_bytes > 0) set_shared_memory(kernel, c.shared_bytes, op, c.static_bytes);
+    kernel<<<c.grid, c.block, c.shared_bytes, current_stream()>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+}
+
 }  // namespace cuda
 }  // namespace llama2

@@ -56,6 +56,20 @@ __host__ __device__ constexpr int vec16() {
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ---------------------------------------------------------------------------------------------
+// Launches: the host side computes them in plain functions (the *_launch functions of the kernel
+// headers) that both the .cu launchers and the CPU emulation call, so the emulated tests run the
+// real launch logic. Such a function picks the kernel and its configuration and hands them to a
+// callback, launch(kernel, config, args...): a <<<>>> launch on the GPU (common.cuh), simt::launch
+// in the emulation.
+// ---------------------------------------------------------------------------------------------
+
+struct LaunchConfig {
+  dim3 grid, block;
+  size_t shared_bytes = 0;  // dynamic shared memory, the <<<>>>'s third argument
+  size_t static_bytes = 0;  // the kernel's static shared arrays (for the opt-in limit check)
+};
+
+// ---------------------------------------------------------------------------------------------
 // Shared memory and reductions
 // ---------------------------------------------------------------------------------------------
 
@@ -67,6 +81,16 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
   extern __shared__ __align__(128) unsigned char llama2_smem[];
   return llama2_smem;
 }
+#endif
+
+// A static shared array, T name[N], of the block. In the CPU emulation every block gets its own
+// copy (simt::static_shared, keyed by this declaration), so races between blocks can show.
+#ifdef LLAMA2_CUDA_EMULATION
+#define LLAMA2_SHARED_ARRAY(T, name, N)                                                  \
+  static const char name##_key = 0;                                                     \
+  T(&name)[N] = *static_cast<T(*)[N]>(simt::static_shared(&name##_key, sizeof(T[N]), alignof(T)))
+#else
+#define LLAMA2_SHARED_ARRAY(T, name, N) __shared__ T name[N]
 #endif
 
 __device__ __forceinline__ float warp_sum(float v) {

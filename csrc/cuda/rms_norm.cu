@@ -37,19 +37,10 @@ int64_t check_rms_inputs(const at::Tensor& x, const at::Tensor& weight, const ch
   return C;
 }
 
-// 16-byte vectors when every row starts on a 16-byte boundary.
-template <typename T>
-bool use_vec(int64_t C, std::initializer_list<const void*> ptrs) {
-  if (C % vec16<T>() != 0) return false;
-  for (const void* p : ptrs)
-    if (!aligned16(p)) return false;
-  return true;
-}
-
-int rows_grid(int64_t N, int mult) {
-  const int sms = sm_count();
-  return static_cast<int>(std::min<int64_t>(N, static_cast<int64_t>(sms) * mult));
-}
+// At most this many blocks per SM (grid-stride over the rows beyond): the forward's blocks are
+// short-lived; each backward block also writes a row of dw partial sums, so fewer.
+constexpr int kFwdBlocksPerSm = 16;
+constexpr int kBwdBlocksPerSm = 4;
 
 // x (..., C), weight (C) -> out (..., C), rstd (N) float32
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x_in,
@@ -64,21 +55,12 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x_in,
   at::Tensor out = at::empty_like(x);
   at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));
   if (N == 0) return {out, rstd};
-  auto stream = current_stream();
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
-    const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
-    const auto* wp = reinterpret_cast<const scalar_t*>(weight.data_ptr());
-    auto* op_ = reinterpret_cast<scalar_t*>(out.data_ptr());
-    const int grid = rows_grid(N, 16);
-    if (use_vec<scalar_t>(C, {xp, wp, op_})) {
-      constexpr int VEC = vec16<scalar_t>();
-      rms_norm_fwd_kernel<scalar_t, VEC><<<grid, row_threads(C, VEC), 0, stream>>>(
-          xp, wp, op_, rstd.data_ptr<float>(), N, static_cast<int>(C), static_cast<float>(eps));
-    } else {
-      rms_norm_fwd_kernel<scalar_t, 1><<<grid, row_threads(C, 1), 0, stream>>>(
-          xp, wp, op_, rstd.data_ptr<float>(), N, static_cast<int>(C), static_cast<float>(eps));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rms_norm_fwd_launch(reinterpret_cast<const scalar_t*>(x.data_ptr()),
+                        reinterpret_cast<const scalar_t*>(weight.data_ptr()),
+                        reinterpret_cast<scalar_t*>(out.data_ptr()), rstd.data_ptr<float>(), N,
+                        static_cast<int>(C), static_cast<float>(eps),
+                        static_cast<int64_t>(sm_count()) * kFwdBlocksPerSm, stream_launcher(op));
   });
   return {out, rstd};
 }
@@ -106,36 +88,17 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_out_
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_weight = at::empty_like(weight);
   if (N == 0) return {grad_x, grad_weight.zero_()};
-  const int grid = rows_grid(N, 4);
-  at::Tensor partial = at::empty({grid, C}, x.options().dtype(at::kFloat));
-  const size_t shmem = static_cast<size_t>(C) * sizeof(float);
-  auto stream = current_stream();
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * kBwdBlocksPerSm;
+  at::Tensor partial =
+      at::empty({rms_norm_bwd_blocks(N, max_blocks), C}, x.options().dtype(at::kFloat));
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
-    const auto* gp = reinterpret_cast<const scalar_t*>(g.data_ptr());
-    const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
-    const auto* wp = reinterpret_cast<const scalar_t*>(weight.data_ptr());
-    auto* dxp = reinterpret_cast<scalar_t*>(grad_x.data_ptr());
-    if (use_vec<scalar_t>(C, {gp, xp, wp, dxp})) {
-      constexpr int VEC = vec16<scalar_t>();
-      auto kernel = rms_norm_bwd_kernel<scalar_t, VEC>;
-      set_shared_memory(kernel, shmem, op, 32 * sizeof(float));  // + shm[32]
-      kernel<<<grid, row_threads(C, VEC), shmem, stream>>>(gp, xp, wp, rstd.data_ptr<float>(), dxp,
-                                                           partial.data_ptr<float>(), N,
-                                                           static_cast<int>(C));
-    } else {
-      auto kernel = rms_norm_bwd_kernel<scalar_t, 1>;
-      set_shared_memory(kernel, shmem, op, 32 * sizeof(float));  // + shm[32]
-      kernel<<<grid, row_threads(C, 1), shmem, stream>>>(gp, xp, wp, rstd.data_ptr<float>(), dxp,
-                                                         partial.data_ptr<float>(), N,
-                                                         static_cast<int>(C));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int threads = 256;
-    const int blocks = static_cast<int>((C + threads - 1) / threads);
-    sum_columns_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        partial.data_ptr<float>(), reinterpret_cast<scalar_t*>(grad_weight.data_ptr()), grid,
-        static_cast<int>(C));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rms_norm_bwd_launch(reinterpret_cast<const scalar_t*>(g.data_ptr()),
+                        reinterpret_cast<const scalar_t*>(x.data_ptr()),
+                        reinterpret_cast<const scalar_t*>(weight.data_ptr()),
+                        rstd.data_ptr<float>(), reinterpret_cast<scalar_t*>(grad_x.data_ptr()),
+                        reinterpret_cast<scalar_t*>(grad_weight.data_ptr()),
+                        partial.data_ptr<float>(), N, static_cast<int>(C), max_blocks,
+                        stream_launcher(op));
   });
   return {grad_x, grad_weight};
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <initializer_list>
 
 #include "device.cuh"
 
@@ -23,7 +24,7 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict
                                     T* __restrict__ out, float* __restrict__ rstd, int64_t N,
                                     int C, float eps) {
   using V = Vec<T, VEC>;
-  __shared__ float shm[32];
+  LLAMA2_SHARED_ARRAY(float, shm, 32);
   const int n_vec = C / VEC;
   for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
     const V* xr = reinterpret_cast<const V*>(x + row * C);
@@ -66,7 +67,7 @@ __global__ void rms_norm_bwd_kernel(const T* __restrict__ grad_out, const T* __r
                                     int C) {
   using V = Vec<T, VEC>;
   float* dw_acc = reinterpret_cast<float*>(dynamic_smem());  // (C)
-  __shared__ float shm[32];
+  LLAMA2_SHARED_ARRAY(float, shm, 32);
   const int n_vec = C / VEC;
   const V* wv = reinterpret_cast<const V*>(weight);
   // Thread i owns columns [i*VEC, i*VEC + VEC) for every i = threadIdx.x + k*blockDim.x.
@@ -119,6 +120,64 @@ __global__ void sum_columns_kernel(const float* __restrict__ partial, T* __restr
   float s = 0.0f;
   for (int b = 0; b < rows; ++b) s += partial[static_cast<int64_t>(b) * C + j];
   out[j] = from_float<T>(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: which kernel, how many blocks and threads, how much shared memory (see device.cuh)
+// ---------------------------------------------------------------------------------------------
+
+// 16-byte vectors when C is a whole number of them and every row starts on a 16-byte boundary.
+template <typename T>
+bool rms_use_vec(int64_t C, std::initializer_list<const void*> ptrs) {
+  if (C % vec16<T>() != 0) return false;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+// x, out (N, C), weight (C) -> out, rstd (N). One block per row, at most max_blocks blocks
+// (grid-stride over the rows).
+template <typename T, typename Launch>
+void rms_norm_fwd_launch(const T* x, const T* weight, T* out, float* rstd, int64_t N, int C,
+                         float eps, int64_t max_blocks, Launch&& launch) {
+  const int grid = static_cast<int>(std::min<int64_t>(N, max_blocks));
+  const size_t static_bytes = 32 * sizeof(float);  // shm
+  if (rms_use_vec<T>(C, {x, weight, out})) {
+    constexpr int VEC = vec16<T>();
+    launch(rms_norm_fwd_kernel<T, VEC>, LaunchConfig{grid, row_threads(C, VEC), 0, static_bytes},
+           x, weight, out, rstd, N, C, eps);
+  } else {
+    launch(rms_norm_fwd_kernel<T, 1>, LaunchConfig{grid, row_threads(C, 1), 0, static_bytes}, x,
+           weight, out, rstd, N, C, eps);
+  }
+}
+
+// Blocks of the backward: each writes one row of the (blocks, C) float32 partial sums of dw.
+inline int rms_norm_bwd_blocks(int64_t N, int64_t max_blocks) {
+  return static_cast<int>(std::min<int64_t>(N, max_blocks));
+}
+
+// g, x (N, C), weight (C), rstd (N) -> dx (N, C), dw (C), through partial
+// (rms_norm_bwd_blocks(N, max_blocks), C) float32.
+template <typename T, typename Launch>
+void rms_norm_bwd_launch(const T* g, const T* x, const T* weight, const float* rstd, T* dx,
+                         T* dw, float* partial, int64_t N, int C, int64_t max_blocks,
+                         Launch&& launch) {
+  const int grid = rms_norm_bwd_blocks(N, max_blocks);
+  const size_t shared = static_cast<size_t>(C) * sizeof(float);  // dw_acc
+  const size_t static_bytes = 32 * sizeof(float);                // shm
+  if (rms_use_vec<T>(C, {g, x, weight, dx})) {
+    constexpr int VEC = vec16<T>();
+    launch(rms_norm_bwd_kernel<T, VEC>,
+           LaunchConfig{grid, row_threads(C, VEC), shared, static_bytes}, g, x, weight, rstd, dx,
+           partial, N, C);
+  } else {
+    launch(rms_norm_bwd_kernel<T, 1>, LaunchConfig{grid, row_threads(C, 1), shared, static_bytes},
+           g, x, weight, rstd, dx, partial, N, C);
+  }
+  const int threads = 256;
+  launch(sum_columns_kernel<T>, LaunchConfig{(C + threads - 1) / threads, threads},
+         static_cast<const float*>(partial), dw, grid, C);
 }
 
 }  // namespace cuda

@@ -20,22 +20,17 @@ namespace llama2 {
 namespace cuda {
 namespace {
 
-template <typename T, typename CT, int VEC>
+// rope_launch (rope_kernels.cuh) picks the vector or pair kernel and the grid: at most 32 blocks
+// of 256 threads per SM, grid-stride beyond.
+template <typename T, typename CT>
 void launch_rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos,
-                 const at::Tensor& sin, at::Tensor& out, bool inverse) {
-  const int B = static_cast<int>(x.size(0)), T_ = static_cast<int>(x.size(1));
-  const int H = static_cast<int>(x.size(2)), D = static_cast<int>(x.size(3));
-  const int64_t n_items = static_cast<int64_t>(B) * T_ * H * (D / VEC);
-  const int threads = 256;
-  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * 32;
-  const int blocks =
-      static_cast<int>(std::min<int64_t>((n_items + threads - 1) / threads, max_blocks));
-  rope_kernel<T, CT, VEC><<<blocks, threads, 0, current_stream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), positions.data_ptr<int64_t>(),
-      reinterpret_cast<const CT*>(cos.data_ptr()), reinterpret_cast<const CT*>(sin.data_ptr()),
-      reinterpret_cast<T*>(out.data_ptr()), n_items, T_, H, D, cos.size(0), x.stride(0),
-      x.stride(1), x.stride(2), inverse ? -1.0f : 1.0f);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+                 const at::Tensor& sin, at::Tensor& out, bool inverse, const char* op) {
+  rope_launch(reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), x.stride(1), x.stride(2),
+              positions.data_ptr<int64_t>(), reinterpret_cast<const CT*>(cos.data_ptr()),
+              reinterpret_cast<const CT*>(sin.data_ptr()), reinterpret_cast<T*>(out.data_ptr()),
+              static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),
+              static_cast<int>(x.size(2)), static_cast<int>(x.size(3)), cos.size(0), inverse,
+              static_cast<int64_t>(sm_count()) * 32, stream_launcher(op));
 }
 
 // x (B, T, H, D), positions (B, T) int64, cos/sin (P, D/2) -> out (B, T, H, D)
@@ -78,18 +73,10 @@ at::Tensor rope_cuda(const at::Tensor& x_in, const at::Tensor& positions_in,
   // positions must lie in [0, P). They are not read back here (that would be a device-to-host
   // sync on every call): the caller validates them where it makes them, and the kernel asserts.
   LLAMA2_DISPATCH_FLOAT_HALF_BF16(x.scalar_type(), op, [&] {
-    constexpr int VEC = vec16<scalar_t>();
-    const bool vec_ok = D % VEC == 0 && aligned16(x.data_ptr()) && x.stride(0) % VEC == 0 &&
-                        x.stride(1) % VEC == 0 && x.stride(2) % VEC == 0;
-    const bool table_f32 = cos.scalar_type() == at::kFloat;
-    if (vec_ok && table_f32) {
-      launch_rope<scalar_t, float, VEC>(x, positions, cos, sin, out, inverse);
-    } else if (vec_ok) {
-      launch_rope<scalar_t, scalar_t, VEC>(x, positions, cos, sin, out, inverse);
-    } else if (table_f32) {
-      launch_rope<scalar_t, float, 2>(x, positions, cos, sin, out, inverse);
+    if (cos.scalar_type() == at::kFloat) {
+      launch_rope<scalar_t, float>(x, positions, cos, sin, out, inverse, op);
     } else {
-      launch_rope<scalar_t, scalar_t, 2>(x, positions, cos, sin, out, inverse);
+      launch_rope<scalar_t, scalar_t>(x, positions, cos, sin, out, inverse, op);
     }
   });
   return out;

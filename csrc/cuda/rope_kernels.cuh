@@ -2,6 +2,8 @@
 // can compile the same code for the CPU. See rope.cu for the formula, shapes and memory traffic.
 #pragma once
 
+#include <algorithm>
+
 #include "device.cuh"
 
 namespace llama2 {
@@ -54,6 +56,34 @@ __global__ void rope_kernel(const T* __restrict__ x, const int64_t* __restrict__
     } else {
       *reinterpret_cast<V*>(os) = o;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: which kernel and how many blocks (see device.cuh)
+// ---------------------------------------------------------------------------------------------
+
+// x (B, T, H, D) with strides (sb, st, sh, 1), positions (B, T), cos/sin (P, D/2) -> out
+// (B, T, H, D) contiguous. 256 threads, one per VEC elements, at most max_blocks blocks
+// (grid-stride). 16-byte vectors when every row of x starts on a 16-byte boundary, else pairs.
+template <typename T, typename CT, typename Launch>
+void rope_launch(const T* x, int64_t sb, int64_t st, int64_t sh, const int64_t* positions,
+                 const CT* cos, const CT* sin, T* out, int B, int T_, int H, int D, int64_t P,
+                 bool inverse, int64_t max_blocks, Launch&& launch) {
+  constexpr int V = vec16<T>();
+  const bool vec = D % V == 0 && aligned16(x) && sb % V == 0 && st % V == 0 && sh % V == 0;
+  const auto go = [&](auto kernel, int per_item) {
+    const int64_t n_items = static_cast<int64_t>(B) * T_ * H * (D / per_item);
+    const int threads = 256;
+    const int blocks =
+        static_cast<int>(std::min<int64_t>((n_items + threads - 1) / threads, max_blocks));
+    launch(kernel, LaunchConfig{blocks, threads}, x, positions, cos, sin, out, n_items, T_, H, D,
+           P, sb, st, sh, inverse ? -1.0f : 1.0f);
+  };
+  if (vec) {
+    go(rope_kernel<T, CT, V>, V);
+  } else {
+    go(rope_kernel<T, CT, 2>, 2);
   }
 }
 

@@ -8,11 +8,14 @@
 //   - __syncthreads is a barrier over the block's fibers, __syncwarp one over the warp's 32; a
 //     fiber that returns counts as arrived (as on the GPU); a barrier that can never fill (some
 //     threads wait at __syncthreads, the others at a warp barrier) fails as a deadlock;
-//   - __shfl_xor_sync exchanges through a per-warp buffer between two warp barriers, and fails if
-//     a lane of the warp has already returned;
+//   - __shfl_xor_sync exchanges registers only: the lanes meet (a rendezvous of their own, apart
+//     from __syncwarp's) and swap values, but no memory ordering comes with it, as on a GPU, so a
+//     shuffle between a store to shared memory and another lane's read of it hides no race. It
+//     fails if a lane of the warp has already returned;
 //   - atomicAdd is std::atomic_ref::fetch_add;
-//   - dynamic shared memory is one buffer per launch, filled with 0xff bytes (NaN floats) before
-//     every block, so a read of shared memory that no thread wrote shows up in the results;
+//   - dynamic shared memory is one buffer per block, filled with 0xff bytes (NaN floats) before
+//     every block, so a read of shared memory that no thread wrote shows up in the results; static
+//     shared arrays (LLAMA2_SHARED_ARRAY in device.cuh) live in a second such buffer per block;
 //   - WMMA (nvcuda::wmma, m16n16k16, float accumulators) is warp-wide reference code: matrix_a/b
 //     fragments hold the whole tile in every lane (any lane may read any element on a GPU too, the
 //     layout being opaque); accumulator fragments hold 8 elements per lane, loaded and stored by
@@ -21,19 +24,19 @@
 //     footprint inside the dynamic shared memory when the pointer points there.
 // Races: built with -fsanitize=thread, ThreadSanitizer treats every fiber as a thread and sees
 // only the ordering the barriers create (each arriving fiber releases, each leaving fiber
-// acquires), so two accesses to the same byte, one a write, that no barrier orders are reported:
-// a read of shared memory racing a write in the same barrier epoch (a missing __syncthreads or
-// __syncwarp) fails the run, like compute-sanitizer's racecheck. With blocks interleaved
-// (ConcurrentBlocks), so does a race between blocks on global memory (a sum without atomics).
+// acquires; shuffles neither release nor acquire), so two accesses to the same byte, one a write,
+// that no barrier orders are reported: a read of shared memory racing a write in the same barrier
+// epoch (a missing __syncthreads or __syncwarp) fails the run, like compute-sanitizer's racecheck.
+// With blocks interleaved (ConcurrentBlocks), so does a race between blocks on global memory (a
+// sum without atomics, two blocks writing the same row).
 //
 // For a student: this is also a way to step through a CUDA kernel in gdb on a laptop (build the
 // runner with -O0 -g, `break attention_fwd_kernel`; `print simt::thread_index()` and
 // `print simt::block_index()` say which CUDA thread is stopped).
 //
 // Not modelled: warp-synchronous code without __syncwarp (every lane is independent here, as
-// Volta and later allow), partial shuffle masks, races between blocks of a kernel that uses
-// static __shared__ arrays (its blocks run one at a time), the GPU's exact float rounding
-// (exp2f, rsqrtf and the tensor cores' sums are computed in ordinary float here).
+// Volta and later allow), partial shuffle masks, the GPU's exact float rounding (exp2f, rsqrtf
+// and the tensor cores' sums are computed in ordinary float here).
 #pragma once
 
 #include <algorithm>
@@ -64,9 +67,11 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// Static __shared__ arrays become function statics: one copy for the whole process, right as long
-// as the blocks of such a kernel run one at a time (the default; see ConcurrentBlocks).
-#define __shared__ static
+// A plain `__shared__` declaration would be one copy for the whole process here, shared by
+// interleaved blocks; kernels declare static shared arrays with LLAMA2_SHARED_ARRAY (device.cuh),
+// which gives each block its own (simt::static_shared).
+#define __shared__ \
+  static_assert(false, "simt.h: declare static shared arrays with LLAMA2_SHARED_ARRAY");
 #define __align__(n) alignas(n)
 
 struct dim3 {
@@ -180,7 +185,7 @@ inline void tsan_acquire(void* addr) {
 #endif
 }
 
-enum class State { kReady, kWaitBlock, kWaitWarp, kDone };
+enum class State { kReady, kWaitBlock, kWaitWarp, kWaitShuffle, kDone };
 
 struct Fiber {
   ucontext_t ctx;
@@ -199,9 +204,14 @@ struct Barrier {
 };
 
 struct Warp {
-  Barrier barrier;
-  uint64_t slots[32];  // shuffle exchange
+  Barrier barrier;      // __syncwarp
+  Barrier shuffle;      // the rendezvous of a shuffle
+  uint64_t slots[32];   // shuffle exchange (runtime memory: invisible to ThreadSanitizer)
 };
+
+// Static shared arrays: at most this many bytes per block (the GPU's limit) and declarations.
+constexpr size_t kStaticSmemBytes = 48 * 1024;
+constexpr int kStaticArrays = 16;
 
 // Plain arrays, not std::vector: the runtime's accesses must stay out of ThreadSanitizer's view.
 struct Block {
@@ -211,6 +221,11 @@ struct Block {
   Barrier barrier;
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
+  unsigned char* static_smem = nullptr;    // (kStaticSmemBytes), this block's static arrays
+  size_t static_used = 0;
+  int n_static = 0;
+  const void* static_keys[kStaticArrays];  // one key per declaration (LLAMA2_SHARED_ARRAY)
+  size_t static_offsets[kStaticArrays];
   ucontext_t scheduler;
   void* scheduler_tsan = nullptr;
   int current = 0;                 // the fiber running now
@@ -241,13 +256,14 @@ SIMT_RUNTIME void yield() {
 }
 
 // Arrive at `bar` (the block's or a warp's) and wait until `expected` fibers have arrived.
-// The barrier's fibers are [first, first + count).
+// The barrier's fibers are [first, first + count). ordering: the barrier orders memory (each
+// arriving fiber releases, each leaving one acquires); a shuffle's rendezvous does not.
 SIMT_RUNTIME void arrive_and_wait(Barrier& bar, State wait_state, const char* what, int first,
-                                  int count) {
+                                  int count, bool ordering = true) {
   Block& b = *g_block;
   Fiber& f = b.fibers[b.current];
   const uint64_t generation = bar.generation;
-  tsan_release(&bar.sync[generation & 1]);
+  if (ordering) tsan_release(&bar.sync[generation & 1]);
   if (++bar.arrived >= bar.expected) {
     bar.arrived = 0;
     ++bar.generation;
@@ -259,7 +275,7 @@ SIMT_RUNTIME void arrive_and_wait(Barrier& bar, State wait_state, const char* wh
     f.where = what;
     yield();
   }
-  tsan_acquire(&bar.sync[generation & 1]);
+  if (ordering) tsan_acquire(&bar.sync[generation & 1]);
 }
 
 // A fiber leaves a barrier for good (it returned from the kernel): release the others if they
@@ -278,6 +294,7 @@ SIMT_RUNTIME void leave(Barrier& bar, State wait_state, int first, int count) {
 
 inline const char* kSyncthreads = "__syncthreads";
 inline const char* kWarpBarrier = "a warp barrier";
+inline const char* kShuffle = "a shuffle";
 
 SIMT_RUNTIME void fiber_start() { tsan_acquire(&g_block->block_sync); }
 
@@ -286,6 +303,7 @@ SIMT_RUNTIME void fiber_finish() {
   const int tid = b.current;
   b.fibers[tid].state = State::kDone;
   leave(b.warps[tid >> 5].barrier, State::kWaitWarp, tid & ~31, 32);
+  leave(b.warps[tid >> 5].shuffle, State::kWaitShuffle, tid & ~31, 32);
   leave(b.barrier, State::kWaitBlock, 0, b.nt);
   tsan_release(&b.block_sync);
   yield();  // never resumed
@@ -299,6 +317,36 @@ SIMT_RUNTIME void syncwarp() {
   arrive_and_wait(warp().barrier, State::kWaitWarp, kWarpBarrier, thread_id() & ~31, 32);
 }
 
+// Lane `src`'s value of this shuffle. The lanes meet twice (all written, then all read), with no
+// memory ordering: the slots are the runtime's memory, which ThreadSanitizer does not watch.
+SIMT_RUNTIME uint64_t shuffle(uint64_t v, int src) {
+  Warp& w = warp();
+  const int first = thread_id() & ~31;
+  w.slots[lane_id()] = v;
+  arrive_and_wait(w.shuffle, State::kWaitShuffle, kShuffle, first, 32, /*ordering=*/false);
+  const uint64_t r = w.slots[src & 31];
+  arrive_and_wait(w.shuffle, State::kWaitShuffle, kShuffle, first, 32, /*ordering=*/false);
+  return r;
+}
+
+// This block's copy of the static shared array declared at `key` (LLAMA2_SHARED_ARRAY): placed on
+// the first call in the block, poisoned like dynamic shared memory (launch fills it with 0xff).
+SIMT_RUNTIME void* static_shared(const void* key, size_t bytes, size_t align) {
+  Block& b = *g_block;
+  for (int i = 0; i < b.n_static; ++i) {
+    if (b.static_keys[i] == key) return b.static_smem + b.static_offsets[i];
+  }
+  const size_t off = (b.static_used + align - 1) / align * align;
+  if (b.n_static == kStaticArrays || off + bytes > kStaticSmemBytes) {
+    fail("static shared arrays: more than %zu bytes or %d arrays per block", kStaticSmemBytes,
+         kStaticArrays);
+  }
+  b.static_keys[b.n_static] = key;
+  b.static_offsets[b.n_static++] = off;
+  b.static_used = off + bytes;
+  return b.static_smem + off;
+}
+
 SIMT_RUNTIME void kernel_call() { g_block->kernel(); }
 
 inline void fiber_main() {
@@ -309,8 +357,7 @@ inline void fiber_main() {
 
 // Blocks run at the same time (their fibers interleaved) by the next launches; 1 = one block at
 // a time. With more, ThreadSanitizer also sees races between blocks on global memory (two blocks
-// writing the same output, a sum without atomics). Only for kernels without static __shared__
-// arrays: those are one copy per process here (see __shared__ above).
+// writing the same output, a sum without atomics).
 inline int g_concurrent_blocks = 1;
 
 struct ConcurrentBlocks {
@@ -352,6 +399,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
 #endif
     b.smem_bytes = smem_bytes;
     b.smem = static_cast<unsigned char*>(std::aligned_alloc(256, alloc));
+    b.static_smem = static_cast<unsigned char*>(std::aligned_alloc(256, kStaticSmemBytes));
     b.kernel = [=] { kernel(args...); };
   }
   // The blocks in a shuffled order: a GPU gives no order either.
@@ -370,10 +418,13 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
       b.barrier.expected = nt;
       b.barrier.arrived = 0;
       for (int w = 0; w < nt / 32; ++w) {
-        b.warps[w].barrier.expected = 32;
-        b.warps[w].barrier.arrived = 0;
+        b.warps[w].barrier.expected = b.warps[w].shuffle.expected = 32;
+        b.warps[w].barrier.arrived = b.warps[w].shuffle.arrived = 0;
       }
       std::memset(b.smem, 0xff, alloc);  // poison: an unwritten float reads as NaN
+      std::memset(b.static_smem, 0xff, kStaticSmemBytes);
+      b.static_used = 0;
+      b.n_static = 0;
       for (int t = 0; t < nt; ++t) {
         Fiber& f = b.fibers[t];
         f.state = State::kReady;
@@ -407,17 +458,18 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
       }
       if (!progress) {
         for (int j = 0; j < ng; ++j) {
-          int block_waiters = 0, warp_waiters = 0, returned = 0;
+          int block_waiters = 0, warp_waiters = 0, shuffle_waiters = 0, returned = 0;
           for (int t = 0; t < nt; ++t) {
             block_waiters += blocks[j].fibers[t].state == State::kWaitBlock;
             warp_waiters += blocks[j].fibers[t].state == State::kWaitWarp;
+            shuffle_waiters += blocks[j].fibers[t].state == State::kWaitShuffle;
             returned += blocks[j].fibers[t].state == State::kDone;
           }
           if (returned == nt) continue;
           const dim3 bi = blocks[j].index;
-          fail("deadlock in block (%u,%u,%u): %d threads wait at __syncthreads, %d at warp "
-               "barriers (__syncwarp or a shuffle), %d have returned", bi.x, bi.y, bi.z,
-               block_waiters, warp_waiters, returned);
+          fail("deadlock in block (%u,%u,%u): %d threads wait at __syncthreads, %d at __syncwarp, "
+               "%d at a shuffle, %d have returned", bi.x, bi.y, bi.z, block_waiters, warp_waiters,
+               shuffle_waiters, returned);
         }
       }
     }
@@ -436,6 +488,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
       delete[] blocks[j].fibers[t].stack;
     }
     std::free(blocks[j].smem);
+    std::free(blocks[j].static_smem);
     delete[] blocks[j].fibers;
     delete[] blocks[j].warps;
   }
@@ -469,13 +522,11 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     simt::fail("__shfl_xor_sync: a lane of warp %d has returned (undefined on a GPU)",
                simt::thread_id() >> 5);
   }
-  uint64_t* slots = simt::warp().slots;
-  const int lane = simt::lane_id();
-  std::memcpy(&slots[lane], &v, sizeof(T));
-  simt::syncwarp();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  bits = simt::shuffle(bits, simt::lane_id() ^ lane_mask);
   T r;
-  std::memcpy(&r, &slots[(lane ^ lane_mask) & 31], sizeof(T));
-  simt::syncwarp();
+  std::memcpy(&r, &bits, sizeof(T));
   return r;
 }
 
