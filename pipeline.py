@@ -9,7 +9,7 @@
     python pipeline.py --model small        # the same recipe with an 8.3M-parameter model (out/pipeline_small)
     bash scripts/demo.sh                    # the same, from the shell (QUICK=1, FRESH=1, ABLATIONS=1)
 
-Stages (each one command of the stage scripts, SPEC.md section in brackets): the world's text ->
+Stages (each one command of the stage scripts, the paper's section in brackets): the world's text ->
 pretraining (§4) -> its judged evaluation -> SFT (§5) -> evaluation -> Ghost Attention, two rounds
 (§6) -> evaluation -> reward model (§7, evaluated on held-out pairs) -> rejection sampling (§8, with
 Fig. 7/8 and the per-iteration evaluation) -> PPO (§9, train_rlhf.py --method ppo from the last
@@ -192,7 +192,7 @@ KNOBS = {
 class Stage:
     """One command of the recipe. Paths in argv are under the pipeline's out_dir."""
     name: str
-    title: str  # what it does and the SPEC.md section it reproduces
+    title: str  # what it does and the paper section it reproduces
     argv: list[str]  # script and flags (python is prepended)
     outputs: list[str]  # files (relative to the stage's folder) that a finished run leaves
     needs: list[str] = field(default_factory=list)  # stages whose outputs it reads
@@ -245,7 +245,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                 if p > 1 else [script])
 
     def ev(name, ckpt, label, needs, knobs="evals", extra=()):
-        return Stage(name, f"judged evaluation of {label} on held-out problems (SPEC §10)",
+        return Stage(name, f"judged evaluation of {label} on held-out problems (§3.4)",
                      ["train_sft.py", "--eval", "--checkpoint", f"{o}/{ckpt}", "--label", label,
                       *fill(k[knobs]), *extra, "--out_dir", f"{o}/{name}"],
                      ["eval.jsonl"], needs, est.get(name, est["eval_sft"]))
@@ -254,7 +254,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         kk = ["--gatt_k", str(k["gatt_k"])] if select == "judge" else ["--gatt_k", "1"]
         what = ("judge-picked replies, best of K: an ORACLE ablation (the judge also evaluates)"
                 if select == "judge" else "one sampled reply each, no filter")
-        return Stage(name, f"Ghost Attention round {seed} from {parent}, {what} (SPEC §6)",
+        return Stage(name, f"Ghost Attention round {seed} from {parent}, {what} (§3.3)",
                      ["train_sft.py", "--gatt", "--gatt_select", select, *kk,
                       "--checkpoint", f"{o}/{parent}", *fill(k["world"]), *fill(k["gatt"]),
                       "--seed", str(seed), "--out_dir", f"{o}/{name}"],
@@ -265,7 +265,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         part = f", {frac:g} of the training pairs" if frac != 1.0 else ""
         return Stage(name, f"reward model, margin {margin}, seed {seed}{part}: preference pairs from the "
                            "SFT and GAtt models labelled by simulated annotators, trained and "
-                           "evaluated on held-out pairs (SPEC §7, Tables 8 and 28)",
+                           "evaluated on held-out pairs (§3.2.2, Tables 8 and 28)",
                      ["train_rm.py", "--checkpoint", f"{o}/sft", "--pair_models",
                       f"{o}/sft,{o}/gatt2", "--pairs_dir", f"{o}/rm_pairs", *fill(k["rm"]),
                       "--margin", margin, "--seed", str(seed), "--threads", "1",
@@ -288,7 +288,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # why the demo pretrains longer rows than SPEC §4's recipe scaled down: the SFT and GAtt
         # dialogs need a 512-token context; lr 2e-3 with 40 warmup steps suits a 3M model
         Stage("pretrain", "pretraining: next-token prediction on Shakespeare + the world's text, "
-                          "AdamW, cosine, clipping (SPEC §4)",
+                          "AdamW, cosine, clipping (§2.2)",
               [*launch("train_pretrain.py"), *fill(k["pretrain"]), "--out_dir", f"{o}/pretrain"],
               ["ckpt.pt", "metrics.jsonl"], ["world_text"], est["pretrain"], resume=True),
         ev("eval_pretrain", "pretrain", "pretrained, 3-shot", ["pretrain"], "eval_pretrain",
@@ -302,7 +302,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # cosine to 10%, weight decay 0.1, AdamW 0.9/0.95, clip 1.0, packing,
         # answer-only loss.
         Stage("sft", "supervised fine-tuning on the world's dialogs, answer-only loss, packed "
-                     "(SPEC §5)",
+                     "(§3.1)",
               [*launch("train_sft.py"), "--checkpoint", f"{o}/pretrain", *fill(k["world"]),
                *k.get("sft_world", []), *fill(k["sft"]),
                "--out_dir", f"{o}/sft"],
@@ -321,7 +321,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         rm("rm", "small", 1),
         Stage("rs", f"rejection sampling, {n} iteration(s): k samples per prompt, the RM keeps the "
                     "best, fine-tune on it; temperature re-tuned each time; best-of-N curves "
-                    "(SPEC §8, Figs. 7, 8)",
+                    "(§3.2.3, Figs. 7, 8)",
               ["train_rlhf.py", "--checkpoint", f"{o}/gatt2", "--reward_model", f"{o}/rm",
                *fill(k["rs"]), "--compare", f"sft={o}/sft", "--out_dir", f"{o}/rs"],
               [f"V{n}/ckpt.pt", f"iter{n + 1}/eval.json", "report.txt"], ["gatt2", "rm"],
@@ -329,7 +329,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # PPO (issue 13): from the last rejection-sampling model, KL penalty to it; the rs flags
         # for the shared knobs (evaluation sizes, max_new_tokens, ...), then PPO's own scale per
         # size (train_rlhf.py's defaults are the full demo's: 20 iterations of 64 rollouts)
-        Stage("ppo", "PPO on top of the last rejection-sampling model, KL penalty to it (SPEC §9)",
+        Stage("ppo", "PPO on top of the last rejection-sampling model, KL penalty to it (§3.2.3)",
               ["train_rlhf.py", "--method", "ppo", "--checkpoint", f"{o}/rs/V{n}",
                "--reward_model", f"{o}/rm", *fill(k["rs"]),
                "--compare", f"sft={o}/sft,rs={o}/rs/V{n}",  # final win rates against both
@@ -341,7 +341,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                "--out_dir", f"{o}/ppo"],
               ["ckpt.pt"], ["rs"], est["ppo"], resume=True, missing=no_rlhf),
         Stage("eval_final", "judged evaluation of the final model (the last stage that ran: PPO, "
-                            "else the last rejection-sampling model, else GAtt) (SPEC §10)",
+                            "else the last rejection-sampling model, else GAtt) (§3.4)",
               [], ["eval.jsonl"], [], est["eval_final"]),  # argv: final_eval() at run time
     ]
     if cfg.ablations and cfg.writers == "mixed":
@@ -388,7 +388,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # ORACLE ablation: rejection sampling whose picks the world's judge makes (what a perfect
         # reward model would select); bounds what the RM's selection can gain
         stages.append(Stage("rs_oracle", "rejection sampling with the judge picking the best of k: "
-                                         "an ORACLE ablation (the judge also evaluates) (SPEC §8)",
+                                         "an ORACLE ablation (the judge also evaluates) (§3.2.3)",
                             ["train_rlhf.py", "--select", "judge", "--checkpoint", f"{o}/gatt2",
                              "--reward_model", f"{o}/rm", *fill(k["rs"]), "--out_dir",
                              f"{o}/rs_oracle"],
@@ -483,7 +483,7 @@ def _final_eval(stage: Stage, ids: dict, out: Path, cfg: Config) -> None:
     stage.argv = ["train_sft.py", "--eval", "--checkpoint", str(out / ckpt), "--label", label,
                   *flags, "--out_dir", str(out / "eval_final")]
     stage.needs = [name]
-    stage.title = f"judged evaluation of the final model, {label} (SPEC §10)"
+    stage.title = f"judged evaluation of the final model, {label} (§3.4)"
 
 
 def _interrupt(signum, frame):
