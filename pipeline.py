@@ -10,9 +10,10 @@
     bash scripts/demo.sh                    # the same, from the shell (QUICK=1, FRESH=1, ABLATIONS=1)
 
 Stages (each one command of the stage scripts, the paper's section in brackets): the world's text ->
-pretraining (§4) -> its judged evaluation -> SFT (§5) -> evaluation -> Ghost Attention, two rounds
-(§6) -> evaluation -> reward model (§7, evaluated on held-out pairs) -> rejection sampling (§8, with
-Fig. 7/8 and the per-iteration evaluation) -> PPO (§9, train_rlhf.py --method ppo from the last
+pretraining (§2.2) -> its judged evaluation -> SFT (§3.1) -> evaluation -> Ghost Attention, two
+rounds (§3.3) -> evaluation -> reward model (§3.2.2, evaluated on held-out pairs) -> rejection
+sampling (§3.2.3, with Fig. 7/8 and the per-iteration evaluation) -> PPO (§3.2.3,
+train_rlhf.py --method ppo from the last
 rejection-sampling model) -> the final model's evaluation -> report.py (docs/REPORT.md).
 
 Restarting. A stage is FINISHED when its command exited 0, the files it must leave exist, and then
