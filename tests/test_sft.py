@@ -497,7 +497,16 @@ def test_sft_end_to_end_checkpoint_and_reports(tokenizer, tiny_ckpt, tmp_path, c
     s = evaluate.read_summary(str(ev / "eval.jsonl"))
     assert s["label"] == "sft" and s["n"] == 6 and len(s["adherence_by_turn"]) == 3
     assert s["levels"] == [1] and s["bestof"]["n"] == 2
-    assert all(x is None or 0.0 <= x <= 1.0 for x in s["adherence"]["obeys"])
+    # adherence by turn recounted from the recorded rollouts, each reply against each
+    # instruction in force at its turn (the checkers, not adherence_report's tally)
+    rolls = [r for r in map(json.loads, (ev / "eval.jsonl").read_text().splitlines())
+             if r.get("kind") == "rollout"]
+    assert len(rolls) == 2
+    for k in range(3):
+        ok = [all(world.INSTRUCTIONS[n].obeys(r["responses"][k]) for n in
+                  world.find_instructions(world.prefix_at_turn(r["messages"], k + 1)))
+              for r in rolls if len(r["responses"]) > k]
+        assert s["adherence"]["obeys"][k] == (sum(ok) / len(ok) if ok else None)
     import matplotlib.image
     assert matplotlib.image.imread(ev / "adherence.png").shape[:2] == (500, 800)
     # a bad level string is one clear error, before any work
