@@ -580,9 +580,12 @@ def test_ctrl_c_shows_the_pipelines_message_and_no_traceback(tmp_path):
     import subprocess
     import threading
     import time
+    # SIGINT as a terminal's shell leaves it: a test run in the background of a non-interactive
+    # shell (CI scripts, nohup ... &) inherits it ignored, and so would the pipeline
     proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), *UNTIL_SFT, "--out_dir",
                              str(tmp_path / "p")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = []
     threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
     out = []
