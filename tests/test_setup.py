@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_setup_rebuilds_the_extension_only_when_its_inputs_change(tmp_path):
+def _copy_with_stand_in_pip(tmp_path, pip_script: str):
+    """A copy of what setup.sh reads, and a PATH whose pip is `pip_script` -> (repo, env)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("setup.sh", "setup.py", "requirements.txt", "requirements-dev.txt"):
@@ -18,17 +19,23 @@ def test_setup_rebuilds_the_extension_only_when_its_inputs_change(tmp_path):
     shutil.copytree(ROOT / "csrc", repo / "csrc")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    (bin_dir / "pip").write_text(pip_script)
+    (bin_dir / "pip").chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LLAMA2_NO_CUDA": "1"}
+    env.pop("LLAMA2_ALLOW_NO_EXTENSION", None)
+    return repo, env
+
+
+def test_setup_rebuilds_the_extension_only_when_its_inputs_change(tmp_path):
     log = tmp_path / "pip.log"
     # the stand-in pip: logs its arguments; `install -e .` "builds" an importable llama2_C (and
     # the llama2_kernels that setup.sh's last check imports, saying the extension loaded)
-    (bin_dir / "pip").write_text(f"""#!/usr/bin/env bash
+    repo, env = _copy_with_stand_in_pip(tmp_path, f"""#!/usr/bin/env bash
 echo "$*" >> {log}
 case " $* " in *" -e . "*) echo "AVAILABLE = True" > llama2_C.py
   printf 'AVAILABLE = True\\nIMPORT_ERROR = None\\ndef has_cuda():\\n    return False\\n' > llama2_kernels.py ;; esac
 """)
-    (bin_dir / "pip").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LLAMA2_NO_CUDA": "1"}
 
     def setup(*args):
         r = subprocess.run(["bash", str(repo / "setup.sh"), *args], env=env, capture_output=True,
@@ -62,19 +69,9 @@ case " $* " in *" -e . "*) echo "AVAILABLE = True" > llama2_C.py
 def test_setup_fails_when_the_extension_does_not_build_unless_allowed(tmp_path):
     """A failed build ends setup.sh with exit 1 and a message (CI must not go on to skip the
     kernel tests); LLAMA2_ALLOW_NO_EXTENSION=1 goes on without the extension."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("setup.sh", "setup.py", "requirements.txt", "requirements-dev.txt"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "csrc", repo / "csrc")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     # the stand-in pip: every install works except the build of the extension
-    (bin_dir / "pip").write_text('#!/usr/bin/env bash\ncase " $* " in *" -e . "*) exit 1 ;; esac\n')
-    (bin_dir / "pip").chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LLAMA2_NO_CUDA": "1"}
-    env.pop("LLAMA2_ALLOW_NO_EXTENSION", None)
+    repo, env = _copy_with_stand_in_pip(
+        tmp_path, '#!/usr/bin/env bash\ncase " $* " in *" -e . "*) exit 1 ;; esac\n')
     r = subprocess.run(["bash", str(repo / "setup.sh")], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1
