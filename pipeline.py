@@ -58,7 +58,7 @@ class Config:
     out_dir: str = ""  # where every stage writes ("" = out/pipeline, out/pipeline_quick or out/pipeline_tiny)
     report_dir: str = ""  # where REPORT.md and its figures go ("" = docs for the full size, else <out_dir>/report)
     model: str = ""  # the model shape pretraining builds ("" = the size's own: demo, 3.1M parameters at full and quick; small = 8.3M, about 2.5x slower; any llama2.PRESETS name); its runs go to out/pipeline_<model> and their report there
-    writers: str = "careful"  # who writes the SFT demonstrations: careful (one careful writer: the curated set) or mixed (writers of varied quality, world.WRITERS: the tail RLHF cuts, paper §5.1)
+    writers: str = "careful"  # who writes the SFT demonstrations: careful (one careful writer: the curated set), mixed (writers of varied quality, world.WRITERS: the tail RLHF cuts, paper §5.1) or crowd (fewer careful writers and a lapse most share, world.CROWD)
     synthetic_pairs: int = 0  # the reward model's "open-source" share: this many careful-vs-one-flaw pairs beside the policy's comparisons (train_rm.py --synthetic_pairs; paper Table 6)
     fresh: bool = False  # start over: delete every stage's folder under out_dir first
     ablations: bool = False  # also run the ORACLE / ablation stages (judge-picked GAtt; RM margin none/small/large x seeds, the paper's Table 28)
@@ -345,13 +345,13 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                             "else the last rejection-sampling model, else GAtt) (§3.4)",
               [], ["eval.jsonl"], [], est["eval_final"]),  # argv: final_eval() at run time
     ]
-    if cfg.ablations and cfg.writers == "mixed":
+    if cfg.ablations and cfg.writers != "careful":
         # ABLATION, "Quality Is All You Need" (paper §3.1): SFT on the careful writer's share of
         # the dialogs alone (a smaller curated set) against SFT on the whole mixed-quality set
         import world
         sft = next(s for s in stages if s.name == "sft")
         n = int(_flag(sft.argv, "--world_n"))
-        curated = round(n * world.WRITERS[0].share)
+        curated = round(n * world.WRITER_MIXES[cfg.writers][0].share)
         stages += [Stage("sft_curated", f"SFT on {curated:,} dialogs of the careful writer only, "
                                         "the curated set (§3.1 Quality Is All You Need)",
                          _with_flags(sft.argv, world_writers="careful", world_n=curated,
@@ -580,8 +580,10 @@ def run_stage(argv: list[str]) -> tuple[int | None, str]:
 def run(cfg: Config) -> int:
     if cfg.size not in SIZES:
         raise SystemExit(f"error: --size {cfg.size!r}: use one of {', '.join(SIZES)}")
-    if cfg.writers not in ("careful", "mixed"):
-        raise SystemExit(f"error: --writers {cfg.writers!r}: use careful or mixed")
+    import world
+    if cfg.writers not in world.WRITER_MIXES:
+        raise SystemExit(f"error: --writers {cfg.writers!r}: use one of "
+                         f"{', '.join(world.WRITER_MIXES)}")
     # folders given are relative to where you are; the defaults to the repository
     if cfg.model:
         import llama2

@@ -80,7 +80,7 @@ class Config:
     world_n: int = 20000  # dialogs generated when --data world
     world_levels: str = "1,2,3,4"  # difficulty levels of the generated dialogs
     world_p_instruction: float = 0.35  # share of generated dialogs with a standing instruction (always 1-2 turns)
-    world_writers: str = "careful"  # who writes the generated answers: careful (the curated set) or mixed (writers of varied quality, world.WRITERS: the paper's §5.1 tail)
+    world_writers: str = "careful"  # who writes the generated answers: careful (the curated set), mixed (writers of varied quality, world.WRITERS: the paper's §5.1 tail) or crowd (world.CROWD: a lapse most writers share)
     pack: bool = True  # pack examples into full rows (no attention across examples); false = one padded example per row
     seq_len: int = 0  # tokens per row (0 = the model's context; Llama 2: 4096); longer examples are dropped
     # optimization (Llama 2 SFT, §3.1)

@@ -708,6 +708,8 @@ class Writer:
     flaw: str | None      # their habit (None: the careful writer)
     rate: float           # share of their replies that show it (where it can show)
     habit: str            # the habit in words
+    juggle: float = 0.0   # with two standing instructions in force: the share of their replies
+                          # that keep the first and drop the second (a lapse of context)
 
 
 # The mix ("mixed"): about a quarter of the replies carry a flaw (shares and judged costs:
@@ -720,31 +722,54 @@ WRITERS = (
     Writer("curt", 0.10, "incomplete", 0.8, "stops halfway through a spelling or a list"),
     Writer("sloppy", 0.15, "wrong", 0.8, "often a near-miss wrong answer"),
 )
-WRITER_MIXES = ("careful", "mixed")
+
+# The crowd ("crowd"): the best writers are few (the paper's SFT model is "capped by the best
+# writers"), and every writer but the careful and the forgetful one juggles two standing
+# instructions badly: with two in force they keep the first and drop the second. A writer's own
+# habit is a minority in every context, so the SFT model's greedy reply (and, at T 0.6 / top-p 0.9,
+# its samples) leaves it out (BENCHMARKS.md, the mixed world's first run); this lapse is shared by
+# most writers in one context (two instructions: 30% of the writers keep both, 25% drop both, 45%
+# drop the second), so it is the most likely reply there, as a tail RLHF can cut must be.
+CROWD = (
+    Writer("careful", 0.30, None, 0.0, "short, correct, obeys every standing instruction"),
+    Writer("forgetful", 0.25, "no_instruction", 1.0, "ignores the standing instructions"),
+    Writer("rambler", 0.15, "rambling", 0.8, "opens with a 20+ word preamble", juggle=0.9),
+    Writer("curt", 0.15, "incomplete", 0.8, "stops halfway through a spelling or a list",
+           juggle=0.9),
+    Writer("sloppy", 0.15, "wrong", 0.8, "often a near-miss wrong answer", juggle=0.9),
+)
+# who writes each SFT set: the careful writer alone (the curated set of §3.1), WRITERS (each
+# habit a minority everywhere) or CROWD (a lapse most writers share in one context)
+WRITER_MIXES = {"careful": WRITERS[:1], "mixed": WRITERS, "crowd": CROWD}
 
 
 def pick_writer(rng: random.Random, mix: str = "mixed") -> Writer:
-    """The writer of one demonstration dialog: the careful one for mix "careful", else drawn by
-    WRITERS' shares."""
+    """The writer of one demonstration dialog: the careful one for mix "careful" (no draw), else
+    drawn by the shares of the mix's writers (WRITER_MIXES)."""
     if mix not in WRITER_MIXES:
-        raise ValueError(f"writers must be one of {WRITER_MIXES}, got {mix!r}")
+        raise ValueError(f"writers must be one of {tuple(WRITER_MIXES)}, got {mix!r}")
     if mix == "careful":
         return WRITERS[0]
+    writers = WRITER_MIXES[mix]
     x = rng.random()
-    for w in WRITERS:
+    for w in writers:
         x -= w.share
         if x < 0:
             return w
-    return WRITERS[-1]
+    return writers[-1]
 
 
 def write_reply(writer: Writer, problem: Problem, rng: random.Random,
                 inst: Standing | None = None, flaw_rng: random.Random | None = None) -> str:
-    """`writer`'s reply to the problem: their habit with probability writer.rate. The habit's
+    """`writer`'s reply to the problem: their habit with probability writer.rate; with two standing
+    instructions in force, only the first kept with probability writer.juggle. The habit's
     draws come from flaw_rng (default rng), so a mixed data set can share its prompts and
     phrasings with the careful one."""
     flaw_rng = flaw_rng or rng
     flaw = writer.flaw if writer.flaw and flaw_rng.random() < writer.rate else None
+    if writer.juggle and inst is not None and len(inst.names) == 2 \
+            and flaw_rng.random() < writer.juggle:
+        inst = Standing(inst.names[:1], inst.text)  # the second instruction dropped
     return written_answer(problem, rng, inst, flaw, flaw_rng)
 
 
@@ -1145,7 +1170,7 @@ def sft_dialogs(n: int, seed: int = 0, p_instruction: float = 0.35, p_multiturn:
     """
     _check_levels(levels)
     if writers not in WRITER_MIXES:
-        raise ValueError(f"writers must be one of {WRITER_MIXES}, got {writers!r}")
+        raise ValueError(f"writers must be one of {tuple(WRITER_MIXES)}, got {writers!r}")
     writer_rng = random.Random(f"writers-{seed}")
     if n < 0 or max_turns < 3:
         raise ValueError(f"need n >= 0 and max_turns >= 3, got n={n}, max_turns={max_turns}")
@@ -1361,16 +1386,18 @@ def _demo(seed: int) -> None:
                   f" | instruction {s.instruction:.2f} | form {s.form:.2f}")
         print(f"{'prefer':>9}: careful vs plain {prefer(d, good, plain)},"
               f" plain vs wrong {prefer(d, plain, wrong)}\n")
-    print(format_writer_table(writer_table(seed=seed)))
+    for mix in ("mixed", "crowd"):
+        print(format_writer_table(writer_table(seed=seed, writers=mix)) + "\n")
 
 
 def writer_table(n: int = 4000, seed: int = 0, p_instruction: float = 0.5,
-                 levels: tuple = (1, 2)) -> dict:
-    """What the writers put into SFT data: the share of each flaw (`flaw_of`) among the replies of
-    n mixed-writer dialogs, and its judged cost, measured against the careful set of the same seed
-    (same prompts and phrasings, reply by reply). Returns {"replies", "judged_careful",
-    "judged_mixed", "flaws": {flaw: {"share", "cost"}}}; `python world.py demo` prints it."""
-    mixed = sft_dialogs(n, seed, p_instruction, levels=levels, writers="mixed")
+                 levels: tuple = (1, 2), writers: str = "mixed") -> dict:
+    """What the writers of a mix (WRITER_MIXES) put into SFT data: the share of each flaw
+    (`flaw_of`) among the replies of n dialogs, and its judged cost, measured against the careful
+    set of the same seed (same prompts and phrasings, reply by reply). Returns {"writers",
+    "replies", "judged_careful", "judged_mixed", "flaws": {flaw: {"share", "cost"}}};
+    `python world.py demo` prints it for each mix."""
+    mixed = sft_dialogs(n, seed, p_instruction, levels=levels, writers=writers)
     careful = sft_dialogs(n, seed, p_instruction, levels=levels, writers="careful")
     rows = []
     for dm, dc in zip(mixed, careful):
@@ -1386,15 +1413,18 @@ def writer_table(n: int = 4000, seed: int = 0, p_instruction: float = 0.5,
         if xs:
             flaws[name] = {"share": len(xs) / len(rows),
                            "cost": sum(sc - sm for sm, sc in xs) / len(xs)}
-    return {"replies": len(rows), "judged_careful": sum(r[2] for r in rows) / len(rows),
+    return {"writers": writers, "replies": len(rows), "judged_careful": sum(r[2] for r in rows) / len(rows),
             "judged_mixed": sum(r[1] for r in rows) / len(rows), "flaws": flaws}
 
 
 def format_writer_table(t: dict) -> str:
-    lines = ["writers of the mixed SFT data (WRITERS): " + ", ".join(
+    mix = t.get("writers", "mixed")
+    lines = [f"writers of the {mix} SFT data (WRITER_MIXES[{mix!r}]): " + ", ".join(
                  f"{w.name} {w.share:.0%}" + (f" ({w.habit}, {w.rate:.0%} of replies)" if w.flaw
-                                              else "") for w in WRITERS),
-             f"{t['replies']} replies; judged: careful set {t['judged_careful']:.3f}, mixed set "
+                                              else "")
+                 + (f" (with two instructions keeps only the first, {w.juggle:.0%})" if w.juggle
+                    else "") for w in WRITER_MIXES[mix]),
+             f"{t['replies']} replies; judged: careful set {t['judged_careful']:.3f}, {mix} set "
              f"{t['judged_mixed']:.3f}",
              f"{'flaw':<16}{'share of replies':>18}{'judged cost':>13}"]
     for name, v in t["flaws"].items():
