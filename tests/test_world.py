@@ -734,6 +734,40 @@ def test_mixed_writers_share_prompts_with_the_careful_set():
         world.sft_dialogs(3, writers="sloppy")
 
 
+def test_crowd_keeps_the_first_of_two_instructions_as_its_shares_say():
+    # the crowd's lapse, counted on the replies: with two standing instructions in force, the
+    # careful writer (30%) keeps both, the forgetful one (25%) neither, the other three (45%) the
+    # first only 90% of the time. Expected by hand: both obeyed 0.30 + 0.45 * 0.1 = 0.345, the
+    # first obeyed 1 - 0.25 = 0.75. Only instructions a careless reply never obeys by chance
+    # (a persona phrase, brackets) are counted.
+    shares = {w.name: (w.share, w.juggle) for w in world.CROWD}
+    assert shares["careful"] == (0.30, 0.0) and shares["forgetful"] == (0.25, 0.0)
+    visible = {"pirate", "robot", "brackets"}
+    both = first = n = 0
+    for d in world.sft_dialogs(6000, seed=2, p_instruction=0.7, levels=(1, 2), writers="crowd"):
+        for i, m in enumerate(d):
+            names = world.find_instructions(d[:i])
+            if m["role"] != "assistant" or len(names) != 2 or not set(names) <= visible:
+                continue
+            # the order in which the instructions were given: their place in the text
+            text = " ".join(x["content"] for x in d[:i] if x["role"] != "assistant")
+            names = sorted(names, key=lambda k: min(text.find(w) for w in
+                                                    world.INSTRUCTIONS[k].wordings if w in text))
+            ok = [world.INSTRUCTIONS[k].obeys(m["content"]) for k in names]
+            n += 1
+            both += all(ok)
+            first += ok[0]
+    assert n > 300
+    assert both / n == pytest.approx(0.345, abs=0.06)
+    assert first / n == pytest.approx(0.75, abs=0.06)
+    # the careful set of the same seed obeys both everywhere (the lapse is the writers' only)
+    careful = world.sft_dialogs(200, seed=2, p_instruction=0.7, levels=(1, 2))
+    assert all(world.flaw_of(d[:i], m["content"]) is None for d in careful
+               for i, m in enumerate(d) if m["role"] == "assistant")
+    with pytest.raises(ValueError, match="writers must be one of"):
+        world.pick_writer(random.Random(0), "everyone")
+
+
 def test_writer_table_and_demo(capsys):
     t = world.writer_table(n=1500, seed=3)
     assert set(t["flaws"]) <= set(world.FLAWS) | {"repeating"}
