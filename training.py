@@ -7,7 +7,7 @@ all need lives here, one small section per concern, in the order a script uses i
   runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2)
   schedule    cosine learning rate with linear warmup, decaying to 10% of the peak (Llama 2, §2.2)
   optimizer   AdamW with weight decay on the matrices only
-  checkpoint  atomic_write (how every file here is written: whole or not at all), one `ckpt.pt`
+  checkpoint  atomic_write (from llama2.py: every file written whole or not at all), one `ckpt.pt`
               loadable with torch.load(weights_only=True), RNG states
   data        corpus reader (.txt / folders / JSONL / the bundled Shakespeare), split by document,
               tokenized once into cached uint16/uint32 memmap shards, deterministic batches
@@ -39,6 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import llama2
+from llama2 import atomic_write  # every file written whole or not at all (lives with the model)
 
 # -----------------------------------------------------------------------------------------------
 # config: a dataclass -> --field value flags
@@ -371,44 +374,6 @@ def _to_lists(x):
     return x
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str | None = "wb"):
-    """Write a file whole or not at all; every file the project writes goes through here.
-
-        with atomic_write(out / "ckpt.pt") as f: torch.save(state, f)           # binary file
-        with atomic_write(out / "config.json", "w") as f: f.write(text)         # text, UTF-8
-        with atomic_write(out / "model.safetensors", None) as tmp: save_file(tensors, tmp)
-
-    The block writes to a temp file in the same folder (`.<name>.<pid>.<random>.tmp`); when it
-    ends normally the file is flushed, fsync'ed and os.replace'd onto `path`, so a reader sees the
-    old file or the new one, never half of one. On any exception (or Ctrl-C) the temp file is
-    removed and `path` is left as it was. mode None yields the temp path, for writers that open
-    the file themselves. The folder is created if needed.
-    """
-    if mode not in ("w", "wb", None):
-        raise ValueError(f"atomic_write: mode must be 'w', 'wb' or None, not {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        if mode is None:
-            tmp.touch(exist_ok=False)
-            yield str(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            # "x" creates the file (never truncates another's); the umask sets its permissions
-            encoding = "utf-8" if mode == "w" else None
-            with open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _os_error(e: BaseException) -> OSError | None:
     """The OSError behind `e`: itself, or one it was raised from or during (torch.save turns a
     failed write into RuntimeError "[enforce fail at inline_container.cc...]", the OSError above)."""
@@ -457,7 +422,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint written by save_checkpoint (a ckpt.pt file or the folder holding it).
     A truncated or corrupted file exits with a one-line error (llama2.load_checkpoint_file)."""
-    import llama2
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
@@ -675,7 +639,6 @@ def get_tokenizer(tokenizer_path: str, vocab_size: int, train_docs: list[Documen
                   cache_dir: str | os.PathLike):
     """An existing SentencePiece model (e.g. Meta's tokenizer.model), or one trained on the
     training documents with Llama 2's settings (llama2.train_tokenizer), cached by content."""
-    import llama2
     if tokenizer_path:
         if not Path(tokenizer_path).is_file():
             raise SystemExit(f"error: --tokenizer {tokenizer_path}: no such file")
