@@ -32,7 +32,7 @@ import random
 import time
 from pathlib import Path
 
-import gatt
+import sampling
 import training
 import world
 
@@ -124,7 +124,7 @@ def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[l
             break
         for i in active:
             histories[i].append({"role": "user", "content": users[i][t]})
-        replies = gatt.generate_replies(model, tokenizer, [histories[i] for i in active],
+        replies = sampling.generate_replies(model, tokenizer, [histories[i] for i in active],
                                    max_new_tokens=cfg.max_new_tokens, batch=cfg.gen_batch,
                                    stop_at_newline=getattr(cfg, "fewshot", 0) > 0, rt=rt,
                                    desc=f"adherence turn {t + 1}")
@@ -163,7 +163,7 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
                                  split=eval_split(cfg))
     shown = ([with_fewshot(d, cfg.fewshot, rng, levels) for d in prompts] if cfg.fewshot
              else prompts)
-    greedy = gatt.generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
+    greedy = sampling.generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
                               batch=cfg.gen_batch, stop_at_newline=cfg.fewshot > 0, rt=rt,
                               desc="greedy")
     texts = [g[0].text if g else "" for g in greedy]
@@ -191,7 +191,7 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     # 2. pass@1 against best-of-K: K samples per prompt, the judge picks the best (a measurement
     #    of the room for selection, not a training signal)
     n_bo = min(cfg.eval_bestof_n, len(prompts))
-    samples = gatt.generate_replies(model, tokenizer, shown[:n_bo], n=cfg.eval_k,
+    samples = sampling.generate_replies(model, tokenizer, shown[:n_bo], n=cfg.eval_k,
                                temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                                seed=cfg.seed + 11, batch=cfg.gen_batch,
                                stop_at_newline=cfg.fewshot > 0, rt=rt,
@@ -359,7 +359,7 @@ def rm_rewards(rm, dialogs: list[list[dict]], texts: list[str]) -> list[float]:
 
 
 def judge_scores(dialogs: list[list[dict]], replies: list) -> list[float]:
-    """world.score of each reply (a gatt.Reply: its text and whether it ended with EOS)."""
+    """world.score of each reply (a sampling.Reply: its text and whether it ended with EOS)."""
     return [world.score(d, r.text, r.eos).total for d, r in zip(dialogs, replies)]
 
 
@@ -374,11 +374,11 @@ def user_sampling(cfg, temperature: float) -> tuple[float, float]:
 
 def _one_each(model, tokenizer, prompts, temperature, cfg, rt, seed, desc, top_p=None):
     """One reply per prompt (greedy at temperature 0); a prompt with no room gets an empty one."""
-    out = gatt.generate_replies(model, tokenizer, prompts, temperature=temperature,
+    out = sampling.generate_replies(model, tokenizer, prompts, temperature=temperature,
                                 top_p=cfg.top_p if top_p is None else top_p,
                                 max_new_tokens=cfg.max_new_tokens, seed=seed,
                                 batch=cfg.gen_batch, rt=rt, desc=desc)
-    return [r[0] if r else gatt.Reply("", False, 0) for r in out]
+    return [r[0] if r else sampling.Reply("", False, 0) for r in out]
 
 
 def _stats(prompts, replies, rm) -> dict:
@@ -441,7 +441,7 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
 
     # Fig. 7: the same M samples per prompt scored by the RM and by the judge
     few = prompts[:cfg.eval_bestof_n]
-    samples = gatt.generate_replies(model, tokenizer, few, n=cfg.eval_k, temperature=temperature,
+    samples = sampling.generate_replies(model, tokenizer, few, n=cfg.eval_k, temperature=temperature,
                                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                                     seed=cfg.seed + 31, batch=cfg.gen_batch, rt=rt,
                                     desc=f"{label} best-of-{cfg.eval_k}")

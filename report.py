@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,11 @@ class Config:
     size: str = ""  # the pipeline size, for the header (full, quick, tiny; "" = read pipeline.json)
 
 
+# the pipeline's ORACLE / ablation stages (pipeline.build_stages with --ablations marks them
+# oracle; their names are the same at every size): counted apart from the recipe's time.
+# tests/test_pipeline.py checks this rule against the stages the pipeline builds
+ABLATION_STAGES = re.compile(r"(eval_)?sft_curated|gatt_judge\d+|eval_gatt_judge|rm_ablation|"
+                             r"rm_frac[\d.]+|rm_(none|small|large)_\d+|rm_nosyn|rs_oracle")
 NOT_RUN = "not run"
 
 # the paper's results we set ours beside (its Tables 8 and 28)
@@ -596,14 +601,16 @@ def ppo(run: Path, out: Path):
             f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
             f"sampled{vs}; EOS {final['greedy']['eos_rate']:.0%}"
             + (f"; KL to pi_0 at the end {its[-1]['kl']:.2f} nats" if its else ""))
-    # early stopping keeps the policy of the best validation score, not the last one; pi_0's
-    # (iteration 0) counts too, and the first of equal scores wins, as in train_rlhf.py
-    val = [r for r in rows if "val_score" in r and "iteration" in r and "eval" not in r]
-    if its and val:
-        best = max(val, key=lambda r: (r["val_score"], -r["iteration"]))
-        ours += (f"; the model kept: iteration {best['iteration']} of {its[-1]['iteration']} (best "
-                 f"validation RM score; KL {best.get('kl', 0.0):.2f})"
-                 + (": the start policy, PPO never beat it" if best["iteration"] == 0 else ""))
+    # the model kept is the last iteration train_rlhf.py marked val_kept (pi_0, iteration 0,
+    # unless one beat it by more than keep_se paired standard errors on the validation prompts)
+    kept = [r for r in rows if r.get("val_kept") and "iteration" in r and "eval" not in r]
+    if its and kept:
+        k = kept[-1]
+        se = f"{k['val_se']:.3f}" if k.get("val_se") is not None else "inf"
+        ours += (f"; the model kept: iteration {k['iteration']} of {its[-1]['iteration']} "
+                 + (f"(validation RM score {k['val_diff']:+.3f} ± {se} above pi_0's, paired; KL "
+                    f"{k.get('kl', 0.0):.2f})" if k["iteration"] else
+                    "(KL 0.00): the start policy, no iteration beat it beyond noise"))
     row = ["PPO (§3.2.3)", paper, ours,
            f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
            "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model ranks "
@@ -612,7 +619,8 @@ def ppo(run: Path, out: Path):
            "Per iteration, on that iteration's rollouts (training-split prompts): the whitened RM "
            "score at EOS, the judge's score of the same replies (measured only, never a training "
            "signal), the KL to pi_0 (nats per reply), EOS rate and length; val is the RM score on "
-           "the validation prompts that early stopping watches. The model kept is the best by val."
+           "the validation prompts that early stopping watches. The model kept is the last that beat "
+           "pi_0's val beyond noise (its paired difference ± one standard error in the row above)."
            + _negative_kl(its),
            "", "| iteration | RM score | judge | KL to pi_0 | score - beta KL | EOS | length | "
            "entropy | val |", "|---|---|---|---|---|---|---|---|---|"]
@@ -720,9 +728,7 @@ def timings(run: Path) -> list[str]:
     if not rows:
         return []
     rows.sort()
-    import pipeline  # which stages are ORACLE / ablation ones (the same names at every size)
-    extra = {st.name for st in pipeline.build_stages(pipeline.Config(ablations=True), run)
-             if st.oracle}
+    extra = {name for _, name, _ in rows if ABLATION_STAGES.fullmatch(name)}
     out = ["## Time per stage", "", "A stage rerun later (its inputs changed) shows its last run; "
            "the RM's preference pairs are built once and cached, so an RM stage that reused them "
            "shows only its training and evaluation.", "",

@@ -14,7 +14,7 @@ into Vi:
      with EOS is never picked (training on it would teach the model not to stop). From V3 on the
      gold answer is the best over the samples of ALL iterations so far (the paper's fix for V3's
      forgetting), `--pool false` uses this iteration's samples only;
-  4. fine-tune V(i-1) on (prompt, gold answer) with train_sft's answer-only loss and packing.
+  4. fine-tune V(i-1) on (prompt, gold answer) with SFT's answer-only loss and packing (sft_data.py).
 After the last iteration, Vn is tuned and evaluated the same way. The reward model selects; the
 world's judge only measures (`--select judge` is a labelled ORACLE ablation).
 
@@ -74,9 +74,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import evaluate
-import gatt
 import llama2
-import train_sft
+import sampling
+import sft_data
 import training
 import world
 
@@ -132,7 +132,7 @@ class Config:
     ppo_judge: bool = True  # log the judge's score of each batch's rollouts (measured only, never trained on)
     compare: str = ""  # name=checkpoint,... win rates against other models on the held-out prompts: rs, of every Vi (eval.json "win_rate_vs", e.g. sft=out/pipeline/sft); ppo, of the final model (eval_final.json "compare", e.g. sft=...,rs=out/pipeline/rs/V3)
     report: str = ""  # ppo: run_dir,run_dir,... of finished PPO runs (e.g. a --beta sweep): ppo_overopt.png and the table, no training
-    # fine-tuning on the gold answers (train_sft's answer-only loss and packing; Llama 2 SFT values in brackets)
+    # fine-tuning on the gold answers (SFT's answer-only loss and packing, sft_data.py; Llama 2 SFT values in brackets)
     epochs: float = 2.0  # passes over the gold answers per iteration (SFT: 2)
     batch_size: int = 8  # packed rows per optimizer step (SFT: 64 rows of 4096)
     micro_batch: int = 1  # rows per forward pass
@@ -201,7 +201,7 @@ def parse_stop_at(text: str) -> tuple[int, int] | None:
 
 def sample_k(model, tokenizer, prompts, cfg, temperature: float, seed: int, rt, desc: str):
     """k replies per prompt at `temperature` (batched with the KV cache): [[Reply] * k or None]."""
-    return gatt.generate_replies(model, tokenizer, prompts, n=cfg.k, temperature=temperature,
+    return sampling.generate_replies(model, tokenizer, prompts, n=cfg.k, temperature=temperature,
                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
                                  batch=cfg.gen_batch, rt=rt, desc=desc)
 
@@ -316,51 +316,19 @@ def tune_temperature(model, tokenizer, rm, prompts, cfg, iteration: int, rt) -> 
 
 
 # -----------------------------------------------------------------------------------------------
-# fine-tuning on the gold answers: train_sft's answer-only loss and packing
+# fine-tuning on the gold answers: SFT's answer-only loss and packing (sft_data.py)
 
 
 def gold_examples(tokenizer, prompts, gold, seq_len: int, seed: int):
-    """(prompt + gold answer) examples, answer-only loss (train_sft.encode_example "last": the
+    """(prompt + gold answer) examples, answer-only loss (sft_data.encode_example "last": the
     earlier turns, written by the careful human, are context), dropped if too long, shuffled."""
-    examples = [train_sft.encode_example(tokenizer,
-                                         d + [{"role": "assistant", "content": g["text"]}],
-                                         "last", f"prompt {p}")
+    examples = [sft_data.encode_example(tokenizer,
+                                        d + [{"role": "assistant", "content": g["text"]}],
+                                        "last", f"prompt {p}")
                 for p, (d, g) in enumerate(zip(prompts, gold)) if g is not None]
-    examples, dropped = train_sft.fit_examples(examples, seq_len)
+    examples, dropped = sft_data.fit_examples(examples, seq_len)
     random.Random(seed).shuffle(examples)
     return examples, dropped
-
-
-def train_step(model, optimizer, examples, step_rows, cfg, rt) -> tuple[float, int, float]:
-    """One optimizer step over the step's packed rows (gradient accumulation over micro-batches,
-    each weighted by its share of the step's answer tokens, as train_sft). Under torchrun each
-    rank takes its slice of the rows; DDP averages the gradients over the ranks, so each rank's
-    loss is scaled by world_size to give the 1-process gradient. -> (loss, tokens, grad norm)."""
-    n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)  # over ALL ranks' rows
-    per_rank = len(step_rows) // rt.world_size
-    mine = step_rows[rt.rank * per_rank:(rt.rank + 1) * per_rank]
-    loss_sum, tokens = 0.0, 0
-    for m in range(0, len(mine), cfg.micro_batch):
-        # (every row holds at least one gold answer and its EOS, so no micro-batch is empty and
-        # every rank reaches the gradient all-reduce of its last micro-batch)
-        batch = train_sft.make_batch(examples, mine[m:m + cfg.micro_batch], True, rt.device)
-        k = int((batch["targets"] != -100).sum())
-        # DDP all-reduces the gradients on the last micro-batch only (forward and backward
-        # both inside the context)
-        with training.sync_gradients(model, m + cfg.micro_batch >= len(mine)):
-            with rt.autocast():
-                _, loss = train_sft.forward_batch(model, batch)
-            (loss * (k / n_kept) * rt.world_size).backward()
-        loss_sum += loss.item() * k
-        tokens += batch["tokens"].numel()
-    if rt.distributed:  # the step's numbers over all ranks, for the log
-        loss_sum = training.all_reduce_mean(loss_sum, rt) * rt.world_size
-        tokens = round(training.all_reduce_mean(tokens, rt) * rt.world_size)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / max(1, n_kept), tokens, float(gnorm)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -658,7 +626,7 @@ def batch_stats(mbs: list[dict], cfg, rt) -> dict:
 def judge_rollouts(tokenizer, dialogs, rolls) -> float:
     """The judge's mean score of the rollouts: MEASURED for the log only, after the update; the
     training never reads it."""
-    replies = [gatt.Reply(gatt.clean_reply(tokenizer.decode(
+    replies = [sampling.Reply(sampling.clean_reply(tokenizer.decode(
         r["response"][:-1] if r["eos"] else r["response"])), r["eos"], len(r["response"]))
         for r in rolls]
     return sum(evaluate.judge_scores(dialogs, replies)) / max(1, len(replies))
@@ -734,7 +702,7 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     ref = llama2.Transformer(policy.args).to(rt.device)
     ref.load_state_dict(policy.state_dict())
     ref.eval().requires_grad_(False)  # pi_0: frozen
-    rm = load_rm(cfg, tokenizer, rt)
+    rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint, rt)
     rm.eval().requires_grad_(False)
     critic, _ = llama2.load_reward_model(cfg.reward_model, device=str(rt.device))
     critic = critic.float()  # value model initialized from the reward model
@@ -982,19 +950,11 @@ def load_compare(path: str, tokenizer, rt):
     return model.float().eval()
 
 
-def _stage_of(path: str) -> str | None:
-    p = Path(path)
-    p = p / "ckpt.pt" if p.is_dir() else p
-    if p.is_file() and p.suffix == ".pt":
-        return llama2.load_checkpoint_file(p).get("stage")
-    return None
-
-
 def load_policy(cfg: Config, rt):
     """The start policy: one of our chat checkpoints (or an external chat model); a pretrained
     base model or a reward model is refused with one line."""
     try:
-        stage = _stage_of(cfg.checkpoint)
+        stage = training.stage_of(cfg.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
     if stage == "pretrain":
@@ -1011,19 +971,6 @@ def load_policy(cfg: Config, rt):
     if tok is None:
         raise SystemExit(f"error: --checkpoint {cfg.checkpoint} carries no tokenizer")
     return model.float(), tok, stage or "external"
-
-
-def load_rm(cfg: Config, tokenizer, rt):
-    """The reward model; it must read the policy's tokens (the same tokenizer)."""
-    try:
-        rm, rm_tok = llama2.load_reward_model(cfg.reward_model, device=str(rt.device))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --reward_model {cfg.reward_model}: {e}") from None
-    if rm_tok is None or rm_tok.model_bytes != tokenizer.model_bytes:
-        raise SystemExit(f"error: --reward_model {cfg.reward_model} does not use the policy's "
-                         f"tokenizer ({cfg.checkpoint}); train the RM from this policy's family")
-    rm.tokenizer = rm_tok
-    return rm
 
 
 def check_config(cfg: Config) -> None:
@@ -1086,11 +1033,6 @@ def main(argv=None) -> None:
         training.cleanup_runtime()
 
 
-def _barrier(rt) -> None:
-    if rt.distributed:
-        torch.distributed.barrier()
-
-
 def run(cfg: Config, rt, stop_at) -> None:
     """The iterations (main() sets up and tears down the process group around it)."""
     training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)  # refuses sizes that do not divide
@@ -1101,7 +1043,7 @@ def run(cfg: Config, rt, stop_at) -> None:
 
     # ---- models: the policy (V0, or the resumed state) and the fixed reward model
     model, tokenizer, start_stage = load_policy(cfg, rt)
-    rm = load_rm(cfg, tokenizer, rt)
+    rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint, rt)
     seq_len = cfg.seq_len or model.args.max_seq_len
     if seq_len > model.args.max_seq_len:
         raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
@@ -1208,7 +1150,7 @@ def run(cfg: Config, rt, stop_at) -> None:
                       + "".join(f"\n  win rate against {n} (judged, one sample each, ties half; "
                                 f"floor/chance 50%): greedy {w['greedy']:.1%}, sampled "
                                 f"{w['sampled']:.1%}" for n, w in ev.get("win_rate_vs", {}).items()))
-        _barrier(rt)
+        training.barrier(rt)
         if i > cfg.iterations:
             break
 
@@ -1228,7 +1170,7 @@ def run(cfg: Config, rt, stop_at) -> None:
             if rt.is_master:
                 write_samples(samples_path, prompts, samples, rewards, best, judged, T)
             save(i, 0)  # the samples are on disk: a resume from here re-reads them
-            _barrier(rt)
+            training.barrier(rt)
             rows = read_samples(samples_path)
         # the gold answers: this iteration's picks, or the best over all iterations (pooling)
         pooled = cfg.pool and i >= cfg.pool_from
@@ -1249,8 +1191,8 @@ def run(cfg: Config, rt, stop_at) -> None:
         if not examples:
             raise SystemExit(f"error: iteration {i}: no gold answer (no sample ended with EOS); "
                              "raise --max_new_tokens or check the policy with train_sft.py --eval")
-        rows_ = train_sft.pack_rows([len(e) for e in examples], seq_len)
-        sampler = train_sft.RowSampler(len(rows_), cfg.seed * 31 + i)
+        rows_ = sft_data.pack_rows([len(e) for e in examples], seq_len)
+        sampler = sft_data.RowSampler(len(rows_), cfg.seed * 31 + i)
         n_steps = max(1, math.ceil(cfg.epochs * len(rows_) / cfg.batch_size))
         optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
@@ -1269,7 +1211,8 @@ def run(cfg: Config, rt, stop_at) -> None:
             training.set_lr(optimizer, lr)
             step_rows = [rows_[sampler.row(step * cfg.batch_size + r)]
                          for r in range(cfg.batch_size)]
-            loss, tokens, gnorm = train_step(ddp_model, optimizer, examples, step_rows, cfg, rt)
+            loss, tokens, gnorm, _ = sft_data.train_step(ddp_model, optimizer, examples, step_rows,
+                                                         cfg.micro_batch, cfg.grad_clip, True, rt)
             if not math.isfinite(loss):
                 raise SystemExit(f"error: the loss became {loss} at iteration {i} step {step + 1}; "
                                  "lower --lr")
@@ -1294,7 +1237,7 @@ def run(cfg: Config, rt, stop_at) -> None:
                 "config": asdict(cfg), "stage": "rlhf", "parent": cfg.checkpoint,
                 "iteration": i})
         save(i + 1, 0)
-        _barrier(rt)
+        training.barrier(rt)
         t_train += time.perf_counter() - t0
         log.print(f"V{i}: saved {out_dir / f'V{i}'}")
 

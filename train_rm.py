@@ -284,7 +284,7 @@ def _load_chat(path: str, rt, tokenizer_path: str = "", flag: str = "--checkpoin
         tok = llama2.Tokenizer(tokenizer_path)
     if tok is None:
         raise SystemExit(f"error: {path} carries no tokenizer; pass --tokenizer path/to/tokenizer.model")
-    stage = _stage_of(path)
+    stage = training.stage_of(path)
     if stage == "pretrain":
         raise SystemExit(f"error: {path} is a pretrained checkpoint without the chat format; the "
                          "reward model and its pairs need a chat model (SFT or GAtt, train_sft.py)")
@@ -306,22 +306,13 @@ def _who_writes(path: str) -> str:
             + (f", or give {found[0]}, which exists" if found else ""))
 
 
-def _stage_of(path: str) -> str:
-    """The "stage" recorded in one of our checkpoints ("pretrain", "sft", ...), else "external"."""
-    p = Path(path)
-    p = p / "ckpt.pt" if p.is_dir() else p
-    if p.is_file() and p.suffix == ".pt":
-        return str(llama2.load_checkpoint_file(p).get("stage", "external"))
-    return "external"
-
-
 def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
     """n pairs on prompts of `split`: each prompt answered by two different variants (model,
     temperature) drawn at random, labelled by the simulated annotator and by the noise-free judge.
     A prompt is skipped when a response did not end with EOS (the RM reads every response at an
     EOS, and the judge would score the missing one) or the two responses are the same text; more
     prompts are drawn until n pairs are made."""
-    import gatt
+    import sampling
     problems_from = "train" if split == "train" else "heldout"  # the world's split
     vs = variants(cfg)
     levels = world.parse_levels(cfg.pair_levels)
@@ -346,7 +337,7 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
                 # all of a variant's prompts in one call: sorted by length there, so each batch
                 # holds prompts of nearly one length (a batch costs longest - shortest prompt +
                 # new tokens steps; chunks of 256 had run at 39 replies/s, one call at 63)
-                out = gatt.generate_replies(model, tok, [prompts[i] for i, _ in jobs],
+                out = sampling.generate_replies(model, tok, [prompts[i] for i, _ in jobs],
                                             temperature=temp, max_new_tokens=cfg.max_new_tokens,
                                             seed=cfg.pair_seed + 7919 * (vi + 1) + 10**6 * rnd,
                                             batch=cfg.gen_batch, rt=rt,
@@ -951,12 +942,7 @@ def _main(cfg: Config, rt) -> None:
                 (loss * len(rc) / cfg.batch_size * rt.world_size).backward()
             stats += torch.tensor([loss.item() * len(rc), (rc > rr).sum().item(),
                                    batch["tokens"].numel()], dtype=torch.float64, device=rt.device)
-        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(),
-                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
-            gnorm = gnorm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        gnorm = training.clip_and_step(rm, optimizer, cfg.grad_clip)
         step += 1
         if rt.distributed:
             torch.distributed.all_reduce(stats)
@@ -964,9 +950,9 @@ def _main(cfg: Config, rt) -> None:
         if not math.isfinite(train_loss):
             raise SystemExit(f"error: the loss became {train_loss} at step {step}; lower --lr")
         dt = time.perf_counter() - t0
-        line = (training.step_line(step, max_steps, train_loss, lr, gnorm.item(), dt,
+        line = (training.step_line(step, max_steps, train_loss, lr, gnorm, dt,
                                    stats[2].item() / dt) + f" | acc {100 * acc:.0f}%")
-        log.write({"step": step, "loss": train_loss, "acc": acc, "lr": lr, "gnorm": gnorm.item(),
+        log.write({"step": step, "loss": train_loss, "acc": acc, "lr": lr, "gnorm": gnorm,
                    "ms": dt * 1000, "tok_s": stats[2].item() / dt},
                   line if step % cfg.log_every == 0 or step == max_steps else None)
         if (cfg.save_every and step % cfg.save_every == 0) or step == end_step:

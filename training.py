@@ -6,7 +6,7 @@ all need lives here, one small section per concern, in the order a script uses i
   config      a dataclass -> `--field value` flags (help text = the field's trailing comment)
   runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2)
   schedule    cosine learning rate with linear warmup, decaying to 10% of the peak (Llama 2, §2.2)
-  optimizer   AdamW with weight decay on the matrices only
+  optimizer   AdamW with weight decay on the matrices only; clip_and_step ends every step
   checkpoint  atomic_write (from llama2.py: every file written whole or not at all), one `ckpt.pt`
               loadable with torch.load(weights_only=True), RNG states
   data        corpus reader (.txt / folders / JSONL / the bundled Shakespeare), split by document,
@@ -257,6 +257,13 @@ def rows_per_rank(batch_size: int, micro_batch: int, rt: Runtime) -> int:
     return per_rank
 
 
+def barrier(rt: Runtime) -> None:
+    """Under torchrun: rank 0 builds a file the other ranks read; they wait at this barrier before
+    reading, rank 0 reaches it after writing. One process: nothing."""
+    if rt.distributed:
+        dist.barrier()
+
+
 def broadcast_from_rank0(values: list[float], rt: Runtime) -> list[float]:
     """Rank 0's numbers on every rank (identity with one process). For numbers every rank
     computes redundantly that decide control flow (early stopping) or feed training (reward
@@ -336,6 +343,22 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 0
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """The end of every training step: clip the gradients' global norm at grad_clip (0: no
+    clipping, the norm only measured), take the optimizer step, clear the gradients.
+    -> the norm before clipping (for the log line)."""
+    if grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                               if p.grad is not None])
+    if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
+        gnorm = gnorm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm.item()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -428,6 +451,39 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not path.exists():
         raise SystemExit(f"error: no checkpoint at {path}; train one first or fix the path")
     return llama2.load_checkpoint_file(path, map_location=map_location)
+
+
+def stage_of(path: str | os.PathLike) -> str | None:
+    """The "stage" recorded in one of our checkpoints ("pretrain", "sft", ...); None for a Meta or
+    Hugging Face folder (or a checkpoint that records none). A damaged file is one error line."""
+    p = Path(path)
+    p = p / "ckpt.pt" if p.is_dir() else p
+    if p.is_file() and p.suffix == ".pt":
+        return llama2.load_checkpoint_file(p).get("stage")
+    return None
+
+
+def load_reward_model(path: str, flag: str, tokenizer, family: str, rt: Runtime):
+    """The reward model given by `flag` (--reward_model, --gatt_rm): it must read the tokens of
+    the chat model `family` (the same tokenizer). Its .tokenizer is set; eval mode, float as saved."""
+    try:
+        rm, rm_tok = llama2.load_reward_model(path, device=str(rt.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {flag} {path}: {e}") from None
+    if rm_tok is None or rm_tok.model_bytes != tokenizer.model_bytes:
+        raise SystemExit(f"error: {flag} {path} does not use the tokenizer of {family}; train "
+                         "the reward model from this model's family")
+    rm.tokenizer = rm_tok
+    return rm
+
+
+def context_length(seq_len: int, max_seq_len: int) -> int:
+    """--seq_len (0: the model's context), refused if longer than the model's context."""
+    seq_len = seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
+                         f"({max_seq_len}); lower it")
+    return seq_len
 
 
 def load_resume(ckpt_path: str | os.PathLike, stage: str) -> dict:
@@ -854,6 +910,15 @@ class WindowSampler:
 
 # -----------------------------------------------------------------------------------------------
 # logging
+
+
+def open_metrics(out_dir: Path, keep_steps: int, rt: Runtime | None = None) -> "MetricsLog":
+    """<out_dir>/metrics.jsonl as a MetricsLog: a fresh run starts a fresh log, a resumed one
+    drops what came after its checkpoint (the rows past `keep_steps`); rank 0 creates the folder."""
+    if rt is None or rt.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trim_metrics(out_dir / "metrics.jsonl", keep_steps)
+    return MetricsLog(out_dir / "metrics.jsonl", rt)
 
 
 class MetricsLog:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import evaluate
-import gatt
 import llama2
+import sampling
 import train_rlhf
 import training
 import world
@@ -65,7 +65,7 @@ def test_the_pick_is_the_rm_argmax_and_the_judge_is_not_called(ckpts, tokenizer,
     rm, _ = llama2.load_reward_model(str(ckpts["rm"]))
     prompts = world.chat_prompts(4, "train", 0, max_turns=2)
     texts = ["The answer is 4.", "It is 7.", "no", "The answer is 12."]
-    samples = [[gatt.Reply(t, eos=(j != 1), n_tokens=3) for j, t in enumerate(texts)]
+    samples = [[sampling.Reply(t, eos=(j != 1), n_tokens=3) for j, t in enumerate(texts)]
                for _ in prompts]
     samples[2] = None  # a prompt with no room in the context
 
@@ -193,7 +193,7 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
     T1 = json.loads((out / "iter2" / "tune.json").read_text())["temperature"]
     v1_model, _ = llama2.load_model(str(out / "V1"))
     few = evaluate.held_out_prompts(cfg)[:cfg.eval_bestof_n]
-    samples = gatt.generate_replies(v1_model.float().eval(), tok, few, n=cfg.eval_k,
+    samples = sampling.generate_replies(v1_model.float().eval(), tok, few, n=cfg.eval_k,
                                     temperature=T1, top_p=cfg.top_p,
                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 31,
                                     batch=cfg.gen_batch)
