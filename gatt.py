@@ -100,9 +100,10 @@ def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None, 
         asked = [world.with_instruction_in_every_user_turn(plain[i], seeds[i].inst)
                  for i in active]
         replies = sampling.generate_replies(model, tokenizer, asked, n=k,
-                                   temperature=cfg.gatt_temperature,
-                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + t,
-                                   batch=cfg.gen_batch, rt=rt, desc=f"GAtt turn {t + 1}")
+                                            temperature=cfg.gatt_temperature,
+                                            max_new_tokens=cfg.max_new_tokens,
+                                            seed=cfg.seed * 7919 + t, batch=cfg.gen_batch, rt=rt,
+                                            desc=f"GAtt turn {t + 1}")
         rewards = [None] * len(active)
         if select == "rm":  # one batched RM call per turn over every candidate that ended
             jobs = [(a, j) for a, cands in enumerate(replies) if cands is not None

@@ -406,48 +406,7 @@ def rejection_sampling(run: Path, out: Path):
                  "greedy judged score (win rate against V0): " + wins,
                  f"floor: empty reply {evs[0]['floor']['judge_empty']:.3f}, win rate 50%; "
                  "ceiling 1.0 / 100%", why])
-    sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Greedy: "
-            "one reply at temperature 0; sampled: one reply " + _sampled_at(evs[0]) + " (the "
-            "re-tuned T is what rejection sampling draws its k samples at). Win rate: "
-            "one reply each against V0's (or, in the last columns, the compared model's) on the "
-            "same prompts, judged, ties half.", "",
-            "| model | T (re-tuned) | judged greedy | judged sampled | RM greedy | RM sampled | "
-            "win rate vs V0 (greedy / sampled) | EOS | correct / rambling / repeating (greedy) |"
-            + "".join(f" win rate vs {n} (greedy / sampled) |" for n in vs),
-            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(vs)]
-    for j, (e, t) in enumerate(zip(evs, tunes)):
-        w = e.get("win_rate")
-        sec.append(f"| V{j} | {t['temperature'] if t else '-'} | {e['greedy']['judge']:.3f} | "
-                   f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
-                   f"{e['sampled']['rm']:+.3f} | "
-                   + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "(itself)")
-                   + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
-                   + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
-                             f"{e['win_rate_vs'][n]['sampled']:.0%} |"
-                             if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
-    # the ORACLE ablation (ABLATIONS=1): the same iterations with the judge picking
-    ro, j = run / "rs_oracle", 1
-    while (ro / f"iter{j + 1}" / "eval.json").is_file():
-        e, j = _json(ro / f"iter{j + 1}" / "eval.json"), j + 1
-        w = e.get("win_rate")
-        sec.append(f"| V{j - 1}, judge-picked (ORACLE ablation) | | {e['greedy']['judge']:.3f} | "
-                   f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
-                   f"{e['sampled']['rm']:+.3f} | "
-                   + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "")
-                   + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
-                   + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
-                             f"{e['win_rate_vs'][n]['sampled']:.0%} |"
-                             if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
-    f = evs[0]["floor"]
-    sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
-               "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
-    # the same model (V0 = the GAtt model) has another floor in the judged-score table: other prompts
-    n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
-    gatt = _summary(run / "eval_gatt" / "eval.jsonl")
-    sec += ["", f"The floor row is what an empty reply scores on these {n} held-out prompts. An "
-            "empty reply's score depends on the prompt, so a table on other prompts has another "
-            "floor" + (f" (the judged-score table scores V0, the GAtt model, on {gatt['n']} "
-                       f"prompts: floor {gatt['floor']['empty']:.3f})" if gatt else "") + "."]
+    sec += _rs_table(run, evs, tunes)
     text = (rs / "report.txt").read_text() if (rs / "report.txt").is_file() else ""
     over = [ln for ln in text.splitlines() if "over-optimization" in ln.lower()]
     if over:
@@ -460,7 +419,55 @@ def rejection_sampling(run: Path, out: Path):
     return rows, sec
 
 
+def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
+    """The rejection-sampling table: V0..Vn on held-out prompts (and the judge-picked ORACLE
+    ablation's models, when it ran), then the floor row and what the floor means."""
+    vs = list(evs[0].get("win_rate_vs", {}))  # --compare: against other models (e.g. SFT)
+    sec: list[str] = []
+    sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Greedy: "
+            "one reply at temperature 0; sampled: one reply " + _sampled_at(evs[0]) + " (the "
+            "re-tuned T is what rejection sampling draws its k samples at). Win rate: "
+            "one reply each against V0's (or, in the last columns, the compared model's) on the "
+            "same prompts, judged, ties half.", "",
+            "| model | T (re-tuned) | judged greedy | judged sampled | RM greedy | RM sampled | "
+            "win rate vs V0 (greedy / sampled) | EOS | correct / rambling / repeating (greedy) |"
+            + "".join(f" win rate vs {n} (greedy / sampled) |" for n in vs),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(vs)]
+    for j, (e, t) in enumerate(zip(evs, tunes)):
+        sec.append(_rs_row(f"V{j}", t["temperature"] if t else "-", e, vs, "(itself)"))
+    # the ORACLE ablation (ABLATIONS=1): the same iterations with the judge picking
+    ro, j = run / "rs_oracle", 1
+    while (ro / f"iter{j + 1}" / "eval.json").is_file():
+        e, j = _json(ro / f"iter{j + 1}" / "eval.json"), j + 1
+        sec.append(_rs_row(f"V{j - 1}, judge-picked (ORACLE ablation)", "", e, vs, ""))
+    f = evs[0]["floor"]
+    sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
+               "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
+    # the same model (V0 = the GAtt model) has another floor in the judged-score table: other prompts
+    n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
+    gatt = _summary(run / "eval_gatt" / "eval.jsonl")
+    sec += ["", f"The floor row is what an empty reply scores on these {n} held-out prompts. An "
+            "empty reply's score depends on the prompt, so a table on other prompts has another "
+            "floor" + (f" (the judged-score table scores V0, the GAtt model, on {gatt['n']} "
+                       f"prompts: floor {gatt['floor']['empty']:.3f})" if gatt else "") + "."]
+    return sec
+
+
 FLAW_NAMES = ("none", "wrong", "incomplete", "no_instruction", "rambling", "repeating", "no_eos")
+
+
+def _rs_row(name: str, temperature, e: dict, vs: list[str], no_win: str) -> str:
+    """One model's row of the rejection-sampling table (`no_win` where it has no win rate)."""
+    w = e.get("win_rate")
+    return (f"| {name} |" + (f" {temperature} |" if temperature != "" else " |")
+            + f" {e['greedy']['judge']:.3f} | "
+            f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
+            f"{e['sampled']['rm']:+.3f} | "
+            + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else no_win)
+            + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
+            + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
+                      f"{e['win_rate_vs'][n]['sampled']:.0%} |"
+                      if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
 
 
 def policy_samples(run: Path) -> list[tuple[str, dict]]:
@@ -645,22 +652,7 @@ def ppo(run: Path, out: Path):
     sec.append(f"| floor | {f.get('judge_empty', float('nan')):.3f} (empty) | | "
                f"{f.get('rm_empty', float('nan')):+.3f} (empty) | 50% | | 0% / 0% / 0% | |")
     if compare:
-        sec += ["", "The final model against earlier ones on the same held-out prompts (judged; "
-                "PPO's win rate, ties half; 50% = no better):", "",
-                "| against | its judged greedy | its judged sampled | its RM greedy | PPO wins "
-                "(greedy / sampled) | its correct / rambling / repeating | its adherence turns "
-                "1..n |", "|---|---|---|---|---|---|---|"]
-        for name, c in compare.items():
-            sec.append(f"| {name} (`{Path(c['checkpoint']).name}`) | {c['greedy']['judge']:.3f} | "
-                       f"{c['sampled']['judge']:.3f} | {c['greedy']['rm']:+.3f} | "
-                       f"{c['win_rate']['greedy']:.0%} / {c['win_rate']['sampled']:.0%} | "
-                       f"{_form(c['greedy'])} | "
-                       + " ".join(f"{a:.0%}" for a in c.get("adherence_by_turn", [])) + " |")
-        # the compared models against each other on the same prompts (e.g. RS against SFT), so
-        # PPO's win rate against SFT has RS's beside it
-        for (a, b), w2 in pair_wins.items():
-            sec.append(f"| {a} against {b}, for reference | | | | {a} wins "
-                       f"{w2['greedy']:.0%} / {w2['sampled']:.0%} | | |")
+        sec += _ppo_versus_table(compare, pair_wins)
     verdict = _json(run / "ppo" / "ppo_report.json") or {}
     for name, v in verdict.items():  # over-optimization (Gao et al.): did the judge fall late?
         sec += ["", f"Over-optimization check ({name}): {v['verdict']}."]
@@ -669,6 +661,28 @@ def ppo(run: Path, out: Path):
         _img(sec, out, "report_ppo_overopt.png",
              "over-optimization: RM and judge score against sqrt(KL to pi_0)")
     return row, sec
+
+
+def _ppo_versus_table(compare: dict, pair_wins: dict) -> list[str]:
+    """The final PPO model against the --compare models on the same held-out prompts, and those
+    models against each other for reference."""
+    sec = ["", "The final model against earlier ones on the same held-out prompts (judged; "
+           "PPO's win rate, ties half; 50% = no better):", "",
+           "| against | its judged greedy | its judged sampled | its RM greedy | PPO wins "
+           "(greedy / sampled) | its correct / rambling / repeating | its adherence turns "
+           "1..n |", "|---|---|---|---|---|---|---|"]
+    for name, c in compare.items():
+        sec.append(f"| {name} (`{Path(c['checkpoint']).name}`) | {c['greedy']['judge']:.3f} | "
+                   f"{c['sampled']['judge']:.3f} | {c['greedy']['rm']:+.3f} | "
+                   f"{c['win_rate']['greedy']:.0%} / {c['win_rate']['sampled']:.0%} | "
+                   f"{_form(c['greedy'])} | "
+                   + " ".join(f"{a:.0%}" for a in c.get("adherence_by_turn", [])) + " |")
+    # the compared models against each other on the same prompts (e.g. RS against SFT), so
+    # PPO's win rate against SFT has RS's beside it
+    for (a, b), w2 in pair_wins.items():
+        sec.append(f"| {a} against {b}, for reference | | | | {a} wins "
+                   f"{w2['greedy']:.0%} / {w2['sampled']:.0%} | | |")
+    return sec
 
 
 def _negative_kl(its: list[dict]) -> str:

@@ -7,6 +7,8 @@ assistant's answer tokens and the EOS that ends each answer, so the model learns
 target at position t is token t+1 when token t+1 is an answer token, else -100. Examples are
 packed into rows of the context length; attention never crosses from one example into another
 (cu_seqlens) and RoPE positions restart at 0 for each example. `--pack false` pads instead.
+The encoding, packing, batching and the training step live in sft_data.py (rejection sampling,
+train_rlhf.py, fine-tunes the same way); this script is the stage's steps (_main).
 
 Ghost Attention (`--gatt`). From the SFT model: take multi-turn user prompts and a standing
 instruction, append the instruction to EVERY user message and sample each reply with the model,

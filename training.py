@@ -1,17 +1,19 @@
 """What the four training scripts share.
 
 train_pretrain.py, train_sft.py, train_rm.py and train_rlhf.py are flat scripts; the plumbing they
-all need lives here, one small section per concern, in the order a script uses it:
+all need lives here, one small section per concern, in the order a script uses it. (What only
+the dialog stages share lives beside it: sft_data.py, SFT data; sampling.py, the chat sampler.)
 
   config      a dataclass -> `--field value` flags (help text = the field's trailing comment)
-  runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2)
+  runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2), barrier
   schedule    cosine learning rate with linear warmup, decaying to 10% of the peak (Llama 2, §2.2)
   optimizer   AdamW with weight decay on the matrices only; clip_and_step ends every step
   checkpoint  atomic_write (from llama2.py: every file written whole or not at all), one `ckpt.pt`
-              loadable with torch.load(weights_only=True), RNG states
+              loadable with torch.load(weights_only=True), RNG states; a parent checkpoint's
+              stage_of, load_reward_model (its tokenizer checked), context_length
   data        corpus reader (.txt / folders / JSONL / the bundled Shakespeare), split by document,
               tokenized once into cached uint16/uint32 memmap shards, deterministic batches
-  logging     one line per step on rank 0, the same numbers appended to a JSONL file
+  logging     one line per step on rank 0, the same numbers appended to a JSONL file (open_metrics)
   plot        `python training.py plot out/metrics.jsonl` -> PNG of train/val loss (matplotlib)
 """
 from __future__ import annotations

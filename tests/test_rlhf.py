@@ -3,7 +3,6 @@ across iterations, exact --resume mid-iteration, clear errors, and a tiny end-to
 its report. Tiny models made here; the chat model leans toward EOS so that replies end."""
 import json
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -14,44 +13,19 @@ import sampling
 import train_rlhf
 import training
 import world
-
-
-def _chat_model(tokenizer, seed=0):
-    """A tiny random chat model that ends its replies: every token embedding shares a constant
-    component, and EOS's output row reads it, so EOS has a fair chance at every step."""
-    torch.manual_seed(seed)
-    args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=256)
-    m = llama2.Transformer(args)
-    with torch.no_grad():
-        m.tok_embeddings.weight[:, 0] = 1.0
-        m.output.weight[tokenizer.eos_id, 0] = 0.5
-    return m
-
-
-def _plain_model(tokenizer, seed):
-    torch.manual_seed(seed)
-    return llama2.Transformer(llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words,
-                                                      max_seq_len=256))
-
-
-def _save(path, model, tokenizer, stage):
-    training.save_checkpoint(path / "ckpt.pt", {
-        "model_args": asdict(model.args), "model": model.state_dict(), "config": {},
-        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-        "stage": stage})
-    return path
+from conftest import chat_model, plain_model, save_model
 
 
 @pytest.fixture(scope="module")
 def ckpts(tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("rlhf")
-    chat = _chat_model(tokenizer)
-    return {"sft": _save(d / "sft", chat, tokenizer, "sft"),
-            "pretrain": _save(d / "pt", chat, tokenizer, "pretrain"),
-            "rm": _save(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm"),
+    chat = chat_model(tokenizer)
+    return {"sft": save_model(d / "sft", chat, tokenizer, "sft"),
+            "pretrain": save_model(d / "pt", chat, tokenizer, "pretrain"),
+            "rm": save_model(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm"),
             # another chat model for --compare: other weights and no lean toward EOS, so its
             # replies differ from V0's (which mostly end at once)
-            "other": _save(d / "other", _plain_model(tokenizer, seed=1), tokenizer, "sft")}
+            "other": save_model(d / "other", plain_model(tokenizer, seed=1), tokenizer, "sft")}
 
 
 def _flags(ckpts, out, *more):
@@ -194,9 +168,9 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
     v1_model, _ = llama2.load_model(str(out / "V1"))
     few = evaluate.held_out_prompts(cfg)[:cfg.eval_bestof_n]
     samples = sampling.generate_replies(v1_model.float().eval(), tok, few, n=cfg.eval_k,
-                                    temperature=T1, top_p=cfg.top_p,
-                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 31,
-                                    batch=cfg.gen_batch)
+                                        temperature=T1, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 31,
+                                        batch=cfg.gen_batch)
     rm64 = rm.double()
     with torch.no_grad():
         rewards = [[float(rm64(torch.tensor([llama2.encode_response(tok, d, c.text)]))[0, -1])
