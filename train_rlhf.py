@@ -53,6 +53,10 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     # chat with the last model
     python llama2.py --checkpoint out/rlhf_rs/V3 --chat
 
+The file reads in two contiguous parts, each top to bottom: rejection sampling (selection
+helpers, then `run` and its four steps, then its report) and PPO (rollout, rewards, GAE,
+update, health numbers, then `run_ppo`); after them the inputs both methods check, and main().
+
 Writes in --out_dir: ckpt.pt (the run's state for --resume), V1..Vn/ckpt.pt (each iteration's
 model, stage "rlhf"), iter<i>/{tune,eval}.json and samples.jsonl, metrics.jsonl (a line per
 fine-tuning step and per evaluated model), best_of_n.png (Fig. 7), temperatures.png (Fig. 8),
@@ -1300,7 +1304,7 @@ def ppo_report(run_dirs: list[str], say=print) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
-# checks of the inputs
+# shared by both methods: the inputs (start policy, --compare models) and their checks
 
 
 def parse_compare(text: str) -> dict[str, str]:
