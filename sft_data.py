@@ -214,8 +214,7 @@ class RowSampler:
     def row(self, g: int) -> int:
         epoch, slot = divmod(g, self.R)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.R, generator=gen), epoch
+            self._perm, self._epoch = training.epoch_permutation(self.R, self.seed, epoch), epoch
         return int(self._perm[slot])
 
 

@@ -491,8 +491,7 @@ def pair_batch(examples: list, seq_len: int, device) -> dict:
 
 def pair_order(n: int, seed: int, epoch: int) -> list[int]:
     """The pairs' order in one epoch: a permutation seeded by (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).tolist()
+    return training.epoch_permutation(n, seed, epoch).tolist()
 
 
 # -----------------------------------------------------------------------------------------------

@@ -864,6 +864,13 @@ class TokenShards:
         return np.concatenate([np.asarray(a) for a in self.arrays])
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits n items: a permutation seeded by (seed, epoch), the
+    same in every process and on every resume (pretraining's windows, SFT's rows, the RM's pairs)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
 class WindowSampler:
     """Deterministic pretraining batches: epoch e visits the windows in a permutation seeded by
     (seed, e). Global sequence number g maps to epoch g // W, slot g % W; so the whole data
@@ -887,8 +894,7 @@ class WindowSampler:
     def _window_of(self, g: int) -> int:
         epoch, slot = divmod(g, self.W)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.W, generator=gen), epoch
+            self._perm, self._epoch = epoch_permutation(self.W, self.seed, epoch), epoch
         return int(self._perm[slot])
 
     def batch(self, first: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
