@@ -32,7 +32,7 @@ import random
 import time
 from pathlib import Path
 
-import gatt
+import sampling
 import training
 import world
 
@@ -124,10 +124,10 @@ def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[l
             break
         for i in active:
             histories[i].append({"role": "user", "content": users[i][t]})
-        replies = gatt.generate_replies(model, tokenizer, [histories[i] for i in active],
-                                   max_new_tokens=cfg.max_new_tokens, batch=cfg.gen_batch,
-                                   stop_at_newline=getattr(cfg, "fewshot", 0) > 0, rt=rt,
-                                   desc=f"adherence turn {t + 1}")
+        replies = sampling.generate_replies(model, tokenizer, [histories[i] for i in active],
+                                            max_new_tokens=cfg.max_new_tokens, batch=cfg.gen_batch,
+                                            stop_at_newline=getattr(cfg, "fewshot", 0) > 0, rt=rt,
+                                            desc=f"adherence turn {t + 1}")
         for i, r in zip(active, replies):
             if r is None:
                 alive[i] = False
@@ -163,9 +163,9 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
                                  split=eval_split(cfg))
     shown = ([with_fewshot(d, cfg.fewshot, rng, levels) for d in prompts] if cfg.fewshot
              else prompts)
-    greedy = gatt.generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
-                              batch=cfg.gen_batch, stop_at_newline=cfg.fewshot > 0, rt=rt,
-                              desc="greedy")
+    greedy = sampling.generate_replies(model, tokenizer, shown, max_new_tokens=cfg.max_new_tokens,
+                                       batch=cfg.gen_batch, stop_at_newline=cfg.fewshot > 0, rt=rt,
+                                       desc="greedy")
     texts = [g[0].text if g else "" for g in greedy]
     eos = [bool(g and g[0].eos) for g in greedy]
     summary = world.summarize(prompts, texts, eos)
@@ -190,31 +190,7 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
 
     # 2. pass@1 against best-of-K: K samples per prompt, the judge picks the best (a measurement
     #    of the room for selection, not a training signal)
-    n_bo = min(cfg.eval_bestof_n, len(prompts))
-    samples = gatt.generate_replies(model, tokenizer, shown[:n_bo], n=cfg.eval_k,
-                               temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                               seed=cfg.seed + 11, batch=cfg.gen_batch,
-                               stop_at_newline=cfg.fewshot > 0, rt=rt,
-                               desc=f"best-of-{cfg.eval_k}")
-    best, mean, any_ok, ok = [], [], [], []
-    for d, cands in zip(prompts[:n_bo], samples):
-        sc = [world.score(d, c.text, c.eos) for c in cands] if cands else []
-        tot = [s.total for s in sc] or [0.0]
-        best.append(max(tot))
-        mean.append(sum(tot) / len(tot))
-        ok.append(sum(s.content == 1.0 for s in sc) / max(1, len(sc)))
-        any_ok.append(any(s.content == 1.0 for s in sc))
-        records.append({"kind": "bestof", "messages": d, "responses": [c.text for c in cands or []],
-                        "scores": tot})
-    greedy_rows = records[:n_bo]
-    n_bo = max(1, n_bo)
-    summary["bestof"] = {
-        "k": cfg.eval_k, "temperature": cfg.eval_temperature, "n": len(best),
-        "greedy_score": sum(r["score"] for r in greedy_rows) / n_bo,
-        "pass1_score": sum(mean) / n_bo, "bestof_score": sum(best) / n_bo,
-        "pass1_correct": sum(ok) / n_bo, "passk_correct": sum(any_ok) / n_bo,
-        "greedy_correct": sum(r["content"] == 1.0 for r in greedy_rows) / n_bo,
-    }
+    summary["bestof"] = best_of_k(model, tokenizer, prompts, shown, records, cfg, rt)
     t_bestof = time.perf_counter() - t0 - t_greedy
 
     # 3. adherence by turn: the instruction given once (system message), the model's replies in
@@ -249,6 +225,39 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     print(format_summary(summary))
     print(f"wrote {path} and {out_dir / 'adherence.png'}")
     return summary
+
+
+def best_of_k(model, tokenizer, prompts, shown, records: list, cfg, rt=None) -> dict:
+    """pass@1 against best-of-K on the first eval_bestof_n prompts (`shown`: as the model sees
+    them, with the few-shot examples): K samples each, the judge picks the best. A measurement of
+    the room for selection, never a training signal. Appends a "bestof" record per prompt to
+    `records` (whose first rows are the greedy ones)."""
+    n_bo = min(cfg.eval_bestof_n, len(prompts))
+    samples = sampling.generate_replies(model, tokenizer, shown[:n_bo], n=cfg.eval_k,
+                                        temperature=cfg.eval_temperature,
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 11,
+                                        batch=cfg.gen_batch,
+                                        stop_at_newline=cfg.fewshot > 0, rt=rt,
+                                        desc=f"best-of-{cfg.eval_k}")
+    best, mean, any_ok, ok = [], [], [], []
+    for d, cands in zip(prompts[:n_bo], samples):
+        sc = [world.score(d, c.text, c.eos) for c in cands] if cands else []
+        tot = [s.total for s in sc] or [0.0]
+        best.append(max(tot))
+        mean.append(sum(tot) / len(tot))
+        ok.append(sum(s.content == 1.0 for s in sc) / max(1, len(sc)))
+        any_ok.append(any(s.content == 1.0 for s in sc))
+        records.append({"kind": "bestof", "messages": d, "responses": [c.text for c in cands or []],
+                        "scores": tot})
+    greedy_rows = records[:n_bo]
+    n_bo = max(1, n_bo)
+    return {
+        "k": cfg.eval_k, "temperature": cfg.eval_temperature, "n": len(best),
+        "greedy_score": sum(r["score"] for r in greedy_rows) / n_bo,
+        "pass1_score": sum(mean) / n_bo, "bestof_score": sum(best) / n_bo,
+        "pass1_correct": sum(ok) / n_bo, "passk_correct": sum(any_ok) / n_bo,
+        "greedy_correct": sum(r["content"] == 1.0 for r in greedy_rows) / n_bo,
+    }
 
 
 def read_summary(path: str) -> dict:
@@ -359,7 +368,7 @@ def rm_rewards(rm, dialogs: list[list[dict]], texts: list[str]) -> list[float]:
 
 
 def judge_scores(dialogs: list[list[dict]], replies: list) -> list[float]:
-    """world.score of each reply (a gatt.Reply: its text and whether it ended with EOS)."""
+    """world.score of each reply (a sampling.Reply: its text and whether it ended with EOS)."""
     return [world.score(d, r.text, r.eos).total for d, r in zip(dialogs, replies)]
 
 
@@ -374,11 +383,11 @@ def user_sampling(cfg, temperature: float) -> tuple[float, float]:
 
 def _one_each(model, tokenizer, prompts, temperature, cfg, rt, seed, desc, top_p=None):
     """One reply per prompt (greedy at temperature 0); a prompt with no room gets an empty one."""
-    out = gatt.generate_replies(model, tokenizer, prompts, temperature=temperature,
-                                top_p=cfg.top_p if top_p is None else top_p,
-                                max_new_tokens=cfg.max_new_tokens, seed=seed,
-                                batch=cfg.gen_batch, rt=rt, desc=desc)
-    return [r[0] if r else gatt.Reply("", False, 0) for r in out]
+    out = sampling.generate_replies(model, tokenizer, prompts, temperature=temperature,
+                                    top_p=cfg.top_p if top_p is None else top_p,
+                                    max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                    batch=cfg.gen_batch, rt=rt, desc=desc)
+    return [r[0] if r else sampling.Reply("", False, 0) for r in out]
 
 
 def _stats(prompts, replies, rm) -> dict:
@@ -441,10 +450,11 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
 
     # Fig. 7: the same M samples per prompt scored by the RM and by the judge
     few = prompts[:cfg.eval_bestof_n]
-    samples = gatt.generate_replies(model, tokenizer, few, n=cfg.eval_k, temperature=temperature,
-                                    top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                    seed=cfg.seed + 31, batch=cfg.gen_batch, rt=rt,
-                                    desc=f"{label} best-of-{cfg.eval_k}")
+    samples = sampling.generate_replies(model, tokenizer, few, n=cfg.eval_k,
+                                        temperature=temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens,
+                                        seed=cfg.seed + 31, batch=cfg.gen_batch, rt=rt,
+                                        desc=f"{label} best-of-{cfg.eval_k}")
     pairs = [(d, c) for d, cands in zip(few, samples) if cands for c in cands]
     rm_flat = rm_rewards(rm, [d for d, _ in pairs], [c.text for _, c in pairs])
     judge_flat = judge_scores([d for d, _ in pairs], [c for _, c in pairs])

@@ -1,4 +1,5 @@
-"""Ghost Attention data construction (for train_sft.py) and batched reply sampling (every stage).
+"""Ghost Attention data construction (for train_sft.py); the replies are sampled with
+sampling.generate_replies, the one batched chat sampler.
 
 Ghost Attention (Llama 2 paper §3.3 and A.3.5, SPEC.md §6) is a way of building fine-tuning
 data, not a change to the model: no extra token, no change to attention.
@@ -22,75 +23,14 @@ The judged evaluation of chat models lives in evaluate.py.
 """
 from __future__ import annotations
 
-import contextlib
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import llama2
-import training
+import sampling
 import world
-
-# -----------------------------------------------------------------------------------------------
-# generation
-
-
-@dataclass
-class Reply:
-    text: str      # the reply, EOS removed, cut at a chat tag (a model writing one starts a turn)
-    eos: bool      # ended with EOS (rather than hitting max_new_tokens)
-    n_tokens: int  # generated tokens, EOS included
-
-
-_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
-
-
-def clean_reply(text: str, stop_at_newline: bool = False) -> str:
-    """Cut a generated text at the first chat tag (and, for a base model, at the first newline),
-    so that it can go back into a dialog as an assistant message."""
-    cut = len(text)
-    for s in _TAGS + (("\n",) if stop_at_newline else ()):
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut].strip()
-
-
-def generate_replies(model, tokenizer, dialogs: list[list[dict]], *, n: int = 1,
-                     temperature: float = 0.0, top_p: float = 0.9, max_new_tokens: int = 48,
-                     seed: int = 0, batch: int = 64, stop_at_newline: bool = False,
-                     rt: training.Runtime | None = None, desc: str = "sampling"
-                     ) -> list[list[Reply] | None]:
-    """n replies to each dialog (ending with a user message), batched; temperature 0 is greedy.
-
-    A dialog whose prompt leaves no room in the context gets None. Prompts are sorted by length
-    before batching, since a batch costs (longest - shortest prompt + new tokens) decoding steps.
-    """
-    max_len = model.args.max_seq_len
-    prompts = [llama2.encode_dialog(tokenizer, d)[0] for d in dialogs]
-    jobs = sorted(((len(p), i, j) for i, p in enumerate(prompts) if len(p) < max_len - 1
-                   for j in range(n)))
-    out: list[list[Reply] | None] = [None if len(p) >= max_len - 1 else [None] * n
-                                     for p in prompts]
-    autocast = rt.autocast() if rt is not None else contextlib.nullcontext()
-    model.eval()
-    bar = training.progress(total=len(jobs), desc=desc, unit="reply", leave=False)
-    with autocast, bar:
-        for c in range(0, len(jobs), batch):
-            chunk = jobs[c:c + batch]
-            gens = model.generate([prompts[i] for _, i, _ in chunk], max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=seed + c,
-                                  eos_id=tokenizer.eos_id)
-            for (_, i, j), g in zip(chunk, gens):
-                eos = bool(g) and g[-1] == tokenizer.eos_id
-                text = tokenizer.decode(g[:-1] if eos else g)
-                out[i][j] = Reply(clean_reply(text, stop_at_newline), eos, len(g))
-            bar.update(len(chunk))
-    model.free_cache()
-    return out
-
 
 # -----------------------------------------------------------------------------------------------
 # Ghost Attention data
@@ -99,7 +39,7 @@ def generate_replies(model, tokenizer, dialogs: list[list[dict]], *, n: int = 1,
 GATT_SELECT = ("judge", "rm", "none")
 
 
-def _pick(history: list[dict], cands: list[Reply], inst: world.Standing, select: str,
+def _pick(history: list[dict], cands: list[sampling.Reply], inst: world.Standing, select: str,
           rewards: list[float] | None = None):
     """The reply that goes into the history, and whether it carries loss.
 
@@ -159,10 +99,11 @@ def build_gatt_data(model, tokenizer, cfg, rt=None, seq_len: int | None = None, 
         # GAtt step 2: the model answers with the instruction appended to every user message
         asked = [world.with_instruction_in_every_user_turn(plain[i], seeds[i].inst)
                  for i in active]
-        replies = generate_replies(model, tokenizer, asked, n=k,
-                                   temperature=cfg.gatt_temperature,
-                                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7919 + t,
-                                   batch=cfg.gen_batch, rt=rt, desc=f"GAtt turn {t + 1}")
+        replies = sampling.generate_replies(model, tokenizer, asked, n=k,
+                                            temperature=cfg.gatt_temperature,
+                                            max_new_tokens=cfg.max_new_tokens,
+                                            seed=cfg.seed * 7919 + t, batch=cfg.gen_batch, rt=rt,
+                                            desc=f"GAtt turn {t + 1}")
         rewards = [None] * len(active)
         if select == "rm":  # one batched RM call per turn over every candidate that ended
             jobs = [(a, j) for a, cands in enumerate(replies) if cands is not None

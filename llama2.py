@@ -20,6 +20,7 @@ the paper's §3.2.2: `rm.score(dialogs, responses)` reads each reward at the res
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import math
@@ -27,6 +28,7 @@ import os
 import pickle
 import sys
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -997,6 +999,45 @@ def _read_hf(path: str):
     return args, sd, cfg
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str | None = "wb"):
+    """Write a file whole or not at all; every file the project writes goes through here
+    (training.py and the stage scripts use this one).
+
+        with atomic_write(out / "ckpt.pt") as f: torch.save(state, f)           # binary file
+        with atomic_write(out / "config.json", "w") as f: f.write(text)         # text, UTF-8
+        with atomic_write(out / "model.safetensors", None) as tmp: save_file(tensors, tmp)
+
+    The block writes to a temp file in the same folder (`.<name>.<pid>.<random>.tmp`); when it
+    ends normally the file is flushed, fsync'ed and os.replace'd onto `path`, so a reader sees the
+    old file or the new one, never half of one. On any exception (or Ctrl-C) the temp file is
+    removed and `path` is left as it was. mode None yields the temp path, for writers that open
+    the file themselves. The folder is created if needed.
+    """
+    if mode not in ("w", "wb", None):
+        raise ValueError(f"atomic_write: mode must be 'w', 'wb' or None, not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        if mode is None:
+            tmp.touch(exist_ok=False)
+            yield str(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            # "x" creates the file (never truncates another's); the umask sets its permissions
+            encoding = "utf-8" if mode == "w" else None
+            with open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] = None) -> None:
     """Write config.json + model.safetensors (+ tokenizer.model) in Hugging Face's Llama layout
     (LlamaForCausalLM; a RewardModel as LlamaForSequenceClassification with one label)."""
@@ -1039,7 +1080,6 @@ def export_hf(model: Transformer, out_dir: str, tokenizer: Optional[Tokenizer] =
         # one label; transformers reads it at the last token that is not pad_token_id (our EOS)
         cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
                    id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=0)
-    from training import atomic_write  # the project's one atomic writer: each file whole or not at all
     with atomic_write(os.path.join(out_dir, "model.safetensors"), None) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
@@ -1057,9 +1097,10 @@ def _find_tokenizer(*dirs) -> Optional[Tokenizer]:
     return None
 
 
-def load_ours(path: str, device="cpu", dtype=None):
-    """Our training checkpoint: ckpt.pt with "model_args", "model" and "tokenizer"."""
-    ckpt = load_checkpoint_file(path)
+def load_ours(path: str, device="cpu", dtype=None, ckpt: Optional[dict] = None):
+    """Our training checkpoint: ckpt.pt with "model_args", "model" and "tokenizer" (`ckpt`: its
+    contents when the caller has read them already)."""
+    ckpt = load_checkpoint_file(path) if ckpt is None else ckpt
     for key in ("model_args", "model"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a llama2 checkpoint (no {key!r}); keys: {sorted(ckpt)}")
@@ -1069,16 +1110,17 @@ def load_ours(path: str, device="cpu", dtype=None):
     return model, tok
 
 
-def load_reward_model(path: str, device="cpu", dtype=None):
+def load_reward_model(path: str, device="cpu", dtype=None, ckpt: Optional[dict] = None):
     """Load a reward model -> (RewardModel in eval mode with .tokenizer set, tokenizer or None).
 
     path: our checkpoint written by train_rm.py (ckpt.pt with "reward_head.weight") or a Hugging
     Face LlamaForSequenceClassification directory with one label (export_hf writes one). A chat
-    checkpoint is not a reward model: start one from it with RewardModel.from_chat.
+    checkpoint is not a reward model: start one from it with RewardModel.from_chat. `ckpt`: the
+    ckpt.pt's contents when the caller has read them already.
     """
     ckpt_file = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
     if os.path.isfile(ckpt_file):
-        ckpt = load_checkpoint_file(ckpt_file)
+        ckpt = load_checkpoint_file(ckpt_file) if ckpt is None else ckpt
         if "reward_head.weight" not in ckpt.get("model", {}):
             raise ValueError(f"{ckpt_file} is a {ckpt.get('stage', 'chat')!r} checkpoint, not a reward "
                              "model; train one with train_rm.py")
@@ -1104,17 +1146,18 @@ def load_reward_model(path: str, device="cpu", dtype=None):
     return model, tok
 
 
-def load_model(path: str, device="cpu", dtype=None):
+def load_model(path: str, device="cpu", dtype=None, ckpt: Optional[dict] = None):
     """Load any supported checkpoint -> (model in eval mode, tokenizer or None).
 
     path: our checkpoint (a directory with ckpt.pt, or the file), a Meta directory (params.json +
     consolidated.NN.pth) or a Hugging Face directory (config.json + safetensors or .bin). Tensors
     are loaded with weights_only / safetensors and assigned into a model built on the meta device.
+    `ckpt`: our ckpt.pt's contents when the caller has read them already.
     """
     if os.path.isfile(path):
-        model, tok = load_ours(path, device, dtype)
+        model, tok = load_ours(path, device, dtype, ckpt)
     elif os.path.isfile(os.path.join(path, "ckpt.pt")):
-        model, tok = load_ours(os.path.join(path, "ckpt.pt"), device, dtype)
+        model, tok = load_ours(os.path.join(path, "ckpt.pt"), device, dtype, ckpt)
     elif os.path.isfile(os.path.join(path, "params.json")):
         model, tok = load_meta(path, device, dtype)
     elif os.path.isfile(os.path.join(path, "config.json")):
@@ -1148,11 +1191,17 @@ def _stream_printer(tokenizer: Tokenizer):
     return on_token
 
 
-def _is_reward_model(path: str) -> bool:
-    """Whether a checkpoint holds a reward model (ours with reward_head, or HF sequence classification)."""
+def _read_ours(path: str) -> Optional[dict]:
+    """Our ckpt.pt's contents when `path` is one of ours (the file or its folder), else None; read
+    once at startup and handed to the loader."""
     ckpt = path if os.path.isfile(path) else os.path.join(path, "ckpt.pt")
-    if os.path.isfile(ckpt):
-        return "reward_head.weight" in load_checkpoint_file(ckpt).get("model", {})
+    return load_checkpoint_file(ckpt) if os.path.isfile(ckpt) else None
+
+
+def _is_reward_model(path: str, ours: Optional[dict]) -> bool:
+    """Whether a checkpoint holds a reward model (ours with reward_head, or HF sequence classification)."""
+    if ours is not None:
+        return "reward_head.weight" in ours.get("model", {})
     cfg = os.path.join(path, "config.json")
     return os.path.isfile(cfg) and "LlamaForSequenceClassification" in json.load(open(cfg)).get(
         "architectures", [])
@@ -1248,13 +1297,14 @@ def main(argv=None):
 
     device = _pick_device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype else None
-    if _is_reward_model(a.checkpoint):
+    ours = _read_ours(a.checkpoint)  # read once (None for a Meta or Hugging Face folder)
+    if _is_reward_model(a.checkpoint, ours):
         if not a.export_hf:
             p.error(f"{a.checkpoint} is a reward model: it scores, it does not generate; use "
                     "--export-hf, or train_rm.py --eval")
-        model, tok = load_reward_model(a.checkpoint, device=device, dtype=dtype)
+        model, tok = load_reward_model(a.checkpoint, device=device, dtype=dtype, ckpt=ours)
     else:
-        model, tok = load_model(a.checkpoint, device=device, dtype=dtype)
+        model, tok = load_model(a.checkpoint, device=device, dtype=dtype, ckpt=ours)
     if a.tokenizer:
         tok = Tokenizer(a.tokenizer)
     if a.export_hf:

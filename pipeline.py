@@ -202,8 +202,6 @@ class Stage:
     stop_flag: str = ""  # the script's flag that stops it mid-run (--stop_at_step, --stop_at)
     oracle: bool = False  # an ORACLE / ablation stage (only with --ablations)
     tag: str = ""  # how its banner labels it: "ORACLE ablation" (the judge picks), "ablation"
-    missing: str = ""  # why it cannot run in this checkout (then it is skipped with this message)
-    probe: str = ""  # text in the script's error that means "not built yet" (then skipped)
     done_marker: bool = True  # false: always rerun (the report: cheap, reads the latest outputs)
 
 
@@ -224,63 +222,80 @@ def _with_flags(argv: list[str], **flags) -> list[str]:
     return argv
 
 
+def _fill(cfg: Config, o: str, args: list[str]) -> list[str]:
+    """A KNOBS flag list for this run: {out} -> the out_dir; who writes the SFT and GAtt answers
+    (--writers); --model: the same recipe with another shape."""
+    args = [a.replace("{out}", o) for a in args]
+    if "--world_n" in args and cfg.writers != "careful":  # SFT and GAtt: who writes the answers
+        args = args + ["--world_writers", cfg.writers]
+    if cfg.model and "--model" in args:  # --model: the same recipe with another shape
+        args[args.index("--model") + 1] = cfg.model
+    return args
+
+
+def _launch(cfg: Config, script: str) -> list[str]:
+    """Pretraining and SFT as KNOBS' "procs" processes (torchrun: DDP over gloo, one thread each),
+    so both cores train; fewer if the machine has fewer cores."""
+    p = min(KNOBS[cfg.size].get("procs", 1), os.cpu_count() or 1)
+    return (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p}", script]
+            if p > 1 else [script])
+
+
+def _eval_stage(cfg: Config, o: str, name: str, ckpt: str, label: str, needs: list[str],
+                knobs: str = "evals", extra=()) -> Stage:
+    """The judged evaluation of one chat model (train_sft.py --eval)."""
+    k = KNOBS[cfg.size]
+    return Stage(name, f"judged evaluation of {label} on held-out problems (§3.4)",
+                 ["train_sft.py", "--eval", "--checkpoint", f"{o}/{ckpt}", "--label", label,
+                  *_fill(cfg, o, k[knobs]), *extra, "--out_dir", f"{o}/{name}"],
+                 ["eval.jsonl"], needs, k["estimate"].get(name, k["estimate"]["eval_sft"]))
+
+
+def _gatt_stage(cfg: Config, o: str, name: str, parent: str, select: str, seed: int,
+                oracle: bool = False) -> Stage:
+    """One round of Ghost Attention from `parent` (train_sft.py --gatt)."""
+    k = KNOBS[cfg.size]
+    kk = ["--gatt_k", str(k["gatt_k"])] if select == "judge" else ["--gatt_k", "1"]
+    what = ("judge-picked replies, best of K: an ORACLE ablation (the judge also evaluates)"
+            if select == "judge" else "one sampled reply each, no filter")
+    return Stage(name, f"Ghost Attention round {seed} from {parent}, {what} (§3.3)",
+                 ["train_sft.py", "--gatt", "--gatt_select", select, *kk,
+                  "--checkpoint", f"{o}/{parent}", *_fill(cfg, o, k["world"]),
+                  *_fill(cfg, o, k["gatt"]), "--seed", str(seed), "--out_dir", f"{o}/{name}"],
+                 ["ckpt.pt"], [parent], k["estimate"][name], resume=True,
+                 stop_flag="--stop_at_step", oracle=oracle,
+                 tag="ORACLE ablation" if select == "judge" else "")
+
+
+def _rm_stage(cfg: Config, o: str, name: str, margin: str, seed: int, oracle: bool = False,
+              frac: float = 1.0, synthetic: bool = True) -> Stage:
+    """A reward model (train_rm.py) from the SFT model, on pairs of the SFT and GAtt models."""
+    k = KNOBS[cfg.size]
+    part = f", {frac:g} of the training pairs" if frac != 1.0 else ""
+    return Stage(name, f"reward model, margin {margin}, seed {seed}{part}: preference pairs from the "
+                       "SFT and GAtt models labelled by simulated annotators, trained and "
+                       "evaluated on held-out pairs (§3.2.2, Tables 8 and 28)",
+                 ["train_rm.py", "--checkpoint", f"{o}/sft", "--pair_models",
+                  f"{o}/sft,{o}/gatt2", "--pairs_dir", f"{o}/rm_pairs", *_fill(cfg, o, k["rm"]),
+                  "--margin", margin, "--seed", str(seed), "--threads", "1",
+                  *(["--train_frac", str(frac)] if frac != 1.0 else []),
+                  *(["--synthetic_pairs", str(cfg.synthetic_pairs)]
+                    if cfg.synthetic_pairs and synthetic else []),
+                  "--out_dir", f"{o}/{name}"],
+                 ["ckpt.pt", "eval.json"], ["sft", "gatt2"],
+                 k["estimate"]["rm"] if not oracle else k["estimate"]["rm_margin"], resume=True,
+                 stop_flag="--stop_at_step", oracle=oracle)
+
+
 def build_stages(cfg: Config, out: Path) -> list[Stage]:
-    """The recipe's stages for cfg.size, in order. Add a stage here to extend the pipeline."""
+    """The recipe's stages for cfg.size, in order (with --ablations the ORACLE / ablation stages
+    after them, _ablation_stages), the report last. Add a stage here to extend the pipeline."""
     k = KNOBS[cfg.size]
     est = k["estimate"]
     o = str(out)
-
-    def fill(args):
-        args = [a.replace("{out}", o) for a in args]
-        if "--world_n" in args and cfg.writers != "careful":  # SFT and GAtt: who writes the answers
-            args = args + ["--world_writers", cfg.writers]
-        if cfg.model and "--model" in args:  # --model: the same recipe with another shape
-            args[args.index("--model") + 1] = cfg.model
-        return args
-
-    def launch(script):
-        # pretraining and SFT as k["procs"] processes (torchrun: DDP over gloo, one thread each),
-        # so both cores train; fewer if the machine has fewer cores
-        p = min(k.get("procs", 1), os.cpu_count() or 1)
-        return (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p}", script]
-                if p > 1 else [script])
-
-    def ev(name, ckpt, label, needs, knobs="evals", extra=()):
-        return Stage(name, f"judged evaluation of {label} on held-out problems (§3.4)",
-                     ["train_sft.py", "--eval", "--checkpoint", f"{o}/{ckpt}", "--label", label,
-                      *fill(k[knobs]), *extra, "--out_dir", f"{o}/{name}"],
-                     ["eval.jsonl"], needs, est.get(name, est["eval_sft"]))
-
-    def gatt_round(name, parent, select, seed, oracle=False):
-        kk = ["--gatt_k", str(k["gatt_k"])] if select == "judge" else ["--gatt_k", "1"]
-        what = ("judge-picked replies, best of K: an ORACLE ablation (the judge also evaluates)"
-                if select == "judge" else "one sampled reply each, no filter")
-        return Stage(name, f"Ghost Attention round {seed} from {parent}, {what} (§3.3)",
-                     ["train_sft.py", "--gatt", "--gatt_select", select, *kk,
-                      "--checkpoint", f"{o}/{parent}", *fill(k["world"]), *fill(k["gatt"]),
-                      "--seed", str(seed), "--out_dir", f"{o}/{name}"],
-                     ["ckpt.pt"], [parent], est[name], resume=True, stop_flag="--stop_at_step",
-                     oracle=oracle, tag="ORACLE ablation" if select == "judge" else "")
-
-    def rm(name, margin, seed, oracle=False, frac=1.0, synthetic=True):
-        part = f", {frac:g} of the training pairs" if frac != 1.0 else ""
-        return Stage(name, f"reward model, margin {margin}, seed {seed}{part}: preference pairs from the "
-                           "SFT and GAtt models labelled by simulated annotators, trained and "
-                           "evaluated on held-out pairs (§3.2.2, Tables 8 and 28)",
-                     ["train_rm.py", "--checkpoint", f"{o}/sft", "--pair_models",
-                      f"{o}/sft,{o}/gatt2", "--pairs_dir", f"{o}/rm_pairs", *fill(k["rm"]),
-                      "--margin", margin, "--seed", str(seed), "--threads", "1",
-                      *(["--train_frac", str(frac)] if frac != 1.0 else []),
-                      *(["--synthetic_pairs", str(cfg.synthetic_pairs)]
-                        if cfg.synthetic_pairs and synthetic else []),
-                      "--out_dir", f"{o}/{name}"],
-                     ["ckpt.pt", "eval.json"], ["sft", "gatt2"],
-                     est["rm"] if not oracle else est["rm_margin"], resume=True,
-                     stop_flag="--stop_at_step", oracle=oracle)
-
+    fill = lambda args: _fill(cfg, o, args)  # noqa: E731
+    ev = lambda *a, **kw: _eval_stage(cfg, o, *a, **kw)  # noqa: E731
     n = k["rs_iterations"]
-    rlhf = ROOT / "train_rlhf.py"
-    no_rlhf = "" if rlhf.is_file() else "train_rlhf.py does not exist yet (issue 12)"
     stages = [
         Stage("world_text", "the simulated world's text (prompts and answers as plain lines), "
                             "pretrained on beside Shakespeare so the chat words are not new",
@@ -290,7 +305,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # dialogs need a 512-token context; lr 2e-3 with 40 warmup steps suits a 3M model
         Stage("pretrain", "pretraining: next-token prediction on Shakespeare + the world's text, "
                           "AdamW, cosine, clipping (§2.2)",
-              [*launch("train_pretrain.py"), *fill(k["pretrain"]), "--out_dir", f"{o}/pretrain"],
+              [*_launch(cfg, "train_pretrain.py"), *fill(k["pretrain"]), "--out_dir", f"{o}/pretrain"],
               ["ckpt.pt", "metrics.jsonl"], ["world_text"], est["pretrain"], resume=True),
         ev("eval_pretrain", "pretrain", "pretrained, 3-shot", ["pretrain"], "eval_pretrain",
            ["--fewshot", "3"]),
@@ -304,7 +319,7 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # answer-only loss.
         Stage("sft", "supervised fine-tuning on the world's dialogs, answer-only loss, packed "
                      "(§3.1)",
-              [*launch("train_sft.py"), "--checkpoint", f"{o}/pretrain", *fill(k["world"]),
+              [*_launch(cfg, "train_sft.py"), "--checkpoint", f"{o}/pretrain", *fill(k["world"]),
                *k.get("sft_world", []), *fill(k["sft"]),
                "--out_dir", f"{o}/sft"],
               ["ckpt.pt"], ["pretrain"], est["sft"], resume=True, stop_flag="--stop_at_step"),
@@ -313,20 +328,20 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # message) overflow the 512-token context around turn 8 and adherence fell there. Two
         # rounds, the second sampling from the first round's model, as Llama 2 rebuilt its data
         # with each newer model (round one alone held 88-98% at turns 1-10).
-        gatt_round("gatt1", "sft", "none", 1),
-        gatt_round("gatt2", "gatt1", "none", 2),
+        _gatt_stage(cfg, o, "gatt1", "sft", "none", 1),
+        _gatt_stage(cfg, o, "gatt2", "gatt1", "none", 2),
         ev("eval_gatt", "gatt2", "GAtt", ["gatt2"]),
         # SPEC §7 departures: 4000 pairs, batch 32 pairs (the paper: 512), train_rm.py's peak lr
         # 2.5e-4 (1e-5 barely moves a 3M model; session 6: 2.5e-4 58.0% over 3 seeds, 5e-4 56.9%);
         # one CPU thread (batched generation ran 4x faster with one than with two on 2 busy cores)
-        rm("rm", "small", 1),
+        _rm_stage(cfg, o, "rm", "small", 1),
         Stage("rs", f"rejection sampling, {n} iteration(s): k samples per prompt, the RM keeps the "
                     "best, fine-tune on it; temperature re-tuned each time; best-of-N curves "
                     "(§3.2.3, Figs. 7, 8)",
               ["train_rlhf.py", "--checkpoint", f"{o}/gatt2", "--reward_model", f"{o}/rm",
                *fill(k["rs"]), "--compare", f"sft={o}/sft", "--out_dir", f"{o}/rs"],
               [f"V{n}/ckpt.pt", f"iter{n + 1}/eval.json", "report.txt"], ["gatt2", "rm"],
-              est["rs"], resume=True, stop_flag="--stop_at", missing=no_rlhf),
+              est["rs"], resume=True, stop_flag="--stop_at"),
         # PPO (issue 13): from the last rejection-sampling model, KL penalty to it; the rs flags
         # for the shared knobs (evaluation sizes, max_new_tokens, ...), then PPO's own scale per
         # size (train_rlhf.py's defaults are the full demo's: 20 iterations of 64 rollouts)
@@ -340,67 +355,79 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                           "--ppo_minibatch", "2", "--whiten_n", "4", "--val_prompts", "2"]
                  }[cfg.size],
                "--out_dir", f"{o}/ppo"],
-              ["ckpt.pt"], ["rs"], est["ppo"], resume=True, missing=no_rlhf),
+              ["ckpt.pt"], ["rs"], est["ppo"], resume=True),
         Stage("eval_final", "judged evaluation of the final model (the last stage that ran: PPO, "
                             "else the last rejection-sampling model, else GAtt) (§3.4)",
               [], ["eval.jsonl"], [], est["eval_final"]),  # argv: final_eval() at run time
     ]
-    if cfg.ablations and cfg.writers != "careful":
-        # ABLATION, "Quality Is All You Need" (paper §3.1): SFT on the careful writer's share of
-        # the dialogs alone (a smaller curated set) against SFT on the whole mixed-quality set
-        import world
-        sft = next(s for s in stages if s.name == "sft")
-        n = int(_flag(sft.argv, "--world_n"))
-        curated = round(n * world.WRITER_MIXES[cfg.writers][0].share)
-        stages += [Stage("sft_curated", f"SFT on {curated:,} dialogs of the careful writer only, "
-                                        "the curated set (§3.1 Quality Is All You Need)",
-                         _with_flags(sft.argv, world_writers="careful", world_n=curated,
-                                     out_dir=f"{o}/sft_curated"),
-                         ["ckpt.pt"], ["pretrain"], est["sft"] * curated / n, resume=True,
-                         stop_flag="--stop_at_step", oracle=True, tag="ablation"),
-                   ev("eval_sft_curated", "sft_curated", "SFT, curated set", ["sft_curated"])]
-        stages[-1].oracle, stages[-1].tag = True, "ablation"
     if cfg.ablations:
-        # ORACLE ablation: GAtt whose replies the world's judge picks (best of K, obeying only).
-        # The judge is also what evaluates, so this bounds what selection can do; it is never the
-        # method's result (the recipe's selection is the reward model)
-        stages += [gatt_round("gatt_judge1", "sft", "judge", 1, oracle=True),
-                   gatt_round("gatt_judge2", "gatt_judge1", "judge", 2, oracle=True),
-                   ev("eval_gatt_judge", "gatt_judge2", "GAtt, judge-picked (ORACLE)",
-                      ["gatt_judge2"])]
-        stages[-1].oracle, stages[-1].tag = True, "ORACLE ablation"
-        # ABLATION: the margin in the RM loss (Table 28), none / small / large over seeds
-        runs = [(m, s) for m in ("none", "small", "large") for s in k["rm_seeds"]
-                if (m, s) != ("small", 1)]
-        stages += [rm(f"rm_{m}_{s}", m, s, oracle=True) for m, s in runs]
-        names = ["rm"] + [f"rm_{m}_{s}" for m, s in runs]
-        # ... and the training-set-size curve: a quarter and a half of the training pairs
-        for frac in k["rm_fracs"]:
-            stages.append(rm(f"rm_frac{frac:g}", "small", 1, oracle=True, frac=frac))
-            names.append(f"rm_frac{frac:g}")
-        if cfg.synthetic_pairs:  # ... and the RM without its open-source share (Table 6)
-            stages.append(rm("rm_nosyn", "small", 1, oracle=True, synthetic=False))
-            stages[-1].title += ", without the synthetic (open-source) pairs"
-        stages.append(Stage("rm_ablation", "the margin ablation table over seeds and the reward "
-                                           "histograms per margin (Table 28, Fig. 27)",
-                            ["train_rm.py", "--report", ",".join(f"{o}/{x}/eval.json" for x in names),
-                             "--out_dir", f"{o}/rm_ablation"],
-                            ["rm_margins.png"], names, est["rm_ablation"], oracle=True))
-        # ORACLE ablation: rejection sampling whose picks the world's judge makes (what a perfect
-        # reward model would select); bounds what the RM's selection can gain
-        stages.append(Stage("rs_oracle", "rejection sampling with the judge picking the best of k: "
-                                         "an ORACLE ablation (the judge also evaluates) (§3.2.3)",
-                            ["train_rlhf.py", "--select", "judge", "--checkpoint", f"{o}/gatt2",
-                             "--reward_model", f"{o}/rm", *fill(k["rs"]), "--out_dir",
-                             f"{o}/rs_oracle"],
-                            [f"V{n}/ckpt.pt", "report.txt"], ["gatt2", "rm"], est["rs"],
-                            resume=True, stop_flag="--stop_at", missing=no_rlhf, oracle=True,
-                            tag="ORACLE ablation"))
+        stages += _ablation_stages(cfg, out, stages)
     stages.append(Stage("report", "{report_dir}/REPORT.md: each result of the paper beside ours, "
                                   "with figures",
                         ["report.py", "--pipeline_dir", o, "--out_dir", "{report_dir}",
                          "--size", cfg.size], ["REPORT.md"], [], est["report"], done_marker=False))
     return stages
+
+
+def _ablation_stages(cfg: Config, out: Path, stages: list[Stage]) -> list[Stage]:
+    """The ORACLE / ablation stages (--ablations), after the recipe's `stages`: each is marked
+    oracle, and report.py counts its time apart (report.ABLATION_STAGES names them)."""
+    k = KNOBS[cfg.size]
+    est = k["estimate"]
+    o = str(out)
+    n = k["rs_iterations"]
+    extra: list[Stage] = []
+    if cfg.writers != "careful":
+        # ABLATION, "Quality Is All You Need" (paper §3.1): SFT on the careful writer's share of
+        # the dialogs alone (a smaller curated set) against SFT on the whole mixed-quality set
+        import world
+        sft = next(s for s in stages if s.name == "sft")
+        n_dialogs = int(_flag(sft.argv, "--world_n"))
+        curated = round(n_dialogs * world.WRITER_MIXES[cfg.writers][0].share)
+        extra += [Stage("sft_curated", f"SFT on {curated:,} dialogs of the careful writer only, "
+                                       "the curated set (§3.1 Quality Is All You Need)",
+                        _with_flags(sft.argv, world_writers="careful", world_n=curated,
+                                    out_dir=f"{o}/sft_curated"),
+                        ["ckpt.pt"], ["pretrain"], est["sft"] * curated / n_dialogs, resume=True,
+                        stop_flag="--stop_at_step", oracle=True, tag="ablation"),
+                  _eval_stage(cfg, o, "eval_sft_curated", "sft_curated", "SFT, curated set",
+                              ["sft_curated"])]
+        extra[-1].oracle, extra[-1].tag = True, "ablation"
+    # ORACLE ablation: GAtt whose replies the world's judge picks (best of K, obeying only).
+    # The judge is also what evaluates, so this bounds what selection can do; it is never the
+    # method's result (the recipe's selection is the reward model)
+    extra += [_gatt_stage(cfg, o, "gatt_judge1", "sft", "judge", 1, oracle=True),
+              _gatt_stage(cfg, o, "gatt_judge2", "gatt_judge1", "judge", 2, oracle=True),
+              _eval_stage(cfg, o, "eval_gatt_judge", "gatt_judge2", "GAtt, judge-picked (ORACLE)",
+                          ["gatt_judge2"])]
+    extra[-1].oracle, extra[-1].tag = True, "ORACLE ablation"
+    # ABLATION: the margin in the RM loss (Table 28), none / small / large over seeds
+    runs = [(m, s) for m in ("none", "small", "large") for s in k["rm_seeds"]
+            if (m, s) != ("small", 1)]
+    extra += [_rm_stage(cfg, o, f"rm_{m}_{s}", m, s, oracle=True) for m, s in runs]
+    names = ["rm"] + [f"rm_{m}_{s}" for m, s in runs]
+    # ... and the training-set-size curve: a quarter and a half of the training pairs
+    for frac in k["rm_fracs"]:
+        extra.append(_rm_stage(cfg, o, f"rm_frac{frac:g}", "small", 1, oracle=True, frac=frac))
+        names.append(f"rm_frac{frac:g}")
+    if cfg.synthetic_pairs:  # ... and the RM without its open-source share (Table 6)
+        extra.append(_rm_stage(cfg, o, "rm_nosyn", "small", 1, oracle=True, synthetic=False))
+        extra[-1].title += ", without the synthetic (open-source) pairs"
+    extra.append(Stage("rm_ablation", "the margin ablation table over seeds and the reward "
+                                      "histograms per margin (Table 28, Fig. 27)",
+                       ["train_rm.py", "--report", ",".join(f"{o}/{x}/eval.json" for x in names),
+                        "--out_dir", f"{o}/rm_ablation"],
+                       ["rm_margins.png"], names, est["rm_ablation"], oracle=True))
+    # ORACLE ablation: rejection sampling whose picks the world's judge makes (what a perfect
+    # reward model would select); bounds what the RM's selection can gain
+    extra.append(Stage("rs_oracle", "rejection sampling with the judge picking the best of k: "
+                                    "an ORACLE ablation (the judge also evaluates) (§3.2.3)",
+                       ["train_rlhf.py", "--select", "judge", "--checkpoint", f"{o}/gatt2",
+                        "--reward_model", f"{o}/rm", *_fill(cfg, o, k["rs"]), "--out_dir",
+                        f"{o}/rs_oracle"],
+                       [f"V{n}/ckpt.pt", "report.txt"], ["gatt2", "rm"], est["rs"],
+                       resume=True, stop_flag="--stop_at", oracle=True, tag="ORACLE ablation"))
+    return extra
 
 
 # -----------------------------------------------------------------------------------------------
@@ -578,13 +605,76 @@ def run_stage(argv: list[str]) -> tuple[int | None, str]:
 
 
 def run(cfg: Config) -> int:
+    """The stages in order: one finished with the same flags and inputs is skipped, one stopped
+    midway resumes, the others run from scratch; a done marker after each. -> the exit code."""
+    out, report_dir = _folders(cfg)
+    stages, skip, stop = _plan(cfg, out, report_dir)
+    if cfg.fresh and not cfg.list:
+        every = build_stages(Config(size=cfg.size, ablations=True), out)  # ablations' too
+        for s in every + [Stage("rm_pairs", "", [], [])]:
+            if (out / s.name).is_dir() and s.name != "report":
+                shutil.rmtree(out / s.name)
+        say(f"fresh start: deleted the stage folders under {out}")
+    if not cfg.list:
+        out.mkdir(parents=True, exist_ok=True)
+        with training.atomic_write(out / "pipeline.json", "w") as f:
+            f.write(json.dumps({"size": cfg.size, "ablations": cfg.ablations}) + "\n")
+    left = _estimate(cfg, stages, skip, out)
+    ids: dict[str, str] = {}  # finished stages -> their done id
+    timings: dict[str, float] = {}
+    t_start = time.time()
+    for i, s in enumerate(stages, 1):
+        if s.name == "eval_final":
+            _final_eval(s, ids, out, cfg)
+        tag = f" [{s.tag or 'ablation'}]" if s.oracle else ""
+        head = f"==== [{i}/{len(stages)}] {s.name}{tag}: {s.title}"
+        cmd = "python " + shlex.join(s.argv)
+        if s.name in skip:
+            say(f"{head}\n     skipped: --skip")
+            left -= s.estimate
+            continue
+        absent = [d for d in s.needs if d not in ids]
+        if absent and cfg.list:
+            say(f"{head}\n     to run: after {', '.join(absent)}\n     $ {cmd}")
+            continue
+        if absent:
+            raise SystemExit(f"error: {s.name} needs {', '.join(absent)}, which did not finish; "
+                             f"run without --skip {','.join(absent)}")
+        state, why = (stage_state(s, out, ids) if s.done_marker else ("new", "always rerun"))
+        if cfg.list:
+            say(f"{head}\n     {state}: {why}\n     $ {cmd}")
+            if state == "done":
+                ids[s.name] = read_marker(_marker(out, s))["id"]
+            continue
+        if state == "done":
+            ids[s.name] = read_marker(_marker(out, s))["id"]
+            say(f"{head}\n     skip: {why} ({_marker(out, s).relative_to(out)})")
+            left -= s.estimate
+            if stop and stop[0] == s.name:
+                say(f"     --stop_at {cfg.stop_at}: {s.name} is already finished, nothing to stop")
+                return 0
+            continue
+        elapsed = time.time() - t_start
+        say(f"{head}\n     estimate ~{training.fmt_duration(s.estimate)}; so far {training.fmt_duration(elapsed)}, left ~"
+              f"{training.fmt_duration(max(left, 0))} ({why})")
+        code = _run_one(s, state, ids, timings, out, report_dir, stop, cfg)
+        if code is not None:
+            return code
+        left -= s.estimate
+    if not cfg.list:
+        _finished(stages, ids, timings, t_start, report_dir)
+    return 0
+
+
+def _folders(cfg: Config) -> tuple[Path, Path]:
+    """The checked flags' folders: (out_dir, report_dir). Folders given are relative to where you
+    are; the defaults to the repository."""
     if cfg.size not in SIZES:
         raise SystemExit(f"error: --size {cfg.size!r}: use one of {', '.join(SIZES)}")
     import world
     if cfg.writers not in world.WRITER_MIXES:
         raise SystemExit(f"error: --writers {cfg.writers!r}: use one of "
                          f"{', '.join(world.WRITER_MIXES)}")
-    # folders given are relative to where you are; the defaults to the repository
     if cfg.model:
         import llama2
         if cfg.model not in llama2.PRESETS:
@@ -597,6 +687,12 @@ def run(cfg: Config) -> int:
     report_dir = Path(cfg.report_dir).resolve() if cfg.report_dir else (
         ROOT / "docs" if cfg.size == "full" and not cfg.model else out / "report")
     _check_out_dir(out)
+    return out, report_dir
+
+
+def _plan(cfg: Config, out: Path, report_dir: Path):
+    """The stages to go through (up to --until), the --skip names and the --stop_at
+    (stage, step) or None, each checked against the stage list. -> (stages, skip, stop)."""
     stages = build_stages(cfg, out)
     for s in stages:
         s.argv = [a.replace("{report_dir}", str(report_dir)) for a in s.argv]
@@ -621,25 +717,17 @@ def run(cfg: Config) -> int:
         stop = (name, step)
     if cfg.until:
         stages = stages[:names.index(cfg.until) + 1]
+    return stages, skip, stop
 
-    if cfg.fresh and not cfg.list:
-        every = build_stages(Config(size=cfg.size, ablations=True), out)  # ablations' too
-        for s in every + [Stage("rm_pairs", "", [], [])]:
-            if (out / s.name).is_dir() and s.name != "report":
-                shutil.rmtree(out / s.name)
-        say(f"fresh start: deleted the stage folders under {out}")
-    if not cfg.list:
-        out.mkdir(parents=True, exist_ok=True)
-        with training.atomic_write(out / "pipeline.json", "w") as f:
-            f.write(json.dumps({"size": cfg.size, "ablations": cfg.ablations}) + "\n")
 
-    # each stage's estimate: what it took when it last ran from scratch here (timings.json), else
-    # the reference run's seconds in KNOBS
+def _estimate(cfg: Config, stages: list[Stage], skip: set[str], out: Path) -> float:
+    """Each stage's estimate (what it took when it last ran from scratch here, timings.json, else
+    the reference run's seconds in KNOBS), the total said in one line. -> the total seconds."""
     measured = read_timings(out)
     for s in stages:
-        # (a stage that is skipped or cannot run in this checkout takes no time)
-        s.estimate = 0.0 if s.name in skip or s.missing else measured.get(s.name, s.estimate)
-    counted = [s for s in stages if s.name not in skip and not s.missing]
+        # (a skipped stage takes no time)
+        s.estimate = 0.0 if s.name in skip else measured.get(s.name, s.estimate)
+    counted = [s for s in stages if s.name not in skip]
     n_measured = sum(s.name in measured for s in counted)
     total = sum(s.estimate for s in counted)
     source = ("as long as each stage took when it last ran here" if n_measured == len(counted)
@@ -649,117 +737,70 @@ def run(cfg: Config) -> int:
     say(f"Llama 2 recipe, {cfg.size} size: {len(stages)} stages in {out}; estimate "
           f"~{training.fmt_duration(total)} for a run from scratch ({source})"
           + (" (ABLATIONS on: oracle / ablation stages included)" if cfg.ablations else ""))
-    ids: dict[str, str] = {}  # finished stages -> their done id
-    timings: dict[str, float] = {}
-    unavailable: set[str] = set()  # stages this checkout cannot run yet (no script, no method)
-    t_start, left = time.time(), total
-    for i, s in enumerate(stages, 1):
-        if s.name == "eval_final":
-            _final_eval(s, ids, out, cfg)
-        tag = f" [{s.tag or 'ablation'}]" if s.oracle else ""
-        head = f"==== [{i}/{len(stages)}] {s.name}{tag}: {s.title}"
-        cmd = "python " + shlex.join(s.argv)
-        if s.name in skip:
-            say(f"{head}\n     skipped: --skip")
-            left -= s.estimate
-            continue
-        if s.missing:
-            say(f"{head}\n     skipped: {s.missing}")
-            unavailable.add(s.name)
-            left -= s.estimate
-            continue
-        absent = [d for d in s.needs if d not in ids]
-        if absent and cfg.list:
-            say(f"{head}\n     to run: after {', '.join(absent)}\n     $ {cmd}")
-            continue
-        if absent:
-            if all(d in unavailable for d in absent):
-                # what it builds on is not built yet in this checkout (e.g. PPO without RLHF)
-                say(f"{head}\n     skipped: it needs {', '.join(absent)}, not built yet")
-                unavailable.add(s.name)
-                left -= s.estimate
-                continue
-            raise SystemExit(f"error: {s.name} needs {', '.join(absent)}, which did not finish; "
-                             f"run without --skip {','.join(absent)}")
-        state, why = (stage_state(s, out, ids) if s.done_marker else ("new", "always rerun"))
-        if cfg.list:
-            say(f"{head}\n     {state}: {why}\n     $ {cmd}")
-            if state == "done":
-                ids[s.name] = read_marker(_marker(out, s))["id"]
-            continue
-        if state == "done":
-            ids[s.name] = read_marker(_marker(out, s))["id"]
-            say(f"{head}\n     skip: {why} ({_marker(out, s).relative_to(out)})")
-            left -= s.estimate
-            if stop and stop[0] == s.name:
-                say(f"     --stop_at {cfg.stop_at}: {s.name} is already finished, nothing to stop")
-                return 0
-            continue
-        elapsed = time.time() - t_start
-        say(f"{head}\n     estimate ~{training.fmt_duration(s.estimate)}; so far {training.fmt_duration(elapsed)}, left ~"
-              f"{training.fmt_duration(max(left, 0))} ({why})")
-        argv = list(s.argv)
-        key = {"argv": _portable(s.argv, out), "deps": {d: ids[d] for d in s.needs}}
-        if state == "partial":
-            argv.append("--resume")
-        elif s.done_marker and (out / s.name).exists():
-            shutil.rmtree(out / s.name)  # what is there is stale: start over in an empty folder
-        if stop and stop[0] == s.name:
-            argv += [s.stop_flag, stop[1]]
-        if s.done_marker:
-            with training.atomic_write(_marker(out, s, "started.json"), "w") as f:
-                f.write(json.dumps(key) + "\n")
-        say(f"     $ python {shlex.join(argv)}")
-        t0 = time.time()
-        returncode, stderr = run_stage(argv)
-        if returncode is None:
-            say(f"\ninterrupted in {s.name}: run the same command again to continue "
-                "(finished stages are skipped, this one resumes)")
-            return 130
-        dt = time.time() - t0
-        if s.probe:
-            if returncode != 0 and s.probe in stderr:
-                say(f"     skipped: {Path(s.argv[0]).name} does not do this stage yet "
-                      f"({stderr.strip().splitlines()[-1]})")
-                shutil.rmtree(out / s.name, ignore_errors=True)
-                unavailable.add(s.name)
-                left -= s.estimate
-                continue
-        if returncode != 0:
-            say(f"error: stage {s.name} failed (exit {returncode}) after {training.fmt_duration(dt)}; fix "
-                  "it and run the same command again: finished stages are skipped, this one "
-                  "resumes where it can")
-            return returncode
-        if stop and stop[0] == s.name:
-            say(f"     stopped {s.name} at {stop[1]} as --stop_at asked ({training.fmt_duration(dt)}); "
-                  "run again without --stop_at to resume it")
-            return 0
-        missing = [f for f in s.outputs if not (
-            (report_dir if s.name == "report" else out / s.name) / f).exists()]
-        if missing:
-            say(f"error: stage {s.name} exited 0 but left no {missing[0]}; not marked finished")
-            return 1
-        timings[s.name] = dt
-        left -= s.estimate
-        if state == "new" and not cfg.list:  # a whole run (a resumed one took only its rest)
-            write_timings(out, {**read_timings(out), s.name: round(dt, 1)})
-        if s.done_marker:
-            ids[s.name] = uuid.uuid4().hex
-            with training.atomic_write(_marker(out, s), "w") as f:
-                f.write(json.dumps({**key, "id": ids[s.name], "seconds": dt,
-                                    "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-        say(f"     finished {s.name} in {training.fmt_duration(dt)}")
-    if not cfg.list:
-        ran = ", ".join(f"{k} {training.fmt_duration(v)}" for k, v in timings.items())
-        say(f"pipeline done in {training.fmt_duration(time.time() - t_start)}"
-              + (f" (ran: {ran})" if ran else " (every stage was already finished)")
-              + (f"; report: {report_dir / 'REPORT.md'}" if "report" in timings else ""))
-        final = next((s for s in stages if s.name == "eval_final"), None)
-        if final is not None and final.argv and "eval_final" in ids:
-            ckpt = final.argv[final.argv.index("--checkpoint") + 1]
-            say(f"chat with the final model: python llama2.py --checkpoint {ckpt} --chat "
-                "--system 'Always answer in capital letters.'")
-    return 0
+    return total
+
+
+def _run_one(s: Stage, state: str, ids: dict, timings: dict, out: Path, report_dir: Path, stop,
+             cfg: Config) -> int | None:
+    """Run one stage ("new": in an empty folder; "partial": with --resume), with its started and
+    done markers. -> None when it finished (ids and timings updated), else run()'s exit code."""
+    argv = list(s.argv)
+    key = {"argv": _portable(s.argv, out), "deps": {d: ids[d] for d in s.needs}}
+    if state == "partial":
+        argv.append("--resume")
+    elif s.done_marker and (out / s.name).exists():
+        shutil.rmtree(out / s.name)  # what is there is stale: start over in an empty folder
+    if stop and stop[0] == s.name:
+        argv += [s.stop_flag, stop[1]]
+    if s.done_marker:
+        with training.atomic_write(_marker(out, s, "started.json"), "w") as f:
+            f.write(json.dumps(key) + "\n")
+    say(f"     $ python {shlex.join(argv)}")
+    t0 = time.time()
+    returncode, _ = run_stage(argv)
+    if returncode is None:
+        say(f"\ninterrupted in {s.name}: run the same command again to continue "
+            "(finished stages are skipped, this one resumes)")
+        return 130
+    dt = time.time() - t0
+    if returncode != 0:
+        say(f"error: stage {s.name} failed (exit {returncode}) after {training.fmt_duration(dt)}; fix "
+              "it and run the same command again: finished stages are skipped, this one "
+              "resumes where it can")
+        return returncode
+    if stop and stop[0] == s.name:
+        say(f"     stopped {s.name} at {stop[1]} as --stop_at asked ({training.fmt_duration(dt)}); "
+              "run again without --stop_at to resume it")
+        return 0
+    missing = [f for f in s.outputs if not (
+        (report_dir if s.name == "report" else out / s.name) / f).exists()]
+    if missing:
+        say(f"error: stage {s.name} exited 0 but left no {missing[0]}; not marked finished")
+        return 1
+    timings[s.name] = dt
+    if state == "new" and not cfg.list:  # a whole run (a resumed one took only its rest)
+        write_timings(out, {**read_timings(out), s.name: round(dt, 1)})
+    if s.done_marker:
+        ids[s.name] = uuid.uuid4().hex
+        with training.atomic_write(_marker(out, s), "w") as f:
+            f.write(json.dumps({**key, "id": ids[s.name], "seconds": dt,
+                                "finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    say(f"     finished {s.name} in {training.fmt_duration(dt)}")
+    return None
+
+
+def _finished(stages: list[Stage], ids: dict, timings: dict, t_start: float,
+              report_dir: Path) -> None:
+    """The closing lines: what ran and how long, where the report is, how to chat with the model."""
+    ran = ", ".join(f"{k} {training.fmt_duration(v)}" for k, v in timings.items())
+    say(f"pipeline done in {training.fmt_duration(time.time() - t_start)}"
+          + (f" (ran: {ran})" if ran else " (every stage was already finished)")
+          + (f"; report: {report_dir / 'REPORT.md'}" if "report" in timings else ""))
+    final = next((s for s in stages if s.name == "eval_final"), None)
+    if final is not None and final.argv and "eval_final" in ids:
+        ckpt = final.argv[final.argv.index("--checkpoint") + 1]
+        say(f"chat with the final model: python llama2.py --checkpoint {ckpt} --chat "
+            "--system 'Always answer in capital letters.'")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,11 @@ class Config:
     size: str = ""  # the pipeline size, for the header (full, quick, tiny; "" = read pipeline.json)
 
 
+# the pipeline's ORACLE / ablation stages (pipeline.build_stages with --ablations marks them
+# oracle; their names are the same at every size): counted apart from the recipe's time.
+# tests/test_pipeline.py checks this rule against the stages the pipeline builds
+ABLATION_STAGES = re.compile(r"(eval_)?sft_curated|gatt_judge\d+|eval_gatt_judge|rm_ablation|"
+                             r"rm_frac[\d.]+|rm_(none|small|large)_\d+|rm_nosyn|rs_oracle")
 NOT_RUN = "not run"
 
 # the paper's results we set ours beside (its Tables 8 and 28)
@@ -401,48 +406,7 @@ def rejection_sampling(run: Path, out: Path):
                  "greedy judged score (win rate against V0): " + wins,
                  f"floor: empty reply {evs[0]['floor']['judge_empty']:.3f}, win rate 50%; "
                  "ceiling 1.0 / 100%", why])
-    sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Greedy: "
-            "one reply at temperature 0; sampled: one reply " + _sampled_at(evs[0]) + " (the "
-            "re-tuned T is what rejection sampling draws its k samples at). Win rate: "
-            "one reply each against V0's (or, in the last columns, the compared model's) on the "
-            "same prompts, judged, ties half.", "",
-            "| model | T (re-tuned) | judged greedy | judged sampled | RM greedy | RM sampled | "
-            "win rate vs V0 (greedy / sampled) | EOS | correct / rambling / repeating (greedy) |"
-            + "".join(f" win rate vs {n} (greedy / sampled) |" for n in vs),
-            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(vs)]
-    for j, (e, t) in enumerate(zip(evs, tunes)):
-        w = e.get("win_rate")
-        sec.append(f"| V{j} | {t['temperature'] if t else '-'} | {e['greedy']['judge']:.3f} | "
-                   f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
-                   f"{e['sampled']['rm']:+.3f} | "
-                   + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "(itself)")
-                   + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
-                   + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
-                             f"{e['win_rate_vs'][n]['sampled']:.0%} |"
-                             if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
-    # the ORACLE ablation (ABLATIONS=1): the same iterations with the judge picking
-    ro, j = run / "rs_oracle", 1
-    while (ro / f"iter{j + 1}" / "eval.json").is_file():
-        e, j = _json(ro / f"iter{j + 1}" / "eval.json"), j + 1
-        w = e.get("win_rate")
-        sec.append(f"| V{j - 1}, judge-picked (ORACLE ablation) | | {e['greedy']['judge']:.3f} | "
-                   f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
-                   f"{e['sampled']['rm']:+.3f} | "
-                   + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "")
-                   + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
-                   + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
-                             f"{e['win_rate_vs'][n]['sampled']:.0%} |"
-                             if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
-    f = evs[0]["floor"]
-    sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
-               "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
-    # the same model (V0 = the GAtt model) has another floor in the judged-score table: other prompts
-    n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
-    gatt = _summary(run / "eval_gatt" / "eval.jsonl")
-    sec += ["", f"The floor row is what an empty reply scores on these {n} held-out prompts. An "
-            "empty reply's score depends on the prompt, so a table on other prompts has another "
-            "floor" + (f" (the judged-score table scores V0, the GAtt model, on {gatt['n']} "
-                       f"prompts: floor {gatt['floor']['empty']:.3f})" if gatt else "") + "."]
+    sec += _rs_table(run, evs, tunes)
     text = (rs / "report.txt").read_text() if (rs / "report.txt").is_file() else ""
     over = [ln for ln in text.splitlines() if "over-optimization" in ln.lower()]
     if over:
@@ -455,7 +419,55 @@ def rejection_sampling(run: Path, out: Path):
     return rows, sec
 
 
+def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
+    """The rejection-sampling table: V0..Vn on held-out prompts (and the judge-picked ORACLE
+    ablation's models, when it ran), then the floor row and what the floor means."""
+    vs = list(evs[0].get("win_rate_vs", {}))  # --compare: against other models (e.g. SFT)
+    sec: list[str] = []
+    sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Greedy: "
+            "one reply at temperature 0; sampled: one reply " + _sampled_at(evs[0]) + " (the "
+            "re-tuned T is what rejection sampling draws its k samples at). Win rate: "
+            "one reply each against V0's (or, in the last columns, the compared model's) on the "
+            "same prompts, judged, ties half.", "",
+            "| model | T (re-tuned) | judged greedy | judged sampled | RM greedy | RM sampled | "
+            "win rate vs V0 (greedy / sampled) | EOS | correct / rambling / repeating (greedy) |"
+            + "".join(f" win rate vs {n} (greedy / sampled) |" for n in vs),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(vs)]
+    for j, (e, t) in enumerate(zip(evs, tunes)):
+        sec.append(_rs_row(f"V{j}", t["temperature"] if t else "-", e, vs, "(itself)"))
+    # the ORACLE ablation (ABLATIONS=1): the same iterations with the judge picking
+    ro, j = run / "rs_oracle", 1
+    while (ro / f"iter{j + 1}" / "eval.json").is_file():
+        e, j = _json(ro / f"iter{j + 1}" / "eval.json"), j + 1
+        sec.append(_rs_row(f"V{j - 1}, judge-picked (ORACLE ablation)", "", e, vs, ""))
+    f = evs[0]["floor"]
+    sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
+               "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
+    # the same model (V0 = the GAtt model) has another floor in the judged-score table: other prompts
+    n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
+    gatt = _summary(run / "eval_gatt" / "eval.jsonl")
+    sec += ["", f"The floor row is what an empty reply scores on these {n} held-out prompts. An "
+            "empty reply's score depends on the prompt, so a table on other prompts has another "
+            "floor" + (f" (the judged-score table scores V0, the GAtt model, on {gatt['n']} "
+                       f"prompts: floor {gatt['floor']['empty']:.3f})" if gatt else "") + "."]
+    return sec
+
+
 FLAW_NAMES = ("none", "wrong", "incomplete", "no_instruction", "rambling", "repeating", "no_eos")
+
+
+def _rs_row(name: str, temperature, e: dict, vs: list[str], no_win: str) -> str:
+    """One model's row of the rejection-sampling table (`no_win` where it has no win rate)."""
+    w = e.get("win_rate")
+    return (f"| {name} |" + (f" {temperature} |" if temperature != "" else " |")
+            + f" {e['greedy']['judge']:.3f} | "
+            f"{e['sampled']['judge']:.3f} | {e['greedy']['rm']:+.3f} | "
+            f"{e['sampled']['rm']:+.3f} | "
+            + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else no_win)
+            + f" | {e['greedy']['eos_rate']:.0%} | {_form(e['greedy'])} |"
+            + "".join(f" {e['win_rate_vs'][n]['greedy']:.0%} / "
+                      f"{e['win_rate_vs'][n]['sampled']:.0%} |"
+                      if n in e.get("win_rate_vs", {}) else " - |" for n in vs))
 
 
 def policy_samples(run: Path) -> list[tuple[str, dict]]:
@@ -596,14 +608,16 @@ def ppo(run: Path, out: Path):
             f"{w.get('greedy', float('nan')):.0%} greedy / {w.get('sampled', float('nan')):.0%} "
             f"sampled{vs}; EOS {final['greedy']['eos_rate']:.0%}"
             + (f"; KL to pi_0 at the end {its[-1]['kl']:.2f} nats" if its else ""))
-    # early stopping keeps the policy of the best validation score, not the last one; pi_0's
-    # (iteration 0) counts too, and the first of equal scores wins, as in train_rlhf.py
-    val = [r for r in rows if "val_score" in r and "iteration" in r and "eval" not in r]
-    if its and val:
-        best = max(val, key=lambda r: (r["val_score"], -r["iteration"]))
-        ours += (f"; the model kept: iteration {best['iteration']} of {its[-1]['iteration']} (best "
-                 f"validation RM score; KL {best.get('kl', 0.0):.2f})"
-                 + (": the start policy, PPO never beat it" if best["iteration"] == 0 else ""))
+    # the model kept is the last iteration train_rlhf.py marked val_kept (pi_0, iteration 0,
+    # unless one beat it by more than keep_se paired standard errors on the validation prompts)
+    kept = [r for r in rows if r.get("val_kept") and "iteration" in r and "eval" not in r]
+    if its and kept:
+        k = kept[-1]
+        se = f"{k['val_se']:.3f}" if k.get("val_se") is not None else "inf"
+        ours += (f"; the model kept: iteration {k['iteration']} of {its[-1]['iteration']} "
+                 + (f"(validation RM score {k['val_diff']:+.3f} ± {se} above pi_0's, paired; KL "
+                    f"{k.get('kl', 0.0):.2f})" if k["iteration"] else
+                    "(KL 0.00): the start policy, no iteration beat it beyond noise"))
     row = ["PPO (§3.2.3)", paper, ours,
            f"floor: an empty reply {f.get('judge_empty', float('nan')):.3f}, win rate 50%; "
            "ceiling 1.0", WHY_SMALL + "; the policy can only climb what the reward model ranks "
@@ -612,7 +626,8 @@ def ppo(run: Path, out: Path):
            "Per iteration, on that iteration's rollouts (training-split prompts): the whitened RM "
            "score at EOS, the judge's score of the same replies (measured only, never a training "
            "signal), the KL to pi_0 (nats per reply), EOS rate and length; val is the RM score on "
-           "the validation prompts that early stopping watches. The model kept is the best by val."
+           "the validation prompts that early stopping watches. The model kept is the last that beat "
+           "pi_0's val beyond noise (its paired difference ± one standard error in the row above)."
            + _negative_kl(its),
            "", "| iteration | RM score | judge | KL to pi_0 | score - beta KL | EOS | length | "
            "entropy | val |", "|---|---|---|---|---|---|---|---|---|"]
@@ -637,22 +652,7 @@ def ppo(run: Path, out: Path):
     sec.append(f"| floor | {f.get('judge_empty', float('nan')):.3f} (empty) | | "
                f"{f.get('rm_empty', float('nan')):+.3f} (empty) | 50% | | 0% / 0% / 0% | |")
     if compare:
-        sec += ["", "The final model against earlier ones on the same held-out prompts (judged; "
-                "PPO's win rate, ties half; 50% = no better):", "",
-                "| against | its judged greedy | its judged sampled | its RM greedy | PPO wins "
-                "(greedy / sampled) | its correct / rambling / repeating | its adherence turns "
-                "1..n |", "|---|---|---|---|---|---|---|"]
-        for name, c in compare.items():
-            sec.append(f"| {name} (`{Path(c['checkpoint']).name}`) | {c['greedy']['judge']:.3f} | "
-                       f"{c['sampled']['judge']:.3f} | {c['greedy']['rm']:+.3f} | "
-                       f"{c['win_rate']['greedy']:.0%} / {c['win_rate']['sampled']:.0%} | "
-                       f"{_form(c['greedy'])} | "
-                       + " ".join(f"{a:.0%}" for a in c.get("adherence_by_turn", [])) + " |")
-        # the compared models against each other on the same prompts (e.g. RS against SFT), so
-        # PPO's win rate against SFT has RS's beside it
-        for (a, b), w2 in pair_wins.items():
-            sec.append(f"| {a} against {b}, for reference | | | | {a} wins "
-                       f"{w2['greedy']:.0%} / {w2['sampled']:.0%} | | |")
+        sec += _ppo_versus_table(compare, pair_wins)
     verdict = _json(run / "ppo" / "ppo_report.json") or {}
     for name, v in verdict.items():  # over-optimization (Gao et al.): did the judge fall late?
         sec += ["", f"Over-optimization check ({name}): {v['verdict']}."]
@@ -661,6 +661,28 @@ def ppo(run: Path, out: Path):
         _img(sec, out, "report_ppo_overopt.png",
              "over-optimization: RM and judge score against sqrt(KL to pi_0)")
     return row, sec
+
+
+def _ppo_versus_table(compare: dict, pair_wins: dict) -> list[str]:
+    """The final PPO model against the --compare models on the same held-out prompts, and those
+    models against each other for reference."""
+    sec = ["", "The final model against earlier ones on the same held-out prompts (judged; "
+           "PPO's win rate, ties half; 50% = no better):", "",
+           "| against | its judged greedy | its judged sampled | its RM greedy | PPO wins "
+           "(greedy / sampled) | its correct / rambling / repeating | its adherence turns "
+           "1..n |", "|---|---|---|---|---|---|---|"]
+    for name, c in compare.items():
+        sec.append(f"| {name} (`{Path(c['checkpoint']).name}`) | {c['greedy']['judge']:.3f} | "
+                   f"{c['sampled']['judge']:.3f} | {c['greedy']['rm']:+.3f} | "
+                   f"{c['win_rate']['greedy']:.0%} / {c['win_rate']['sampled']:.0%} | "
+                   f"{_form(c['greedy'])} | "
+                   + " ".join(f"{a:.0%}" for a in c.get("adherence_by_turn", [])) + " |")
+    # the compared models against each other on the same prompts (e.g. RS against SFT), so
+    # PPO's win rate against SFT has RS's beside it
+    for (a, b), w2 in pair_wins.items():
+        sec.append(f"| {a} against {b}, for reference | | | | {a} wins "
+                   f"{w2['greedy']:.0%} / {w2['sampled']:.0%} | | |")
+    return sec
 
 
 def _negative_kl(its: list[dict]) -> str:
@@ -720,9 +742,7 @@ def timings(run: Path) -> list[str]:
     if not rows:
         return []
     rows.sort()
-    import pipeline  # which stages are ORACLE / ablation ones (the same names at every size)
-    extra = {st.name for st in pipeline.build_stages(pipeline.Config(ablations=True), run)
-             if st.oracle}
+    extra = {name for _, name, _ in rows if ABLATION_STAGES.fullmatch(name)}
     out = ["## Time per stage", "", "A stage rerun later (its inputs changed) shows its last run; "
            "the RM's preference pairs are built once and cached, so an RM stage that reused them "
            "shows only its training and evaluation.", "",

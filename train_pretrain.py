@@ -334,15 +334,7 @@ while step < cfg.max_steps:
                 _, loss = model(x, y)
             (loss / grad_accum).backward()
         loss_sum += loss.detach()
-    if cfg.grad_clip > 0:
-        gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-    else:
-        gnorm = torch.nn.utils.get_total_norm([p.grad for p in raw_model.parameters()
-                                               if p.grad is not None])
-    if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
-        gnorm = gnorm.full_tensor()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    gnorm = training.clip_and_step(raw_model, optimizer, cfg.grad_clip)
     step += 1
 
     train_loss = training.all_reduce_mean(loss_sum / grad_accum, rt)
@@ -352,8 +344,8 @@ while step < cfg.max_steps:
     dt = time.perf_counter() - t0
     tok_s = tokens_per_step / dt
     record = {"step": step, "tokens": step * tokens_per_step, "loss": train_loss, "lr": lr,
-              "gnorm": gnorm.item(), "ms": dt * 1000, "tok_s": tok_s}
-    line = training.step_line(step, cfg.max_steps, train_loss, lr, gnorm.item(), dt, tok_s)
+              "gnorm": gnorm, "ms": dt * 1000, "tok_s": tok_s}
+    line = training.step_line(step, cfg.max_steps, train_loss, lr, gnorm, dt, tok_s)
     log.write(record, line if step % cfg.log_every == 0 or step == cfg.max_steps else None)
 
     if step % cfg.eval_every == 0 or step == cfg.max_steps:

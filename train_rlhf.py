@@ -14,7 +14,7 @@ into Vi:
      with EOS is never picked (training on it would teach the model not to stop). From V3 on the
      gold answer is the best over the samples of ALL iterations so far (the paper's fix for V3's
      forgetting), `--pool false` uses this iteration's samples only;
-  4. fine-tune V(i-1) on (prompt, gold answer) with train_sft's answer-only loss and packing.
+  4. fine-tune V(i-1) on (prompt, gold answer) with SFT's answer-only loss and packing (sft_data.py).
 After the last iteration, Vn is tuned and evaluated the same way. The reward model selects; the
 world's judge only measures (`--select judge` is a labelled ORACLE ablation).
 
@@ -53,6 +53,10 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     # chat with the last model
     python llama2.py --checkpoint out/rlhf_rs/V3 --chat
 
+The file reads in two contiguous parts, each top to bottom: rejection sampling (selection
+helpers, then `run` and its four steps, then its report) and PPO (rollout, rewards, GAE,
+update, health numbers, then `run_ppo`); after them the inputs both methods check, and main().
+
 Writes in --out_dir: ckpt.pt (the run's state for --resume), V1..Vn/ckpt.pt (each iteration's
 model, stage "rlhf"), iter<i>/{tune,eval}.json and samples.jsonl, metrics.jsonl (a line per
 fine-tuning step and per evaluated model), best_of_n.png (Fig. 7), temperatures.png (Fig. 8),
@@ -74,9 +78,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import evaluate
-import gatt
 import llama2
-import train_sft
+import sampling
+import sft_data
 import training
 import world
 
@@ -132,7 +136,7 @@ class Config:
     ppo_judge: bool = True  # log the judge's score of each batch's rollouts (measured only, never trained on)
     compare: str = ""  # name=checkpoint,... win rates against other models on the held-out prompts: rs, of every Vi (eval.json "win_rate_vs", e.g. sft=out/pipeline/sft); ppo, of the final model (eval_final.json "compare", e.g. sft=...,rs=out/pipeline/rs/V3)
     report: str = ""  # ppo: run_dir,run_dir,... of finished PPO runs (e.g. a --beta sweep): ppo_overopt.png and the table, no training
-    # fine-tuning on the gold answers (train_sft's answer-only loss and packing; Llama 2 SFT values in brackets)
+    # fine-tuning on the gold answers (SFT's answer-only loss and packing, sft_data.py; Llama 2 SFT values in brackets)
     epochs: float = 2.0  # passes over the gold answers per iteration (SFT: 2)
     batch_size: int = 8  # packed rows per optimizer step (SFT: 64 rows of 4096)
     micro_batch: int = 1  # rows per forward pass
@@ -201,9 +205,9 @@ def parse_stop_at(text: str) -> tuple[int, int] | None:
 
 def sample_k(model, tokenizer, prompts, cfg, temperature: float, seed: int, rt, desc: str):
     """k replies per prompt at `temperature` (batched with the KV cache): [[Reply] * k or None]."""
-    return gatt.generate_replies(model, tokenizer, prompts, n=cfg.k, temperature=temperature,
-                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
-                                 batch=cfg.gen_batch, rt=rt, desc=desc)
+    return sampling.generate_replies(model, tokenizer, prompts, n=cfg.k, temperature=temperature,
+                                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=seed,
+                                     batch=cfg.gen_batch, rt=rt, desc=desc)
 
 
 def sample_and_score(model, tokenizer, rm, prompts, cfg, temperature: float, seed: int, rt,
@@ -316,51 +320,365 @@ def tune_temperature(model, tokenizer, rm, prompts, cfg, iteration: int, rt) -> 
 
 
 # -----------------------------------------------------------------------------------------------
-# fine-tuning on the gold answers: train_sft's answer-only loss and packing
+# fine-tuning on the gold answers: SFT's answer-only loss and packing (sft_data.py)
 
 
 def gold_examples(tokenizer, prompts, gold, seq_len: int, seed: int):
-    """(prompt + gold answer) examples, answer-only loss (train_sft.encode_example "last": the
+    """(prompt + gold answer) examples, answer-only loss (sft_data.encode_example "last": the
     earlier turns, written by the careful human, are context), dropped if too long, shuffled."""
-    examples = [train_sft.encode_example(tokenizer,
-                                         d + [{"role": "assistant", "content": g["text"]}],
-                                         "last", f"prompt {p}")
+    examples = [sft_data.encode_example(tokenizer,
+                                        d + [{"role": "assistant", "content": g["text"]}],
+                                        "last", f"prompt {p}")
                 for p, (d, g) in enumerate(zip(prompts, gold)) if g is not None]
-    examples, dropped = train_sft.fit_examples(examples, seq_len)
+    examples, dropped = sft_data.fit_examples(examples, seq_len)
     random.Random(seed).shuffle(examples)
     return examples, dropped
 
 
-def train_step(model, optimizer, examples, step_rows, cfg, rt) -> tuple[float, int, float]:
-    """One optimizer step over the step's packed rows (gradient accumulation over micro-batches,
-    each weighted by its share of the step's answer tokens, as train_sft). Under torchrun each
-    rank takes its slice of the rows; DDP averages the gradients over the ranks, so each rank's
-    loss is scaled by world_size to give the 1-process gradient. -> (loss, tokens, grad norm)."""
-    n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)  # over ALL ranks' rows
-    per_rank = len(step_rows) // rt.world_size
-    mine = step_rows[rt.rank * per_rank:(rt.rank + 1) * per_rank]
-    loss_sum, tokens = 0.0, 0
-    for m in range(0, len(mine), cfg.micro_batch):
-        # (every row holds at least one gold answer and its EOS, so no micro-batch is empty and
-        # every rank reaches the gradient all-reduce of its last micro-batch)
-        batch = train_sft.make_batch(examples, mine[m:m + cfg.micro_batch], True, rt.device)
-        k = int((batch["targets"] != -100).sum())
-        # DDP all-reduces the gradients on the last micro-batch only (forward and backward
-        # both inside the context)
-        with training.sync_gradients(model, m + cfg.micro_batch >= len(mine)):
-            with rt.autocast():
-                _, loss = train_sft.forward_batch(model, batch)
-            (loss * (k / n_kept) * rt.world_size).backward()
-        loss_sum += loss.item() * k
-        tokens += batch["tokens"].numel()
-    if rt.distributed:  # the step's numbers over all ranks, for the log
-        loss_sum = training.all_reduce_mean(loss_sum, rt) * rt.world_size
-        tokens = round(training.all_reduce_mean(tokens, rt) * rt.world_size)
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / max(1, n_kept), tokens, float(gnorm)
+# -----------------------------------------------------------------------------------------------
+# rejection sampling, the iterations: run, then its four steps in order (retune, evaluate_iteration,
+# select_gold, fine_tune), then the report
+
+
+def run(cfg: Config, rt, stop_at) -> None:
+    """Rejection sampling, iterations 1..n (main() sets up and tears down the process group)."""
+    training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)  # refuses sizes that do not divide
+    compare = compared_checkpoints(cfg)  # a missing one is refused before the sampling
+    out_dir = Path(cfg.out_dir)
+    resumed = training.load_resume(out_dir / "ckpt.pt", STAGE) if cfg.resume else None
+    # ---- models: the policy (V0, or the resumed state) and the fixed reward model
+    model, tokenizer, start_stage = load_policy(cfg, rt)
+    rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint,
+                                    rt)
+    seq_len = training.context_length(cfg.seq_len, model.args.max_seq_len)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # fine-tuning steps are numbered across iterations ("step"), so a resume trims the log there
+    log = training.open_metrics(out_dir, resumed["global_step"] if resumed else 0, rt)
+    # the module that trains: DDP under torchrun (sampling and saving use the plain model)
+    ddp_model = training.wrap_model(model, rt, "ddp")
+    # ---- the training prompts: one fixed set, training-split problems only
+    prompts = world.chat_prompts(cfg.prompts, "train", cfg.seed,
+                                 world.parse_levels(cfg.prompt_levels), cfg.p_instruction,
+                                 cfg.max_turns)
+    # where the run stands: iteration `it` is in progress with `it_step` steps done
+    pos = rs_resume(model, resumed, prompts, cfg, log)
+    del resumed
+    log.print(f"rejection sampling: V0 = {cfg.checkpoint} ({start_stage}, "
+              f"{model.num_params() / 1e6:.2f}M parameters), reward model {cfg.reward_model}, "
+              f"select by {'the RM' if cfg.select == 'rm' else 'the JUDGE (oracle ablation)'}; "
+              f"{cfg.prompts} training prompts x k={cfg.k}, {cfg.iterations} iterations; "
+              f"{rt.device} x {rt.world_size} process(es), kernels {llama2.kernels_in_use()}")
+    t_train = 0.0  # seconds spent tuning, sampling, scoring and fine-tuning (not evaluating)
+    evals = {"reference": None, "others": {}}  # V0's evaluation; --compare's models, scored
+    for i in range(pos["it"], cfg.iterations + 2):
+        # iteration i starts from V(i-1); "iteration" n+1 only tunes and evaluates Vn
+        t0 = time.perf_counter()
+        T = retune(i, model, tokenizer, rm, prompts[:cfg.tune_prompts], cfg, rt, log)
+        t_train += time.perf_counter() - t0 if i <= cfg.iterations else 0.0
+        if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait at the barrier
+            evaluate_iteration(i, T, model, tokenizer, rm, compare, evals, cfg, rt, log)
+        training.barrier(rt)
+        if i > cfg.iterations:
+            break
+        t0 = time.perf_counter()
+        # ---- rejection sampling: k samples per prompt at T, the RM picks the best
+        gold = select_gold(i, T, model, tokenizer, rm, prompts, pos["global_step"], cfg, rt, log)
+        if stop_at == (i, 0):
+            log.print(f"stopped after iteration {i}'s sampling (--stop_at {cfg.stop_at})")
+            return
+        # ---- fine-tune V(i-1) on the gold answers -> Vi
+        if not fine_tune(i, model, ddp_model, tokenizer, prompts, gold, seq_len, pos, cfg, rt,
+                         log, stop_at):
+            return
+        t_train += time.perf_counter() - t0
+        log.print(f"V{i}: saved {out_dir / f'V{i}'}")
+    log.write({"train_seconds": t_train},
+              f"done: {cfg.iterations} iterations; tuning + sampling + scoring + fine-tuning "
+              f"{t_train:.0f}s in this process (evaluation not counted)")
+    if cfg.eval and rt.is_master:
+        report(out_dir, cfg, log)
+
+
+def rs_resume(model, resumed, prompts, cfg: Config, log) -> dict:
+    """Where the run stands: {"it": the iteration in progress, "it_step": its fine-tuning steps
+    done, "global_step": steps over all iterations, "optimizer": its state mid-iteration}. A
+    resumed run must make the samples and the steps the stopped one would have made."""
+    pos = {"it": 1, "it_step": 0, "global_step": 0, "optimizer": None}
+    if not resumed:
+        return pos
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
+    differ = [f"--{k}" for k in RESUME_SAME if resumed["config"].get(k) != getattr(cfg, k)]
+    if differ or resumed["prompts_key"] != _key(prompts):
+        what = ", ".join(differ) or "the prompts"
+        raise SystemExit(f"error: cannot resume from {ckpt_path}: {what} differ from the run "
+                         "that wrote it; use the same flags")
+    model.load_state_dict(resumed["model"])
+    pos.update(it=resumed["iteration"], it_step=resumed["it_step"],
+               global_step=resumed["global_step"], optimizer=resumed.get("optimizer"))
+    training.set_rng_state(resumed["rng"])
+    log.print(f"resumed from {ckpt_path}: iteration {pos['it']}, {pos['it_step']} fine-tuning "
+              "steps done")
+    return pos
+
+
+def save_rs(model, tokenizer, prompts, cfg: Config, rt, iteration: int, step: int,
+            global_step: int, optimizer=None) -> None:
+    """The run's state (<out_dir>/ckpt.pt, stage rlhf_rs): what --resume continues from."""
+    if not rt.is_master:
+        return
+    training.save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", {
+        "model_args": asdict(model.args),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "config": asdict(cfg), "stage": STAGE, "parent": cfg.checkpoint,
+        "iteration": iteration, "it_step": step, "global_step": global_step,
+        "prompts_key": _key(prompts), "rng": training.rng_state()})
+
+
+def cached(path: Path, make, cfg: Config, rt):
+    """A JSON file of this run read back on --resume (what made it is deterministic), else made
+    and written atomically."""
+    if cfg.resume and path.is_file():
+        return json.loads(path.read_text())
+    obj = make()
+    if rt.is_master:
+        with training.atomic_write(path, "w") as f:
+            f.write(json.dumps(obj))
+    return obj
+
+
+def retune(i: int, model, tokenizer, rm, tune_set, cfg: Config, rt, log) -> float:
+    """Step 1 of iteration i: re-tune the temperature of V(i-1) (Fig. 8), logged. -> T."""
+    tune = cached(Path(cfg.out_dir) / f"iter{i}" / "tune.json",
+                  lambda: tune_temperature(model, tokenizer, rm, tune_set, cfg, i, rt), cfg, rt)
+    T = tune["temperature"]
+    sweep = " ".join(f"T={t}: {c['max'][-1]:+.3f}" for t, c in tune["curves"].items())
+    log.write({"iteration": i - 1, "tune": {t: c["max"][-1] for t, c in tune["curves"].items()},
+               "temperature": T},
+              f"V{i - 1}: temperature re-tuned on {tune['prompts']} training prompts, E[max "
+              f"of {cfg.k}] reward by T: {sweep} -> T={T:g}")
+    return T
+
+
+def evaluate_iteration(i: int, T: float, model, tokenizer, rm, compare: dict, evals: dict,
+                       cfg: Config, rt, log) -> None:
+    """Step 2: evaluate V(i-1) on held-out prompts (rank 0), its win rate against V0
+    (evals["reference"]) and against each --compare model (evals["others"], measured once)."""
+    out_dir = Path(cfg.out_dir)
+    if evals["reference"] is None and i > 1:
+        evals["reference"] = json.loads((out_dir / "iter1" / "eval.json").read_text())
+    # --compare: each other model's replies to the same held-out prompts, measured once
+    # (greedy, and sampled at V0's tuned T), then every Vi's win rate against them
+    others = evals["others"]
+    for name, path in compare.items():
+        if name not in others:
+            others[name] = cached(out_dir / f"compare_{name}.json", lambda: {
+                "checkpoint": path, **evaluate.one_sample_stats(
+                    load_compare(path, tokenizer, rt), tokenizer, rm, cfg, T, rt, name)}, cfg, rt)
+
+    def measure():
+        e = evaluate.policy_eval(model, tokenizer, rm, cfg, T, evals["reference"], rt,
+                                 label=f"V{i - 1}")
+        e["win_rate_vs"] = {n: {k: evaluate.win_rate(e[k]["judge_scores"], o[k]["judge_scores"])
+                                for k in ("greedy", "sampled")}
+                            for n, o in others.items()}
+        return e
+    ev = cached(out_dir / f"iter{i}" / "eval.json", measure, cfg, rt)
+    if i == 1:
+        evals["reference"] = ev
+    log.write({"iteration": i - 1, "eval": _light(ev)}, evaluate.format_policy_eval(ev)
+              + "".join(f"\n  win rate against {n} (judged, one sample each, ties half; "
+                        f"floor/chance 50%): greedy {w['greedy']:.1%}, sampled "
+                        f"{w['sampled']:.1%}" for n, w in ev.get("win_rate_vs", {}).items()))
+
+
+def select_gold(i: int, T: float, model, tokenizer, rm, prompts, global_step: int, cfg: Config,
+                rt, log) -> list[dict | None]:
+    """Step 3: k samples per training prompt at T, scored by the RM (the judge only measures),
+    the best with EOS picked; the gold answers are this iteration's picks, or from --pool_from on
+    the best over all iterations so far (pooling). Writes iter<i>/samples.jsonl and gold.jsonl."""
+    out_dir = Path(cfg.out_dir)
+    d = out_dir / f"iter{i}"
+    samples_path = d / "samples.jsonl"
+    if cfg.resume and samples_path.is_file():
+        rows = read_samples(samples_path)
+        log.print(f"V{i}: samples read back from {samples_path}")
+    else:
+        samples, rewards = sample_and_score(model, tokenizer, rm, prompts, cfg, T,
+                                            cfg.seed * 7919 + i, rt, f"V{i} sampling")
+        best = choose_best(samples, rewards)
+        # measured only, never used to pick: what the judge thinks of the samples
+        judged = [evaluate.judge_scores(dd, rs) if rs else None
+                  for dd, rs in zip(([p] * cfg.k for p in prompts), samples)]
+        if rt.is_master:
+            write_samples(samples_path, prompts, samples, rewards, best, judged, T)
+        save_rs(model, tokenizer, prompts, cfg, rt, i, 0, global_step)  # a resume re-reads them
+        training.barrier(rt)
+        rows = read_samples(samples_path)
+    # the gold answers: this iteration's picks, or the best over all iterations (pooling)
+    pooled = cfg.pool and i >= cfg.pool_from
+    per_it = ([candidates(read_samples(out_dir / f"iter{j}" / "samples.jsonl"), j)
+               for j in range(1, i)] if pooled else []) + [candidates(rows, i)]
+    gold = pool_gold(per_it)
+    if rt.is_master:
+        with training.atomic_write(d / "gold.jsonl", "w") as f:  # what Vi is fine-tuned on
+            f.writelines(json.dumps({"prompt": p, **(g or {"text": None})}) + "\n"
+                         for p, g in enumerate(gold))
+    _log_selection(log, i, rows, gold, pooled, cfg)
+    return gold
+
+
+def fine_tune(i: int, model, ddp_model, tokenizer, prompts, gold, seq_len: int, pos: dict,
+              cfg: Config, rt, log, stop_at) -> bool:
+    """Step 4: fine-tune V(i-1) on (prompt, gold answer) -> Vi, saved as V<i>/ckpt.pt (stage
+    "rlhf"); pos (rs_resume's) moves on. -> False when --stop_at stopped it mid-way."""
+    examples, dropped = gold_examples(tokenizer, prompts, gold, seq_len, cfg.seed + i)
+    if not examples:
+        raise SystemExit(f"error: iteration {i}: no gold answer (no sample ended with EOS); "
+                         "raise --max_new_tokens or check the policy with train_sft.py --eval")
+    rows = sft_data.pack_rows([len(e) for e in examples], seq_len)
+    sampler = sft_data.RowSampler(len(rows), cfg.seed * 31 + i)
+    n_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
+    optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                        device_type=rt.device_type)
+    if pos["optimizer"] is not None and pos["it_step"] > 0 and i == pos["it"]:
+        optimizer.load_state_dict(pos["optimizer"])
+    start = pos["it_step"] if i == pos["it"] else 0
+    pos["optimizer"] = None
+    log.print(f"V{i}: fine-tuning on {len(examples)} gold answers ({len(dropped)} too long), "
+              f"{len(rows)} packed rows, {n_steps} steps of {cfg.batch_size} rows")
+    model.train()
+    for step in range(start, n_steps):
+        t1 = time.perf_counter()
+        lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                                total_steps=n_steps, min_lr_ratio=cfg.min_lr_ratio)
+        training.set_lr(optimizer, lr)
+        step_rows = [rows[sampler.row(step * cfg.batch_size + r)] for r in range(cfg.batch_size)]
+        loss, tokens, gnorm, _ = sft_data.train_step(ddp_model, optimizer, examples, step_rows,
+                                                     cfg.micro_batch, cfg.grad_clip, True, rt)
+        if not math.isfinite(loss):
+            raise SystemExit(f"error: the loss became {loss} at iteration {i} step {step + 1}; "
+                             "lower --lr")
+        pos["global_step"] += 1
+        dt = time.perf_counter() - t1
+        line = f"V{i} " + training.step_line(step + 1, n_steps, loss, lr, gnorm, dt, tokens / dt)
+        log.write({"step": pos["global_step"], "iteration": i, "it_step": step + 1, "loss": loss,
+                   "lr": lr, "gnorm": gnorm, "ms": dt * 1000, "tok_s": tokens / dt},
+                  line if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps else None)
+        if stop_at == (i, step + 1) and step + 1 < n_steps:
+            save_rs(model, tokenizer, prompts, cfg, rt, i, step + 1, pos["global_step"], optimizer)
+            log.print(f"stopped at iteration {i} step {step + 1} (--stop_at {cfg.stop_at})")
+            return False
+    model.eval()
+    # Vi: a chat checkpoint of its own (stage "rlhf"), then the run's state moves past it
+    if rt.is_master:
+        training.save_checkpoint(Path(cfg.out_dir) / f"V{i}" / "ckpt.pt", {
+            "model_args": asdict(model.args),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+            "config": asdict(cfg), "stage": "rlhf", "parent": cfg.checkpoint,
+            "iteration": i})
+    save_rs(model, tokenizer, prompts, cfg, rt, i + 1, 0, pos["global_step"])
+    training.barrier(rt)
+    return True
+
+
+def _key(prompts) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
+    """One line of health numbers for the selection: the picked samples' reward and judged score
+    against a random sample's (the judge is only read here, after the pick)."""
+    picked = [r for r in rows if r["best"] is not None]
+    mean_r = sum(sum(r["rewards"]) / len(r["rewards"]) for r in picked) / max(1, len(picked))
+    best_r = sum(r["rewards"][r["best"]] for r in picked) / max(1, len(picked))
+    mean_j = sum(sum(r["judged"]) / len(r["judged"]) for r in picked) / max(1, len(picked))
+    best_j = sum(r["judged"][r["best"]] for r in picked) / max(1, len(picked))
+    eos = sum(sum(r["eos"]) for r in rows) / max(1, sum(len(r["eos"]) for r in rows))
+    # how often the pick's content is right, against a random sample's and against "any of the
+    # k" (what a perfect selector could reach): rejection sampling can only lift content where
+    # the pick beats the policy's own rate (SPEC §11); measured, never used to pick
+    right = [[world.score(r["messages"], t).content == 1.0 for t in r["responses"]] for r in picked]
+    n = max(1, len(picked))
+    correct = {"random": sum(sum(c) / len(c) for c in right) / n,
+               "picked": sum(c[r["best"]] for c, r in zip(right, picked)) / n,
+               "any": sum(any(c) for c in right) / n}
+    from_earlier = sum(g is not None and g["iteration"] < i for g in gold)
+    log.write({"iteration": i, "selection": {"prompts_with_gold": sum(g is not None for g in gold),
+               "reward_mean": mean_r, "reward_picked": best_r, "judged_mean": mean_j,
+               "judged_picked": best_j, "eos_rate": eos, "pooled": pooled,
+               "gold_from_earlier": from_earlier, "correct": correct}},
+              f"V{i}: picked by the {'RM' if cfg.select == 'rm' else 'JUDGE (oracle)'} from "
+              f"k={cfg.k} at T={rows[0]['temperature']:g}: reward {mean_r:+.3f} (a random sample) "
+              f"-> {best_r:+.3f} (the pick); judged {mean_j:.3f} -> {best_j:.3f}; right answers "
+              f"{correct['random']:.1%} -> {correct['picked']:.1%} (any of the k: "
+              f"{correct['any']:.1%}); samples with "
+              f"EOS {eos:.1%}; " + (f"pooled over V1..V{i}: {from_earlier} gold answers from "
+                                    "earlier iterations" if pooled else "no pooling"))
+
+
+def report(out_dir: Path, cfg: Config, log) -> None:
+    """Fig. 7, Fig. 8 and the per-iteration plot; the over-optimization line."""
+    evs = [json.loads((out_dir / f"iter{i}" / "eval.json").read_text())
+           for i in range(1, cfg.iterations + 2)]
+    tunes = [json.loads((out_dir / f"iter{i}" / "tune.json").read_text())
+             for i in range(1, cfg.iterations + 2)]
+    evaluate.plot_best_of_n({e["label"]: e["best_of_n"] for e in evs}, out_dir / "best_of_n.png",
+                            "Expected max (solid) and median (dashed) reward among N samples, "
+                            "held-out prompts")
+    evaluate.plot_temperatures({f"V0 (start)": tunes[0]["curves"],
+                                f"V{cfg.iterations} (last)": tunes[-1]["curves"]},
+                               out_dir / "temperatures.png")
+    rows = [{**e, "iteration": i} for i, e in enumerate(evs)]
+    evaluate.plot_iterations(rows, out_dir / "iterations.png")
+    vs = list(rows[0].get("win_rate_vs", {}))  # --compare: the win rates against other models
+    lines = ["iteration | T | judged greedy | judged at T | RM greedy | RM at T | win rate greedy "
+             "| win rate at T | EOS | tokens" + "".join(f" | vs {n} greedy | vs {n} at T" for n in vs)]
+    for r, t in zip(rows, tunes):
+        w = r.get("win_rate", {"greedy": 0.5, "sampled": 0.5})
+        wv = r.get("win_rate_vs", {})
+        lines.append(f"V{r['iteration']} | {t['temperature']:g} | {r['greedy']['judge']:.3f} | "
+                     f"{r['sampled']['judge']:.3f} | {r['greedy']['rm']:+.3f} | "
+                     f"{r['sampled']['rm']:+.3f} | {w['greedy']:.1%} | {w['sampled']:.1%} | "
+                     f"{r['greedy']['eos_rate']:.1%} | {r['greedy']['tokens']:.1f}"
+                     + "".join(f" | {wv[n]['greedy']:.1%} | {wv[n]['sampled']:.1%}" if n in wv
+                               else " | - | -" for n in vs))
+    f = rows[0]["floor"]
+    lines.append(f"floors: judged {f['judge_empty']:.3f} (empty reply), "
+                 f"{f['judge_bare_answer']:.3f} (bare correct answer), ceiling 1.0; RM "
+                 f"{f['rm_empty']:+.3f} (empty reply); win rate 50%; EOS ceiling 100%")
+    # over-optimization (Gao et al. 2022): the RM score rising while the judge falls. Greedy
+    # replies are the fair comparison (the same decoding for every model; the tuned T moves);
+    # each change from V0 to Vn against its paired standard error over the same prompts
+    def change(decoding: str, key: str) -> tuple[float, float]:
+        a, b = rows[0][decoding][key + "_scores"], rows[-1][decoding][key + "_scores"]
+        diff = [y - x for x, y in zip(a, b)]
+        mean = sum(diff) / len(diff)
+        var = sum((x - mean) ** 2 for x in diff) / max(1, len(diff) - 1)
+        return mean, math.sqrt(var / len(diff))
+    for decoding in ("greedy", "sampled"):
+        (d_rm, se_rm), (d_j, se_j) = change(decoding, "rm"), change(decoding, "judge")
+        what = (f"{decoding + ' at T' if decoding == 'sampled' else decoding}: RM score "
+                f"{d_rm:+.3f} (+-{se_rm:.3f}), judged score {d_j:+.3f} (+-{se_j:.3f}) from V0 to "
+                f"V{cfg.iterations} (paired over {len(rows[0][decoding]['judge_scores'])} "
+                "held-out prompts, +- one standard error)")
+        if d_rm > 2 * se_rm and d_j < -2 * se_j:
+            lines.append(f"OVER-OPTIMIZATION, {what}: the RM score rose while the judged score "
+                         "fell; the policy exploits the reward model's errors")
+        else:
+            lines.append(f"over-optimization check, {what}: no RM rise together with a judged "
+                         "fall beyond 2 standard errors")
+    text = "\n".join(lines)
+    with training.atomic_write(out_dir / "report.txt", "w") as fh:
+        fh.write(text + "\n")
+    log.print(text)
+    log.print(f"wrote {out_dir / 'report.txt'}, best_of_n.png (Fig. 7), temperatures.png "
+              f"(Fig. 8), iterations.png")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -658,7 +976,7 @@ def batch_stats(mbs: list[dict], cfg, rt) -> dict:
 def judge_rollouts(tokenizer, dialogs, rolls) -> float:
     """The judge's mean score of the rollouts: MEASURED for the log only, after the update; the
     training never reads it."""
-    replies = [gatt.Reply(gatt.clean_reply(tokenizer.decode(
+    replies = [sampling.Reply(sampling.clean_reply(tokenizer.decode(
         r["response"][:-1] if r["eos"] else r["response"])), r["eos"], len(r["response"]))
         for r in rolls]
     return sum(evaluate.judge_scores(dialogs, replies)) / max(1, len(replies))
@@ -714,27 +1032,14 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
                          f"{cfg.ppo_batch} (each rank takes an equal share of every mini-batch)")
     compared_checkpoints(cfg)  # a missing one is refused before the training, not after
     out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    resumed = None
-    if cfg.resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"error: --resume given but {ckpt_path} does not exist; drop "
-                             "--resume to start a new run")
-        resumed = training.load_checkpoint(ckpt_path)
-        if resumed.get("stage") not in (PPO_STAGE, "rlhf") or resumed.get("method") != "ppo":
-            raise SystemExit(f"error: {ckpt_path} is not a PPO run's checkpoint; use another "
-                             "--out_dir")
-        differ = [f"--{k}" for k in PPO_RESUME_SAME if resumed["config"].get(k) != getattr(cfg, k)]
-        if differ:
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: {', '.join(differ)} differ "
-                             "from the run that wrote it; use the same flags")
-
+    resumed = ppo_resumed(cfg)
     # ---- models: the policy, pi_0 (a frozen copy), the critic (from the RM), the fixed RM
     policy, tokenizer, start_stage = load_policy(cfg, rt)
     ref = llama2.Transformer(policy.args).to(rt.device)
     ref.load_state_dict(policy.state_dict())
     ref.eval().requires_grad_(False)  # pi_0: frozen
-    rm = load_rm(cfg, tokenizer, rt)
+    rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint,
+                                    rt)
     rm.eval().requires_grad_(False)
     critic, _ = llama2.load_reward_model(cfg.reward_model, device=str(rt.device))
     critic = critic.float()  # value model initialized from the reward model
@@ -745,30 +1050,8 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
                                              device_type=rt.device_type)
                      for m, lr in ((policy, cfg.ppo_lr), (critic, cfg.value_lr)))
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = out_dir / "metrics.jsonl"
-
-    # best: the best validation mean so far (patience); kept: the iteration whose weights best_sd
-    # holds, the run's model (pi_0 = iteration 0 until one beats it by more than keep_se standard
-    # errors); val_start: pi_0's validation score per prompt, what each iteration is paired with
-    it, stats, best, bad, best_sd, done = 0, None, None, 0, None, False
-    kept, val_start = None, None
-    if resumed:
-        training.check_same_model_args(resumed["model_args"], asdict(policy.args), str(ckpt_path))
-        policy.load_state_dict(resumed["policy_last"])
-        critic.load_state_dict(resumed["critic"])
-        opt_pi.load_state_dict(resumed["opt_pi"])
-        opt_v.load_state_dict(resumed["opt_v"])
-        it, stats, best, bad = (resumed["iteration"], tuple(resumed["whiten"]),
-                                resumed["best_val"], resumed["bad"])
-        best_sd, done = resumed["model"], resumed.get("done", False)
-        if "val_start" not in resumed:
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: it predates the paired "
-                             "validation (no val_start); start a new run")
-        kept, val_start = resumed["kept"], resumed["val_start"]
-        training.set_rng_state(resumed["rng"])
-    if rt.is_master:
-        training.trim_metrics(metrics, it)
-    log = training.MetricsLog(metrics, rt)
+    st = ppo_state(policy, critic, opt_pi, opt_v, resumed, cfg)
+    log = training.open_metrics(out_dir, st["it"], rt)
     # the modules that train: DDP under torchrun (rollouts, the old pass and saving use the plain
     # models; the wrappers all-reduce the gradients of the update)
     ddp_policy, ddp_critic = training.wrap_model(policy, rt), training.wrap_model(critic, rt)
@@ -777,133 +1060,209 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
               f"rollout prompts, {len(val_ids)} validation prompts; batch {cfg.ppo_batch}, "
               f"mini-batch {cfg.ppo_minibatch}, T={cfg.temperature:g}, beta={cfg.beta:g}; "
               f"{rt.device} x {rt.world_size} process(es)"
-              + (f"; resumed after iteration {it}" if resumed else ""))
-
+              + (f"; resumed after iteration {st['it']}" if resumed else ""))
+    del resumed
     def save(final: bool = False) -> None:
-        if not rt.is_master:  # the ranks hold the same weights: rank 0 writes, atomically
-            return
-        sd = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
-        training.save_checkpoint(ckpt_path, {
-            "model_args": asdict(policy.args),
-            "model": best_sd,  # the kept policy (pi_0 unless one beat it): the run's model
-            "policy_last": sd(policy), "critic": sd(critic),
-            "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
-            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-            "config": asdict(cfg), "stage": "rlhf" if final else PPO_STAGE, "method": "ppo",
-            "parent": cfg.checkpoint, "iteration": it, "whiten": list(stats), "best_val": best,
-            "bad": bad, "kept": kept, "val_start": val_start, "done": final,
-            "rng": training.rng_state()})
-
-    if stats is None:
-        # ---- reward whitening statistics, fixed once on samples of pi_0
-        rolls = rollout(ref, tokenizer, pool[:cfg.whiten_n], cfg, cfg.seed * 13 + 5, rt)
-        ok = [r["prompt"] + r["response"] for r in rolls if r["eos"]]
-        raw = rm_logits(rm, ok, rt) if ok else torch.empty(0)
-        stats = tuple(training.broadcast_from_rank0(list(whitening_stats(raw)), rt))
-        val_start = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
-        best = sum(val_start) / len(val_start)
-        kept = {"iteration": 0, "val_score": best, "val_diff": 0.0, "val_se": 0.0}
-        best_sd = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
-        # pi_0's samples are iteration 0 of the over-optimization curves (KL 0 by definition)
-        row = {"step": 0, "iteration": 0, "beta": cfg.beta, "whiten": list(stats),
-               "val_score": best, "val_diff": 0.0, "val_se": 0.0, "val_kept": True,
-               "kl": 0.0, "eos_rate": len(ok) / len(rolls),
-               "rm_raw": float(raw.mean()) if ok else None}
-        if cfg.ppo_judge and rt.is_master:
-            row["judge"] = judge_rollouts(tokenizer, dialogs[:cfg.whiten_n], rolls)
-        log.write(row, f"pi_0: RM logit mean {stats[0]:+.3f} std {stats[1]:.3f} over {len(ok)} "
-                  f"of {len(rolls)} samples with EOS (the whitening, fixed)"
-                  + (f", judged {row['judge']:.3f}" if "judge" in row else "")
-                  + f"; validation score {best:+.3f}")
+        save_ppo(policy, critic, opt_pi, opt_v, tokenizer, st, cfg, rt, final)
+    if st["stats"] is None:  # iteration 0: the whitening and pi_0's validation scores, fixed once
+        ppo_start(policy, ref, rm, tokenizer, dialogs, pool, val_ids, st, cfg, rt, log)
         save()
-
-    while not done and it < cfg.ppo_iterations:
-        it += 1
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + it)
-        pick = torch.randperm(len(pool), generator=g)[:cfg.ppo_batch].tolist()
-        rolls = rollout(policy, tokenizer, [pool[i] for i in pick], cfg, cfg.seed * 31 + it, rt)
-        order = torch.randperm(len(rolls), generator=g).tolist()  # the mini-batches' rows
-        mbs = old_pass(policy, ref, critic, rm, rolls, order, cfg, stats, rt)
-        upd = ppo_update(ddp_policy, ddp_critic, opt_pi, opt_v, mbs, cfg, rt)
-        row = {"step": it, "iteration": it, **batch_stats(mbs, cfg, rt), **upd}
-        if cfg.ppo_judge and rt.is_master:  # measured only, after the update: never trained on
-            row["judge"] = judge_rollouts(tokenizer, [dialogs[i] for i in pick], rolls)
-        if it % cfg.val_every == 0 or it == cfg.ppo_iterations:
-            scores = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
-            v = sum(scores) / len(scores)
-            diff, se = paired_gain(scores, val_start)
-            if v > best:  # early stopping by the RM score on validation prompts
-                best, bad = v, 0
-            else:
-                bad += 1
-            # the run's model: an iteration replaces the kept one only if it scores higher and
-            # beats pi_0 beyond noise, by more than keep_se paired standard errors
-            better = v > kept["val_score"] and diff > (cfg.keep_se * se if cfg.keep_se else 0.0)
-            if better:
-                kept = {"iteration": it, "val_score": v, "val_diff": diff, "val_se": se}
-                best_sd = {k: t.detach().cpu().clone() for k, t in policy.state_dict().items()}
-            row.update(val_score=v, val_diff=diff, val_se=se if math.isfinite(se) else None,
-                       val_kept=better)
-        row["seconds"] = time.perf_counter() - t0
-        log.write(row, f"PPO {it}/{cfg.ppo_iterations}: score {row['score']:+.3f} KL "
-                  f"{row['kl']:.3f} score-beta*KL {row['score_minus_beta_kl']:+.3f}"
-                  + (f" judge {row['judge']:.3f}" if "judge" in row else "")
-                  + f" | EOS {row['eos_rate']:.0%} len {row['length']:.1f} entropy "
-                  f"{row['entropy']:.2f} | approx-KL {row['approx_kl']:.2e} clipfrac "
-                  f"{row['clipfrac']:.3f} ratio mean {row['ratio_mean']:.4f} max "
-                  f"{row['ratio_max']:.3f} value loss {row['value_loss']:.4f}"
-                  + (f" | val {row['val_score']:+.3f} (best {best:+.3f}), vs pi_0 "
-                     f"{row['val_diff']:+.3f} +- {se:.3f}" + (" (kept)" if row["val_kept"] else "")
-                     if "val_score" in row else "") + f" | {row['seconds']:.1f}s")
-        if cfg.patience and bad >= cfg.patience:
-            log.print(f"early stop: no better validation score for {bad} validations")
-            done = True
+    while not st["done"] and st["it"] < cfg.ppo_iterations:
+        st["it"] += 1
+        ppo_iteration(policy, ref, critic, rm, ddp_policy, ddp_critic, opt_pi, opt_v, tokenizer,
+                      dialogs, pool, val_ids, st, cfg, rt, log)
+        if cfg.patience and st["bad"] >= cfg.patience:
+            log.print(f"early stop: no better validation score for {st['bad']} validations")
+            st["done"] = True
         save()
-        if stop_at is not None and it == stop_at[0] and not done and it < cfg.ppo_iterations:
+        it = st["it"]
+        if stop_at is not None and it == stop_at[0] and not st["done"] and it < cfg.ppo_iterations:
             log.print(f"stopped after PPO iteration {it} (--stop_at {cfg.stop_at})")
             return
     save(final=True)
-    log.print(f"PPO done after {it} iterations; {ckpt_path} holds "
+    kept = st["kept"]
+    log.print(f"PPO done after {st['it']} iterations; {out_dir / 'ckpt.pt'} holds "
               + (f"iteration {kept['iteration']}, validation score {kept['val_score']:+.3f}: "
                  f"{kept['val_diff']:+.3f} +- {kept['val_se']:.3f} (one paired standard error "
-                 f"over {len(val_start)} prompts) above pi_0" if kept["iteration"] else
+                 f"over {len(st['val_start'])} prompts) above pi_0" if kept["iteration"] else
                  f"pi_0 (validation score {kept['val_score']:+.3f}): no iteration beat it by more "
-                 f"than {cfg.keep_se:g} paired standard errors (the best mean: {best:+.3f})"))
+                 f"than {cfg.keep_se:g} paired standard errors (the best mean: {st['best']:+.3f})"))
     if rt.is_master and cfg.ppo_judge:  # this run's over-optimization curves and its line
         ppo_report([str(out_dir)], log.print)
     if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait in cleanup_runtime
-        # ---- final evaluation on held-out prompts: win rate against the start policy
-        policy.load_state_dict(best_sd)
-        cache = {}
-        for name, model in (("start", ref), ("final", policy)):
-            path = out_dir / f"eval_{name}.json"
-            if cfg.resume and path.is_file():  # a fresh run into the same folder measures anew
-                cache[name] = json.loads(path.read_text())
-                continue
-            cache[name] = evaluate.policy_eval(model, tokenizer, rm, cfg, cfg.temperature,
-                                               cache.get("start"), rt,
-                                               label="pi_0" if name == "start" else "PPO")
-            with training.atomic_write(path, "w") as f:
-                f.write(json.dumps(cache[name]))
-            log.write({"step": it, "eval": name, **_light(cache[name])},
-                      evaluate.format_policy_eval(cache[name]))
-        # ---- the final model against other models (--compare, e.g. the SFT and RS models):
-        # win rate on the same held-out prompts, adherence by turn; into eval_final.json
-        final = cache["final"]
-        for name, path in parse_compare(cfg.compare).items():
-            if final.get("compare", {}).get(name, {}).get("checkpoint") == path:
-                continue  # measured by an earlier (resumed) run
-            other = load_compare(path, tokenizer, rt)
-            v = evaluate.versus(final, other, tokenizer, rm, cfg, rt, label=name)
-            del other
-            final.setdefault("compare", {})[name] = {"checkpoint": path, **v}
-            with training.atomic_write(out_dir / "eval_final.json", "w") as f:
-                f.write(json.dumps(final))
-            log.write({"step": it, "eval": f"final_vs_{name}", "win_rate": v["win_rate"],
-                       "judge": {k: v[k]["judge"] for k in ("greedy", "sampled")},
-                       "adherence_by_turn": v["adherence_by_turn"]},
-                      evaluate.format_versus(final, v))
+        policy.load_state_dict(st["best_sd"])
+        ppo_final_eval(policy, ref, rm, tokenizer, st["it"], cfg, rt, log)
+
+
+def ppo_resumed(cfg: Config) -> dict | None:
+    """With --resume, the PPO run's ckpt.pt, refused if it is not a PPO run's or its flags differ."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    if not cfg.resume:
+        return None
+    if not ckpt_path.exists():
+        raise SystemExit(f"error: --resume given but {ckpt_path} does not exist; drop "
+                         "--resume to start a new run")
+    resumed = training.load_checkpoint(ckpt_path)
+    if resumed.get("stage") not in (PPO_STAGE, "rlhf") or resumed.get("method") != "ppo":
+        raise SystemExit(f"error: {ckpt_path} is not a PPO run's checkpoint; use another "
+                         "--out_dir")
+    differ = [f"--{k}" for k in PPO_RESUME_SAME if resumed["config"].get(k) != getattr(cfg, k)]
+    if differ:
+        raise SystemExit(f"error: cannot resume from {ckpt_path}: {', '.join(differ)} differ "
+                         "from the run that wrote it; use the same flags")
+    if "val_start" not in resumed:
+        raise SystemExit(f"error: cannot resume from {ckpt_path}: it predates the paired "
+                         "validation (no val_start); start a new run")
+    return resumed
+
+
+def ppo_state(policy, critic, opt_pi, opt_v, resumed, cfg: Config) -> dict:
+    """The run's state, what ckpt.pt keeps besides the weights: it (iterations done), stats (the
+    whitening, fixed on pi_0's samples), best (the best validation mean so far) and bad (the
+    validations since: patience), done; kept (the iteration whose weights best_sd holds, the run's
+    model: pi_0 = iteration 0 until one beats it by more than keep_se standard errors) and
+    val_start (pi_0's validation score per prompt, what each iteration is paired with). A resumed
+    run also gets its weights, optimizers and RNG back."""
+    st = {"it": 0, "stats": None, "best": None, "bad": 0, "best_sd": None, "done": False,
+          "kept": None, "val_start": None}
+    if not resumed:
+        return st
+    ckpt_path = str(Path(cfg.out_dir) / "ckpt.pt")
+    training.check_same_model_args(resumed["model_args"], asdict(policy.args), ckpt_path)
+    policy.load_state_dict(resumed["policy_last"])
+    critic.load_state_dict(resumed["critic"])
+    opt_pi.load_state_dict(resumed["opt_pi"])
+    opt_v.load_state_dict(resumed["opt_v"])
+    st.update(it=resumed["iteration"], stats=tuple(resumed["whiten"]), best=resumed["best_val"],
+              bad=resumed["bad"], best_sd=resumed["model"], done=resumed.get("done", False),
+              kept=resumed["kept"], val_start=resumed["val_start"])
+    training.set_rng_state(resumed["rng"])
+    return st
+
+
+def save_ppo(policy, critic, opt_pi, opt_v, tokenizer, st: dict, cfg: Config, rt,
+             final: bool = False) -> None:
+    """<out_dir>/ckpt.pt: the kept policy as the run's model, the last policy, the critic, the
+    optimizers and the run's state (stage rlhf_ppo; "rlhf" when done)."""
+    if not rt.is_master:  # the ranks hold the same weights: rank 0 writes, atomically
+        return
+    sd = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}  # noqa: E731
+    training.save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", {
+        "model_args": asdict(policy.args),
+        "model": st["best_sd"],  # the kept policy (pi_0 unless one beat it): the run's model
+        "policy_last": sd(policy), "critic": sd(critic),
+        "opt_pi": opt_pi.state_dict(), "opt_v": opt_v.state_dict(),
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "config": asdict(cfg), "stage": "rlhf" if final else PPO_STAGE, "method": "ppo",
+        "parent": cfg.checkpoint, "iteration": st["it"], "whiten": list(st["stats"]),
+        "best_val": st["best"], "bad": st["bad"], "kept": st["kept"],
+        "val_start": st["val_start"], "done": final, "rng": training.rng_state()})
+
+
+def ppo_start(policy, ref, rm, tokenizer, dialogs, pool, val_ids, st: dict, cfg: Config, rt,
+              log) -> None:
+    """Iteration 0: the reward whitening statistics, fixed once on samples of pi_0; pi_0's
+    validation scores (what each iteration is paired with); pi_0 is the kept model."""
+    rolls = rollout(ref, tokenizer, pool[:cfg.whiten_n], cfg, cfg.seed * 13 + 5, rt)
+    ok = [r["prompt"] + r["response"] for r in rolls if r["eos"]]
+    raw = rm_logits(rm, ok, rt) if ok else torch.empty(0)
+    stats = tuple(training.broadcast_from_rank0(list(whitening_stats(raw)), rt))
+    val_start = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
+    best = sum(val_start) / len(val_start)
+    st.update(stats=stats, val_start=val_start, best=best,
+              kept={"iteration": 0, "val_score": best, "val_diff": 0.0, "val_se": 0.0},
+              best_sd={k: v.detach().cpu().clone() for k, v in policy.state_dict().items()})
+    # pi_0's samples are iteration 0 of the over-optimization curves (KL 0 by definition)
+    row = {"step": 0, "iteration": 0, "beta": cfg.beta, "whiten": list(stats),
+           "val_score": best, "val_diff": 0.0, "val_se": 0.0, "val_kept": True,
+           "kl": 0.0, "eos_rate": len(ok) / len(rolls),
+           "rm_raw": float(raw.mean()) if ok else None}
+    if cfg.ppo_judge and rt.is_master:
+        row["judge"] = judge_rollouts(tokenizer, dialogs[:cfg.whiten_n], rolls)
+    log.write(row, f"pi_0: RM logit mean {stats[0]:+.3f} std {stats[1]:.3f} over {len(ok)} "
+              f"of {len(rolls)} samples with EOS (the whitening, fixed)"
+              + (f", judged {row['judge']:.3f}" if "judge" in row else "")
+              + f"; validation score {best:+.3f}")
+
+
+def ppo_iteration(policy, ref, critic, rm, ddp_policy, ddp_critic, opt_pi, opt_v, tokenizer,
+                  dialogs, pool, val_ids, st: dict, cfg: Config, rt, log) -> None:
+    """One PPO iteration, st["it"]: rollout -> old pass (scores, rewards, GAE advantages) ->
+    update -> health numbers; every val_every iterations the validation and the kept model."""
+    it = st["it"]
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + it)
+    pick = torch.randperm(len(pool), generator=g)[:cfg.ppo_batch].tolist()
+    rolls = rollout(policy, tokenizer, [pool[i] for i in pick], cfg, cfg.seed * 31 + it, rt)
+    order = torch.randperm(len(rolls), generator=g).tolist()  # the mini-batches' rows
+    mbs = old_pass(policy, ref, critic, rm, rolls, order, cfg, st["stats"], rt)
+    upd = ppo_update(ddp_policy, ddp_critic, opt_pi, opt_v, mbs, cfg, rt)
+    row = {"step": it, "iteration": it, **batch_stats(mbs, cfg, rt), **upd}
+    if cfg.ppo_judge and rt.is_master:  # measured only, after the update: never trained on
+        row["judge"] = judge_rollouts(tokenizer, [dialogs[i] for i in pick], rolls)
+    se = None
+    if it % cfg.val_every == 0 or it == cfg.ppo_iterations:
+        scores = validate(policy, rm, val_ids, cfg, st["stats"], rt, tokenizer)
+        v = sum(scores) / len(scores)
+        diff, se = paired_gain(scores, st["val_start"])
+        if v > st["best"]:  # early stopping by the RM score on validation prompts
+            st["best"], st["bad"] = v, 0
+        else:
+            st["bad"] += 1
+        # the run's model: an iteration replaces the kept one only if it scores higher and
+        # beats pi_0 beyond noise, by more than keep_se paired standard errors
+        better = v > st["kept"]["val_score"] and diff > (cfg.keep_se * se if cfg.keep_se else 0.0)
+        if better:
+            st["kept"] = {"iteration": it, "val_score": v, "val_diff": diff, "val_se": se}
+            st["best_sd"] = {k: t.detach().cpu().clone() for k, t in policy.state_dict().items()}
+        row.update(val_score=v, val_diff=diff, val_se=se if math.isfinite(se) else None,
+                   val_kept=better)
+    row["seconds"] = time.perf_counter() - t0
+    log.write(row, f"PPO {it}/{cfg.ppo_iterations}: score {row['score']:+.3f} KL "
+              f"{row['kl']:.3f} score-beta*KL {row['score_minus_beta_kl']:+.3f}"
+              + (f" judge {row['judge']:.3f}" if "judge" in row else "")
+              + f" | EOS {row['eos_rate']:.0%} len {row['length']:.1f} entropy "
+              f"{row['entropy']:.2f} | approx-KL {row['approx_kl']:.2e} clipfrac "
+              f"{row['clipfrac']:.3f} ratio mean {row['ratio_mean']:.4f} max "
+              f"{row['ratio_max']:.3f} value loss {row['value_loss']:.4f}"
+              + (f" | val {row['val_score']:+.3f} (best {st['best']:+.3f}), vs pi_0 "
+                 f"{row['val_diff']:+.3f} +- {se:.3f}" + (" (kept)" if row["val_kept"] else "")
+                 if "val_score" in row else "") + f" | {row['seconds']:.1f}s")
+
+
+def ppo_final_eval(policy, ref, rm, tokenizer, it: int, cfg: Config, rt, log) -> None:
+    """The kept policy on held-out prompts: its win rate against the start policy (eval_start.json,
+    eval_final.json), then against each --compare model (into eval_final.json under "compare")."""
+    out_dir = Path(cfg.out_dir)
+    cache = {}
+    for name, model in (("start", ref), ("final", policy)):
+        path = out_dir / f"eval_{name}.json"
+        if cfg.resume and path.is_file():  # a fresh run into the same folder measures anew
+            cache[name] = json.loads(path.read_text())
+            continue
+        cache[name] = evaluate.policy_eval(model, tokenizer, rm, cfg, cfg.temperature,
+                                           cache.get("start"), rt,
+                                           label="pi_0" if name == "start" else "PPO")
+        with training.atomic_write(path, "w") as f:
+            f.write(json.dumps(cache[name]))
+        log.write({"step": it, "eval": name, **_light(cache[name])},
+                  evaluate.format_policy_eval(cache[name]))
+    # the final model against other models (--compare, e.g. the SFT and RS models): win rate on
+    # the same held-out prompts, adherence by turn; into eval_final.json
+    final = cache["final"]
+    for name, path in parse_compare(cfg.compare).items():
+        if final.get("compare", {}).get(name, {}).get("checkpoint") == path:
+            continue  # measured by an earlier (resumed) run
+        other = load_compare(path, tokenizer, rt)
+        v = evaluate.versus(final, other, tokenizer, rm, cfg, rt, label=name)
+        del other
+        final.setdefault("compare", {})[name] = {"checkpoint": path, **v}
+        with training.atomic_write(out_dir / "eval_final.json", "w") as f:
+            f.write(json.dumps(final))
+        log.write({"step": it, "eval": f"final_vs_{name}", "win_rate": v["win_rate"],
+                   "judge": {k: v[k]["judge"] for k in ("greedy", "sampled")},
+                   "adherence_by_turn": v["adherence_by_turn"]},
+                  evaluate.format_versus(final, v))
 
 
 def ppo_rows(run_dir: Path) -> list[dict]:
@@ -945,7 +1304,7 @@ def ppo_report(run_dirs: list[str], say=print) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
-# checks of the inputs
+# shared by both methods: the inputs (start policy, --compare models) and their checks
 
 
 def parse_compare(text: str) -> dict[str, str]:
@@ -982,19 +1341,11 @@ def load_compare(path: str, tokenizer, rt):
     return model.float().eval()
 
 
-def _stage_of(path: str) -> str | None:
-    p = Path(path)
-    p = p / "ckpt.pt" if p.is_dir() else p
-    if p.is_file() and p.suffix == ".pt":
-        return llama2.load_checkpoint_file(p).get("stage")
-    return None
-
-
 def load_policy(cfg: Config, rt):
     """The start policy: one of our chat checkpoints (or an external chat model); a pretrained
     base model or a reward model is refused with one line."""
     try:
-        stage = _stage_of(cfg.checkpoint)
+        stage = training.stage_of(cfg.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
     if stage == "pretrain":
@@ -1011,19 +1362,6 @@ def load_policy(cfg: Config, rt):
     if tok is None:
         raise SystemExit(f"error: --checkpoint {cfg.checkpoint} carries no tokenizer")
     return model.float(), tok, stage or "external"
-
-
-def load_rm(cfg: Config, tokenizer, rt):
-    """The reward model; it must read the policy's tokens (the same tokenizer)."""
-    try:
-        rm, rm_tok = llama2.load_reward_model(cfg.reward_model, device=str(rt.device))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --reward_model {cfg.reward_model}: {e}") from None
-    if rm_tok is None or rm_tok.model_bytes != tokenizer.model_bytes:
-        raise SystemExit(f"error: --reward_model {cfg.reward_model} does not use the policy's "
-                         f"tokenizer ({cfg.checkpoint}); train the RM from this policy's family")
-    rm.tokenizer = rm_tok
-    return rm
 
 
 def check_config(cfg: Config) -> None:
@@ -1068,6 +1406,13 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("error: --eval_n, --eval_bestof_n and --eval_k must be >= 1")
 
 
+def _light(ev: dict) -> dict:
+    """An evaluation without its per-prompt score lists (for metrics.jsonl)."""
+    return {k: ({kk: vv for kk, vv in v.items() if not kk.endswith("_scores")}
+                if isinstance(v, dict) else v)
+            for k, v in ev.items()}
+
+
 # -----------------------------------------------------------------------------------------------
 # the script
 
@@ -1084,327 +1429,6 @@ def main(argv=None) -> None:
         (run_ppo if cfg.method == "ppo" else run)(cfg, rt, stop_at)
     finally:
         training.cleanup_runtime()
-
-
-def _barrier(rt) -> None:
-    if rt.distributed:
-        torch.distributed.barrier()
-
-
-def run(cfg: Config, rt, stop_at) -> None:
-    """The iterations (main() sets up and tears down the process group around it)."""
-    training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)  # refuses sizes that do not divide
-    compare = compared_checkpoints(cfg)  # a missing one is refused before the sampling
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    resumed = training.load_resume(ckpt_path, STAGE) if cfg.resume else None
-
-    # ---- models: the policy (V0, or the resumed state) and the fixed reward model
-    model, tokenizer, start_stage = load_policy(cfg, rt)
-    rm = load_rm(cfg, tokenizer, rt)
-    seq_len = cfg.seq_len or model.args.max_seq_len
-    if seq_len > model.args.max_seq_len:
-        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
-                         f"({model.args.max_seq_len}); lower it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = out_dir / "metrics.jsonl"
-    # fine-tuning steps are numbered across iterations ("step"), so a resume trims the log there
-    if rt.is_master:
-        training.trim_metrics(metrics, resumed["global_step"] if resumed else 0)
-    log = training.MetricsLog(metrics, rt)
-    # the module that trains: DDP under torchrun (sampling and saving use the plain model)
-    ddp_model = training.wrap_model(model, rt, "ddp")
-
-    # ---- the training prompts: one fixed set, training-split problems only
-    prompts = world.chat_prompts(cfg.prompts, "train", cfg.seed,
-                                 world.parse_levels(cfg.prompt_levels), cfg.p_instruction,
-                                 cfg.max_turns)
-    tune_set = prompts[:cfg.tune_prompts]
-
-    # where the run stands: iteration `it` is in progress with `it_step` steps done
-    it, it_step, global_step, opt_state = 1, 0, 0, None
-    if resumed:
-        training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
-        # a resumed run must make the samples and the steps the stopped one would have made
-        differ = [f"--{k}" for k in RESUME_SAME if resumed["config"].get(k) != getattr(cfg, k)]
-        if differ or resumed["prompts_key"] != _key(prompts):
-            what = ", ".join(differ) or "the prompts"
-            raise SystemExit(f"error: cannot resume from {ckpt_path}: {what} differ from the run "
-                             "that wrote it; use the same flags")
-        model.load_state_dict(resumed["model"])
-        it, it_step, global_step = resumed["iteration"], resumed["it_step"], resumed["global_step"]
-        opt_state = resumed.get("optimizer")
-        training.set_rng_state(resumed["rng"])
-        log.print(f"resumed from {ckpt_path}: iteration {it}, {it_step} fine-tuning steps done")
-        del resumed
-    log.print(f"rejection sampling: V0 = {cfg.checkpoint} ({start_stage}, "
-              f"{model.num_params() / 1e6:.2f}M parameters), reward model {cfg.reward_model}, "
-              f"select by {'the RM' if cfg.select == 'rm' else 'the JUDGE (oracle ablation)'}; "
-              f"{cfg.prompts} training prompts x k={cfg.k}, {cfg.iterations} iterations; "
-              f"{rt.device} x {rt.world_size} process(es), kernels {llama2.kernels_in_use()}")
-
-    def save(iteration: int, step: int, optimizer=None) -> None:
-        if not rt.is_master:
-            return
-        training.save_checkpoint(ckpt_path, {
-            "model_args": asdict(model.args),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-            "config": asdict(cfg), "stage": STAGE, "parent": cfg.checkpoint,
-            "iteration": iteration, "it_step": step, "global_step": global_step,
-            "prompts_key": _key(prompts), "rng": training.rng_state()})
-
-    def cached(path: Path, make):
-        """A JSON file of this run read back on --resume (what made it is deterministic), else
-        made and written atomically."""
-        if cfg.resume and path.is_file():
-            return json.loads(path.read_text())
-        obj = make()
-        if rt.is_master:
-            with training.atomic_write(path, "w") as f:
-                f.write(json.dumps(obj))
-        return obj
-
-    t_train = 0.0  # seconds spent tuning, sampling, scoring and fine-tuning (not evaluating)
-    reference = None  # V0's evaluation: the win rates are against it
-    others: dict[str, dict] = {}  # --compare: the other models' held-out replies, scored
-    for i in range(it, cfg.iterations + 2):
-        # iteration i starts from V(i-1); "iteration" n+1 only tunes and evaluates Vn
-        d = out_dir / f"iter{i}"
-        t0 = time.perf_counter()
-        tune = cached(d / "tune.json",
-                      lambda: tune_temperature(model, tokenizer, rm, tune_set, cfg, i, rt))
-        t_train += time.perf_counter() - t0 if i <= cfg.iterations else 0.0
-        T = tune["temperature"]
-        sweep = " ".join(f"T={t}: {c['max'][-1]:+.3f}" for t, c in tune["curves"].items())
-        log.write({"iteration": i - 1, "tune": {t: c["max"][-1] for t, c in tune["curves"].items()},
-                   "temperature": T},
-                  f"V{i - 1}: temperature re-tuned on {tune['prompts']} training prompts, E[max "
-                  f"of {cfg.k}] reward by T: {sweep} -> T={T:g}")
-        if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait at the barrier
-            if reference is None and i > 1:
-                reference = json.loads((out_dir / "iter1" / "eval.json").read_text())
-            # --compare: each other model's replies to the same held-out prompts, measured once
-            # (greedy, and sampled at V0's tuned T), then every Vi's win rate against them
-            for name, path in compare.items():
-                if name not in others:
-                    others[name] = cached(out_dir / f"compare_{name}.json", lambda: {
-                        "checkpoint": path, **evaluate.one_sample_stats(
-                            load_compare(path, tokenizer, rt), tokenizer, rm, cfg, T, rt, name)})
-
-            def measure():
-                e = evaluate.policy_eval(model, tokenizer, rm, cfg, T, reference, rt,
-                                         label=f"V{i - 1}")
-                e["win_rate_vs"] = {n: {k: evaluate.win_rate(e[k]["judge_scores"],
-                                                             o[k]["judge_scores"])
-                                        for k in ("greedy", "sampled")}
-                                    for n, o in others.items()}
-                return e
-            ev = cached(d / "eval.json", measure)
-            if i == 1:
-                reference = ev
-            log.write({"iteration": i - 1, "eval": _light(ev)}, evaluate.format_policy_eval(ev)
-                      + "".join(f"\n  win rate against {n} (judged, one sample each, ties half; "
-                                f"floor/chance 50%): greedy {w['greedy']:.1%}, sampled "
-                                f"{w['sampled']:.1%}" for n, w in ev.get("win_rate_vs", {}).items()))
-        _barrier(rt)
-        if i > cfg.iterations:
-            break
-
-        # ---- rejection sampling: k samples per prompt at T, the RM picks the best
-        t0 = time.perf_counter()
-        samples_path = d / "samples.jsonl"
-        if cfg.resume and samples_path.is_file():
-            rows = read_samples(samples_path)
-            log.print(f"V{i}: samples read back from {samples_path}")
-        else:
-            samples, rewards = sample_and_score(model, tokenizer, rm, prompts, cfg, T,
-                                                cfg.seed * 7919 + i, rt, f"V{i} sampling")
-            best = choose_best(samples, rewards)
-            # measured only, never used to pick: what the judge thinks of the samples
-            judged = [evaluate.judge_scores(dd, rs) if rs else None
-                      for dd, rs in zip(([p] * cfg.k for p in prompts), samples)]
-            if rt.is_master:
-                write_samples(samples_path, prompts, samples, rewards, best, judged, T)
-            save(i, 0)  # the samples are on disk: a resume from here re-reads them
-            _barrier(rt)
-            rows = read_samples(samples_path)
-        # the gold answers: this iteration's picks, or the best over all iterations (pooling)
-        pooled = cfg.pool and i >= cfg.pool_from
-        per_it = ([candidates(read_samples(out_dir / f"iter{j}" / "samples.jsonl"), j)
-                   for j in range(1, i)] if pooled else []) + [candidates(rows, i)]
-        gold = pool_gold(per_it)
-        if rt.is_master:
-            with training.atomic_write(d / "gold.jsonl", "w") as f:  # what Vi is fine-tuned on
-                f.writelines(json.dumps({"prompt": p, **(g or {"text": None})}) + "\n"
-                             for p, g in enumerate(gold))
-        _log_selection(log, i, rows, gold, pooled, cfg)
-        if stop_at == (i, 0):
-            log.print(f"stopped after iteration {i}'s sampling (--stop_at {cfg.stop_at})")
-            return
-
-        # ---- fine-tune V(i-1) on the gold answers -> Vi
-        examples, dropped = gold_examples(tokenizer, prompts, gold, seq_len, cfg.seed + i)
-        if not examples:
-            raise SystemExit(f"error: iteration {i}: no gold answer (no sample ended with EOS); "
-                             "raise --max_new_tokens or check the policy with train_sft.py --eval")
-        rows_ = train_sft.pack_rows([len(e) for e in examples], seq_len)
-        sampler = train_sft.RowSampler(len(rows_), cfg.seed * 31 + i)
-        n_steps = max(1, math.ceil(cfg.epochs * len(rows_) / cfg.batch_size))
-        optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                            device_type=rt.device_type)
-        if opt_state is not None and it_step > 0 and i == it:
-            optimizer.load_state_dict(opt_state)
-        start = it_step if i == it else 0
-        opt_state = None
-        log.print(f"V{i}: fine-tuning on {len(examples)} gold answers ({len(dropped)} too long), "
-                  f"{len(rows_)} packed rows, {n_steps} steps of {cfg.batch_size} rows")
-        model.train()
-        for step in range(start, n_steps):
-            t1 = time.perf_counter()
-            lr = training.cosine_lr(step, max_lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                                    total_steps=n_steps, min_lr_ratio=cfg.min_lr_ratio)
-            training.set_lr(optimizer, lr)
-            step_rows = [rows_[sampler.row(step * cfg.batch_size + r)]
-                         for r in range(cfg.batch_size)]
-            loss, tokens, gnorm = train_step(ddp_model, optimizer, examples, step_rows, cfg, rt)
-            if not math.isfinite(loss):
-                raise SystemExit(f"error: the loss became {loss} at iteration {i} step {step + 1}; "
-                                 "lower --lr")
-            global_step += 1
-            dt = time.perf_counter() - t1
-            line = f"V{i} " + training.step_line(step + 1, n_steps, loss, lr, gnorm, dt,
-                                                 tokens / dt)
-            log.write({"step": global_step, "iteration": i, "it_step": step + 1, "loss": loss,
-                       "lr": lr, "gnorm": gnorm, "ms": dt * 1000, "tok_s": tokens / dt},
-                      line if (step + 1) % cfg.log_every == 0 or step + 1 == n_steps else None)
-            if stop_at == (i, step + 1) and step + 1 < n_steps:
-                save(i, step + 1, optimizer)
-                log.print(f"stopped at iteration {i} step {step + 1} (--stop_at {cfg.stop_at})")
-                return
-        model.eval()
-        # Vi: a chat checkpoint of its own (stage "rlhf"), then the run's state moves past it
-        if rt.is_master:
-            training.save_checkpoint(out_dir / f"V{i}" / "ckpt.pt", {
-                "model_args": asdict(model.args),
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-                "config": asdict(cfg), "stage": "rlhf", "parent": cfg.checkpoint,
-                "iteration": i})
-        save(i + 1, 0)
-        _barrier(rt)
-        t_train += time.perf_counter() - t0
-        log.print(f"V{i}: saved {out_dir / f'V{i}'}")
-
-    log.write({"train_seconds": t_train},
-              f"done: {cfg.iterations} iterations; tuning + sampling + scoring + fine-tuning "
-              f"{t_train:.0f}s in this process (evaluation not counted)")
-    if cfg.eval and rt.is_master:
-        report(out_dir, cfg, log)
-
-
-def _key(prompts) -> str:
-    import hashlib
-    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
-
-
-def _light(ev: dict) -> dict:
-    """An evaluation without its per-prompt score lists (for metrics.jsonl)."""
-    return {k: ({kk: vv for kk, vv in v.items() if not kk.endswith("_scores")}
-                if isinstance(v, dict) else v)
-            for k, v in ev.items()}
-
-
-def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
-    """One line of health numbers for the selection: the picked samples' reward and judged score
-    against a random sample's (the judge is only read here, after the pick)."""
-    picked = [r for r in rows if r["best"] is not None]
-    mean_r = sum(sum(r["rewards"]) / len(r["rewards"]) for r in picked) / max(1, len(picked))
-    best_r = sum(r["rewards"][r["best"]] for r in picked) / max(1, len(picked))
-    mean_j = sum(sum(r["judged"]) / len(r["judged"]) for r in picked) / max(1, len(picked))
-    best_j = sum(r["judged"][r["best"]] for r in picked) / max(1, len(picked))
-    eos = sum(sum(r["eos"]) for r in rows) / max(1, sum(len(r["eos"]) for r in rows))
-    # how often the pick's content is right, against a random sample's and against "any of the
-    # k" (what a perfect selector could reach): rejection sampling can only lift content where
-    # the pick beats the policy's own rate (SPEC §11); measured, never used to pick
-    right = [[world.score(r["messages"], t).content == 1.0 for t in r["responses"]] for r in picked]
-    n = max(1, len(picked))
-    correct = {"random": sum(sum(c) / len(c) for c in right) / n,
-               "picked": sum(c[r["best"]] for c, r in zip(right, picked)) / n,
-               "any": sum(any(c) for c in right) / n}
-    from_earlier = sum(g is not None and g["iteration"] < i for g in gold)
-    log.write({"iteration": i, "selection": {"prompts_with_gold": sum(g is not None for g in gold),
-               "reward_mean": mean_r, "reward_picked": best_r, "judged_mean": mean_j,
-               "judged_picked": best_j, "eos_rate": eos, "pooled": pooled,
-               "gold_from_earlier": from_earlier, "correct": correct}},
-              f"V{i}: picked by the {'RM' if cfg.select == 'rm' else 'JUDGE (oracle)'} from "
-              f"k={cfg.k} at T={rows[0]['temperature']:g}: reward {mean_r:+.3f} (a random sample) "
-              f"-> {best_r:+.3f} (the pick); judged {mean_j:.3f} -> {best_j:.3f}; right answers "
-              f"{correct['random']:.1%} -> {correct['picked']:.1%} (any of the k: "
-              f"{correct['any']:.1%}); samples with "
-              f"EOS {eos:.1%}; " + (f"pooled over V1..V{i}: {from_earlier} gold answers from "
-                                    "earlier iterations" if pooled else "no pooling"))
-
-
-def report(out_dir: Path, cfg: Config, log) -> None:
-    """Fig. 7, Fig. 8 and the per-iteration plot; the over-optimization line."""
-    evs = [json.loads((out_dir / f"iter{i}" / "eval.json").read_text())
-           for i in range(1, cfg.iterations + 2)]
-    tunes = [json.loads((out_dir / f"iter{i}" / "tune.json").read_text())
-             for i in range(1, cfg.iterations + 2)]
-    evaluate.plot_best_of_n({e["label"]: e["best_of_n"] for e in evs}, out_dir / "best_of_n.png",
-                            "Expected max (solid) and median (dashed) reward among N samples, "
-                            "held-out prompts")
-    evaluate.plot_temperatures({f"V0 (start)": tunes[0]["curves"],
-                                f"V{cfg.iterations} (last)": tunes[-1]["curves"]},
-                               out_dir / "temperatures.png")
-    rows = [{**e, "iteration": i} for i, e in enumerate(evs)]
-    evaluate.plot_iterations(rows, out_dir / "iterations.png")
-    vs = list(rows[0].get("win_rate_vs", {}))  # --compare: the win rates against other models
-    lines = ["iteration | T | judged greedy | judged at T | RM greedy | RM at T | win rate greedy "
-             "| win rate at T | EOS | tokens" + "".join(f" | vs {n} greedy | vs {n} at T" for n in vs)]
-    for r, t in zip(rows, tunes):
-        w = r.get("win_rate", {"greedy": 0.5, "sampled": 0.5})
-        wv = r.get("win_rate_vs", {})
-        lines.append(f"V{r['iteration']} | {t['temperature']:g} | {r['greedy']['judge']:.3f} | "
-                     f"{r['sampled']['judge']:.3f} | {r['greedy']['rm']:+.3f} | "
-                     f"{r['sampled']['rm']:+.3f} | {w['greedy']:.1%} | {w['sampled']:.1%} | "
-                     f"{r['greedy']['eos_rate']:.1%} | {r['greedy']['tokens']:.1f}"
-                     + "".join(f" | {wv[n]['greedy']:.1%} | {wv[n]['sampled']:.1%}" if n in wv
-                               else " | - | -" for n in vs))
-    f = rows[0]["floor"]
-    lines.append(f"floors: judged {f['judge_empty']:.3f} (empty reply), "
-                 f"{f['judge_bare_answer']:.3f} (bare correct answer), ceiling 1.0; RM "
-                 f"{f['rm_empty']:+.3f} (empty reply); win rate 50%; EOS ceiling 100%")
-    # over-optimization (Gao et al. 2022): the RM score rising while the judge falls. Greedy
-    # replies are the fair comparison (the same decoding for every model; the tuned T moves);
-    # each change from V0 to Vn against its paired standard error over the same prompts
-    def change(decoding: str, key: str) -> tuple[float, float]:
-        a, b = rows[0][decoding][key + "_scores"], rows[-1][decoding][key + "_scores"]
-        diff = [y - x for x, y in zip(a, b)]
-        mean = sum(diff) / len(diff)
-        var = sum((x - mean) ** 2 for x in diff) / max(1, len(diff) - 1)
-        return mean, math.sqrt(var / len(diff))
-    for decoding in ("greedy", "sampled"):
-        (d_rm, se_rm), (d_j, se_j) = change(decoding, "rm"), change(decoding, "judge")
-        what = (f"{decoding + ' at T' if decoding == 'sampled' else decoding}: RM score "
-                f"{d_rm:+.3f} (+-{se_rm:.3f}), judged score {d_j:+.3f} (+-{se_j:.3f}) from V0 to "
-                f"V{cfg.iterations} (paired over {len(rows[0][decoding]['judge_scores'])} "
-                "held-out prompts, +- one standard error)")
-        if d_rm > 2 * se_rm and d_j < -2 * se_j:
-            lines.append(f"OVER-OPTIMIZATION, {what}: the RM score rose while the judged score "
-                         "fell; the policy exploits the reward model's errors")
-        else:
-            lines.append(f"over-optimization check, {what}: no RM rise together with a judged "
-                         "fall beyond 2 standard errors")
-    text = "\n".join(lines)
-    with training.atomic_write(out_dir / "report.txt", "w") as fh:
-        fh.write(text + "\n")
-    log.print(text)
-    log.print(f"wrote {out_dir / 'report.txt'}, best_of_n.png (Fig. 7), temperatures.png "
-              f"(Fig. 8), iterations.png")
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def _load_chat(path: str, rt, tokenizer_path: str = "", flag: str = "--checkpoin
         tok = llama2.Tokenizer(tokenizer_path)
     if tok is None:
         raise SystemExit(f"error: {path} carries no tokenizer; pass --tokenizer path/to/tokenizer.model")
-    stage = _stage_of(path)
+    stage = training.stage_of(path)
     if stage == "pretrain":
         raise SystemExit(f"error: {path} is a pretrained checkpoint without the chat format; the "
                          "reward model and its pairs need a chat model (SFT or GAtt, train_sft.py)")
@@ -306,22 +306,13 @@ def _who_writes(path: str) -> str:
             + (f", or give {found[0]}, which exists" if found else ""))
 
 
-def _stage_of(path: str) -> str:
-    """The "stage" recorded in one of our checkpoints ("pretrain", "sft", ...), else "external"."""
-    p = Path(path)
-    p = p / "ckpt.pt" if p.is_dir() else p
-    if p.is_file() and p.suffix == ".pt":
-        return str(llama2.load_checkpoint_file(p).get("stage", "external"))
-    return "external"
-
-
 def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
     """n pairs on prompts of `split`: each prompt answered by two different variants (model,
     temperature) drawn at random, labelled by the simulated annotator and by the noise-free judge.
     A prompt is skipped when a response did not end with EOS (the RM reads every response at an
     EOS, and the judge would score the missing one) or the two responses are the same text; more
     prompts are drawn until n pairs are made."""
-    import gatt
+    import sampling
     problems_from = "train" if split == "train" else "heldout"  # the world's split
     vs = variants(cfg)
     levels = world.parse_levels(cfg.pair_levels)
@@ -346,11 +337,11 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
                 # all of a variant's prompts in one call: sorted by length there, so each batch
                 # holds prompts of nearly one length (a batch costs longest - shortest prompt +
                 # new tokens steps; chunks of 256 had run at 39 replies/s, one call at 63)
-                out = gatt.generate_replies(model, tok, [prompts[i] for i, _ in jobs],
-                                            temperature=temp, max_new_tokens=cfg.max_new_tokens,
-                                            seed=cfg.pair_seed + 7919 * (vi + 1) + 10**6 * rnd,
-                                            batch=cfg.gen_batch, rt=rt,
-                                            desc=f"pairs ({split}, {_label(vs[vi])})")
+                out = sampling.generate_replies(model, tok, [prompts[i] for i, _ in jobs],
+                                                temperature=temp, max_new_tokens=cfg.max_new_tokens,
+                                                seed=cfg.pair_seed + 7919 * (vi + 1) + 10**6 * rnd,
+                                                batch=cfg.gen_batch, rt=rt,
+                                                desc=f"pairs ({split}, {_label(vs[vi])})")
                 for job, r in zip(jobs, out):
                     replies[job] = r[0] if r else None
                 done += len(jobs)
@@ -500,8 +491,7 @@ def pair_batch(examples: list, seq_len: int, device) -> dict:
 
 def pair_order(n: int, seed: int, epoch: int) -> list[int]:
     """The pairs' order in one epoch: a permutation seeded by (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).tolist()
+    return training.epoch_permutation(n, seed, epoch).tolist()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -792,6 +782,43 @@ def main(argv=None) -> None:
 
 
 def _main(cfg: Config, rt) -> None:
+    """The stage as a list of steps: flags, (report, evaluation or export,) model, pairs, train."""
+    check_flags(cfg)
+    if cfg.report:
+        write_report(cfg, rt)
+        return
+    if cfg.eval or cfg.export_hf:  # an existing reward model
+        eval_or_export(cfg, rt)
+        return
+    # ---- the chat model the RM starts from (or our own checkpoint when resuming)
+    out_dir = Path(cfg.out_dir)
+    resumed = training.load_resume(out_dir / "ckpt.pt", "rm") if cfg.resume else None
+    chat, tokenizer = _load_chat(cfg.checkpoint, rt, cfg.tokenizer)
+    seq_len = training.context_length(cfg.seq_len, chat.args.max_seq_len)
+    per_rank = training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)
+    log = training.open_metrics(out_dir, resumed["step"] if resumed else 0, rt)
+    # ---- data: the training pairs (the test pairs are built now too, so their cost is counted here)
+    examples, data_key, max_steps, warmup = training_pairs(cfg, tokenizer, seq_len, rt, log)
+    # ---- model: the chat model's body and a fresh scalar head (seeded), or the resumed weights
+    rm, model, optimizer, start_step = build_rm(chat, tokenizer, resumed, data_key, cfg, rt, log)
+    del chat, resumed
+    data = {"key": data_key, "pairs": len(examples), "batch_size": cfg.batch_size}
+    save = lambda step: save_rm(rm, optimizer, tokenizer, cfg, step, data, rt, log)  # noqa: E731
+    # ---- training loop: a step is batch_size pairs; rank r takes its slice, micro_batch at a time
+    log.print(f"rm: {rm.num_params() / 1e6:.2f}M parameters from {cfg.checkpoint}; {rt.device}, "
+              f"{rt.world_size} process(es), kernels {llama2.kernels_in_use()}")
+    step = train(rm, model, optimizer, examples, per_rank, start_step, max_steps, warmup, seq_len,
+                 save, cfg, rt, log)
+    if start_step >= max_steps:
+        log.print(f"nothing to do: {out_dir / 'ckpt.pt'} is already at step {start_step} of "
+                  f"{max_steps}")
+    log.print(f"done: reward model {out_dir / 'ckpt.pt'}")
+    if cfg.eval_after and step == max_steps:
+        run_eval(rm, tokenizer, cfg, rt, log, label=f"RM, margin {cfg.margin}")
+
+
+def check_flags(cfg: Config) -> None:
+    """Bad flags -> one `error:` line, before any work."""
     if cfg.kernels != "auto":
         try:
             llama2.set_kernels(cfg.kernels)
@@ -807,52 +834,44 @@ def _main(cfg: Config, rt) -> None:
         world.parse_levels(cfg.pair_levels)
     except ValueError as e:
         raise SystemExit(f"error: --pair_levels: {e}") from None
+
+
+def write_report(cfg: Config, rt) -> None:
+    """--report: the margin ablation table and rm_margins.png from finished runs' eval.json."""
+    import glob
     out_dir = Path(cfg.out_dir)
     log = training.MetricsLog(None, rt)
-    if cfg.report:
-        import glob
-        files = sorted(f for pat in cfg.report.split(",") if pat for f in glob.glob(pat))
-        if not files:
-            raise SystemExit(f"error: --report {cfg.report!r} matches no eval.json file")
-        log.print(report(files, out_dir))
-        log.print(f"wrote {out_dir / 'rm_margins.png'}")
-        return
+    files = sorted(f for pat in cfg.report.split(",") if pat for f in glob.glob(pat))
+    if not files:
+        raise SystemExit(f"error: --report {cfg.report!r} matches no eval.json file")
+    log.print(report(files, out_dir))
+    log.print(f"wrote {out_dir / 'rm_margins.png'}")
 
-    # ---- evaluate or export an existing reward model
-    if cfg.eval or cfg.export_hf:
-        try:
-            rm, tok = llama2.load_reward_model(cfg.checkpoint, device=str(rt.device))
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
-        if cfg.tokenizer:
-            tok = rm.tokenizer = llama2.Tokenizer(cfg.tokenizer)
-        if tok is None:
-            raise SystemExit(f"error: {cfg.checkpoint} carries no tokenizer; pass --tokenizer")
-        if cfg.export_hf:
-            llama2.export_hf(rm, cfg.export_hf, tok)
-            log.print(f"wrote {cfg.export_hf} (LlamaForSequenceClassification: config.json, "
-                      "model.safetensors, tokenizer.model)")
-        if cfg.eval:
-            run_eval(rm.float(), tok, cfg, rt, log, label=f"RM ({Path(cfg.checkpoint).name})")
-        return
 
-    # ---- the chat model the RM starts from (or our own checkpoint when resuming)
-    ckpt_path = out_dir / "ckpt.pt"
-    resumed = training.load_resume(ckpt_path, "rm") if cfg.resume else None
-    chat, tokenizer = _load_chat(cfg.checkpoint, rt, cfg.tokenizer)
-    seq_len = cfg.seq_len or chat.args.max_seq_len
-    if seq_len > chat.args.max_seq_len:
-        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
-                         f"({chat.args.max_seq_len}); lower it")
-    per_rank = training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)
-    if rt.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = out_dir / "metrics.jsonl"
-    if rt.is_master:
-        training.trim_metrics(metrics, resumed["step"] if resumed else 0)
-    log = training.MetricsLog(metrics, rt)
+def eval_or_export(cfg: Config, rt) -> None:
+    """--eval / --export_hf: evaluate an existing reward model on the test pairs, or write it in
+    Hugging Face's layout (LlamaForSequenceClassification)."""
+    log = training.MetricsLog(None, rt)
+    try:
+        rm, tok = llama2.load_reward_model(cfg.checkpoint, device=str(rt.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --checkpoint {cfg.checkpoint}: {e}") from None
+    if cfg.tokenizer:
+        tok = rm.tokenizer = llama2.Tokenizer(cfg.tokenizer)
+    if tok is None:
+        raise SystemExit(f"error: {cfg.checkpoint} carries no tokenizer; pass --tokenizer")
+    if cfg.export_hf:
+        llama2.export_hf(rm, cfg.export_hf, tok)
+        log.print(f"wrote {cfg.export_hf} (LlamaForSequenceClassification: config.json, "
+                  "model.safetensors, tokenizer.model)")
+    if cfg.eval:
+        run_eval(rm.float(), tok, cfg, rt, log, label=f"RM ({Path(cfg.checkpoint).name})")
 
-    # ---- data: the training pairs (the test pairs are built now too, so their cost is counted here)
+
+def training_pairs(cfg: Config, tokenizer, seq_len: int, rt, log):
+    """The training pairs (built or read, cut to --train_frac, plus the synthetic share), encoded;
+    the test pairs are built now too when the run evaluates at the end.
+    -> (examples, data key, steps, warmup steps)."""
     train_pairs = get_pairs(cfg, "train", rt, log)
     if cfg.eval_after and cfg.pairs and not cfg.test_pairs:
         log.print("no --test_pairs with your --pairs: the evaluation at the end is skipped")
@@ -881,10 +900,15 @@ def _main(cfg: Config, rt) -> None:
               f"{sum(len(c) + len(r) for c, r, _ in examples):,} tokens; {max_steps} steps of "
               f"{cfg.batch_size} pairs = {max_steps * cfg.batch_size / len(examples):.2f} epochs; "
               f"margin {cfg.margin}; warmup {warmup} steps")
+    return examples, data_key, max_steps, warmup
 
-    # ---- model: the chat model's body and a fresh scalar head (seeded), or the resumed weights
+
+def build_rm(chat, tokenizer, resumed, data_key: str, cfg: Config, rt, log):
+    """The reward model: the chat model's body and a fresh scalar head (seeded), or the resumed
+    weights (refused if the pairs or their batching differ); wrapped (DDP / FSDP under torchrun),
+    then its optimizer. -> (rm, the module that trains, optimizer, start step)."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     rm = llama2.RewardModel.from_chat(chat, seed=cfg.seed)
-    del chat
     rm.tokenizer = tokenizer
     start_step = 0
     if resumed:
@@ -904,25 +928,32 @@ def _main(cfg: Config, rt) -> None:
         training.load_optimizer_state_dict(rm, optimizer, resumed["optimizer"])
         training.set_rng_state(resumed["rng"])
         log.print(f"resumed from {ckpt_path} at step {start_step}")
-        del resumed
+    return rm, model, optimizer, start_step
 
-    def save(step: int) -> None:
-        state = {
-            "model_args": asdict(rm.args),
-            "model": training.model_state_dict(rm),  # collective under FSDP
-            "optimizer": training.optimizer_state_dict(rm, optimizer),
-            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-            "config": asdict(cfg), "stage": "rm", "parent": cfg.checkpoint, "step": step,
-            "rng": training.rng_state(),
-            "data": {"key": data_key, "pairs": len(examples), "batch_size": cfg.batch_size},
-        }
-        if rt.is_master:
-            training.save_checkpoint(ckpt_path, state)
-            log.print(f"saved {ckpt_path} at step {step}")
 
-    # ---- training loop: a step is batch_size pairs; rank r takes its slice, micro_batch at a time
-    log.print(f"rm: {rm.num_params() / 1e6:.2f}M parameters from {cfg.checkpoint}; {rt.device}, "
-              f"{rt.world_size} process(es), kernels {llama2.kernels_in_use()}")
+def save_rm(rm, optimizer, tokenizer, cfg: Config, step: int, data: dict, rt, log) -> None:
+    """<out_dir>/ckpt.pt, stage "rm" (collective under FSDP: every rank helps gather, rank 0
+    writes)."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    state = {
+        "model_args": asdict(rm.args),
+        "model": training.model_state_dict(rm),  # collective under FSDP
+        "optimizer": training.optimizer_state_dict(rm, optimizer),
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "config": asdict(cfg), "stage": "rm", "parent": cfg.checkpoint, "step": step,
+        "rng": training.rng_state(),
+        "data": data,
+    }
+    if rt.is_master:
+        training.save_checkpoint(ckpt_path, state)
+        log.print(f"saved {ckpt_path} at step {step}")
+
+
+def train(rm, model, optimizer, examples, per_rank: int, start_step: int, max_steps: int,
+          warmup: int, seq_len: int, save, cfg: Config, rt, log) -> int:
+    """The steps from start_step: cosine lr, batch_size pairs in pair_order's order (rank r takes
+    its slice, micro_batch at a time, each weighted by its share of the step's pairs), a log line
+    with the pair accuracy, a checkpoint every save_every steps and at the end. -> the last step."""
     model.train()
     step = start_step
     end_step = min(max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else max_steps
@@ -951,12 +982,7 @@ def _main(cfg: Config, rt) -> None:
                 (loss * len(rc) / cfg.batch_size * rt.world_size).backward()
             stats += torch.tensor([loss.item() * len(rc), (rc > rr).sum().item(),
                                    batch["tokens"].numel()], dtype=torch.float64, device=rt.device)
-        gnorm = torch.nn.utils.clip_grad_norm_(rm.parameters(),
-                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
-            gnorm = gnorm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        gnorm = training.clip_and_step(rm, optimizer, cfg.grad_clip)
         step += 1
         if rt.distributed:
             torch.distributed.all_reduce(stats)
@@ -964,18 +990,14 @@ def _main(cfg: Config, rt) -> None:
         if not math.isfinite(train_loss):
             raise SystemExit(f"error: the loss became {train_loss} at step {step}; lower --lr")
         dt = time.perf_counter() - t0
-        line = (training.step_line(step, max_steps, train_loss, lr, gnorm.item(), dt,
+        line = (training.step_line(step, max_steps, train_loss, lr, gnorm, dt,
                                    stats[2].item() / dt) + f" | acc {100 * acc:.0f}%")
-        log.write({"step": step, "loss": train_loss, "acc": acc, "lr": lr, "gnorm": gnorm.item(),
+        log.write({"step": step, "loss": train_loss, "acc": acc, "lr": lr, "gnorm": gnorm,
                    "ms": dt * 1000, "tok_s": stats[2].item() / dt},
                   line if step % cfg.log_every == 0 or step == max_steps else None)
         if (cfg.save_every and step % cfg.save_every == 0) or step == end_step:
             save(step)
-    if start_step >= max_steps:
-        log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
-    log.print(f"done: reward model {ckpt_path}")
-    if cfg.eval_after and step == max_steps:
-        run_eval(rm, tokenizer, cfg, rt, log, label=f"RM, margin {cfg.margin}")
+    return step
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ assistant's answer tokens and the EOS that ends each answer, so the model learns
 target at position t is token t+1 when token t+1 is an answer token, else -100. Examples are
 packed into rows of the context length; attention never crosses from one example into another
 (cu_seqlens) and RoPE positions restart at 0 for each example. `--pack false` pads instead.
+The encoding, packing, batching and the training step live in sft_data.py (rejection sampling,
+train_rlhf.py, fine-tunes the same way); this script is the stage's steps (_main).
 
 Ghost Attention (`--gatt`). From the SFT model: take multi-turn user prompts and a standing
 instruction, append the instruction to EVERY user message and sample each reply with the model,
@@ -50,7 +52,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # OpenMP threads that busy-wait stall when other processes share the cores (as in train_pretrain.py;
@@ -63,6 +65,7 @@ import torch
 import evaluate
 import gatt
 import llama2
+import sft_data
 import training
 import world
 
@@ -139,200 +142,6 @@ class Config:
 # data: JSONL dialogs -> (ids, loss mask) examples -> packed rows -> batches
 
 
-@dataclass
-class Example:
-    """One encoded dialog: token ids and the loss mask over them (1 = a token the model learns
-    to produce: an answer token or the EOS that ends an answer)."""
-    ids: list[int]
-    mask: list[int]
-    where: str = ""  # "file:line" of its source, for messages
-
-    def __len__(self) -> int:
-        return len(self.ids) - 1  # input tokens once shifted (the last token is only a target)
-
-
-TRAIN_ON = ("all", "last")  # which answers carry loss: every one, only the last, or a list of flags
-
-
-def _check_train_on(train_on, messages: list[dict]) -> None:
-    n = sum(m["role"] == "assistant" for m in messages)
-    if isinstance(train_on, list):
-        if len(train_on) != n or not all(isinstance(f, bool) for f in train_on):
-            raise ValueError(f'"train_on" as a list needs one true/false per assistant message '
-                             f"({n}), got {train_on!r}")
-    elif train_on not in TRAIN_ON:
-        raise ValueError(f'"train_on" must be one of {TRAIN_ON} or a list of true/false per '
-                         f"assistant message, got {train_on!r}")
-
-
-def read_dialogs(path: str) -> list[tuple[list[dict], str, str]]:
-    """Read a JSONL file of {"messages": [...]} lines, each optionally with "train_on": "all" |
-    "last" | [true/false per assistant message] (which answers carry loss).
-
-    Returns (messages, train_on, "path:line") per dialog. A malformed line (bad JSON, no
-    "messages" list, an unknown role, roles out of order, not ending with an assistant message)
-    raises ValueError naming the file and line number and what was wrong.
-    """
-    shape = '{"messages": [{"role": ..., "content": ...}, ...]}'
-
-    def parse(obj, where):
-        if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-            raise ValueError(f'no "messages" list; each line must be {shape}')
-        try:
-            world.validate_dialog(obj["messages"], ends_with="assistant")
-        except ValueError as e:
-            raise ValueError(f"bad dialog: {e}") from None
-        train_on = obj.get("train_on", "all")
-        _check_train_on(train_on, obj["messages"])
-        return obj["messages"], train_on, where
-
-    return training.read_jsonl(path, parse, expect=f"each line must be {shape}",
-                               missing="give JSONL files or --data world")
-
-
-def write_dialogs(path: str | Path, dialogs: list[tuple[list[dict], object]]) -> None:
-    """Write (messages, train_on) pairs as JSONL, atomically (the GAtt data of a run)."""
-    with training.atomic_write(path, "w") as f:
-        for messages, train_on in dialogs:
-            f.write(json.dumps({"messages": messages, "train_on": train_on}) + "\n")
-
-
-def encode_example(tokenizer, messages: list[dict], train_on: str = "all", where: str = ""):
-    """Encode a dialog ending with an assistant answer; the mask marks the answers that carry loss.
-
-    train_on "all": every assistant answer and its EOS (SFT). "last": only the final answer and
-    its EOS. A list of flags, one per assistant message: the answers flagged true (Ghost
-    Attention: the kept answers; every other token, other answers included, gets no loss).
-    """
-    _check_train_on(train_on, messages)
-    ids, mask = llama2.encode_dialog(tokenizer, messages, for_training=True)
-    if train_on == "all":
-        return Example(ids, mask, where)
-    # each answer (and its EOS) is one run of 1s in the mask, in order
-    runs, i = [], 0
-    while i < len(mask):
-        if mask[i]:
-            j = i
-            while j < len(mask) and mask[j]:
-                j += 1
-            runs.append((i, j))
-            i = j
-        else:
-            i += 1
-    flags = [False] * (len(runs) - 1) + [True] if train_on == "last" else train_on
-    if len(runs) != len(flags):
-        raise ValueError(f"{where}: found {len(runs)} answers in the encoded dialog, expected "
-                         f"{len(flags)}")
-    mask = [0] * len(mask)
-    for (a, b), keep in zip(runs, flags):
-        if keep:
-            mask[a:b] = [1] * (b - a)
-    return Example(ids, mask, where)
-
-
-def example_io(ex: Example) -> tuple[list[int], list[int]]:
-    """(inputs, targets) of one example: inputs ids[:-1]; target t is ids[t+1] where token t+1
-    carries loss (mask 1), else -100 (ignored by the cross-entropy)."""
-    x = ex.ids[:-1]
-    y = [tok if m else -100 for tok, m in zip(ex.ids[1:], ex.mask[1:])]
-    return x, y
-
-
-def pack_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
-    """Greedily fill rows of at most seq_len tokens with examples in the given order.
-
-    Returns the example indices of each row. Every length must be <= seq_len (drop longer
-    examples first, see fit_examples).
-    """
-    rows, cur, used = [], [], 0
-    for i, n in enumerate(lengths):
-        if n > seq_len:
-            raise ValueError(f"example {i} has {n} tokens, more than a row of {seq_len}")
-        if cur and used + n > seq_len:
-            rows.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        rows.append(cur)
-    return rows
-
-
-def fit_examples(examples: list[Example], seq_len: int) -> tuple[list[Example], list[Example]]:
-    """Split examples into (kept, dropped): an example whose inputs exceed seq_len is DROPPED
-    (truncating it would cut off its answer's EOS and teach the model not to stop)."""
-    kept = [e for e in examples if len(e) <= seq_len]
-    dropped = [e for e in examples if len(e) > seq_len]
-    return kept, dropped
-
-
-PAD_ID = 0  # filler token in unused row slots: never a target, and in a segment of its own
-
-
-def make_batch(examples: list[Example], rows: list[list[int]], pack: bool = True,
-               device="cpu") -> dict:
-    """Tensors for one micro-batch of rows.
-
-    tokens, targets, positions: (B, T) int64 with T the longest row; unused slots are PAD_ID with
-    target -100. pack=True: a row holds several examples back to back, positions restart at 0
-    for each, and cu_seqlens (int32, over the flattened B*T tokens) marks every example and every
-    row's padding as a segment of its own, so attention stays within an example. pack=False: one
-    example per row, positions 0..T-1, no cu_seqlens (causal attention never sees the padding
-    that follows a sequence).
-    """
-    ios = [[example_io(examples[i]) for i in row] for row in rows]
-    if not pack and any(len(r) != 1 for r in rows):
-        raise ValueError("make_batch(pack=False) needs exactly one example per row")
-    T = max(sum(len(x) for x, _ in row) for row in ios)
-    tokens, targets, positions, seqlens = [], [], [], []
-    for row in ios:
-        tok = [t for x, _ in row for t in x]
-        tgt = [t for _, y in row for t in y]
-        pos = [p for x, _ in row for p in range(len(x))]
-        pad = T - len(tok)
-        tokens.append(tok + [PAD_ID] * pad)
-        targets.append(tgt + [-100] * pad)
-        positions.append(pos + list(range(pad)))
-        seqlens += [len(x) for x, _ in row] + ([pad] if pad else [])
-    batch = {"tokens": torch.tensor(tokens, dtype=torch.long, device=device),
-             "targets": torch.tensor(targets, dtype=torch.long, device=device),
-             "positions": torch.tensor(positions, dtype=torch.long, device=device),
-             "cu_seqlens": None}
-    if pack:
-        cu = [0]
-        for n in seqlens:
-            cu.append(cu[-1] + n)
-        batch["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32, device=device)
-    else:
-        batch["positions"] = None  # the model's default 0..T-1
-    return batch
-
-
-def forward_batch(model, batch: dict):
-    """model(tokens, targets) with the batch's positions / cu_seqlens -> (logits, loss)."""
-    return model(batch["tokens"], batch["targets"], positions=batch["positions"],
-                 cu_seqlens=batch["cu_seqlens"])
-
-
-class RowSampler:
-    """Deterministic order of rows over epochs: epoch e visits the rows in a permutation seeded by
-    (seed, e); global row number g is epoch g // R, slot g % R. One integer (the step) is the data
-    position, so a resumed run continues exactly where it stopped."""
-
-    def __init__(self, n_rows: int, seed: int):
-        if n_rows == 0:
-            raise ValueError("no training rows: every example was dropped or the data is empty")
-        self.R, self.seed = n_rows, seed
-        self._epoch, self._perm = -1, None
-
-    def row(self, g: int) -> int:
-        epoch, slot = divmod(g, self.R)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.R, generator=gen), epoch
-        return int(self._perm[slot])
-
-
 def _levels(text: str, flag: str) -> tuple:
     """A --*_levels flag as a tuple, or one clear error line."""
     try:
@@ -359,7 +168,7 @@ def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dic
     out = []
     for path in [p for p in cfg.data.split(",") if p]:
         try:
-            out += read_dialogs(path)
+            out += sft_data.read_dialogs(path)
         except (ValueError, UnicodeDecodeError) as e:
             raise SystemExit(f"error: {e}") from None
     if n_world is not None:
@@ -381,6 +190,42 @@ def main(argv=None) -> None:
 
 
 def _main(cfg: Config, rt) -> None:
+    """The stage as a list of steps: flags, model, (evaluation,) data, resume, train."""
+    check_flags(cfg, rt)
+    stage = "gatt" if cfg.gatt else "sft"
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    # ---- model: the parent checkpoint, or our own when resuming
+    resumed = training.load_resume(ckpt_path, stage) if cfg.resume else None
+    model, tokenizer = load_start(cfg, rt)
+    parent_stage = training.stage_of(cfg.checkpoint) or "external"
+    if cfg.eval:
+        evaluate.run_eval(model, tokenizer, cfg, rt, label=cfg.label or parent_stage)
+        return
+    seq_len = training.context_length(cfg.seq_len, model.args.max_seq_len)
+    # under torchrun each rank takes batch_size / world_size of a step's rows, micro_batch at a time
+    training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)
+    log = training.open_metrics(Path(cfg.out_dir), resumed["step"] if resumed else 0, rt)
+    # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)
+    dialogs = gatt_dialogs(model, tokenizer, cfg, rt, seq_len, resumed, log) if cfg.gatt else load_dialogs(cfg)
+    examples, rows, data_key = pack_examples(dialogs, tokenizer, seq_len, cfg, log)
+    max_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
+    # ---- resume the weights, wrap (DDP / FSDP under torchrun), then the optimizer
+    wrapped, optimizer, start_step = resume_and_wrap(model, resumed, rows, data_key, cfg, rt, log)
+    del resumed
+    data = {"key": data_key, "rows": len(rows), "batch_size": cfg.batch_size}
+    save = lambda step: save_state(model, optimizer, tokenizer, cfg, stage, step, data, rt, log)  # noqa: E731
+    # ---- training loop: the loss of a step is the mean over all its answer tokens
+    log.print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters from {cfg.checkpoint} "
+              f"({parent_stage}); {rt.device}, {rt.world_size} process(es), kernels "
+              f"{llama2.kernels_in_use()}")
+    train(model, wrapped, optimizer, examples, rows, start_step, max_steps, save, cfg, rt, log)
+    if start_step >= max_steps:
+        log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
+    log.print(f"done: {stage} checkpoint {ckpt_path}")
+
+
+def check_flags(cfg: Config, rt) -> None:
+    """Bad flag combinations -> one `error:` line, before any work."""
     if rt.distributed and cfg.eval:
         raise SystemExit("error: --eval runs in one process; run it without torchrun")
     if cfg.kernels != "auto":
@@ -399,12 +244,11 @@ def _main(cfg: Config, rt) -> None:
     if cfg.gatt and cfg.gatt_select == "rm" and not cfg.gatt_rm:
         raise SystemExit("error: --gatt_select rm needs --gatt_rm path/to/reward_model "
                          "(a train_rm.py checkpoint)")
-    out_dir = Path(cfg.out_dir)
-    ckpt_path = out_dir / "ckpt.pt"
-    stage = "gatt" if cfg.gatt else "sft"
 
-    # ---- model: the parent checkpoint, or our own when resuming
-    resumed = training.load_resume(ckpt_path, stage) if cfg.resume else None
+
+def load_start(cfg: Config, rt):
+    """The model to fine-tune (or evaluate) and its tokenizer, float32 weights (autocast handles
+    bf16)."""
     try:
         model, tokenizer = llama2.load_model(cfg.checkpoint, device=str(rt.device))
     except (FileNotFoundError, ValueError) as e:
@@ -414,64 +258,57 @@ def _main(cfg: Config, rt) -> None:
     if tokenizer is None:
         raise SystemExit(f"error: {cfg.checkpoint} carries no tokenizer; pass --tokenizer "
                          "path/to/tokenizer.model")
-    model = model.float()  # train and sample in float32 weights (autocast handles bf16)
-    parent_stage = _stage_of(cfg.checkpoint)
+    return model.float(), tokenizer
 
-    if cfg.eval:
-        evaluate.run_eval(model, tokenizer, cfg, rt, label=cfg.label or parent_stage)
-        return
 
-    seq_len = cfg.seq_len or model.args.max_seq_len
-    if seq_len > model.args.max_seq_len:
-        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
-                         f"({model.args.max_seq_len}); lower it")
-    # under torchrun each rank takes batch_size / world_size of a step's rows, micro_batch at a time
-    per_rank = training.rows_per_rank(cfg.batch_size, cfg.micro_batch, rt)
-    if rt.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # a fresh run starts a fresh log; a resumed one drops what came after its checkpoint
-        training.trim_metrics(out_dir / "metrics.jsonl", resumed["step"] if resumed else 0)
-    log = training.MetricsLog(out_dir / "metrics.jsonl", rt)
+def gatt_dialogs(model, tokenizer, cfg: Config, rt, seq_len: int, resumed, log) -> list:
+    """Ghost Attention's training dialogs, built with the model by rank 0 and written to
+    <out_dir>/gatt_data.jsonl (with --gatt_mix SFT dialogs mixed in); a resumed run and the other
+    ranks under torchrun read that file back."""
+    gatt_file = Path(cfg.out_dir) / "gatt_data.jsonl"
+    if (resumed and gatt_file.exists()) or not rt.is_master:
+        # resuming, or another rank under torchrun: rank 0 builds the data, the others read it
+        training.barrier(rt)
+        dialogs = sft_data.read_dialogs(str(gatt_file))
+        log.print(f"GAtt data read back from {gatt_file} ({len(dialogs)} samples)")
+        return dialogs
+    t0 = time.perf_counter()
+    rm = (training.load_reward_model(cfg.gatt_rm, "--gatt_rm", tokenizer, cfg.checkpoint, rt).float()
+          if cfg.gatt_select == "rm" else None)
+    samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt, seq_len, rm=rm)
+    del rm
+    mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
+    sft_data.write_dialogs(gatt_file, samples + [(m, t) for m, t, _ in mix])
+    dialogs = sft_data.read_dialogs(str(gatt_file))
+    if stats["samples"] == 0:
+        log.print("warning: no GAtt sample: no chosen reply both obeyed its instruction "
+                  "and ended with EOS; fine-tune the SFT model further, raise --gatt_k, "
+                  "or check the model with --eval first")
+    how = {"judge": f"best of {stats['k']} by the judge (ORACLE ablation)",
+           "rm": f"best of {stats['k']} by the reward model {cfg.gatt_rm}",
+           "none": "one sample each, no filter"}[stats["select"]]
+    log.write({"gatt_data": stats, "seconds": time.perf_counter() - t0},
+              f"GAtt data ({how}): {stats['samples']} dialogs of {stats['dialogs']} "
+              f"({stats['turns']} turns sampled, {stats['kept_turns']} with loss, "
+              f"{stats['cut_to_fit']} dialogs cut to fit; {stats['obey_rate']:.1%} of "
+              f"chosen replies obey, {stats['eos_rate']:.1%} end with EOS) + {len(mix)} "
+              f"SFT dialogs mixed in; {time.perf_counter() - t0:.0f}s -> {gatt_file}")
+    training.barrier(rt)
+    return dialogs
 
-    # ---- data: SFT dialogs, or GAtt samples built with the model (kept on disk for --resume)
-    if cfg.gatt:
-        gatt_file = out_dir / "gatt_data.jsonl"
-        if (resumed and gatt_file.exists()) or not rt.is_master:
-            # resuming, or another rank under torchrun: rank 0 builds the data, the others read it
-            _barrier(rt)
-            dialogs = read_dialogs(str(gatt_file))
-            log.print(f"GAtt data read back from {gatt_file} ({len(dialogs)} samples)")
-        else:
-            t0 = time.perf_counter()
-            rm = load_gatt_rm(cfg, tokenizer, rt) if cfg.gatt_select == "rm" else None
-            samples, stats = gatt.build_gatt_data(model, tokenizer, cfg, rt, seq_len, rm=rm)
-            del rm
-            mix = load_dialogs(cfg, cfg.gatt_mix) if cfg.gatt_mix else []
-            write_dialogs(gatt_file, samples + [(m, t) for m, t, _ in mix])
-            dialogs = read_dialogs(str(gatt_file))
-            if stats["samples"] == 0:
-                log.print("warning: no GAtt sample: no chosen reply both obeyed its instruction "
-                          "and ended with EOS; fine-tune the SFT model further, raise --gatt_k, "
-                          "or check the model with --eval first")
-            how = {"judge": f"best of {stats['k']} by the judge (ORACLE ablation)",
-                   "rm": f"best of {stats['k']} by the reward model {cfg.gatt_rm}",
-                   "none": "one sample each, no filter"}[stats["select"]]
-            log.write({"gatt_data": stats, "seconds": time.perf_counter() - t0},
-                      f"GAtt data ({how}): {stats['samples']} dialogs of {stats['dialogs']} "
-                      f"({stats['turns']} turns sampled, {stats['kept_turns']} with loss, "
-                      f"{stats['cut_to_fit']} dialogs cut to fit; {stats['obey_rate']:.1%} of "
-                      f"chosen replies obey, {stats['eos_rate']:.1%} end with EOS) + {len(mix)} "
-                      f"SFT dialogs mixed in; {time.perf_counter() - t0:.0f}s -> {gatt_file}")
-            _barrier(rt)
-    else:
-        dialogs = load_dialogs(cfg)
+
+def pack_examples(dialogs: list, tokenizer, seq_len: int, cfg: Config, log):
+    """Encode the dialogs, drop those longer than seq_len, shuffle (seeded) and pack them into
+    rows (or one example per row with --pack false). -> (examples, rows, data key): the key is
+    what a resumed run must see again: every row's examples in order, their ids and loss masks,
+    and the packing (row boundaries), so --pack or --seq_len changes are refused."""
     examples = []
     for messages, train_on, where in dialogs:
         try:
-            examples.append(encode_example(tokenizer, messages, train_on, where))
+            examples.append(sft_data.encode_example(tokenizer, messages, train_on, where))
         except ValueError as e:
             raise SystemExit(f"error: {where}: {e}") from None
-    examples, dropped = fit_examples(examples, seq_len)
+    examples, dropped = sft_data.fit_examples(examples, seq_len)
     if dropped:
         log.print(f"dropped {len(dropped)} of {len(dropped) + len(examples)} examples longer "
                   f"than --seq_len {seq_len} (e.g. {dropped[0].where}, {len(dropped[0])} tokens)")
@@ -483,11 +320,8 @@ def _main(cfg: Config, rt) -> None:
                          "the model's context) or give shorter dialogs")
     # a seeded shuffle, then greedy packing (or one example per row)
     random.Random(cfg.seed).shuffle(examples)
-    rows = (pack_rows([len(e) for e in examples], seq_len) if cfg.pack
+    rows = (sft_data.pack_rows([len(e) for e in examples], seq_len) if cfg.pack
             else [[i] for i in range(len(examples))])
-    sampler = RowSampler(len(rows), cfg.seed)
-    # what a resumed run must see again: every row's examples in order, their ids and loss
-    # masks, and the packing (row boundaries), so --pack or --seq_len changes are refused
     data_key = hashlib.sha256(json.dumps(
         [[(examples[i].ids, examples[i].mask) for i in r] for r in rows]
         + [cfg.pack, seq_len]).encode()).hexdigest()[:16]
@@ -498,10 +332,14 @@ def _main(cfg: Config, rt) -> None:
               f"{len(rows)} rows of <= {seq_len} ({'packed' if cfg.pack else 'padded'}, "
               f"fill {n_tok / (len(rows) * seq_len):.0%}); {max_steps} steps of "
               f"{cfg.batch_size} rows = {cfg.epochs:g} epochs")
+    return examples, rows, data_key
 
-    # ---- resume the weights, wrap (DDP / FSDP under torchrun), then the optimizer: it must see
-    # the wrapped model's parameters (FSDP replaces them with sharded ones)
-    start_step = 0
+
+def resume_and_wrap(model, resumed, rows, data_key: str, cfg: Config, rt, log):
+    """Load the resumed weights (refused if the data or its packing differ), wrap the model (DDP
+    / FSDP under torchrun), then build the optimizer: it must see the wrapped model's parameters
+    (FSDP replaces them with sharded ones). -> (wrapped model, optimizer, start step)."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     if resumed:
         training.check_same_model_args(resumed["model_args"], asdict(model.args), str(ckpt_path))
         saved = resumed["data"]
@@ -514,39 +352,45 @@ def _main(cfg: Config, rt) -> None:
                              "(--pack, --seq_len) or --batch_size differ from the run that wrote "
                              "it; use the same flags")
         model.load_state_dict(resumed["model"])
-        start_step = resumed["step"]
     wrapped = training.wrap_model(model, rt, cfg.parallel)  # DDP / FSDP under torchrun, else model
     optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                         device_type=rt.device_type)
-    if resumed:
-        training.load_optimizer_state_dict(model, optimizer, resumed["optimizer"])
-        training.set_rng_state(resumed["rng"])
-        del resumed
-        log.print(f"resumed from {ckpt_path} at step {start_step}")
+    if not resumed:
+        return wrapped, optimizer, 0
+    training.load_optimizer_state_dict(model, optimizer, resumed["optimizer"])
+    training.set_rng_state(resumed["rng"])
+    log.print(f"resumed from {ckpt_path} at step {resumed['step']}")
+    return wrapped, optimizer, resumed["step"]
 
-    def save(step: int) -> None:
-        state = {
-            "model_args": asdict(model.args),
-            "model": training.model_state_dict(model),  # collective under FSDP
-            "optimizer": training.optimizer_state_dict(model, optimizer),
-            "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-            "config": asdict(cfg),
-            "stage": stage,
-            "parent": cfg.checkpoint,
-            "step": step,
-            "rng": training.rng_state(),
-            "data": {"key": data_key, "rows": len(rows), "batch_size": cfg.batch_size,
-                     "rows_seen": step * cfg.batch_size},
-        }
-        if rt.is_master:
-            training.save_checkpoint(ckpt_path, state)
-            log.print(f"saved {ckpt_path} at step {step}")
 
-    # ---- training loop: the loss of a step is the mean over all its answer tokens
-    log.print(f"{stage}: {model.num_params() / 1e6:.2f}M parameters from {cfg.checkpoint} "
-              f"({parent_stage}); {rt.device}, {rt.world_size} process(es), kernels "
-              f"{llama2.kernels_in_use()}")
+def save_state(model, optimizer, tokenizer, cfg: Config, stage: str, step: int, data: dict, rt,
+               log) -> None:
+    """<out_dir>/ckpt.pt: the model and everything --resume needs (collective under FSDP: every
+    rank helps gather, rank 0 writes)."""
+    ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
+    state = {
+        "model_args": asdict(model.args),
+        "model": training.model_state_dict(model),  # collective under FSDP
+        "optimizer": training.optimizer_state_dict(model, optimizer),
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "config": asdict(cfg),
+        "stage": stage,
+        "parent": cfg.checkpoint,
+        "step": step,
+        "rng": training.rng_state(),
+        "data": {**data, "rows_seen": step * cfg.batch_size},
+    }
+    if rt.is_master:
+        training.save_checkpoint(ckpt_path, state)
+        log.print(f"saved {ckpt_path} at step {step}")
+
+
+def train(model, wrapped, optimizer, examples, rows, start_step: int, max_steps: int, save,
+          cfg: Config, rt, log) -> None:
+    """The steps from start_step: cosine lr, one sft_data.train_step over the step's rows (in
+    RowSampler's order), a log line, a checkpoint every save_every steps and at the end."""
+    sampler = sft_data.RowSampler(len(rows), cfg.seed)
     model.train()
     step = start_step
     end_step = min(max_steps, cfg.stop_at_step) if cfg.stop_at_step > 0 else max_steps
@@ -556,75 +400,18 @@ def _main(cfg: Config, rt) -> None:
                                 total_steps=max_steps, min_lr_ratio=cfg.min_lr_ratio)
         training.set_lr(optimizer, lr)
         step_rows = [rows[sampler.row(step * cfg.batch_size + i)] for i in range(cfg.batch_size)]
-        n_kept = sum(sum(examples[i].mask[1:]) for r in step_rows for i in r)
-        mine = step_rows[rt.rank * per_rank:(rt.rank + 1) * per_rank]
-        stats = torch.zeros(2, dtype=torch.float64, device=rt.device)  # loss sum, tokens
-        for m in range(0, per_rank, cfg.micro_batch):
-            batch = make_batch(examples, mine[m:m + cfg.micro_batch], cfg.pack, rt.device)
-            k = int((batch["targets"] != -100).sum())
-            # (a micro-batch without answer tokens still runs: under DDP every rank must reach the
-            # gradient all-reduce; its loss is 0 * the mean of nothing, so it is skipped as 0)
-            with training.sync_gradients(wrapped, m + cfg.micro_batch >= per_rank):
-                with rt.autocast():
-                    _, loss = forward_batch(wrapped, batch)
-                loss = loss if k else loss.nan_to_num(0.0) * 0.0
-                # weight each micro-batch by its share of the whole step's answer tokens (all
-                # ranks); x world_size because DDP averages the ranks' gradients
-                (loss * (k / n_kept * rt.world_size)).backward()
-            stats += torch.tensor([loss.item() * k, batch["tokens"].numel()],
-                                  dtype=torch.float64, device=rt.device)
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
-            gnorm = gnorm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_loss, tokens, gnorm, n_kept = sft_data.train_step(
+            wrapped, optimizer, examples, step_rows, cfg.micro_batch, cfg.grad_clip, cfg.pack, rt)
         step += 1
-        if rt.distributed:
-            torch.distributed.all_reduce(stats)
-        train_loss, tokens = stats[0].item() / n_kept, stats[1].item()
         if not math.isfinite(train_loss):
             raise SystemExit(f"error: the loss became {train_loss} at step {step}; lower --lr")
         dt = time.perf_counter() - t0
-        line = training.step_line(step, max_steps, train_loss, lr, gnorm.item(), dt, tokens / dt)
-        log.write({"step": step, "loss": train_loss, "lr": lr, "gnorm": gnorm.item(),
+        line = training.step_line(step, max_steps, train_loss, lr, gnorm, dt, tokens / dt)
+        log.write({"step": step, "loss": train_loss, "lr": lr, "gnorm": gnorm,
                    "answer_tokens": n_kept, "ms": dt * 1000, "tok_s": tokens / dt},
                   line if step % cfg.log_every == 0 or step == max_steps else None)
         if (cfg.save_every and step % cfg.save_every == 0) or step == end_step:
             save(step)
-    if start_step >= max_steps:
-        log.print(f"nothing to do: {ckpt_path} is already at step {start_step} of {max_steps}")
-    log.print(f"done: {stage} checkpoint {ckpt_path}")
-
-
-def _barrier(rt) -> None:
-    """Under torchrun: rank 0 builds a file the other ranks read; they wait at this barrier before
-    reading, rank 0 reaches it after writing. One process: nothing."""
-    if rt.distributed:
-        torch.distributed.barrier()
-
-
-def load_gatt_rm(cfg: Config, tokenizer, rt):
-    """The reward model of --gatt_select rm; it must read the chat model's tokens."""
-    try:
-        rm, rm_tok = llama2.load_reward_model(cfg.gatt_rm, device=str(rt.device))
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --gatt_rm {cfg.gatt_rm}: {e}") from None
-    if rm_tok is None or rm_tok.model_bytes != tokenizer.model_bytes:
-        raise SystemExit(f"error: --gatt_rm {cfg.gatt_rm} does not use the tokenizer of "
-                         f"{cfg.checkpoint}; train the reward model from this model's family")
-    rm.tokenizer = rm_tok
-    return rm.float()
-
-
-def _stage_of(path: str) -> str:
-    """The "stage" recorded in one of our checkpoints ("pretrain", "sft", ...), else "external"."""
-    p = Path(path)
-    p = p / "ckpt.pt" if p.is_dir() else p
-    if p.is_file() and p.suffix == ".pt":
-        # (a damaged file is one clear error line here, as in llama2.load_model)
-        return str(llama2.load_checkpoint_file(p).get("stage", "external"))
-    return "external"
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """What the four training scripts share.
 
 train_pretrain.py, train_sft.py, train_rm.py and train_rlhf.py are flat scripts; the plumbing they
-all need lives here, one small section per concern, in the order a script uses it:
+all need lives here, one small section per concern, in the order a script uses it. (What only
+the dialog stages share lives beside it: sft_data.py, SFT data; sampling.py, the chat sampler.)
 
   config      a dataclass -> `--field value` flags (help text = the field's trailing comment)
-  runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2)
+  runtime     device, dtype, bfloat16 autocast, torch.distributed init (DDP or FSDP2), barrier
   schedule    cosine learning rate with linear warmup, decaying to 10% of the peak (Llama 2, §2.2)
-  optimizer   AdamW with weight decay on the matrices only
-  checkpoint  atomic_write (how every file here is written: whole or not at all), one `ckpt.pt`
-              loadable with torch.load(weights_only=True), RNG states
+  optimizer   AdamW with weight decay on the matrices only; clip_and_step ends every step
+  checkpoint  atomic_write (from llama2.py: every file written whole or not at all), one `ckpt.pt`
+              loadable with torch.load(weights_only=True), RNG states; a parent checkpoint's
+              stage_of, load_reward_model (its tokenizer checked), context_length
   data        corpus reader (.txt / folders / JSONL / the bundled Shakespeare), split by document,
               tokenized once into cached uint16/uint32 memmap shards, deterministic batches
-  logging     one line per step on rank 0, the same numbers appended to a JSONL file
+  logging     one line per step on rank 0, the same numbers appended to a JSONL file (open_metrics)
   plot        `python training.py plot out/metrics.jsonl` -> PNG of train/val loss (matplotlib)
 """
 from __future__ import annotations
@@ -39,6 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import llama2
+from llama2 import atomic_write  # every file written whole or not at all (lives with the model)
 
 # -----------------------------------------------------------------------------------------------
 # config: a dataclass -> --field value flags
@@ -254,6 +259,13 @@ def rows_per_rank(batch_size: int, micro_batch: int, rt: Runtime) -> int:
     return per_rank
 
 
+def barrier(rt: Runtime) -> None:
+    """Under torchrun: rank 0 builds a file the other ranks read; they wait at this barrier before
+    reading, rank 0 reaches it after writing. One process: nothing."""
+    if rt.distributed:
+        dist.barrier()
+
+
 def broadcast_from_rank0(values: list[float], rt: Runtime) -> list[float]:
     """Rank 0's numbers on every rank (identity with one process). For numbers every rank
     computes redundantly that decide control flow (early stopping) or feed training (reward
@@ -335,6 +347,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> float:
+    """The end of every training step: clip the gradients' global norm at grad_clip (0: no
+    clipping, the norm only measured), take the optimizer step, clear the gradients.
+    -> the norm before clipping (for the log line)."""
+    if grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                               if p.grad is not None])
+    if hasattr(gnorm, "full_tensor"):  # FSDP returns a DTensor
+        gnorm = gnorm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return gnorm.item()
+
+
 # -----------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -369,44 +397,6 @@ def _to_lists(x):
     if isinstance(x, (tuple, list)):
         return [_to_lists(v) for v in x]
     return x
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str | None = "wb"):
-    """Write a file whole or not at all; every file the project writes goes through here.
-
-        with atomic_write(out / "ckpt.pt") as f: torch.save(state, f)           # binary file
-        with atomic_write(out / "config.json", "w") as f: f.write(text)         # text, UTF-8
-        with atomic_write(out / "model.safetensors", None) as tmp: save_file(tensors, tmp)
-
-    The block writes to a temp file in the same folder (`.<name>.<pid>.<random>.tmp`); when it
-    ends normally the file is flushed, fsync'ed and os.replace'd onto `path`, so a reader sees the
-    old file or the new one, never half of one. On any exception (or Ctrl-C) the temp file is
-    removed and `path` is left as it was. mode None yields the temp path, for writers that open
-    the file themselves. The folder is created if needed.
-    """
-    if mode not in ("w", "wb", None):
-        raise ValueError(f"atomic_write: mode must be 'w', 'wb' or None, not {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    try:
-        if mode is None:
-            tmp.touch(exist_ok=False)
-            yield str(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        else:
-            # "x" creates the file (never truncates another's); the umask sets its permissions
-            encoding = "utf-8" if mode == "w" else None
-            with open(tmp, mode.replace("w", "x"), encoding=encoding) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _os_error(e: BaseException) -> OSError | None:
@@ -457,13 +447,45 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint written by save_checkpoint (a ckpt.pt file or the folder holding it).
     A truncated or corrupted file exits with a one-line error (llama2.load_checkpoint_file)."""
-    import llama2
     path = Path(path)
     if path.is_dir():
         path = path / "ckpt.pt"
     if not path.exists():
         raise SystemExit(f"error: no checkpoint at {path}; train one first or fix the path")
     return llama2.load_checkpoint_file(path, map_location=map_location)
+
+
+def stage_of(path: str | os.PathLike) -> str | None:
+    """The "stage" recorded in one of our checkpoints ("pretrain", "sft", ...); None for a Meta or
+    Hugging Face folder (or a checkpoint that records none). A damaged file is one error line."""
+    p = Path(path)
+    p = p / "ckpt.pt" if p.is_dir() else p
+    if p.is_file() and p.suffix == ".pt":
+        return llama2.load_checkpoint_file(p).get("stage")
+    return None
+
+
+def load_reward_model(path: str, flag: str, tokenizer, family: str, rt: Runtime):
+    """The reward model given by `flag` (--reward_model, --gatt_rm): it must read the tokens of
+    the chat model `family` (the same tokenizer). Its .tokenizer is set; eval mode, float as saved."""
+    try:
+        rm, rm_tok = llama2.load_reward_model(path, device=str(rt.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {flag} {path}: {e}") from None
+    if rm_tok is None or rm_tok.model_bytes != tokenizer.model_bytes:
+        raise SystemExit(f"error: {flag} {path} does not use the tokenizer of {family}; train "
+                         "the reward model from this model's family")
+    rm.tokenizer = rm_tok
+    return rm
+
+
+def context_length(seq_len: int, max_seq_len: int) -> int:
+    """--seq_len (0: the model's context), refused if longer than the model's context."""
+    seq_len = seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise SystemExit(f"error: --seq_len {seq_len} is longer than the model's context "
+                         f"({max_seq_len}); lower it")
+    return seq_len
 
 
 def load_resume(ckpt_path: str | os.PathLike, stage: str) -> dict:
@@ -675,7 +697,6 @@ def get_tokenizer(tokenizer_path: str, vocab_size: int, train_docs: list[Documen
                   cache_dir: str | os.PathLike):
     """An existing SentencePiece model (e.g. Meta's tokenizer.model), or one trained on the
     training documents with Llama 2's settings (llama2.train_tokenizer), cached by content."""
-    import llama2
     if tokenizer_path:
         if not Path(tokenizer_path).is_file():
             raise SystemExit(f"error: --tokenizer {tokenizer_path}: no such file")
@@ -843,6 +864,13 @@ class TokenShards:
         return np.concatenate([np.asarray(a) for a in self.arrays])
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which epoch `epoch` visits n items: a permutation seeded by (seed, epoch), the
+    same in every process and on every resume (pretraining's windows, SFT's rows, the RM's pairs)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
 class WindowSampler:
     """Deterministic pretraining batches: epoch e visits the windows in a permutation seeded by
     (seed, e). Global sequence number g maps to epoch g // W, slot g % W; so the whole data
@@ -866,8 +894,7 @@ class WindowSampler:
     def _window_of(self, g: int) -> int:
         epoch, slot = divmod(g, self.W)
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(self.W, generator=gen), epoch
+            self._perm, self._epoch = epoch_permutation(self.W, self.seed, epoch), epoch
         return int(self._perm[slot])
 
     def batch(self, first: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -891,6 +918,15 @@ class WindowSampler:
 
 # -----------------------------------------------------------------------------------------------
 # logging
+
+
+def open_metrics(out_dir: Path, keep_steps: int, rt: Runtime | None = None) -> "MetricsLog":
+    """<out_dir>/metrics.jsonl as a MetricsLog: a fresh run starts a fresh log, a resumed one
+    drops what came after its checkpoint (the rows past `keep_steps`); rank 0 creates the folder."""
+    if rt is None or rt.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trim_metrics(out_dir / "metrics.jsonl", keep_steps)
+    return MetricsLog(out_dir / "metrics.jsonl", rt)
 
 
 class MetricsLog:

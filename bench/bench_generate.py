@@ -12,7 +12,7 @@ tokens (float32 on CPU: they agree; a mismatch is reported with the first row an
 part). With --temperature > 0 both sample from the same distribution, but not the same random
 stream, so only the speed is compared (train_rlhf's setting: --temperature 0.7 --top_p 1.0).
 With --chat the prompts are RLHF prompt dialogs (world.chat_prompts, encoded with the checkpoint's
-tokenizer) of similar length, as gatt.generate_replies batches them, and rows stop at EOS; then
+tokenizer) of similar length, as sampling.generate_replies batches them, and rows stop at EOS; then
 tokens/s counts the tokens each side made, EOS included.
 
     OMP_NUM_THREADS=1 python bench/bench_generate.py                 # CPU, about 2 min
@@ -112,7 +112,7 @@ def first_mismatch(ours: list, theirs: list):
 
 def make_prompts(model, tokenizer, B: int, cfg: Config) -> list:
     """B prompts: random ids of --prompt_len, or (--chat) RLHF prompt dialogs, B of similar
-    length from the middle of a length-sorted set (as gatt.generate_replies batches them)."""
+    length from the middle of a length-sorted set (as sampling.generate_replies batches them)."""
     g = torch.Generator().manual_seed(cfg.seed + B)
     if not cfg.chat:
         return torch.randint(0, model.args.vocab_size, (B, cfg.prompt_len), generator=g).tolist()

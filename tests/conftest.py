@@ -1,7 +1,9 @@
-"""Shared fixtures: a tokenizer trained once per session on made-up text, tiny model configs."""
+"""Shared fixtures: a tokenizer trained once per session on made-up text, tiny model configs;
+the tiny chat models and checkpoints the RLHF tests (test_rlhf.py, test_ppo.py) start from."""
 import os
 import random
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llama2  # noqa: E402
+import training  # noqa: E402
 import llama2_kernels  # noqa: E402
 
 # The kernel tests need the compiled extension. Where it did not build or import they fail, so that
@@ -62,3 +65,33 @@ def llama2_extension():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# tiny models for the RLHF tests (imported: `from conftest import chat_model, ...`)
+
+
+def chat_model(tokenizer, seed=0):
+    """A tiny random chat model that ends its replies: every token embedding shares a constant
+    component, and EOS's output row reads it, so EOS has a fair chance at every step."""
+    torch.manual_seed(seed)
+    args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=256)
+    m = llama2.Transformer(args)
+    with torch.no_grad():
+        m.tok_embeddings.weight[:, 0] = 1.0
+        m.output.weight[tokenizer.eos_id, 0] = 0.5
+    return m
+
+
+def plain_model(tokenizer, seed):
+    torch.manual_seed(seed)
+    return llama2.Transformer(llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words,
+                                                      max_seq_len=256))
+
+
+def save_model(path, model, tokenizer, stage):
+    """`model` as one of our checkpoints, <path>/ckpt.pt, recorded as `stage`. -> path."""
+    training.save_checkpoint(path / "ckpt.pt", {
+        "model_args": asdict(model.args), "model": model.state_dict(), "config": {},
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "stage": stage})
+    return path

@@ -99,7 +99,7 @@ def test_overopt_summary_no_fall():
 def test_policy_stats_count_correct_rambling_and_repeating_by_hand():
     """evaluate._stats: the rates of right answers, rambling replies (over world.RAMBLING_WORDS
     words) and repeating ones (a word trigram twice), counted by hand on four replies."""
-    import gatt
+    import sampling
     import world
 
     class NoRM:  # the RM's scores are not what this test checks
@@ -109,10 +109,10 @@ def test_policy_stats_count_correct_rambling_and_repeating_by_hand():
     prompts = world.eval_prompts(4, seed=3, p_instruction=0.0, levels=(1,))
     answer = world.parse_dialog(prompts[0])[0].answer
     long = " ".join(f"w{i}" for i in range(world.RAMBLING_WORDS + 1))  # 21 distinct words
-    replies = [gatt.Reply(f"The answer is {answer}.", True, 5),
-               gatt.Reply(long, True, 30),
-               gatt.Reply("one two three and one two three", True, 8),
-               gatt.Reply("", False, 0)]
+    replies = [sampling.Reply(f"The answer is {answer}.", True, 5),
+               sampling.Reply(long, True, 30),
+               sampling.Reply("one two three and one two three", True, 8),
+               sampling.Reply("", False, 0)]
     s = evaluate._stats(prompts, replies, NoRM())
     assert s["correct"] == 0.25 and s["rambling"] == 0.25 and s["repeating"] == 0.25
     assert s["eos_rate"] == 0.75 and s["tokens"] == pytest.approx(43 / 4)
@@ -125,19 +125,19 @@ def test_sampled_replies_are_drawn_as_a_user_meets_the_model(monkeypatch):
     """one_sample_stats: greedy at T 0; the sampled replies at train_rlhf's eval_temperature and
     eval_top_p (Meta's chat default 0.6 / 0.9) whatever the method's T, recorded in the stats;
     eval_temperature 0 samples at the method's T and top_p."""
-    import gatt
+    import sampling
     import train_rlhf
 
     calls = []
 
     def fake(model, tok, prompts, temperature=0.0, top_p=1.0, **kw):
         calls.append((temperature, top_p))
-        return [[gatt.Reply("The answer is 1.", True, 4)] for _ in prompts]
+        return [[sampling.Reply("The answer is 1.", True, 4)] for _ in prompts]
 
     class NoRM:
         def score(self, dialogs, texts):
             return [0.0] * len(texts)
-    monkeypatch.setattr(gatt, "generate_replies", fake)
+    monkeypatch.setattr(sampling, "generate_replies", fake)
     cfg = train_rlhf.Config(eval_n=3, eval_levels="1")
     s = evaluate.one_sample_stats(None, None, NoRM(), cfg, 1.3)
     assert sorted(calls) == [(0.0, 1.0), (0.6, 0.9)]

@@ -139,10 +139,13 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     per-iteration table skips no iteration when there are few."""
     run = tmp_path / "run"
     (run / "ppo").mkdir(parents=True)
-    rows = [{"step": 0, "iteration": 0, "whiten": [-3.0, 0.5], "val_score": 0.1}]
+    rows = [{"step": 0, "iteration": 0, "whiten": [-3.0, 0.5], "val_score": 0.1, "val_diff": 0.0,
+             "val_se": 0.0, "val_kept": True}]
     rows += [{"step": i, "iteration": i, "score": 0.1 * i, "judge": 0.4 + 0.01 * i, "kl": 0.5 * i,
               "score_minus_beta_kl": 0.1 * i - 0.005 * i, "eos_rate": 1.0, "length": 10.0 + i,
-              "entropy": 2.0 - 0.1 * i, "val_score": [0.2, 0.5, 0.3][i - 1]} for i in (1, 2, 3)]
+              "entropy": 2.0 - 0.1 * i, "val_score": [0.2, 0.5, 0.3][i - 1],
+              "val_diff": [0.1, 0.4, 0.2][i - 1], "val_se": 0.125, "val_kept": i == 2}
+             for i in (1, 2, 3)]
     rows.append({"step": 3, "eval": "final", "greedy": {"judge": 9.0}})  # an eval line: not an iteration
     (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ev = lambda judge, rm, win: {"greedy": {"judge": judge, "rm": rm, "eos_rate": 1.0},  # noqa: E731
@@ -168,8 +171,8 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     assert ("0.430 (start, the last RS model) -> 0.470; RM -3.300 -> -3.100; win rate against the "
             "start 62% greedy / 50% sampled; against sft (judged 0.520) PPO wins 38% greedy / 25% "
             "sampled; against rs (judged 0.430) PPO wins 50% greedy / 50% sampled (rs against sft: "
-            "83% / 33%); EOS 100%; KL to pi_0 at the end 1.50 nats; the model kept: iteration 2 of 3 (best "
-            "validation RM score; KL 1.00)") in row
+            "83% / 33%); EOS 100%; KL to pi_0 at the end 1.50 nats; the model kept: iteration 2 of 3 "
+            "(validation RM score +0.400 ± 0.125 above pi_0's, paired; KL 1.00)") in row
     # rs against sft by hand: greedy win, tie, win -> 2.5 / 3; sampled tie, tie, loss -> 1 / 3
     assert "| rs against sft, for reference | | | | rs wins 83% / 33% | | |" in text
     assert "| sft (`sft`) | 0.520 | 0.510 | -3.400 | 38% / 25% | - | 100% 50% |" in text
@@ -179,12 +182,13 @@ def test_the_report_reads_ppo_outputs(tmp_path):
     assert "| PPO | 0.470 | 0.460 | -3.100 | 62% / 50% | 100% | 25% / 0% / 12% | 100% 50% |" in text
     assert "| start (pi_0) | 0.430 | 0.420 | -3.300 | (itself) | 100% | - | 100% 50% |" in text
     assert "| 9.0" not in text and "| 0 | " not in text
-    # pi_0's validation score beats every iteration's: the kept model is the start policy
-    rows[0]["val_score"] = 0.9
+    # no iteration beat pi_0 beyond noise (none marked val_kept), even the one of the highest
+    # validation score: the kept model is the start policy
+    rows[2]["val_kept"] = False
     (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = report.write_report(run, tmp_path / "r")
-    assert ("the model kept: iteration 0 of 3 (best validation RM score; KL 0.00): the start "
-            "policy, PPO never beat it") in text
+    assert ("the model kept: iteration 0 of 3 (KL 0.00): the start policy, no iteration beat it "
+            "beyond noise") in text
 
 
 def test_model_flag_changes_the_shape_and_the_folders(tmp_path, capsys):
@@ -627,3 +631,13 @@ def test_estimates_come_from_the_last_measured_run_here(tmp_path, capfd):
     assert pipeline.main(flags + ["--fresh", "--skip", "pretrain", "--until", "world_text"]) == 0
     assert (f"estimate ~{pipeline.training.fmt_duration(world)} for a run from scratch (as long as "
             "each stage took when it last ran here)") in capfd.readouterr().out
+
+
+def test_report_counts_exactly_the_pipelines_ablation_stages_apart(tmp_path):
+    """report.ABLATION_STAGES (the report does not build the pipeline) names exactly the stages
+    pipeline.build_stages marks oracle, at every size, with both writer mixes and synthetic pairs."""
+    for size in pipeline.SIZES:
+        for writers in ("careful", "mixed"):
+            cfg = pipeline.Config(size=size, ablations=True, writers=writers, synthetic_pairs=100)
+            for st in pipeline.build_stages(cfg, tmp_path):
+                assert bool(report.ABLATION_STAGES.fullmatch(st.name)) == st.oracle, st.name

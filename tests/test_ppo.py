@@ -9,7 +9,6 @@ and a tiny end-to-end run whose --resume gives the weights of an uninterrupted r
 import copy
 import json
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -19,43 +18,18 @@ import llama2
 import train_rlhf
 import training
 import world
-
-
-def _chat_model(tokenizer, seed=0):
-    """A tiny random chat model that ends its replies (EOS's output row reads a constant
-    component of every embedding), as in test_rlhf.py."""
-    torch.manual_seed(seed)
-    args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=256)
-    m = llama2.Transformer(args)
-    with torch.no_grad():
-        m.tok_embeddings.weight[:, 0] = 1.0
-        m.output.weight[tokenizer.eos_id, 0] = 0.5
-    return m
-
-
-def _plain_model(tokenizer, seed):
-    torch.manual_seed(seed)
-    return llama2.Transformer(llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words,
-                                                      max_seq_len=256))
-
-
-def _save(path, model, tokenizer, stage):
-    training.save_checkpoint(path / "ckpt.pt", {
-        "model_args": asdict(model.args), "model": model.state_dict(), "config": {},
-        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-        "stage": stage})
-    return path
+from conftest import chat_model, plain_model, save_model
 
 
 @pytest.fixture(scope="module")
 def ckpts(tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("ppo")
-    chat = _chat_model(tokenizer)
-    return {"sft": _save(d / "sft", chat, tokenizer, "sft"),
-            "rm": _save(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm"),
+    chat = chat_model(tokenizer)
+    return {"sft": save_model(d / "sft", chat, tokenizer, "sft"),
+            "rm": save_model(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm"),
             # another chat model for --compare: other weights and no lean toward EOS, so its
             # replies differ from pi_0's (which mostly end at once)
-            "other": _save(d / "other", _plain_model(tokenizer, seed=1), tokenizer, "sft")}
+            "other": save_model(d / "other", plain_model(tokenizer, seed=1), tokenizer, "sft")}
 
 
 def _cfg(**kw):

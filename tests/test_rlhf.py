@@ -3,55 +3,29 @@ across iterations, exact --resume mid-iteration, clear errors, and a tiny end-to
 its report. Tiny models made here; the chat model leans toward EOS so that replies end."""
 import json
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
 
 import evaluate
-import gatt
 import llama2
+import sampling
 import train_rlhf
 import training
 import world
-
-
-def _chat_model(tokenizer, seed=0):
-    """A tiny random chat model that ends its replies: every token embedding shares a constant
-    component, and EOS's output row reads it, so EOS has a fair chance at every step."""
-    torch.manual_seed(seed)
-    args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=256)
-    m = llama2.Transformer(args)
-    with torch.no_grad():
-        m.tok_embeddings.weight[:, 0] = 1.0
-        m.output.weight[tokenizer.eos_id, 0] = 0.5
-    return m
-
-
-def _plain_model(tokenizer, seed):
-    torch.manual_seed(seed)
-    return llama2.Transformer(llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words,
-                                                      max_seq_len=256))
-
-
-def _save(path, model, tokenizer, stage):
-    training.save_checkpoint(path / "ckpt.pt", {
-        "model_args": asdict(model.args), "model": model.state_dict(), "config": {},
-        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-        "stage": stage})
-    return path
+from conftest import chat_model, plain_model, save_model
 
 
 @pytest.fixture(scope="module")
 def ckpts(tokenizer, tmp_path_factory):
     d = tmp_path_factory.mktemp("rlhf")
-    chat = _chat_model(tokenizer)
-    return {"sft": _save(d / "sft", chat, tokenizer, "sft"),
-            "pretrain": _save(d / "pt", chat, tokenizer, "pretrain"),
-            "rm": _save(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm"),
+    chat = chat_model(tokenizer)
+    return {"sft": save_model(d / "sft", chat, tokenizer, "sft"),
+            "pretrain": save_model(d / "pt", chat, tokenizer, "pretrain"),
+            "rm": save_model(d / "rm", llama2.RewardModel.from_chat(chat, seed=1), tokenizer, "rm"),
             # another chat model for --compare: other weights and no lean toward EOS, so its
             # replies differ from V0's (which mostly end at once)
-            "other": _save(d / "other", _plain_model(tokenizer, seed=1), tokenizer, "sft")}
+            "other": save_model(d / "other", plain_model(tokenizer, seed=1), tokenizer, "sft")}
 
 
 def _flags(ckpts, out, *more):
@@ -65,7 +39,7 @@ def test_the_pick_is_the_rm_argmax_and_the_judge_is_not_called(ckpts, tokenizer,
     rm, _ = llama2.load_reward_model(str(ckpts["rm"]))
     prompts = world.chat_prompts(4, "train", 0, max_turns=2)
     texts = ["The answer is 4.", "It is 7.", "no", "The answer is 12."]
-    samples = [[gatt.Reply(t, eos=(j != 1), n_tokens=3) for j, t in enumerate(texts)]
+    samples = [[sampling.Reply(t, eos=(j != 1), n_tokens=3) for j, t in enumerate(texts)]
                for _ in prompts]
     samples[2] = None  # a prompt with no room in the context
 
@@ -193,10 +167,10 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
     T1 = json.loads((out / "iter2" / "tune.json").read_text())["temperature"]
     v1_model, _ = llama2.load_model(str(out / "V1"))
     few = evaluate.held_out_prompts(cfg)[:cfg.eval_bestof_n]
-    samples = gatt.generate_replies(v1_model.float().eval(), tok, few, n=cfg.eval_k,
-                                    temperature=T1, top_p=cfg.top_p,
-                                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 31,
-                                    batch=cfg.gen_batch)
+    samples = sampling.generate_replies(v1_model.float().eval(), tok, few, n=cfg.eval_k,
+                                        temperature=T1, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 31,
+                                        batch=cfg.gen_batch)
     rm64 = rm.double()
     with torch.no_grad():
         rewards = [[float(rm64(torch.tensor([llama2.encode_response(tok, d, c.text)]))[0, -1])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-import gatt
 import llama2
+import sampling
 import train_rm
 import training
 import world
@@ -242,7 +242,7 @@ def _chat_ckpt(tokenizer, path, stage="sft", seed=0):
 
 
 def _fake_replies(calls):
-    """A stand-in for gatt.generate_replies: the careful answer at low temperature, a wrong one
+    """A stand-in for sampling.generate_replies: the careful answer at low temperature, a wrong one
     at 0.9, an answer cut off (no EOS) now and then, and an empty reply at 1.2."""
     def fake(model, tok, dialogs, *, temperature=0.0, **kw):
         calls.append((temperature, len(dialogs)))
@@ -252,14 +252,14 @@ def _fake_replies(calls):
             inst = world.Standing(tuple(names), "") if names else None
             good = world.careful_answer(problem, random.Random(0), inst)
             text = {0.6: good, 0.9: "The answer is 7."}.get(temperature, "")
-            out.append([gatt.Reply(text, k % 7 != 3, 5)])
+            out.append([sampling.Reply(text, k % 7 != 3, 5)])
         return out
     return fake
 
 
 def test_build_pairs_split_labels_and_cache(tokenizer, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(gatt, "generate_replies", _fake_replies(calls))
+    monkeypatch.setattr(sampling, "generate_replies", _fake_replies(calls))
     m1 = _chat_ckpt(tokenizer, tmp_path / "m1")
     m2 = _chat_ckpt(tokenizer, tmp_path / "m2", seed=1)
     cfg = train_rm.Config(pair_models=f"{m1},{m2}", pair_temperatures="0.6,0.9,1.2", n_train=40,

@@ -293,7 +293,7 @@ def test_full_disk_at_save_is_one_error_line_and_keeps_the_checkpoint(sft_run, m
         f = open(path, mode, *a, **kw)
         return _DiskFull(f) if mode == "xb" else f  # the checkpoint's temp file
 
-    monkeypatch.setattr(training, "open", open_on_a_full_disk, raising=False)
+    monkeypatch.setattr(llama2, "open", open_on_a_full_disk, raising=False)  # atomic_write's module
     with pytest.raises(SystemExit) as e:
         train_sft.main(flags + ["--resume"])
     msg = str(e.value.code)
@@ -317,6 +317,7 @@ def test_read_only_out_dir_is_one_error_line_before_any_step(sft_run, monkeypatc
         return open(path, mode, *a, **kw)
 
     monkeypatch.setattr(training, "open", open_read_only, raising=False)
+    monkeypatch.setattr(llama2, "open", open_read_only, raising=False)  # atomic_write's module
     with pytest.raises(SystemExit) as e:
         train_sft.main(flags)
     assert str(e.value.code) == (f"error: cannot write {out / 'metrics.jsonl'}: Permission denied; "

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import evaluate
 import gatt
 import llama2
+import sampling
+import sft_data
 import train_sft
 import training
 import world
@@ -28,7 +30,7 @@ def _dialog(system=None, turns=(("What is 12 plus 7?", "12 plus 7 is 19."),
 def _target_answers(tokenizer, ex):
     """Decode the tokens that carry loss, split at EOS: the texts the model is trained to write,
     and the number of EOS tokens among them."""
-    _, y = train_sft.example_io(ex)
+    _, y = sft_data.example_io(ex)
     kept = [t for t in y if t != -100]
     pieces, cur = [], []
     for t in kept:
@@ -47,12 +49,12 @@ def _target_answers(tokenizer, ex):
 @pytest.mark.parametrize("system", [None, "Always answer in capital letters."])
 def test_loss_covers_exactly_every_answer_and_its_eos(tokenizer, system):
     msgs = _dialog(system)
-    ex = train_sft.encode_example(tokenizer, msgs, "all")
+    ex = sft_data.encode_example(tokenizer, msgs, "all")
     pieces, leftover, n_eos = _target_answers(tokenizer, ex)
     # the trained text is the answers, in order, each closed by EOS; nothing of the prompts
     assert pieces == [m["content"] for m in msgs if m["role"] == "assistant"]
     assert leftover == [] and n_eos == 2
-    x, y = train_sft.example_io(ex)
+    x, y = sft_data.example_io(ex)
     assert len(x) == len(y) == len(ex.ids) - 1
     # no prompt token is a target: the token before each answer's first target is "[/INST]"'s end
     ids = ex.ids
@@ -68,13 +70,13 @@ def test_last_only_mask_trains_only_the_final_answer(tokenizer):
     msgs = _dialog("Always answer in capital letters.",
                    (("What is 1 plus 2?", "3"), ("Spell the word cat.", "C-A-T"),
                     ("Reverse the letters of dog.", "G-O-D")))
-    ex = train_sft.encode_example(tokenizer, msgs, "last")
+    ex = sft_data.encode_example(tokenizer, msgs, "last")
     pieces, leftover, n_eos = _target_answers(tokenizer, ex)
     assert pieces == ["G-O-D"] and leftover == [] and n_eos == 1
     # the ids are those of the full dialog: only the loss changed
-    assert ex.ids == train_sft.encode_example(tokenizer, msgs, "all").ids
+    assert ex.ids == sft_data.encode_example(tokenizer, msgs, "all").ids
     with pytest.raises(ValueError, match="train_on"):
-        train_sft.encode_example(tokenizer, msgs, "first")
+        sft_data.encode_example(tokenizer, msgs, "first")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -82,11 +84,11 @@ def test_last_only_mask_trains_only_the_final_answer(tokenizer):
 
 
 def test_pack_rows_and_batch_layout_by_hand(tokenizer):
-    assert train_sft.pack_rows([5, 3, 4, 2, 8], 8) == [[0, 1], [2, 3], [4]]
+    assert sft_data.pack_rows([5, 3, 4, 2, 8], 8) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="more than a row"):
-        train_sft.pack_rows([3, 9], 8)
-    exs = [train_sft.Example(list(range(10, 10 + n + 1)), [0] * 2 + [1] * (n - 1)) for n in (3, 4, 2)]
-    b = train_sft.make_batch(exs, [[0, 1], [2]], pack=True)
+        sft_data.pack_rows([3, 9], 8)
+    exs = [sft_data.Example(list(range(10, 10 + n + 1)), [0] * 2 + [1] * (n - 1)) for n in (3, 4, 2)]
+    b = sft_data.make_batch(exs, [[0, 1], [2]], pack=True)
     assert b["tokens"].shape == (2, 7)
     # positions restart per example; padding is a segment of its own
     assert b["positions"].tolist() == [[0, 1, 2, 0, 1, 2, 3], [0, 1, 0, 1, 2, 3, 4]]
@@ -95,10 +97,10 @@ def test_pack_rows_and_batch_layout_by_hand(tokenizer):
     # targets: token t+1 where its mask is 1 (mask 0,0,1,1 -> targets -100,12,13 for n=3)
     assert b["targets"][0, :3].tolist() == [-100, 12, 13]
     assert b["targets"][1, 2:].tolist() == [-100] * 5
-    u = train_sft.make_batch(exs, [[0], [1]], pack=False)
+    u = sft_data.make_batch(exs, [[0], [1]], pack=False)
     assert u["cu_seqlens"] is None and u["positions"] is None
     with pytest.raises(ValueError, match="one example per row"):
-        train_sft.make_batch(exs, [[0, 1]], pack=False)
+        sft_data.make_batch(exs, [[0, 1]], pack=False)
 
 
 def _per_example_loss(logits, targets, spans):
@@ -123,21 +125,21 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tokenizer, kernels, 
         args = llama2.ModelArgs.preset("tiny", vocab_size=tokenizer.n_words, max_seq_len=256)
         model = llama2.Transformer(args).double()
         dialogs = world.sft_dialogs(10, seed=3, p_multiturn=0.1)
-        exs = [train_sft.encode_example(tokenizer, d) for d in dialogs]
-        exs, _ = train_sft.fit_examples(exs, 256)
-        rows = train_sft.pack_rows([len(e) for e in exs], 256)
+        exs = [sft_data.encode_example(tokenizer, d) for d in dialogs]
+        exs, _ = sft_data.fit_examples(exs, 256)
+        rows = sft_data.pack_rows([len(e) for e in exs], 256)
         assert any(len(r) > 1 for r in rows)
         # reference: every example alone, unpacked
         ref = []
         for e in exs:
-            b = train_sft.make_batch([e], [[0]], pack=False)
-            logits, _ = train_sft.forward_batch(model, b)
+            b = sft_data.make_batch([e], [[0]], pack=False)
+            logits, _ = sft_data.forward_batch(model, b)
             ref += _per_example_loss(logits, b["targets"], [(0, len(e))])
         # packed: two rows per forward, the examples located in the flattened tokens
         packed, packed_nomask = [], []
         for r0 in range(0, len(rows), 2):
             rr = rows[r0:r0 + 2]
-            b = train_sft.make_batch(exs, rr, pack=True)
+            b = sft_data.make_batch(exs, rr, pack=True)
             T = b["tokens"].shape[1]
             spans = []
             for j, row in enumerate(rr):
@@ -145,7 +147,7 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tokenizer, kernels, 
                 for i in row:
                     spans.append((start, start + len(exs[i])))
                     start += len(exs[i])
-            logits, loss = train_sft.forward_batch(model, b)
+            logits, loss = sft_data.forward_batch(model, b)
             packed += _per_example_loss(logits, b["targets"], spans)
             # the same rows with cu_seqlens dropped: examples now see each other
             logits2, _ = model(b["tokens"], b["targets"], positions=b["positions"])
@@ -159,16 +161,16 @@ def test_packed_and_unpacked_give_the_same_per_example_loss(tokenizer, kernels, 
 
 
 def test_fit_examples_drops_long_ones():
-    exs = [train_sft.Example([1] * n, [0] * n, f"f:{n}") for n in (5, 40, 9)]
-    kept, dropped = train_sft.fit_examples(exs, 8)
+    exs = [sft_data.Example([1] * n, [0] * n, f"f:{n}") for n in (5, 40, 9)]
+    kept, dropped = sft_data.fit_examples(exs, 8)
     assert [e.where for e in kept] == ["f:5", "f:9"] and [e.where for e in dropped] == ["f:40"]
 
 
 def test_row_sampler_visits_every_row_once_per_epoch():
-    s = train_sft.RowSampler(7, seed=1)
+    s = sft_data.RowSampler(7, seed=1)
     first, second = [s.row(g) for g in range(7)], [s.row(g) for g in range(7, 14)]
     assert sorted(first) == sorted(second) == list(range(7)) and first != second
-    assert [train_sft.RowSampler(7, seed=1).row(g) for g in range(14)] == first + second
+    assert [sft_data.RowSampler(7, seed=1).row(g) for g in range(14)] == first + second
 
 
 # -----------------------------------------------------------------------------------------------
@@ -194,12 +196,12 @@ def test_bad_lines_are_reported_with_their_line_number(tmp_path):
     for why, bad in cases.items():
         path = _write(tmp_path / "d.jsonl", [good, "", bad, good])
         with pytest.raises(ValueError, match=rf"d\.jsonl:3: .*{why}"):
-            train_sft.read_dialogs(path)
+            sft_data.read_dialogs(path)
     path = _write(tmp_path / "ok.jsonl", [good, json.dumps({"messages": _dialog(), "train_on": "last"})])
-    got = train_sft.read_dialogs(path)
+    got = sft_data.read_dialogs(path)
     assert [t for _, t, _ in got] == ["all", "last"] and got[1][2].endswith("ok.jsonl:2")
     with pytest.raises(ValueError, match="no such file"):
-        train_sft.read_dialogs(str(tmp_path / "missing.jsonl"))
+        sft_data.read_dialogs(str(tmp_path / "missing.jsonl"))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -227,7 +229,7 @@ def _fake_generate(asked, rng):
             plain = "well " + problem.answer + " " + " ".join(["words"] * 30)  # breaks all
             wrong = good.replace(problem.answer, problem.answer + "9")
             texts = [plain, good, wrong] if k % 3 != 2 else [plain, plain + " x", plain + " y"]
-            out.append([gatt.Reply(t, k % 4 != 0, 5) for t in texts[:n]])
+            out.append([sampling.Reply(t, k % 4 != 0, 5) for t in texts[:n]])
         return out
     return generate
 
@@ -235,7 +237,7 @@ def _fake_generate(asked, rng):
 @pytest.mark.parametrize("select", ["judge", "none"])
 def test_gatt_builder_one_example_per_dialog_loss_on_kept_answers(tokenizer, monkeypatch, select):
     asked = []
-    monkeypatch.setattr(gatt, "generate_replies", _fake_generate(asked, random.Random(0)))
+    monkeypatch.setattr(sampling, "generate_replies", _fake_generate(asked, random.Random(0)))
     cfg = _Cfg()
     cfg.gatt_select = select
     samples, stats = gatt.build_gatt_data(None, tokenizer, cfg, seq_len=4096)
@@ -273,7 +275,7 @@ def test_gatt_builder_one_example_per_dialog_loss_on_kept_answers(tokenizer, mon
                 assert answer.startswith("well ") and keep == (k % 4 != 0)
         assert flags[-1]  # the example ends with its last kept answer
         # the loss: exactly the kept answers, each with its EOS
-        ex = train_sft.encode_example(tokenizer, messages, flags)
+        ex = sft_data.encode_example(tokenizer, messages, flags)
         pieces, leftover, n_eos = _target_answers(tokenizer, ex)
         assert pieces == [a for a, keep in zip(answers, flags) if keep] and leftover == []
         assert n_eos == sum(flags)
@@ -291,8 +293,8 @@ def test_gatt_select_judge_picks_the_best_candidate(tokenizer, monkeypatch):
     # candidates whose judged scores differ: the pick is the argmax, the first of tied ones
     d = [{"role": "user", "content": "What is 2 plus 3? Always answer in capital letters."}]
     inst = world.standing("caps")
-    c = [gatt.Reply("The answer is 5.", True, 5), gatt.Reply("THE ANSWER IS 4.", True, 5),
-         gatt.Reply("THE ANSWER IS 5.", True, 5), gatt.Reply("IT IS 5.", True, 5)]
+    c = [sampling.Reply("The answer is 5.", True, 5), sampling.Reply("THE ANSWER IS 4.", True, 5),
+         sampling.Reply("THE ANSWER IS 5.", True, 5), sampling.Reply("IT IS 5.", True, 5)]
     assert [world.score(d, r.text).total for r in c] == [0.75, pytest.approx(0.4), 1.0, 1.0]
     assert gatt._pick(d, c, inst, "judge") == (c[2], True)
     assert gatt._pick(d, c[:2], inst, "judge") == (c[0], False)  # best, but it breaks caps
@@ -315,7 +317,7 @@ class _ShortestRM:
 
 def test_gatt_select_rm_picks_the_reward_models_best_among_ended(tokenizer, monkeypatch):
     asked = []
-    monkeypatch.setattr(gatt, "generate_replies", _fake_generate(asked, random.Random(0)))
+    monkeypatch.setattr(sampling, "generate_replies", _fake_generate(asked, random.Random(0)))
     def no_judge(*a, **k):
         raise AssertionError("the judge was called while the reward model selects")
     monkeypatch.setattr(world, "score", no_judge)
@@ -344,13 +346,13 @@ def test_train_on_flags(tokenizer, tmp_path):
                           ("Add 2 and 2.", "4")])
     for flags, want in (([True, False, True], ["It is 3.", "4"]), ("last", ["4"]),
                         ([False, True, False], ["c-a-t"]), ("all", ["It is 3.", "c-a-t", "4"])):
-        pieces, _, _ = _target_answers(tokenizer, train_sft.encode_example(tokenizer, msgs, flags))
+        pieces, _, _ = _target_answers(tokenizer, sft_data.encode_example(tokenizer, msgs, flags))
         assert pieces == want
     with pytest.raises(ValueError, match="one true/false per assistant message"):
-        train_sft.encode_example(tokenizer, msgs, [True, False])
+        sft_data.encode_example(tokenizer, msgs, [True, False])
     path = _write(tmp_path / "g.jsonl", [json.dumps({"messages": msgs, "train_on": [True, 1, 0]})])
     with pytest.raises(ValueError, match=r"g\.jsonl:1: .*true/false"):
-        train_sft.read_dialogs(path)
+        sft_data.read_dialogs(path)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -358,9 +360,9 @@ def test_train_on_flags(tokenizer, tmp_path):
 
 
 def test_clean_reply_and_fewshot():
-    assert gatt.clean_reply(" The answer is 4. [INST] What") == "The answer is 4."
-    assert gatt.clean_reply("4\nnext line", stop_at_newline=True) == "4"
-    assert gatt.clean_reply("4\nnext line") == "4\nnext line"
+    assert sampling.clean_reply(" The answer is 4. [INST] What") == "The answer is 4."
+    assert sampling.clean_reply("4\nnext line", stop_at_newline=True) == "4"
+    assert sampling.clean_reply("4\nnext line") == "4\nnext line"
     d = world.eval_multiturn(1, seed=0, turns=1)[0]
     shot = evaluate.with_fewshot(d, 3, random.Random(0), (1,))
     assert shot[0] == d[0] and shot[-1] == d[-1] and len(shot) == len(d) + 6
@@ -409,14 +411,14 @@ def test_run_eval_numbers_by_hand(tokenizer, monkeypatch, tmp_path):
             inst = world.Standing(tuple(names), "") if names else None
             good = world.careful_answer(problem, random.Random(0), inst)
             if temperature == 0:
-                out.append([gatt.Reply(good if len(calls) > 1 or even[0] else "", True, 4)])
+                out.append([sampling.Reply(good if len(calls) > 1 or even[0] else "", True, 4)])
                 even[0] = not even[0]
             else:
-                out.append([gatt.Reply(t, True, 4) for t in ("I do not know.", good, "No.")][:n])
+                out.append([sampling.Reply(t, True, 4) for t in ("I do not know.", good, "No.")][:n])
         return out
 
     even = [True]
-    monkeypatch.setattr(gatt, "generate_replies", fake)
+    monkeypatch.setattr(sampling, "generate_replies", fake)
     cfg = train_sft.Config(eval_n=10, eval_bestof_n=6, eval_k=3, eval_mt_n=4, eval_turns=3,
                            eval_levels="1,2", fewshot=2, out_dir=str(tmp_path), seed=3)
     s = evaluate.run_eval(None, tokenizer, cfg, label="fake")
