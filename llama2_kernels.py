@@ -4,6 +4,8 @@ The C++/CUDA kernels register themselves as torch.ops.llama2.* when llama2_C is 
 csrc/ops.cpp). This module adds what makes them first-class PyTorch ops:
 - autograd formulas (torch.library.register_autograd), each made of the backward ops,
 - fake (meta) kernels (torch.library.register_fake), so torch.compile(fullgraph=True) can trace them,
+- CPU autocast rules (an AutocastCPU kernel per forward op), so that under
+  torch.autocast("cpu", torch.bfloat16) the kernels run in bfloat16, like the matmuls around them,
 - the wrappers llama2.py calls: rms_norm, rope, attention.
 The statistics the forwards save for their backwards (RMSNorm's rstd, attention's lse) are float32,
 except float64 for float64 inputs on CPU, so that gradcheck in float64 is exact.
@@ -28,8 +30,7 @@ except ImportError as e:  # not built (or built for another torch): the referenc
     AVAILABLE = False
     IMPORT_ERROR = str(e)
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: RMSNorm and RoPE only
-_CPU_ATTENTION_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # bfloat16: float32 arithmetic
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -49,8 +50,7 @@ def has_cuda_build_expected() -> bool:
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether the extension has a kernel for these tensors: same device, and a dtype it takes there.
 
-    CPU: float32, float64, bfloat16 (attention: see supports_attention). CUDA (only if compiled
-    in): float32, float16, bfloat16.
+    CPU: float32, float64, bfloat16. CUDA (only if compiled in): float32, float16, bfloat16.
     """
     if not AVAILABLE or not tensors:
         return False
@@ -77,7 +77,7 @@ def supports_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
     D = q.shape[-1]
     if q.device.type == "cuda":
         return D in _CUDA_HEAD_DIMS
-    return q.dtype in _CPU_ATTENTION_DTYPES and 1 <= D <= _CPU_MAX_HEAD_DIM
+    return 1 <= D <= _CPU_MAX_HEAD_DIM
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,6 +172,43 @@ if AVAILABLE:
 
     torch.library.register_autograd("llama2::attention_fwd", _attention_backward,
                                     setup_context=_attention_setup)
+
+    # ---- CPU autocast: the forwards run in the autocast dtype (bfloat16), as matmuls do ----
+    # Under torch.autocast("cpu", torch.bfloat16) the projections hand RoPE and attention bfloat16
+    # tensors, but RMSNorm gets the float32 residual stream and would run in float32. An
+    # AutocastCPU kernel per forward op casts its activations (and RMSNorm's weight) to the
+    # autocast dtype, then calls the op with autocast off; autograd records the casts, so the
+    # gradients flow back in float32. Why not torch.library.register_autocast: it casts every
+    # floating input to one fixed dtype, RoPE's cos/sin tables included (they stay float32 here:
+    # a bfloat16 table would double RoPE's error), and it would also cast under a float16 CPU
+    # autocast, which these kernels do not take. Statistics (rstd, lse) stay float32. The
+    # backward ops need no rule: autograd hands them gradients in their forward's dtype. CUDA
+    # keeps its behaviour (no AutocastCUDA rule): it is left for a change tested on a GPU.
+
+    _AUTOCAST_CASTS = {  # op -> the positions of the arguments cast to the autocast dtype
+        "rms_norm_fwd": (0, 1),   # x, weight
+        "rope": (0,),             # x; positions and the cos/sin tables as they are
+        "attention_fwd": (0, 1, 2),  # q, k, v; cu_seqlens is int32
+    }
+    _AUTOCAST_KEY = torch._C.DispatchKey.AutocastCPU
+
+    def _autocast_cpu_kernel(name: str):
+        op = getattr(torch.ops.llama2, name).default
+        cast = _AUTOCAST_CASTS[name]
+
+        def kernel(_keyset, *args):
+            dtype = torch.get_autocast_dtype("cpu")
+            if dtype in _CPU_DTYPES:
+                args = tuple(a.to(dtype) if i in cast and isinstance(a, torch.Tensor)
+                             and a.is_floating_point() and a.device.type == "cpu" else a
+                             for i, a in enumerate(args))
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_AUTOCAST_KEY)):
+                return op(*args)
+        return kernel
+
+    _autocast_lib = torch.library.Library("llama2", "IMPL")
+    for _name in _AUTOCAST_CASTS:
+        _autocast_lib.impl(_name, _autocast_cpu_kernel(_name), "AutocastCPU", with_keyset=True)
 
 
 def _need_ext(name: str) -> None:

@@ -143,13 +143,38 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def cpu_capabilities() -> dict:
+    """What torch reports about this CPU's instruction sets (torch.cpu.get_capabilities, via
+    cpuinfo), e.g. {"amx_bf16": True, "avx512_bf16": False, ...}; {} where torch cannot say."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    return dict(get()) if get is not None else {}
+
+
+def auto_dtype(device_type: str, cuda_bf16: bool, cpu_caps: dict) -> tuple[str, str]:
+    """What --dtype auto means here, and why: (dtype name, reason for the log line).
+
+    GPU: bfloat16 autocast where the GPU supports it. CPU: bfloat16 autocast where the CPU has
+    bfloat16 matrix hardware (AMX-BF16 tiles or AVX512-BF16 dot products, as torch reports them),
+    float32 elsewhere: without it bfloat16 matmuls are emulated, slower than float32.
+    """
+    if device_type == "cuda":
+        return ("bfloat16", "this GPU supports bfloat16") if cuda_bf16 else \
+               ("float32", "this GPU has no bfloat16")
+    have = [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))
+            if cpu_caps.get(key)]
+    if have:
+        return "bfloat16", f"this CPU has {' and '.join(have)}; weights stay float32"
+    return "float32", "this CPU has no AMX-BF16/AVX512-BF16; bfloat16 would be emulated"
+
+
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0,
                   threads: int = 0) -> Runtime:
     """Pick the device and autocast dtype, join the process group under torchrun, seed RNGs.
 
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:N". Under torchrun each
     rank takes cuda:LOCAL_RANK and the backend is nccl on GPU, gloo on CPU.
-    dtype: "auto" (bfloat16 autocast on GPU, float32 on CPU), "float32" or "bfloat16".
+    dtype: "auto" (bfloat16 autocast on a GPU or a CPU with AMX-BF16/AVX512-BF16, else float32; see
+    auto_dtype), "float32" or "bfloat16". Rank 0 prints the choice and why, as its first line.
     Every rank gets the same seed, so models are built identically before DDP broadcasts.
     threads > 0 sets torch's CPU thread count (fewer threads than cores is faster when other
     processes share the machine).
@@ -169,8 +194,10 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0,
         if world_size > 1:
             dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
+    why = "asked for with --dtype"
     if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype, why = auto_dtype(dev.type, dev.type == "cuda" and torch.cuda.is_bf16_supported(),
+                                cpu_capabilities() if dev.type == "cpu" else {})
     if dtype not in _DTYPES:
         raise SystemExit(f"error: --dtype {dtype!r} is not supported; use auto, float32 or "
                          "bfloat16 (float16 would need loss scaling, which these scripts skip)")
@@ -185,6 +212,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0,
         # TF32 matmuls for the float32 parts (the Ampere+ default in most training code)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if rank == 0:
+        print(f"dtype: {_DTYPES[dtype]} ({why})".replace("torch.", ""), flush=True)
     return Runtime(device=dev, dtype=_DTYPES[dtype], rank=rank, local_rank=local_rank,
                    world_size=world_size)
 

@@ -45,12 +45,11 @@ inline void check_cpu(const at::Tensor& t, const char* op, const char* name) {
               " but this is the CPU kernel; move all inputs to the same device");
 }
 
-// float32 or float64; with bf16_ok (the elementwise kernels) bfloat16 too, computed in float32.
-inline void check_float(const at::Tensor& t, const char* op, const char* name, bool bf16_ok = false) {
+// float32, float64 or bfloat16 (bfloat16 is computed in float32 and rounded once, when stored).
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || (bf16_ok && st == at::kBFloat16), op, ": ",
-              name, " has dtype ", st, "; this CPU kernel takes float32",
-              bf16_ok ? ", float64 or bfloat16" : " or float64",
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op, ": ", name,
+              " has dtype ", st, "; this CPU kernel takes float32, float64 or bfloat16",
               " (cast with .float() or use the reference path)");
 }
 

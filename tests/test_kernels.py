@@ -173,6 +173,57 @@ def test_rope_bfloat16_within_twice_reference_error(B, T, H, D):
         _within_twice_reference_error(what, runs["ours"][i], runs["ref64"][i], runs["ref"][i])
 
 
+@pytest.mark.parametrize("B,Tq,Tk,H,KV,D,causal,packed", [
+    (2, 67, 67, 4, 2, 64, True, False),     # T not a multiple of any tile, G = 2
+    (1, 150, 150, 6, 2, 40, True, False),   # odd head_dim, > 1 query tile
+    (2, 1, 45, 6, 3, 32, True, False),      # decoding: one query against a KV cache
+    (1, 70, 200, 4, 2, 64, True, False),    # a query block at an offset (bottom-right causal)
+    (1, 130, 130, 2, 1, 80, False, False),  # non-causal
+    (1, 108, 108, 4, 2, 32, True, True),    # packed sequences (cu_seqlens)
+])
+def test_attention_bfloat16_within_twice_reference_error(B, Tq, Tk, H, KV, D, causal, packed):
+    # bfloat16 in and out, float32 inside; flash-attention's rule against the reference run in
+    # bfloat16 (whose matmuls round to bfloat16), both against float64. lse stays float32.
+    q, k, v = (t.bfloat16() for t in _qkv(B, Tq, Tk, H, KV, D, dtype=torch.float32))
+    g = torch.randn(B, Tq, H, D).bfloat16()
+    cu = torch.tensor([0, 30, 31, 108], dtype=torch.int32) if packed else None
+    runs = {}
+    for name, fn, dtype in (("ours", K.attention, torch.bfloat16),
+                            ("ref", llama2.ref_attention, torch.bfloat16),
+                            ("ref64", llama2.ref_attention, F64)):
+        leaves = _leaves(q.to(dtype), k.to(dtype), v.to(dtype))
+        out = fn(*leaves, causal=causal, cu_seqlens=cu)
+        runs[name] = (out, *_grads(out, leaves, g.to(dtype)))
+    assert all(t.dtype == torch.bfloat16 for t in runs["ours"])
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        _within_twice_reference_error(what, runs["ours"][i], runs["ref64"][i], runs["ref"][i])
+    _, lse = torch.ops.llama2.attention_fwd(q, k, v, cu, D ** -0.5, causal)
+    _, lse64 = torch.ops.llama2.attention_fwd(q.double(), k.double(), v.double(), cu, D ** -0.5, causal)
+    assert lse.dtype == torch.float32
+    _close(lse.double(), lse64, 1e-5, "lse of bfloat16 inputs (float32 arithmetic)")
+
+
+def test_kernels_run_in_bfloat16_under_cpu_autocast():
+    # The AutocastCPU rules: RMSNorm's float32 input and weight, RoPE's x and attention's q/k/v
+    # arrive in bfloat16 (RoPE's float32 tables are left alone); gradients flow back in float32.
+    torch.manual_seed(0)
+    x, w = _leaves(torch.randn(3, 5, 16), torch.randn(16))
+    q, k, v = _leaves(*_qkv(2, 5, 7, 4, 2, 8, dtype=torch.float32))
+    cos, sin = llama2.rope_table(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = K.rms_norm(x, w, 1e-5)
+        r = K.rope(q, torch.arange(5), cos, sin)
+        o, lse = torch.ops.llama2.attention_fwd(q, k, v, None, 0.35, True)
+    assert y.dtype == r.dtype == o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref = K.rope(q.detach().bfloat16(), torch.arange(5), cos, sin)  # float32 tables, not bfloat16 ones
+    assert torch.equal(r, ref)
+    (y.float().sum() + r.float().sum() + o.float().sum()).backward()
+    assert all(t.grad.dtype == torch.float32 for t in (x, w, q, k, v))
+    # No rule for an autocast dtype the CPU kernels do not take: float16 leaves the inputs as they are.
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert K.rms_norm(x, w, 1e-5).dtype == torch.float32
+
+
 def _qkv(B, Tq, Tk, H, KV, D, dtype=F64, seed=0):
     torch.manual_seed(seed)
     return (torch.randn(B, Tq, H, D, dtype=dtype), torch.randn(B, Tk, KV, D, dtype=dtype),
@@ -312,20 +363,24 @@ def _opcheck_samples():
     ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(requires_grad):
+def test_opcheck(requires_grad, dtype):
     for op, args, grad_idx in _opcheck_samples():
+        if dtype == torch.bfloat16:  # activations (and RMSNorm's weight) in bfloat16; tables float32
+            args = tuple(a.bfloat16() if i in grad_idx else a for i, a in enumerate(args))
         if requires_grad:
             args = tuple(a.clone().requires_grad_(True) if i in grad_idx else a for i, a in enumerate(args))
         torch.library.opcheck(op, args)
 
 
-def test_opcheck_backward_ops():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_backward_ops(dtype):
     torch.manual_seed(0)
-    x, w = torch.randn(2, 5, 16), torch.randn(16)
+    x, w = torch.randn(2, 5, 16, dtype=dtype), torch.randn(16, dtype=dtype)
     _, rstd = torch.ops.llama2.rms_norm_fwd(x, w, 1e-5)
     torch.library.opcheck(torch.ops.llama2.rms_norm_bwd.default, (torch.randn_like(x), x, w, rstd))
-    q, k, v = _qkv(2, 5, 7, 4, 2, 8, dtype=torch.float32)
+    q, k, v = (t.to(dtype) for t in _qkv(2, 5, 7, 4, 2, 8, dtype=torch.float32))
     out, lse = torch.ops.llama2.attention_fwd(q, k, v, None, 0.35, True)
     torch.library.opcheck(torch.ops.llama2.attention_bwd.default,
                           (torch.randn_like(out), q, k, v, out, lse, None, 0.35, True))
@@ -406,7 +461,7 @@ def test_attention_bad_inputs():
     _raises("q must be 4-D", op, q[0], k, v, None, 1.0, True)
     _raises("q has head_dim 8 but k/v have head_dim 4", op, q, k[..., :4], v[..., :4], None, 1.0, True)
     _raises("v has shape", op, q, k, v[:, :5], None, 1.0, True)
-    _raises("float32 or float64", op, q.half(), k.half(), v.half(), None, 1.0, True)
+    _raises("float32, float64 or bfloat16", op, q.half(), k.half(), v.half(), None, 1.0, True)
     _raises("q is .* but k is", op, q, k.double(), v, None, 1.0, True)
     _raises("causal attention needs Tq <= Tk", op, *_qkv(1, 7, 6, 2, 1, 8, dtype=torch.float32),
             None, 1.0, True)
@@ -424,6 +479,11 @@ def test_attention_bad_inputs():
     out, lse = op(q, k, v, None, 1.0, True)
     _raises(r"lse must have shape \(B, H, Tq\)", torch.ops.llama2.attention_bwd, out, q, k, v, out,
             lse[:, :2], None, 1.0, True)
+    # bfloat16 inputs take a float32 lse (what the forward returned), not a bfloat16 one
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out, lse = op(qb, kb, vb, None, 1.0, True)
+    _raises("lse has dtype BFloat16 but q is BFloat16, so lse must be Float",
+            torch.ops.llama2.attention_bwd, out, qb, kb, vb, out, lse.bfloat16(), None, 1.0, True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,9 +493,10 @@ def test_supports():
     x = torch.randn(2, 3)
     assert K.supports(x) and K.supports(x.double(), x.double())
     assert not K.supports(x.half()) and not K.supports(x.long())
-    assert K.supports(x.bfloat16())  # RMSNorm and RoPE; the CPU attention kernel takes float32/64
+    assert K.supports(x.bfloat16())
     q = torch.randn(1, 2, 2, 8)
-    assert K.supports_attention(q, q, q) and not K.supports_attention(*(q.bfloat16(),) * 3)
+    assert K.supports_attention(q, q, q) and K.supports_attention(*(q.bfloat16(),) * 3)
+    assert not K.supports_attention(q, q.bfloat16(), q)
     assert not K.supports(x, x.to("meta"))
     assert not K.supports()
 

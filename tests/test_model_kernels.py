@@ -115,3 +115,53 @@ def test_generate_under_autocast_caches_in_the_autocast_dtype():
         out = model.generate([[1, 2, 3], [4]], max_new_tokens=4, temperature=0)
     assert model.layers[0].attention.cache_k.dtype == torch.bfloat16
     assert [len(o) for o in out] == [4, 4]
+
+
+def test_bf16_autocast_runs_the_kernels_in_bf16_close_to_the_reference(monkeypatch):
+    # Under CPU bfloat16 autocast every hot path reaches its kernel in bfloat16 (RMSNorm's float32
+    # residual is cast by its AutocastCPU rule), weights and their gradients stay float32, and the
+    # logits and gradients agree with the reference path under the same autocast to bf16 accuracy.
+    torch.manual_seed(6)
+    model = randomize_norms(Transformer(ModelArgs(**CONFIGS["gqa"])))
+    V = model.args.vocab_size
+    tokens, targets = torch.randint(0, V, (2, 33)), torch.randint(0, V, (2, 33))
+    seen = []
+    for name in ("rms_norm_fwd", "rope", "attention_fwd"):
+        op = getattr(torch.ops.llama2, name)
+
+        def spy(*args, _op=op, _name=name):
+            out = _op(*args)
+            seen.append((_name, (out[0] if isinstance(out, tuple) else out).dtype))
+            return out
+        monkeypatch.setattr(torch.ops.llama2, name, spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits, ref_grads = run(model, "ref", tokens, targets)
+        ext_logits, ext_grads = run(model, "ext", tokens, targets)
+    assert {n for n, _ in seen} == {"rms_norm_fwd", "rope", "attention_fwd"}
+    assert all(dt == torch.bfloat16 for _, dt in seen)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(g.dtype == torch.float32 for g in ext_grads.values())
+    # bf16 has 8 bits of mantissa: compare relative to each tensor's scale
+    err = (ext_logits - ref_logits).abs().max() / ref_logits.abs().max()
+    assert err < 3e-2, f"logits differ by {err:.3g} of their scale"
+    for name in ref_grads:
+        scale = ref_grads[name].abs().max().item() + 1e-30
+        err = (ext_grads[name] - ref_grads[name]).abs().max().item() / scale
+        assert err < 0.1, f"{name}: grad differs by {err:.3g} of its scale"
+
+
+def test_compiled_training_step_fullgraph_under_bf16_autocast():
+    torch.manual_seed(8)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
+    model = Transformer(args)
+    tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_logits, eager_grads = run(model, "ext", tokens, targets)
+        compiled = torch.compile(model, fullgraph=True)
+        model.zero_grad(set_to_none=True)
+        logits, loss = compiled(tokens, targets)
+        loss.backward()
+    torch.testing.assert_close(logits.detach(), eager_logits, rtol=2e-2, atol=2e-2)
+    for n, p in model.named_parameters():
+        scale = eager_grads[n].abs().max().item() + 1e-30
+        assert (p.grad - eager_grads[n]).abs().max().item() <= 5e-2 * scale, n

@@ -8,7 +8,11 @@
 //
 // Shapes: q (B, Tq, H, D), k/v (B, Tk, KV, D), H = G * KV; any strides with the last one 1 (so KV
 // cache slices are read in place); out (B, Tq, H, D) contiguous; lse (B, H, Tq), float32 for
-// float32 inputs and float64 for float64 ones.
+// float32 and bfloat16 inputs and float64 for float64 ones.
+// Dtypes: T is the storage type (float32, float64 or bfloat16), A the arithmetic type (float32, or
+// float64 for float64). bfloat16 Q/dO rows are widened as they are packed and K/V tiles as they are
+// read (once per tile), so every product, the softmax and all sums run in float32; out, dk and dv
+// are rounded to bfloat16 once, when stored, and dq is summed in float32 and rounded at the end.
 //
 // How it is computed (FlashAttention-2, Dao 2023, arranged for a CPU):
 // - A work item is (sequence, kv head, tile of BQ query tokens). The G query heads that share the
@@ -24,6 +28,7 @@
 // O once; backward reads Q/dO once per K/V tile of the item (they stay in L2 for moderate T).
 #include <torch/library.h>
 
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -59,10 +64,28 @@ inline int64_t key_limit(bool causal, int64_t t, const Segment& s) {
   return std::min(s.k_len, std::max<int64_t>(0, t + (s.k_len - s.q_len) + 1));
 }
 
-template <typename T>
-void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, View<T> out, T* lse,
+// n rows (tokens t.., one head) of a K or V tile as A, with their row stride: read in place when T
+// is A, else widened into buf (n x D, row stride D), so that BLAS works in A.
+template <typename T, typename A>
+std::pair<const A*, int64_t> tile_as(View<const T> x, int64_t b, int64_t t, int64_t h, int64_t n,
+                                     int64_t D, std::vector<A>& buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    return {x.row(b, t, h), x.st};
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* src = x.row(b, t + i, h);
+      A* dst = buf.data() + i * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dst[d] = widen(src[d]);
+    }
+    return {buf.data(), D};
+  }
+}
+
+template <typename T, typename A>
+void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, View<T> out, A* lse,
                           const std::vector<Segment>& segs, int64_t H, int64_t KV, int64_t D,
-                          int64_t Tq, T scale, bool causal) {
+                          int64_t Tq, A scale, bool causal) {
   const int64_t G = H / KV;
   // Work items (segment, kv head, query tile), the most expensive first for load balance.
   struct Item {
@@ -87,55 +110,57 @@ void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, Vie
     const Segment& s = segs[it.seg];
     const int64_t nt = std::min(kBlockQ, s.q_len - it.t0);  // query tokens in this tile
     const int64_t M = nt * G;                               // rows: (token, head in group)
-    // Per-item buffers: packed scaled Q (M, D), scores (M, BK), accumulator (M, D), m and l (M).
-    std::vector<T> qp(M * D), sc(M * kBlockK), acc(M * D, T(0));
-    std::vector<T> run_max(M, -std::numeric_limits<T>::infinity()), run_sum(M, T(0));
+    // Per-item buffers: packed scaled Q (M, D), scores (M, BK), accumulator (M, D), m and l (M),
+    // all in A; K/V tiles widened to A (bfloat16 inputs only).
+    std::vector<A> qp(M * D), sc(M * kBlockK), acc(M * D, A(0));
+    std::vector<A> run_max(M, -std::numeric_limits<A>::infinity()), run_sum(M, A(0));
+    std::vector<A> k_buf(std::is_same_v<T, A> ? 0 : kBlockK * D), v_buf(k_buf.size());
 
     // Pack the G heads of each token as consecutive rows, pre-multiplied by the softmax scale.
     for (int64_t t = 0; t < nt; ++t) {
       for (int64_t g = 0; g < G; ++g) {
         const T* src = q.row(s.b, s.q0 + it.t0 + t, it.kvh * G + g);
-        T* dst = qp.data() + (t * G + g) * D;
+        A* dst = qp.data() + (t * G + g) * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+        for (int64_t d = 0; d < D; ++d) dst[d] = widen(src[d]) * scale;
       }
     }
 
     const int64_t k_end = key_limit(causal, it.t0 + nt - 1, s);
     for (int64_t j0 = 0; j0 < k_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, k_end - j0);
-      const T* kp = k.row(s.b, s.k0 + j0, it.kvh);
-      const T* vp = v.row(s.b, s.k0 + j0, it.kvh);
+      const auto [kp, ldk] = tile_as<T, A>(k, s.b, s.k0 + j0, it.kvh, nk, D, k_buf);
+      const auto [vp, ldv] = tile_as<T, A>(v, s.b, s.k0 + j0, it.kvh, nk, D, v_buf);
       // (M, nk) scores of this tile
-      gemm_rm<T>(false, true, M, nk, D, T(1), qp.data(), D, kp, k.st, T(0), sc.data(), kBlockK);
+      gemm_rm<A>(false, true, M, nk, D, A(1), qp.data(), D, kp, ldk, A(0), sc.data(), kBlockK);
 
       for (int64_t t = 0; t < nt; ++t) {
         // Keys past the causal limit of token t get no weight.
         const int64_t n_ok = std::min(nk, std::max<int64_t>(0, key_limit(causal, it.t0 + t, s) - j0));
         for (int64_t g = 0; g < G; ++g) {
           const int64_t r = t * G + g;
-          T* sr = sc.data() + r * kBlockK;
+          A* sr = sc.data() + r * kBlockK;
           // Only the first n_ok scores are visible; the rest get probability 0.
-          const T mx = row_max(sr, n_ok);
-          const T m_new = std::max(run_max[r], mx);
-          std::fill(sr + n_ok, sr + nk, T(0));
-          if (m_new == -std::numeric_limits<T>::infinity()) {
+          const A mx = row_max(sr, n_ok);
+          const A m_new = std::max(run_max[r], mx);
+          std::fill(sr + n_ok, sr + nk, A(0));
+          if (m_new == -std::numeric_limits<A>::infinity()) {
             // Nothing visible yet: zero weights, keep the running state.
-            std::fill(sr, sr + n_ok, T(0));
+            std::fill(sr, sr + n_ok, A(0));
             continue;
           }
           // Online softmax: rescale what was summed so far to the new running max.
-          const T alpha = exp_of<T>(run_max[r] - m_new);
-          const T sum = exp_shift_sum(sr, n_ok, m_new);
+          const A alpha = exp_of<A>(run_max[r] - m_new);
+          const A sum = exp_shift_sum(sr, n_ok, m_new);
           run_sum[r] = run_sum[r] * alpha + sum;
           run_max[r] = m_new;
-          T* ar = acc.data() + r * D;
+          A* ar = acc.data() + r * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
         }
       }
       // acc (M, D) += P (M, nk) @ V (nk, D)
-      gemm_rm<T>(false, false, M, D, nk, T(1), sc.data(), kBlockK, vp, v.st, T(1), acc.data(), D);
+      gemm_rm<A>(false, false, M, D, nk, A(1), sc.data(), kBlockK, vp, ldv, A(1), acc.data(), D);
     }
 
     // Normalize and write out (B, Tq, H, D) and lse (B, H, Tq).
@@ -143,24 +168,25 @@ void attention_fwd_kernel(View<const T> q, View<const T> k, View<const T> v, Vie
       for (int64_t g = 0; g < G; ++g) {
         const int64_t r = t * G + g;
         const int64_t h = it.kvh * G + g, tq = s.q0 + it.t0 + t;
-        const T l = run_sum[r];
-        const T inv = l > T(0) ? T(1) / l : T(0);
+        const A l = run_sum[r];
+        const A inv = l > A(0) ? A(1) / l : A(0);
         T* dst = out.row(s.b, tq, h);
-        const T* ar = acc.data() + r * D;
+        const A* ar = acc.data() + r * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
-        lse[(s.b * H + h) * Tq + tq] = l > T(0) ? run_max[r] + std::log(l)
-                                                : -std::numeric_limits<T>::infinity();
+        for (int64_t d = 0; d < D; ++d) dst[d] = narrow<T>(ar[d] * inv);
+        lse[(s.b * H + h) * Tq + tq] = l > A(0) ? run_max[r] + std::log(l)
+                                                : -std::numeric_limits<A>::infinity();
       }
     }
   });
 }
 
-template <typename T>
+// dq is written in A (the caller rounds it to T afterwards): split items add partials into it.
+template <typename T, typename A>
 void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, View<const T> v,
-                          View<const T> out, const T* lse, View<T> dq, View<T> dk, View<T> dv,
+                          View<const T> out, const A* lse, View<A> dq, View<T> dk, View<T> dv,
                           const std::vector<Segment>& segs, int64_t H, int64_t KV, int64_t D,
-                          int64_t Tq, T scale, bool causal) {
+                          int64_t Tq, A scale, bool causal) {
   const int64_t G = H / KV;
   // Work items (segment, kv head, chunk of keys): each owns dK/dV of its keys. dQ of the rows of a
   // (segment, kv head) is owned by its item when the keys are not split; with fewer pairs than
@@ -190,7 +216,7 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
   std::stable_sort(items.begin(), items.end(),
                    [](const Item& a, const Item& b) { return a.cost > b.cost; });
   // Private dQ (rows, D) of the items whose keys were split, indexed like items.
-  std::vector<std::vector<T>> dq_partial(items.size());
+  std::vector<std::vector<A>> dq_partial(items.size());
   double flops = 0;  // five products of (rows x keys x D)
   for (const Item& it : items) flops += 10.0 * double(it.cost) * double(G * D);
 
@@ -199,9 +225,10 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
     const Segment& s = segs[it.seg];
     const int64_t M = s.q_len * G;
     // Packed rows (token, head in group) of Q, dO, and their lse and delta = rowsum(dO * O).
-    std::vector<T> qp(M * D), dop(M * D), dqa(M * D, T(0)), lp(M), delta(M);
-    std::vector<T> p_buf(kBlockQ * G * kBlockK), ds_buf(kBlockQ * G * kBlockK);
-    std::vector<T> dk_t(kBlockK * D), dv_t(kBlockK * D);
+    std::vector<A> qp(M * D), dop(M * D), dqa(M * D, A(0)), lp(M), delta(M);
+    std::vector<A> p_buf(kBlockQ * G * kBlockK), ds_buf(kBlockQ * G * kBlockK);
+    std::vector<A> dk_t(kBlockK * D), dv_t(kBlockK * D);
+    std::vector<A> k_buf(std::is_same_v<T, A> ? 0 : kBlockK * D), v_buf(k_buf.size());
 
     for (int64_t t = 0; t < s.q_len; ++t) {
       for (int64_t g = 0; g < G; ++g) {
@@ -209,14 +236,14 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
         const T* qs = q.row(s.b, tq, h);
         const T* gs = dout.row(s.b, tq, h);
         const T* os = out.row(s.b, tq, h);
-        T* qd = qp.data() + r * D;
-        T* gd = dop.data() + r * D;
-        T dsum = 0;
+        A* qd = qp.data() + r * D;
+        A* gd = dop.data() + r * D;
+        A dsum = 0;
 #pragma omp simd reduction(+ : dsum)
         for (int64_t d = 0; d < D; ++d) {
-          qd[d] = qs[d];
-          gd[d] = gs[d];
-          dsum += gs[d] * os[d];
+          qd[d] = widen(qs[d]);
+          gd[d] = widen(gs[d]);
+          dsum += widen(gs[d]) * widen(os[d]);
         }
         delta[r] = dsum;
         lp[r] = lse[(s.b * H + h) * Tq + tq];
@@ -225,10 +252,10 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
 
     for (int64_t j0 = it.j_begin; j0 < it.j_end; j0 += kBlockK) {
       const int64_t nk = std::min(kBlockK, it.j_end - j0);
-      const T* kp = k.row(s.b, s.k0 + j0, it.kvh);
-      const T* vp = v.row(s.b, s.k0 + j0, it.kvh);
-      std::fill(dk_t.begin(), dk_t.end(), T(0));
-      std::fill(dv_t.begin(), dv_t.end(), T(0));
+      const auto [kp, ldk] = tile_as<T, A>(k, s.b, s.k0 + j0, it.kvh, nk, D, k_buf);
+      const auto [vp, ldv] = tile_as<T, A>(v, s.b, s.k0 + j0, it.kvh, nk, D, v_buf);
+      std::fill(dk_t.begin(), dk_t.end(), A(0));
+      std::fill(dv_t.begin(), dv_t.end(), A(0));
       // First query token that sees key j0 (causal); earlier ones skip this tile.
       int64_t t_start = 0;
       if (causal) t_start = std::max<int64_t>(0, j0 - (s.k_len - s.q_len));
@@ -236,35 +263,42 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
         const int64_t nt = std::min(kBlockQ, s.q_len - t0);
         const int64_t Mq = nt * G, r0 = t0 * G;
         // P (Mq, nk) = exp(scale * Q K^T - lse), recomputed
-        gemm_rm<T>(false, true, Mq, nk, D, scale, qp.data() + r0 * D, D, kp, k.st, T(0),
+        gemm_rm<A>(false, true, Mq, nk, D, scale, qp.data() + r0 * D, D, kp, ldk, A(0),
                    p_buf.data(), kBlockK);
         // dP (Mq, nk) = dO V^T
-        gemm_rm<T>(false, true, Mq, nk, D, T(1), dop.data() + r0 * D, D, vp, v.st, T(0),
+        gemm_rm<A>(false, true, Mq, nk, D, A(1), dop.data() + r0 * D, D, vp, ldv, A(0),
                    ds_buf.data(), kBlockK);
         for (int64_t t = 0; t < nt; ++t) {
           const int64_t n_ok = std::min(nk, std::max<int64_t>(0, key_limit(causal, t0 + t, s) - j0));
           for (int64_t g = 0; g < G; ++g) {
             const int64_t r = t * G + g;
-            T* pr = p_buf.data() + r * kBlockK;
-            T* dsr = ds_buf.data() + r * kBlockK;
-            const T l = lp[r0 + r], dl = delta[r0 + r];
+            A* pr = p_buf.data() + r * kBlockK;
+            A* dsr = ds_buf.data() + r * kBlockK;
+            const A l = lp[r0 + r], dl = delta[r0 + r];
             exp_shift_sum(pr, n_ok, l);
-            std::fill(pr + n_ok, pr + nk, T(0));
+            std::fill(pr + n_ok, pr + nk, A(0));
 #pragma omp simd
             for (int64_t c = 0; c < nk; ++c) dsr[c] = pr[c] * (dsr[c] - dl);  // dS = P * (dP - delta)
           }
         }
         // dV (nk, D) += P^T dO;  dK (nk, D) += scale * dS^T Q;  dQ (Mq, D) += scale * dS K
-        gemm_rm<T>(true, false, nk, D, Mq, T(1), p_buf.data(), kBlockK, dop.data() + r0 * D, D,
-                   T(1), dv_t.data(), D);
-        gemm_rm<T>(true, false, nk, D, Mq, scale, ds_buf.data(), kBlockK, qp.data() + r0 * D, D,
-                   T(1), dk_t.data(), D);
-        gemm_rm<T>(false, false, Mq, D, nk, scale, ds_buf.data(), kBlockK, kp, k.st, T(1),
+        gemm_rm<A>(true, false, nk, D, Mq, A(1), p_buf.data(), kBlockK, dop.data() + r0 * D, D,
+                   A(1), dv_t.data(), D);
+        gemm_rm<A>(true, false, nk, D, Mq, scale, ds_buf.data(), kBlockK, qp.data() + r0 * D, D,
+                   A(1), dk_t.data(), D);
+        gemm_rm<A>(false, false, Mq, D, nk, scale, ds_buf.data(), kBlockK, kp, ldk, A(1),
                    dqa.data() + r0 * D, D);
       }
       for (int64_t c = 0; c < nk; ++c) {
-        std::copy_n(dk_t.data() + c * D, D, dk.row(s.b, s.k0 + j0 + c, it.kvh));
-        std::copy_n(dv_t.data() + c * D, D, dv.row(s.b, s.k0 + j0 + c, it.kvh));
+        const A* sk = dk_t.data() + c * D;
+        const A* sv = dv_t.data() + c * D;
+        T* dkr = dk.row(s.b, s.k0 + j0 + c, it.kvh);
+        T* dvr = dv.row(s.b, s.k0 + j0 + c, it.kvh);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          dkr[d] = narrow<T>(sk[d]);
+          dvr[d] = narrow<T>(sv[d]);
+        }
       }
     }
     if (it.n_chunks > 1) {
@@ -286,8 +320,8 @@ void attention_bwd_kernel(View<const T> dout, View<const T> q, View<const T> k, 
     at::parallel_for(0, s.q_len, 64, [&](int64_t tb, int64_t te) {
       for (int64_t t = tb; t < te; ++t) {
         for (int64_t g = 0; g < G; ++g) {
-          const T* src = dq_partial[idx].data() + (t * G + g) * D;
-          T* dst = dq.row(s.b, s.q0 + t, it.kvh * G + g);
+          const A* src = dq_partial[idx].data() + (t * G + g) * D;
+          A* dst = dq.row(s.b, s.q0 + t, it.kvh * G + g);
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
         }
@@ -368,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3), KV = k.size(2);
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
-  at::Tensor lse = at::empty({B, H, Tq}, q.options());
+  at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(stat_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
   if (k.size(1) == 0) {
     // No keys at all: nothing to attend to.
@@ -376,11 +410,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
   }
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu", [&] {
-    attention_fwd_kernel<scalar_t>(view_of<const scalar_t>(q), view_of<const scalar_t>(k),
-                                   view_of<const scalar_t>(v), view_of<scalar_t>(out),
-                                   lse.data_ptr<scalar_t>(), segs, H, KV, D, Tq,
-                                   static_cast<scalar_t>(scale), causal);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    attention_fwd_kernel<scalar_t, acc_t>(view_of<const scalar_t>(q), view_of<const scalar_t>(k),
+                                          view_of<const scalar_t>(v), view_of<scalar_t>(out),
+                                          lse.data_ptr<acc_t>(), segs, H, KV, D, Tq,
+                                          static_cast<acc_t>(scale), causal);
   });
   return {out, lse};
 }
@@ -397,7 +432,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   check_cpu(lse_in, op, "lse");
   check_same_dtype(q_in, grad_out_in, op, "q", "grad_out");
   check_same_dtype(q_in, out_in, op, "q", "out");
-  check_same_dtype(q_in, lse_in, op, "q", "lse");
+  TORCH_CHECK(lse_in.scalar_type() == stat_dtype(q_in.scalar_type()), op, ": lse has dtype ",
+              lse_in.scalar_type(), " but q is ", q_in.scalar_type(), ", so lse must be ",
+              stat_dtype(q_in.scalar_type()), "; pass the lse returned by attention_fwd for this q");
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(), op,
               ": grad_out ", grad_out_in.sizes(), " and out ", out_in.sizes(),
               " must have the shape of q ", q_in.sizes());
@@ -410,19 +447,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor g = unit_last_stride(grad_out_in), o = unit_last_stride(out_in);
   const at::Tensor lse = lse_in.contiguous();
   const int64_t KV = k.size(2);
-  at::Tensor dq = at::zeros({B, Tq, H, D}, q.options());
+  // dq is summed in the arithmetic dtype (partials of split items add into it), rounded at the end.
+  at::Tensor dq = at::zeros({B, Tq, H, D}, q.options().dtype(stat_dtype(q.scalar_type())));
   at::Tensor dk = at::zeros({B, k.size(1), KV, D}, q.options());
   at::Tensor dv = at::zeros({B, k.size(1), KV, D}, q.options());
-  if (q.numel() == 0 || k.size(1) == 0) return {dq, dk, dv};
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
-    attention_bwd_kernel<scalar_t>(view_of<const scalar_t>(g), view_of<const scalar_t>(q),
-                                   view_of<const scalar_t>(k), view_of<const scalar_t>(v),
-                                   view_of<const scalar_t>(o), lse.data_ptr<scalar_t>(),
-                                   view_of<scalar_t>(dq), view_of<scalar_t>(dk),
-                                   view_of<scalar_t>(dv), segs, H, KV, D, Tq,
-                                   static_cast<scalar_t>(scale), causal);
-  });
-  return {dq, dk, dv};
+  if (q.numel() > 0 && k.size(1) > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      attention_bwd_kernel<scalar_t, acc_t>(
+          view_of<const scalar_t>(g), view_of<const scalar_t>(q), view_of<const scalar_t>(k),
+          view_of<const scalar_t>(v), view_of<const scalar_t>(o), lse.data_ptr<acc_t>(),
+          view_of<acc_t>(dq), view_of<scalar_t>(dk), view_of<scalar_t>(dv), segs, H, KV, D, Tq,
+          static_cast<acc_t>(scale), causal);
+    });
+  }
+  return {dq.to(q.scalar_type()), dk, dv};
 }
 
 }  // namespace

@@ -84,7 +84,7 @@ void rms_norm_bwd_kernel(const T* g, const T* x, const T* w, const A* rstd, T* g
 void check_rms_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight) {
   check_cpu(x, op, "x");
   check_cpu(weight, op, "weight");
-  check_float(x, op, "x", /*bf16_ok=*/true);
+  check_float(x, op, "x");
   check_same_dtype(x, weight, op, "x", "weight");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., C), got a scalar");
   TORCH_CHECK(weight.dim() == 1, op, ": weight must be 1-D (C,), got shape ", weight.sizes());

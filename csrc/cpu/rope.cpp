@@ -117,7 +117,7 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& positions, const at::
   check_cpu(positions, op, "positions");
   check_cpu(cos, op, "cos");
   check_cpu(sin, op, "sin");
-  check_float(x, op, "x", /*bf16_ok=*/true);
+  check_float(x, op, "x");
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (B, T, H, D), got shape ", x.sizes());
   const int64_t B = x.size(0), Tn = x.size(1), H = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0, op, ": head_dim D must be even (pairs are rotated), got D=", D);
