@@ -92,7 +92,7 @@ class Config:
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on a GPU or a CPU with AMX-BF16 or AVX512-BF16, else float32), float32, bfloat16
     compile: bool = False  # torch.compile the model
     kernels: str = "auto"  # hot paths: auto (extension when built), ext, ref (plain PyTorch)
     parallel: str = "ddp"  # under torchrun: ddp (replicas) or fsdp (FSDP2 fully_shard)

@@ -119,7 +119,7 @@ class Config:
     resume: bool = False  # continue from <out_dir>/ckpt.pt
     # system
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    dtype: str = "auto"  # autocast: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    dtype: str = "auto"  # autocast: auto (bfloat16 on a GPU or a CPU with AMX-BF16 or AVX512-BF16, else float32), float32, bfloat16
     kernels: str = "auto"  # hot paths: auto, ext, ref
     threads: int = 0  # CPU threads (0 = torch's default)
     seed: int = 1337  # seeds the RM's head and the order of the pairs

@@ -37,7 +37,7 @@ class Config:
     steps: int = 5  # timed steps per path
     warmup: int = 2  # untimed steps first (allocator, caches, compilation)
     device: str = "auto"  # auto, cpu, cuda
-    dtype: str = "auto"  # autocast: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16
+    dtype: str = "auto"  # autocast: auto (bfloat16 on a GPU or a CPU with AMX-BF16 or AVX512-BF16, else float32), float32, bfloat16
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU threads (0 = torch's default)
     paths: str = "ext,ref"  # which hot-path implementations to time, in this order
