@@ -8,7 +8,8 @@ Reads only the files the stage scripts leave in the pipeline's folder (pretrain/
 eval_*/eval.jsonl, rm/eval.json, rm_*/eval.json, rs/iter<i>/{tune,eval}.json, rs/report.txt,
 ppo/{metrics.jsonl,eval_start.json,eval_final.json,ppo_overopt.png},
 <stage>/done.json for the times) and writes <out_dir>/REPORT.md and its figures (report_*.png)
-beside it, each atomically. A stage that did not run is a row that says "not run", never an error.
+beside it, each atomically, and <out_dir>/REPORT.json: every table of REPORT.md, each cell with
+the numbers it shows (`tables_of`), for a program to read. A stage that did not run is a row that says "not run", never an error.
 Every number is shown with its floor (what a trivial answer scores) and its ceiling where one exists.
 """
 from __future__ import annotations
@@ -811,13 +812,60 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
     text = "\n".join(lines) + "\n"
     with training.atomic_write(out / "REPORT.md", "w") as f:
         f.write(text)
+    with training.atomic_write(out / "REPORT.json", "w") as f:
+        json.dump({"pipeline_dir": str(run), "size": size, "tables": tables_of(text)}, f, indent=1)
     return text
+
+
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+def numbers_in(cell: str) -> list[float]:
+    """Every number a table cell shows, in order ("0.702 (+-0.010), 46.5%" -> [0.702, 0.01,
+    46.5]; thousands separators dropped, the "-" of a "+-" spread too; a number glued to a name, as in "V1" or "T0.6", counts
+    too, since the reader sees it)."""
+    out = []
+    for m in _NUMBER.finditer(cell):
+        x = m.group().replace(",", "")
+        if x[0] == "-" and cell[:m.start()].endswith(("+", "±")):  # "+-0.010": a spread, >= 0
+            x = x[1:]
+        out.append(float(x))
+    return out
+
+
+def tables_of(markdown: str) -> list[dict]:
+    """Every table of a Markdown text, as {"section": the heading above it (or "" before any),
+    "header": [cells], "rows": [{"cells": [...], "numbers": [[numbers of each cell]]}]}:
+    REPORT.json, the numbers of REPORT.md's tables for a program to read."""
+    tables, section, lines = [], "", markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("#"):
+            section = line.lstrip("#").strip()
+        is_table = (line.startswith("|") and i + 1 < len(lines)
+                    and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[i + 1].strip()))
+        if not is_table:
+            i += 1
+            continue
+        header, rows = _cells(line), []
+        i += 2
+        while i < len(lines) and lines[i].strip().startswith("|"):
+            cells = _cells(lines[i].strip())
+            rows.append({"cells": cells, "numbers": [numbers_in(c) for c in cells]})
+            i += 1
+        tables.append({"section": section, "header": header, "rows": rows})
+    return tables
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = training.parse_config(Config, argv, description=__doc__)
     write_report(Path(cfg.pipeline_dir), Path(cfg.out_dir), cfg.size)
-    print(f"wrote {Path(cfg.out_dir) / 'REPORT.md'} and its figures")
+    print(f"wrote {Path(cfg.out_dir) / 'REPORT.md'}, REPORT.json and the figures")
 
 
 if __name__ == "__main__":

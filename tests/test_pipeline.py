@@ -132,6 +132,24 @@ def test_the_report_says_not_run_for_missing_stages(base, tmp_path):
     assert recipe in text and "| rs_oracle (ablation) | 1m00s | z |" in text
     assert "| ablations | 1m00s | |" in text
     shutil.rmtree(base / "rs_oracle")
+    # REPORT.json: every table row of REPORT.md (counted here by its lines) with its numbers
+    got = json.loads((tmp_path / "r2" / "REPORT.json").read_text())["tables"]
+    md_rows = [ln for ln in text.splitlines() if ln.startswith("|") and not set(ln) <= set("|-: ")]
+    assert sum(1 + len(t["rows"]) for t in got) == len(md_rows)
+    ppo_row = next(r for t in got for r in t["rows"] if r["cells"][0] == "PPO (§3.2.3)")
+    assert ppo_row["cells"][2] == "not run" and ppo_row["numbers"][0] == [3.2, 3.0]
+    assert next(t for t in got if t["section"] == "Time per stage")["rows"]
+
+
+def test_report_json_tables_by_hand():
+    md = ("# Title\ntext | not a table\n\n## Rewards\n\n| model | judged | win |\n|---|:-:|---|\n"
+          "| SFT | 0.702 (+-0.010) | 1,234 of 2,000 |\n| V1 at T0.6 | -0.5e-3 | 46.5% |\nafter\n")
+    assert report.tables_of(md) == [{
+        "section": "Rewards", "header": ["model", "judged", "win"],
+        "rows": [{"cells": ["SFT", "0.702 (+-0.010)", "1,234 of 2,000"],
+                  "numbers": [[], [0.702, 0.01], [1234.0, 2000.0]]},
+                 {"cells": ["V1 at T0.6", "-0.5e-3", "46.5%"],
+                  "numbers": [[1.0, 0.6], [-0.0005], [46.5]]}]}]
 
 
 def test_the_report_reads_ppo_outputs(tmp_path):
