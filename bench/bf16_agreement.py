@@ -1,6 +1,6 @@
 """Greedy-token agreement of bfloat16 autocast with float32 on a chat checkpoint (issue 25).
 
-The stages sample under the runtime's autocast (gatt.generate_replies), so on a CPU with
+The stages sample under the runtime's autocast (sampling.generate_replies), so on a CPU with
 AMX-BF16/AVX512-BF16 they now sample in bfloat16, with the KV cache in bfloat16. This measures
 what that changes: held-out prompts (world.eval_prompts, levels 1-2, rendered with the chat format
 as the stages render them) are answered greedily in float32; then
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama2  # noqa: E402
-import gatt  # noqa: E402
+import sampling  # noqa: E402
 import training  # noqa: E402
 import world  # noqa: E402
 
@@ -47,7 +47,7 @@ class Config:
 
 def greedy(model, prompts, cfg, eos_id, dtype):
     """Greedy replies (token lists, EOS kept) under autocast `dtype` (float32: none), batched by
-    length as gatt.generate_replies batches them."""
+    length as sampling.generate_replies batches them."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [None] * len(prompts)
     ctx = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
@@ -79,11 +79,11 @@ def teacher_forced(model, prompts, replies, dtype):
 
 
 def judged(dialogs, replies, tok):
-    """world.score of each greedy reply, cleaned as gatt.generate_replies cleans it."""
+    """world.score of each greedy reply, cleaned as sampling.generate_replies cleans it."""
     out = []
     for d, g in zip(dialogs, replies):
         eos = bool(g) and g[-1] == tok.eos_id
-        text = gatt.clean_reply(tok.decode(g[:-1] if eos else g))
+        text = sampling.clean_reply(tok.decode(g[:-1] if eos else g))
         out.append(world.score(d, text, eos).total)
     return out
 
