@@ -935,15 +935,7 @@ def save_rm(rm, optimizer, tokenizer, cfg: Config, step: int, data: dict, rt, lo
     """<out_dir>/ckpt.pt, stage "rm" (collective under FSDP: every rank helps gather, rank 0
     writes)."""
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    state = {
-        "model_args": asdict(rm.args),
-        "model": training.model_state_dict(rm),  # collective under FSDP
-        "optimizer": training.optimizer_state_dict(rm, optimizer),
-        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-        "config": asdict(cfg), "stage": "rm", "parent": cfg.checkpoint, "step": step,
-        "rng": training.rng_state(),
-        "data": data,
-    }
+    state = training.stage_state(rm, optimizer, tokenizer, cfg, "rm", step, data=data)
     if rt.is_master:
         training.save_checkpoint(ckpt_path, state)
         log.print(f"saved {ckpt_path} at step {step}")

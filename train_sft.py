@@ -369,18 +369,8 @@ def save_state(model, optimizer, tokenizer, cfg: Config, stage: str, step: int, 
     """<out_dir>/ckpt.pt: the model and everything --resume needs (collective under FSDP: every
     rank helps gather, rank 0 writes)."""
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
-    state = {
-        "model_args": asdict(model.args),
-        "model": training.model_state_dict(model),  # collective under FSDP
-        "optimizer": training.optimizer_state_dict(model, optimizer),
-        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
-        "config": asdict(cfg),
-        "stage": stage,
-        "parent": cfg.checkpoint,
-        "step": step,
-        "rng": training.rng_state(),
-        "data": {**data, "rows_seen": step * cfg.batch_size},
-    }
+    state = training.stage_state(model, optimizer, tokenizer, cfg, stage, step,
+                                 data={**data, "rows_seen": step * cfg.batch_size})
     if rt.is_master:
         training.save_checkpoint(ckpt_path, state)
         log.print(f"saved {ckpt_path} at step {step}")

@@ -473,6 +473,24 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
         raise stop from None
 
 
+def stage_state(model, optimizer, tokenizer, cfg, stage: str, step: int, **extra) -> dict:
+    """What a stage's ckpt.pt holds: the model (its args and weights), the optimizer, the
+    tokenizer's bytes, the stage's config, name, parent checkpoint (cfg.checkpoint, if it has one)
+    and step, the RNG states, and `extra` (e.g. data=... for the resume position). Collective under
+    FSDP (every rank helps gather the weights)."""
+    state = {
+        "model_args": dataclasses.asdict(model.args),
+        "model": model_state_dict(model),
+        "optimizer": optimizer_state_dict(model, optimizer),
+        "tokenizer": torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8),
+        "config": dataclasses.asdict(cfg),
+        "stage": stage,
+    }
+    if hasattr(cfg, "checkpoint"):
+        state["parent"] = cfg.checkpoint
+    return {**state, "step": step, "rng": rng_state(), **extra}
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint written by save_checkpoint (a ckpt.pt file or the folder holding it).
     A truncated or corrupted file exits with a one-line error (llama2.load_checkpoint_file)."""
