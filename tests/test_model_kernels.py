@@ -1,5 +1,8 @@
 """The whole model with the compiled kernels equals the model with the PyTorch references."""
+import contextlib
+
 import pytest
+
 import torch
 
 import llama2
@@ -68,18 +71,28 @@ def test_kv_cache_generation_ext_equals_ref():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_training_step_fullgraph():
+def compiled_and_eager_step(autocast: bool):
+    """One forward+backward of a tiny model with the kernels, eager and under
+    torch.compile(fullgraph=True), optionally under CPU bfloat16 autocast.
+    -> (model with the compiled grads, compiled logits, eager logits, eager grads)."""
     torch.manual_seed(8)
     args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
     model = Transformer(args)
     llama2.set_kernels("ext")
     tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    eager_logits, eager_grads = run(model, "ext", tokens, targets)
-    compiled = torch.compile(model, fullgraph=True)
-    model.zero_grad(set_to_none=True)
-    logits, loss = compiled(tokens, targets)
-    loss.backward()
-    torch.testing.assert_close(logits.detach(), eager_logits, rtol=1e-4, atol=1e-5)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with ctx:
+        eager_logits, eager_grads = run(model, "ext", tokens, targets)
+        compiled = torch.compile(model, fullgraph=True)
+        model.zero_grad(set_to_none=True)
+        logits, loss = compiled(tokens, targets)
+        loss.backward()
+    return model, logits.detach(), eager_logits, eager_grads
+
+
+def test_compiled_training_step_fullgraph():
+    model, logits, eager_logits, eager_grads = compiled_and_eager_step(autocast=False)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-5)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-5)
 
@@ -151,17 +164,8 @@ def test_bf16_autocast_runs_the_kernels_in_bf16_close_to_the_reference(monkeypat
 
 
 def test_compiled_training_step_fullgraph_under_bf16_autocast():
-    torch.manual_seed(8)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=32)
-    model = Transformer(args)
-    tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager_logits, eager_grads = run(model, "ext", tokens, targets)
-        compiled = torch.compile(model, fullgraph=True)
-        model.zero_grad(set_to_none=True)
-        logits, loss = compiled(tokens, targets)
-        loss.backward()
-    torch.testing.assert_close(logits.detach(), eager_logits, rtol=2e-2, atol=2e-2)
+    model, logits, eager_logits, eager_grads = compiled_and_eager_step(autocast=True)
+    torch.testing.assert_close(logits, eager_logits, rtol=2e-2, atol=2e-2)
     for n, p in model.named_parameters():
         scale = eager_grads[n].abs().max().item() + 1e-30
         assert (p.grad - eager_grads[n]).abs().max().item() <= 5e-2 * scale, n
