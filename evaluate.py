@@ -137,6 +137,11 @@ def rollout(model, tokenizer, dialogs: list[list[dict]], cfg, rt=None) -> list[l
     return answers
 
 
+def split_words(split: str | None) -> str:
+    """How report lines name the evaluation prompts: "held-out" (the test split) or "validation"."""
+    return "validation" if split == "valid" else "held-out"
+
+
 def eval_split(cfg) -> str:
     """The world split evaluation prompts come from: cfg.eval_split ("heldout", the default, or
     "valid"); never training problems."""
@@ -318,7 +323,7 @@ def format_summary(s: dict) -> str:
             f"ceiling 1.0) (content {s['content']:.3f}, instruction {s['instruction']:.3f}, "
             f"form {s['form']:.3f}), correct {s['correct']:.1%}, EOS {s['eos_rate']:.1%}, "
             f"{s['answer_tokens']:.1f} tokens / {s['answer_words']:.1f} words per answer, "
-            f"n={s['n']} held-out prompts\n"
+            f"n={s['n']} {split_words(s.get('split'))} prompts\n"
             f"  by family: {fam}\n"
             f"  best-of-{bo['k']} by the judge (T={bo['temperature']}, n={bo['n']}): greedy "
             f"{bo['greedy_score']:.3f}, pass@1 {bo['pass1_score']:.3f}, best-of-{bo['k']} "
@@ -520,7 +525,8 @@ def versus(summary: dict, other, tokenizer, rm, cfg, rt=None, label: str = "othe
 def format_versus(summary: dict, v: dict) -> str:
     """Two lines: the win rate against the other model and both models' scores side by side."""
     w, g, og = v["win_rate"], summary["greedy"], v["greedy"]
-    return (f"[{summary['label']} vs {v['label']}] win rate on {v['n']} held-out prompts (judged, "
+    return (f"[{summary['label']} vs {v['label']}] win rate on {v['n']} "
+            f"{split_words(summary.get('split'))} prompts (judged, "
             f"one sample each, ties half; floor/chance 50%): greedy {w['greedy']:.1%}, sampled "
             f"{w['sampled']:.1%}\n  greedy judged {g['judge']:.3f} vs {og['judge']:.3f}, RM "
             f"{g['rm']:+.3f} vs {og['rm']:+.3f}, EOS {g['eos_rate']:.1%} vs {og['eos_rate']:.1%}; "
@@ -532,7 +538,8 @@ def format_versus(summary: dict, v: dict) -> str:
 def format_policy_eval(s: dict) -> str:
     """A few readable lines of a policy_eval summary, every number beside its floor."""
     f, g, t = s["floor"], s["greedy"], s["sampled"]
-    lines = [f"[{s['label']}] held-out prompts n={s['n']}; judged score floor: empty reply "
+    lines = [f"[{s['label']}] {split_words(s.get('split'))} prompts n={s['n']}; judged score "
+             "floor: empty reply "
              f"{f['judge_empty']:.3f}, bare correct answer {f['judge_bare_answer']:.3f}, "
              f"ceiling 1.0; RM floor (empty reply) {f['rm_empty']:+.3f}; "
              f"{s['seconds']:.0f}s"]

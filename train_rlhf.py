@@ -630,7 +630,7 @@ def report(out_dir: Path, cfg: Config, log) -> None:
              for i in range(1, cfg.iterations + 2)]
     evaluate.plot_best_of_n({e["label"]: e["best_of_n"] for e in evs}, out_dir / "best_of_n.png",
                             "Expected max (solid) and median (dashed) reward among N samples, "
-                            "held-out prompts")
+                            f"{evaluate.split_words(cfg.eval_split)} prompts")
     evaluate.plot_temperatures({f"V0 (start)": tunes[0]["curves"],
                                 f"V{cfg.iterations} (last)": tunes[-1]["curves"]},
                                out_dir / "temperatures.png")
@@ -666,7 +666,7 @@ def report(out_dir: Path, cfg: Config, log) -> None:
         what = (f"{decoding + ' at T' if decoding == 'sampled' else decoding}: RM score "
                 f"{d_rm:+.3f} (+-{se_rm:.3f}), judged score {d_j:+.3f} (+-{se_j:.3f}) from V0 to "
                 f"V{cfg.iterations} (paired over {len(rows[0][decoding]['judge_scores'])} "
-                "held-out prompts, +- one standard error)")
+                f"{evaluate.split_words(cfg.eval_split)} prompts, +- one standard error)")
         if d_rm > 2 * se_rm and d_j < -2 * se_j:
             lines.append(f"OVER-OPTIMIZATION, {what}: the RM score rose while the judged score "
                          "fell; the policy exploits the reward model's errors")

@@ -447,6 +447,10 @@ def test_run_eval_numbers_by_hand(tokenizer, monkeypatch, tmp_path):
     assert s["adherence"]["obeys"] == s["adherence"]["obeys_and_correct"] == [1.0] * 3
     assert set(s["adherence_floor"]) == {"bare_answer", "empty"}
     assert "floor: bare answer" in evaluate.format_summary(s)
+    # the summary names the split it was measured on: the test split here, the validation split
+    # when --eval_split valid chose its prompts (a hyperparameter search must not read "held-out")
+    assert s["split"] == "heldout" and "10 held-out prompts" in evaluate.format_summary(s)
+    assert "10 validation prompts" in evaluate.format_summary({**s, "split": "valid"})
 
 
 # -----------------------------------------------------------------------------------------------
