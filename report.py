@@ -420,12 +420,28 @@ def rejection_sampling(run: Path, out: Path):
     return rows, sec
 
 
+START_NAMES = {"sft": "SFT", "gatt2": "GAtt"}  # the pipeline's stages a rejection sampling starts from
+
+
+def rs_start(run: Path) -> str:
+    """Which model rejection sampling started from (V0), from the rs stage's done.json (or
+    started.json): "SFT", "GAtt", or "" when unknown (a run made by hand)."""
+    for name in ("done.json", "started.json"):
+        argv = (_json(run / "rs" / name) or {}).get("argv", [])
+        if "--checkpoint" in argv:
+            ckpt = argv[argv.index("--checkpoint") + 1]
+            return START_NAMES.get(Path(ckpt).name, "")
+    return ""
+
+
 def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
     """The rejection-sampling table: V0..Vn on held-out prompts (and the judge-picked ORACLE
     ablation's models, when it ran), then the floor row and what the floor means."""
     vs = list(evs[0].get("win_rate_vs", {}))  # --compare: against other models (e.g. SFT)
     sec: list[str] = []
-    sec += ["Held-out prompts; V0 is the GAtt model the rejection sampling starts from. Greedy: "
+    start = rs_start(run)
+    sec += ["Held-out prompts; V0 is " + (f"the {start} model" if start else "the model")
+            + " the rejection sampling starts from. Greedy: "
             "one reply at temperature 0; sampled: one reply " + _sampled_at(evs[0]) + " (the "
             "re-tuned T is what rejection sampling draws its k samples at). Win rate: "
             "one reply each against V0's (or, in the last columns, the compared model's) on the "
@@ -444,13 +460,13 @@ def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
     f = evs[0]["floor"]
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
                "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
-    # the same model (V0 = the GAtt model) has another floor in the judged-score table: other prompts
+    # the same model (V0) has another floor in the judged-score table: other prompts
     n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
-    gatt = _summary(run / "eval_gatt" / "eval.jsonl")
+    v0 = _summary(run / {"SFT": "eval_sft", "GAtt": "eval_gatt"}.get(start, "-") / "eval.jsonl")
     sec += ["", f"The floor row is what an empty reply scores on these {n} held-out prompts. An "
             "empty reply's score depends on the prompt, so a table on other prompts has another "
-            "floor" + (f" (the judged-score table scores V0, the GAtt model, on {gatt['n']} "
-                       f"prompts: floor {gatt['floor']['empty']:.3f})" if gatt else "") + "."]
+            "floor" + (f" (the judged-score table scores V0, the {start} model, on {v0['n']} "
+                       f"prompts: floor {v0['floor']['empty']:.3f})" if v0 else "") + "."]
     return sec
 
 
@@ -473,16 +489,18 @@ def _rs_row(name: str, temperature, e: dict, vs: list[str], no_win: str) -> str:
 
 def policy_samples(run: Path) -> list[tuple[str, dict]]:
     """(label, one_sample_stats) of every model the RLHF stages measured on the same held-out
-    prompts with the same reward model: SFT (rejection sampling's --compare sft), V0 (the start:
-    GAtt), V1..Vn, PPO. Each holds one greedy and one sampled reply per prompt, judged and scored
-    by the RM (evaluate._stats)."""
+    prompts with the same reward model: SFT (rejection sampling's --compare sft), V0 (the start),
+    V1..Vn, PPO; V0 once when it is the SFT model. Each holds one greedy and one sampled reply per
+    prompt, judged and scored by the RM (evaluate._stats)."""
     rs, out = run / "rs", []
+    start = rs_start(run)
     sft = _json(rs / "compare_sft.json")
-    if sft:
+    if sft and start != "SFT":
         out.append(("SFT", sft))
     i = 1
     while (rs / f"iter{i}" / "eval.json").is_file():
-        out.append((f"V{i - 1}" + (" (GAtt)" if i == 1 else ""), _json(rs / f"iter{i}" / "eval.json")))
+        out.append((f"V{i - 1}" + (f" ({start})" if i == 1 and start else ""),
+                    _json(rs / f"iter{i}" / "eval.json")))
         i += 1
     final = _json(run / "ppo" / "eval_final.json")
     if final:

@@ -253,14 +253,22 @@ def test_the_report_reads_rejection_sampling_outputs(tmp_path):
     assert "| floor | | 0.300 (empty) | | -2.000 (empty) | | 50% | | 0% / 0% / 0% | 50% |" in text
 
 
+def _rs_started_from(run, stage):
+    """The rs stage's done.json as pipeline.py writes it, started from `stage`'s checkpoint."""
+    (run / "rs").mkdir(parents=True, exist_ok=True)
+    (run / "rs" / "done.json").write_text(json.dumps(
+        {"argv": ["train_rlhf.py", "--checkpoint", f"$OUT/{stage}", "--out_dir", "$OUT/rs"]}))
+
+
 def test_the_report_says_why_the_same_model_has_two_floors(tmp_path, figures):
-    """V0 (the GAtt model) is scored in the judged-score table and in the RS table on other
-    prompts: two empty-reply floors, each said to be its prompts'. And the temperature figure
-    says what it shows."""
+    """V0 (the model rejection sampling starts from: GAtt, then SFT) is scored in the judged-score
+    table and in the RS table on other prompts: two empty-reply floors, each said to be its
+    prompts'. And the temperature figure says what it shows."""
     run = tmp_path / "run"
     curve = {"n": [1, 2], "max": [0.1, 0.3], "median": [0.1, 0.1], "prompts": 2, "m": 2}
     d = run / "rs" / "iter1"
     d.mkdir(parents=True)
+    _rs_started_from(run, "gatt2")
     one = {"judge": 0.5, "rm": -1.0, "eos_rate": 1.0, "judge_scores": [0.5] * 32}
     (d / "eval.json").write_text(json.dumps(
         {"label": "V0", "floor": {"judge_empty": 0.319, "rm_empty": -2.0},
@@ -286,9 +294,15 @@ def test_the_report_says_why_the_same_model_has_two_floors(tmp_path, figures):
     assert ("The floor row is what an empty reply scores on these 32 held-out prompts. An empty "
             "reply's score depends on the prompt, so a table on other prompts has another floor "
             "(the judged-score table scores V0, the GAtt model, on 40 prompts: floor 0.338).") in text
+    assert "Held-out prompts; V0 is the GAtt model the rejection sampling starts from." in text
     titles = [ax.get_title() for ax in figure(figures, "report_temperatures.png").axes]
     assert titles == ["best-of-N RM reward by temperature (Fig. 8): V0 (start)",
                       "best-of-N RM reward by temperature (Fig. 8): V0 (last)"]
+    # started from the SFT model (the pipeline's order now): V0's other floor is SFT's
+    _rs_started_from(run, "sft")
+    text = report.write_report(run, tmp_path / "r")
+    assert "Held-out prompts; V0 is the SFT model the rejection sampling starts from." in text
+    assert ("(the judged-score table scores V0, the SFT model, on 40 prompts: floor 0.319).") in text
 
 
 @pytest.fixture
@@ -530,6 +544,7 @@ def test_the_report_draws_the_reward_distributions(tmp_path):
         [1.0, 1.0, 2.0, 2.0], [1.0, 1.0, 1.0, 0.9], {"none": 1.0})))
     (run / "ppo" / "eval_final.json").write_text(json.dumps(sampled(
         [2.0, 2.0, 2.0, 2.0], [1.0, 0.65, 1.0, 1.0], {"none": 0.75, "no_eos": 0.25})))
+    _rs_started_from(run, "gatt2")
     row, sec = report.reward_distributions(run, tmp_path)
     text = "\n".join(sec)
     # RM mean, its 10th percentile (nearest rank: the lowest of four), judged mean, judged < 0.7
@@ -543,6 +558,11 @@ def test_the_report_draws_the_reward_distributions(tmp_path):
                       "0.912, judged < 0.7 50% -> 25%")
     import matplotlib.image
     assert matplotlib.image.imread(tmp_path / "report_reward_distributions.png").shape[0] > 100
+    # started from the SFT model: V0 is SFT, shown once (compare_sft.json is the same model)
+    _rs_started_from(run, "sft")
+    names = [ln.split(" | ")[0] for ln in report.reward_distributions(run, tmp_path)[1]
+             if ln.startswith("| V") or ln.startswith("| SFT") or ln.startswith("| PPO")]
+    assert names == ["| V0 (SFT)", "| V1", "| PPO"]
     # fewer than two models measured: the row says not run
     assert report.reward_distributions(tmp_path / "none", tmp_path)[0][2] == "not run"
 
@@ -550,11 +570,19 @@ def test_the_report_draws_the_reward_distributions(tmp_path):
 def test_writers_and_synthetic_pairs_reach_the_stages(tmp_path):
     """--writers mixed: SFT and GAtt generate with the mixed writers; --synthetic_pairs reaches the
     RM; with --ablations the curated SFT (the careful writer's share of the dialogs alone) and its
-    evaluation are added. The default (careful) leaves every command as it was."""
+    evaluation are added. The default is the crowd world with the size's synthetic pairs;
+    careful and 0 leave every command without the flags. Rejection sampling starts from SFT."""
     def argvs(**kw):
         return {s.name: s.argv for s in pipeline.build_stages(pipeline.Config(size="full", **kw),
                                                                tmp_path)}
-    base, mixed = argvs(), argvs(writers="mixed", synthetic_pairs=8000, ablations=True)
+    default = argvs()
+    for name in ("sft", "gatt1", "gatt2"):
+        assert pipeline._flag(default[name], "--world_writers") == "crowd", name
+    assert pipeline._flag(default["rm"], "--synthetic_pairs") == "8000"
+    assert pipeline._flag(default["rs"], "--checkpoint") == f"{tmp_path}/sft"
+    assert pipeline._flag(default["ppo"], "--checkpoint") == f"{tmp_path}/rs/V1"
+    base, mixed = (argvs(writers="careful", synthetic_pairs=0),
+                   argvs(writers="mixed", synthetic_pairs=8000, ablations=True))
     assert not any("--world_writers" in a for a in base.values())
     assert not any("--synthetic_pairs" in a for a in base.values())
     for name in ("sft", "gatt1", "gatt2"):
@@ -570,7 +598,8 @@ def test_writers_and_synthetic_pairs_reach_the_stages(tmp_path):
                                                          ("--world_writers", "--world_n", "--out_dir"))]
     assert strip(cur) == strip(mixed["sft"])
     assert pipeline._flag(mixed["eval_sft_curated"], "--checkpoint") == f"{tmp_path}/sft_curated"
-    assert "sft_curated" not in argvs(ablations=True)  # the careful world has nothing to curate
+    # the careful world has nothing to curate
+    assert "sft_curated" not in argvs(writers="careful", ablations=True)
     with pytest.raises(SystemExit, match="--writers 'sloppy'"):
         pipeline.main(["--writers", "sloppy", "--list"])
 
