@@ -218,9 +218,7 @@ class Stage:
     done_marker: bool = True  # false: always rerun (the report: cheap, reads the latest outputs)
 
 
-def _flag(argv: list[str], flag: str) -> str:
-    """The value of the last `flag` in argv (argparse's rule: the last one counts)."""
-    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+_flag = training.last_flag  # the value of the last `flag` in an argv
 
 
 def _with_flags(argv: list[str], **flags) -> list[str]:

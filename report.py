@@ -121,6 +121,25 @@ def _judged(s: dict | None) -> str:
     return f"{s['total']:.3f} (correct {s['correct']:.0%}, EOS {s['eos_rate']:.0%})"
 
 
+def _stage_flag(run: Path, stage: str, flag: str) -> str:
+    """A flag's value in the command a pipeline stage last ran (its done.json), or ""."""
+    argv = (_json(run / stage / "done.json") or {}).get("argv", [])
+    return training.last_flag(argv, flag) if flag in argv else ""
+
+
+def _quality_why(run: Path, sft: dict | None, curated: dict) -> str:
+    """What differs between the two SFT sets of the quality ablation, from the run's commands and
+    evaluations: whose writers, how many dialogs, the instruction part and the right answers."""
+    mix = _stage_flag(run, "sft", "--world_writers") or "careful"
+    n, n_cur = _stage_flag(run, "sft", "--world_n"), _stage_flag(run, "sft_curated", "--world_n")
+    sizes = f"{int(n_cur):,} of the {int(n):,} dialogs" if n and n_cur else "a share of the dialogs"
+    diff = (f": instruction part {curated['instruction']:.3f} vs {sft['instruction']:.3f}, correct "
+            f"{curated['correct']:.0%} vs {sft['correct']:.0%}" if sft and "instruction" in sft
+            and "instruction" in curated else "")
+    return (f"simulated writers (the {mix} mix, `python world.py demo`); the curated set is "
+            f"{sizes}{diff}")
+
+
 def sft_vs_pretrained(run: Path, out: Path):
     evals = [("pretrained (3-shot)", _summary(run / "eval_pretrain" / "eval.jsonl")),
              ("SFT", _summary(run / "eval_sft" / "eval.jsonl")),
@@ -147,12 +166,12 @@ def sft_vs_pretrained(run: Path, out: Path):
            "model learns the answer format and the instructions"
            + (f", the content of {sft['correct']:.0%} of the problems" if sft else ""))
     row = ["SFT vs pretrained, judged (§3.1)", paper, ours, floor, why]
-    if curated:  # the quality ablation ran (pipeline --writers mixed --ablations)
+    if curated:  # the quality ablation ran (pipeline --writers mixed/crowd --ablations)
         row = [row, ["Quality Is All You Need (§3.1), judged",
                      "a few thousand curated SFT examples beat millions of third-party ones",
                      f"SFT on the mixed-quality set {_judged(sft)} vs on the careful writer's "
                      f"share alone (curated) {_judged(curated)}", floor,
-                     "our writers' flaws are simulated (world.WRITERS, `python world.py demo`)"]]
+                     _quality_why(run, sft, curated)]]
     else:
         row = [row]
     sec = ["## Judged score of each model (§3.1, §3.4)", "",
@@ -283,6 +302,10 @@ def rm_by_kind(run: Path):
     synthetic pairs (rm_nosyn, an ablation): can the RM check content?"""
     runs = [(name, _json(run / d / "eval.json")) for name, d in
             (("RM", "rm"), ("RM without the synthetic open-source pairs (ablation)", "rm_nosyn"))]
+    # ... and on a share of the training pairs (rm_frac*, an ablation): the scaling curve
+    for d in sorted(run.glob("rm_frac*"), key=lambda p: float(p.name[len("rm_frac"):] or 0)):
+        runs.append((f"RM on {float(d.name[len('rm_frac'):]):.0%} of the training pairs "
+                     "(ablation)", _json(d / "eval.json")))
     runs = [(n, s) for n, s in runs if s and "by_kind" in s]
     row = ["RM on pairs whose content differs, form equal (§3.2.2)",
            "the RM learns what the annotators see; accuracy keeps rising with data and size",
@@ -292,10 +315,16 @@ def rm_by_kind(run: Path):
     kinds = ("content only", "form or instruction only", "both")
     fams = sorted({f for _, s in runs for f in s["by_family"]})
     acc = lambda d, k: _pct(d[k].get("rm_vs_judge")) if k in d else "-"  # noqa: E731
+    main = [(n, s) for n, s in runs if "training pairs" not in n]
     row[2] = "; ".join(f"{n.split(' (')[0]}: {acc(s['by_kind'], 'content only')} of "
-                       f"{s['by_kind']['content only']['n']}" for n, s in runs)
-    row[4] = ("a 3M RM checks what it can compute; the synthetic pairs (a careful answer vs the "
-              "same reply with one flaw) show it the content")
+                       f"{s['by_kind']['content only']['n']}" for n, s in main)
+    row[4] = "a 3M RM checks what it can compute"
+    if len(main) == 2:  # with and without the synthetic pairs: what they did, as measured
+        (_, w), (_, wo) = main
+        a, b = (x["by_kind"]["content only"].get("rm_vs_judge") for x in (wo, w))
+        if a is not None and b is not None:
+            row[4] += (f"; the synthetic pairs (a careful answer vs the same reply with one flaw) "
+                       f"moved content-only accuracy {_pct(a)} -> {_pct(b)} in this run")
     sec = ["", "By what differs between the two responses (the judge's parts; its ties left out), "
            "RM against the noise-free judge (floor 50%, ceiling 100%):", "",
            "| reward model | average vs annotators (ceiling) | Spearman | "

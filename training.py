@@ -1194,6 +1194,12 @@ def plot_metrics(jsonl: str | os.PathLike, png: str | os.PathLike, title: str | 
     return {"x": x, "train": train, "val": val, "y": y}
 
 
+def last_flag(argv: list[str], flag: str) -> str:
+    """The value of the last `flag` in a command's argv (argparse's rule: the last one counts);
+    the pipeline builds commands with it and the report reads them back (done.json)."""
+    return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: `python training.py plot METRICS.jsonl [-o loss.png]`."""
     parser = argparse.ArgumentParser(description="training utilities")

@@ -613,14 +613,21 @@ def test_the_report_shows_the_rm_by_kind_with_and_without_synthetic_pairs(tmp_pa
                             "form or instruction only": {"n": 5, "rm_vs_judge": 0.8},
                             "both": {"n": 2, "rm_vs_judge": 1.0}, "tie": {"n": 3}},
                 "by_family": {"add": {"n": 7, "rm_vs_judge": fam}}}
-    for d, content, fam in (("rm", 0.75, 0.5), ("rm_nosyn", 0.55, 0.25)):
+    for d, content, fam in (("rm", 0.75, 0.5), ("rm_nosyn", 0.55, 0.25), ("rm_frac0.5", 0.6, 0.5),
+                            ("rm_frac0.25", 0.65, 0.5)):
         (run / d).mkdir(parents=True)
         (run / d / "eval.json").write_text(json.dumps(ev(content, fam)))
     row, sec = report.rm_by_kind(run)
     assert row[2] == "RM: 75.0% of 10; RM without the synthetic open-source pairs: 55.0% of 10"
+    # what the synthetic pairs did is said from the two runs' numbers, in either direction
+    assert row[4].endswith("moved content-only accuracy 55.0% -> 75.0% in this run")
     assert "| RM | 60.0% (70.0%) | 0.250 | 75.0% (10) | 80.0% (5) | 100.0% (2) | 50.0% |" in sec
     assert "| RM without the synthetic open-source pairs (ablation) | 60.0% (70.0%) | 0.250 | " \
            "55.0% (10) | 80.0% (5) | 100.0% (2) | 25.0% |" in sec
+    # the training-set-size curve: a row per share of the pairs, smallest first
+    rows = [ln for ln in sec if "of the training pairs" in ln]
+    assert [ln.split(" | ")[3] for ln in rows] == ["65.0% (10)", "60.0% (10)"]
+    assert rows[0].startswith("| RM on 25% of the training pairs (ablation) |")
     assert report.rm_by_kind(tmp_path / "none")[0][2] == "not run"
 
 
@@ -688,3 +695,29 @@ def test_report_counts_exactly_the_pipelines_ablation_stages_apart(tmp_path):
             cfg = pipeline.Config(size=size, ablations=True, writers=writers, synthetic_pairs=100)
             for st in pipeline.build_stages(cfg, tmp_path):
                 assert bool(report.ABLATION_STAGES.fullmatch(st.name)) == st.oracle, st.name
+
+
+def test_the_quality_ablation_row_says_what_differs_from_the_run(tmp_path):
+    """Quality Is All You Need: the row names the run's writer mix and set sizes (from the stages'
+    done.json) and the two SFT models' instruction part and right answers (their evaluations)."""
+    run = tmp_path / "run"
+    base = {"kind": "summary", "n": 40, "eos_rate": 1.0, "floor": {"empty": 0.3, "bare_answer": 0.9},
+            "bestof": {"pass1_score": 0.6, "bestof_score": 0.7, "k": 4}, "adherence": {},
+            "adherence_by_turn": [1.0], "adherence_floor": {"bare_answer": {"obeys": [0.1]}}}
+    for stage, ev, label, total, correct, instruction, n in (
+            ("sft", "eval_sft", "SFT", 0.7, 0.49, 0.938, "80000"),
+            ("sft_curated", "eval_sft_curated", "SFT, curated set", 0.63, 0.34, 0.99, "24000")):
+        for d in (stage, ev):
+            (run / d).mkdir(parents=True)
+        (run / stage / "done.json").write_text(json.dumps({"argv": [
+            "train_sft.py", "--world_n", "3000", "--world_n", n, "--world_writers", "crowd"]}))
+        (run / ev / "eval.jsonl").write_text(json.dumps(
+            {**base, "label": label, "total": total, "correct": correct,
+             "instruction": instruction}) + "\n")
+    rows, _, _ = report.sft_vs_pretrained(run, tmp_path)
+    row = next(r for r in rows if r[0].startswith("Quality Is All You Need"))
+    assert "0.700 (correct 49%, EOS 100%) vs on the careful writer's share alone (curated) 0.630" \
+           in row[2]
+    assert row[4] == ("simulated writers (the crowd mix, `python world.py demo`); the curated set is "
+                      "24,000 of the 80,000 dialogs: instruction part 0.990 vs 0.938, correct "
+                      "34% vs 49%")
