@@ -158,13 +158,13 @@ KNOBS = {
             "--eval_bestof_n", "8", "--eval_k", "8", "--eval_mt_n", "4", "--eval_turns", "6",
             "--log_every", "2"],
         rs_iterations=2, rm_seeds=(1,), rm_fracs=(),
-        # a whole QUICK run took 3m07s on a quiet 2-core machine (issue #23; the 8m02s measured
-        # on 2026-12-02 was with other jobs sharing it); per stage, that total split as a QUICK run
-        # of 2026-12-06 split its 24m05s (the same machine, 4x oversubscribed). After one run the
-        # pipeline estimates from this machine's own times instead (<out_dir>/timings.json).
-        estimate=dict(world_text=1, pretrain=21, eval_pretrain=4, sft=40, eval_sft=9, gatt1=15,
-                      gatt2=11, eval_gatt=5, rm=27, rs=21, ppo=25, eval_final=5, gatt_judge1=17,
-                      gatt_judge2=17, eval_gatt_judge=6, rm_margin=15, rm_ablation=4, report=3)),
+        # a whole QUICK run with the crowd world's defaults took 6m37s on this 2-core machine with
+        # no other job (2026-12-07; 3m07s with the careful world's, issue #23: the RM now trains on
+        # 320 synthetic pairs too); these are its stages' times. After one run the pipeline
+        # estimates from this machine's own times instead (<out_dir>/timings.json).
+        estimate=dict(world_text=4, pretrain=40, eval_pretrain=10, sft=58, eval_sft=11, gatt1=17,
+                      gatt2=17, eval_gatt=11, rm=90, rs=50, ppo=67, eval_final=12, gatt_judge1=17,
+                      gatt_judge2=17, eval_gatt_judge=11, rm_margin=50, rm_ablation=4, report=8)),
     "tiny": dict(
         world_lines=1500,
         pretrain=["--data", "{out}/world_text/world.txt", "--cache_dir", "{out}/pretrain/cache",
