@@ -59,6 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import llama2  # noqa: E402
 import training  # noqa: E402
+from evaluate import split_words  # noqa: E402  (train_rm.evaluate is the RM evaluation)
 import world  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class Config:
     parallel: str = "ddp"  # under torchrun: ddp or fsdp
     # evaluation and export
     eval: bool = False  # evaluate the reward model --checkpoint on the held-out pairs instead of training
+    eval_split: str = "heldout"  # the problems the evaluation pairs come from: heldout (the test split, for the report) or valid (the validation split, to choose the RM's flags on: pairs_valid.jsonl)
     eval_after: bool = True  # evaluate at the end of training
     export_hf: str = ""  # write the reward model --checkpoint as a Hugging Face LlamaForSequenceClassification folder
     report: str = ""  # eval.json files (comma-separated, globs): the margin / training-size table over seeds and the histograms, into --out_dir
@@ -258,6 +260,18 @@ def _file_id(path: str) -> list:
             if not q.name.startswith(".") and q.suffix != ".jsonl"]
 
 
+# the pair files' names (get_pairs' `split`) -> the world's split their prompts come from
+PAIR_SPLITS = {"train": "train", "test": "heldout", "valid": "valid"}
+
+
+def eval_pairs(cfg: Config) -> str:
+    """Which pair file the evaluation reads: "test" (held-out problems) or "valid" (--eval_split)."""
+    if cfg.eval_split not in ("heldout", "valid"):
+        raise SystemExit(f"error: --eval_split {cfg.eval_split!r}: give heldout (the test split, "
+                         "for the report) or valid (the validation split, to choose flags on)")
+    return "test" if cfg.eval_split == "heldout" else "valid"
+
+
 def pairs_key(cfg: Config, split: str) -> str:
     """Hash of everything a built pair file depends on: the variant checkpoints (files' size and
     mtime), the flags that shape prompts, sampling and annotators, and world.py (the judge)."""
@@ -313,7 +327,7 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
     EOS, and the judge would score the missing one) or the two responses are the same text; more
     prompts are drawn until n pairs are made."""
     import sampling
-    problems_from = "train" if split == "train" else "heldout"  # the world's split
+    problems_from = PAIR_SPLITS[split]  # the world's split
     vs = variants(cfg)
     levels = world.parse_levels(cfg.pair_levels)
     rng = random.Random(f"rm-variants-{split}-{cfg.pair_seed}")
@@ -632,7 +646,8 @@ def format_eval(s: dict, title: str = "reward model") -> str:
     b = s["buckets"]
     names = [n for n in b if n != "average"] + ["average"]
     judged = "ceiling" in b["average"]
-    lines = [f"{title}: {s['n']} held-out pairs; accuracy % (floor: 50% = a coin; ceiling: the "
+    where = split_words(s.get("split"))
+    lines = [f"{title}: {s['n']} {where} pairs; accuracy % (floor: 50% = a coin; ceiling: the "
              "noise-free judge against the annotators, the best any RM can do)",
              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
              "| pairs | " + " | ".join(f"{b[n]['n']} ({100 * b[n]['share']:.0f}%)" for n in names) + " |"]
@@ -643,7 +658,7 @@ def format_eval(s: dict, title: str = "reward model") -> str:
         lines.append(f"| {label} | " + " | ".join(
             f"{100 * b[n][k]:.1f}" if k in b[n] else "-" for n in names) + " |")
     if "spearman" in s:
-        lines.append(f"Spearman(RM score, judge score) over {s['n_responses']} held-out responses: "
+        lines.append(f"Spearman(RM score, judge score) over {s['n_responses']} {where} responses: "
                      f"{s['spearman']:.3f} (floor 0 = unrelated, ceiling 1)")
     if "spearman_within" in s:
         lines.append(f"Spearman within prompts (RM r_a - r_b vs the judge's gap, {s['n']} pairs in both "
@@ -704,12 +719,13 @@ def plot_eval(s: dict, png, title: str = "reward model") -> None:
 
 
 def run_eval(rm, tokenizer, cfg: Config, rt, log, label: str) -> dict:
-    """Evaluate on the held-out pairs; writes <out_dir>/eval.json and rm_eval.png."""
-    test = get_pairs(cfg, "test", rt, log)
+    """Evaluate on the held-out pairs (or, --eval_split valid, the validation pairs); writes
+    <out_dir>/eval.json and rm_eval.png."""
+    test = get_pairs(cfg, eval_pairs(cfg), rt, log)
     t0 = time.perf_counter()
     s = evaluate(rm, tokenizer, test, rt)
     s.update(label=label, margin=cfg.margin, seed=cfg.seed, train_frac=cfg.train_frac,
-             seconds=time.perf_counter() - t0)
+             split=cfg.eval_split, seconds=time.perf_counter() - t0)
     out_dir = Path(cfg.out_dir)
     if rt.is_master:
         with training.atomic_write(out_dir / "eval.json", "w") as f:
@@ -877,7 +893,7 @@ def training_pairs(cfg: Config, tokenizer, seq_len: int, rt, log):
         log.print("no --test_pairs with your --pairs: the evaluation at the end is skipped")
         cfg.eval_after = False
     if cfg.eval_after and not cfg.test_pairs:
-        get_pairs(cfg, "test", rt, log)
+        get_pairs(cfg, eval_pairs(cfg), rt, log)
     n_use = max(1, round(cfg.train_frac * len(train_pairs)))
     train_pairs = train_pairs[:n_use]
     if cfg.synthetic_pairs:  # the "open-source" share, scaled with --train_frac like the rest

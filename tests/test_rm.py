@@ -302,6 +302,21 @@ def test_build_pairs_split_labels_and_cache(tokenizer, tmp_path, monkeypatch):
     os.utime(m2 / "ckpt.pt", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     train_rm.get_pairs(cfg, "train", rt, log)
     assert len(calls) > n_calls
+    # --eval_split valid: the evaluation's pairs come from the validation problems only, in a
+    # file of their own (the test pairs stay as they were, for the report)
+    cfg.eval_split = "valid"
+    assert train_rm.eval_pairs(cfg) == "valid"
+    valid = train_rm.get_pairs(cfg, train_rm.eval_pairs(cfg), rt, log)
+    assert len(valid) == 30 and (tmp_path / "rm" / "pairs_valid.jsonl").is_file()
+    for p in valid:
+        assert p.source["split"] == "valid"
+        for u in world.user_turns(p.messages):
+            assert world.parse_prompt(world.strip_instructions(u)).split == "valid"
+    assert {p.messages[-1]["content"] for p in valid}.isdisjoint(
+        p.messages[-1]["content"] for p in test)
+    cfg.eval_split = "test"
+    with pytest.raises(SystemExit, match="--eval_split 'test'"):
+        train_rm.eval_pairs(cfg)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -372,6 +387,9 @@ def test_evaluate_numbers_by_hand():
               for b in bins.values()) / 4
     assert s["ece"] == pytest.approx(ece, abs=1e-12)
     assert "ceiling (judge vs annotators)" in train_rm.format_eval(s)
+    # the text names the pairs' split: held-out by default, validation under --eval_split valid
+    assert f"{s['n']} held-out pairs" in train_rm.format_eval(s)
+    assert f"{s['n']} validation pairs" in train_rm.format_eval({**s, "split": "valid"})
 
 
 def _spearman_reference(x, y):
