@@ -59,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import llama2  # noqa: E402
 import training  # noqa: E402
-from evaluate import split_words  # noqa: E402  (train_rm.evaluate is the RM evaluation)
+from evaluate import eval_split, split_words  # noqa: E402  (train_rm.evaluate is the RM evaluation)
 import world  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
@@ -265,11 +265,9 @@ PAIR_SPLITS = {"train": "train", "test": "heldout", "valid": "valid"}
 
 
 def eval_pairs(cfg: Config) -> str:
-    """Which pair file the evaluation reads: "test" (held-out problems) or "valid" (--eval_split)."""
-    if cfg.eval_split not in ("heldout", "valid"):
-        raise SystemExit(f"error: --eval_split {cfg.eval_split!r}: give heldout (the test split, "
-                         "for the report) or valid (the validation split, to choose flags on)")
-    return "test" if cfg.eval_split == "heldout" else "valid"
+    """Which pair file the evaluation reads: "test" (held-out problems) or "valid" (--eval_split;
+    evaluate.eval_split refuses any other value)."""
+    return "test" if eval_split(cfg) == "heldout" else "valid"
 
 
 def pairs_key(cfg: Config, split: str) -> str:
