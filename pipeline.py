@@ -647,8 +647,9 @@ def run(cfg: Config) -> int:
     timings: dict[str, float] = {}
     t_start = time.time()
     for i, s in enumerate(stages, 1):
-        if s.name == "eval_final":
-            _final_eval(s, ids, out, cfg)
+        if s.name == "eval_final":  # --list shows the model a run would end with
+            _final_eval(s, {t.name: "" for t in stages if t.name not in skip} if cfg.list
+                        else ids, out, cfg)
         tag = f" [{s.tag or 'ablation'}]" if s.oracle else ""
         head = f"==== [{i}/{len(stages)}] {s.name}{tag}: {s.title}"
         cmd = "python " + shlex.join(s.argv)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import shlex
 import sys
 from pathlib import Path
 
@@ -721,3 +722,17 @@ def test_the_quality_ablation_row_says_what_differs_from_the_run(tmp_path):
     assert row[4] == ("simulated writers (the crowd mix, `python world.py demo`); the curated set is "
                       "24,000 of the 80,000 dialogs: instruction part 0.990 vs 0.938, correct "
                       "34% vs 49%")
+
+
+def test_list_shows_the_model_the_final_evaluation_will_read(tmp_path, capsys):
+    """Before anything ran, --list names the model a run would end with: PPO, or the last
+    rejection-sampling model when PPO is skipped (not the last stage that happened to finish)."""
+    def final_checkpoint(*flags):
+        pipeline.main(["--list", "--out_dir", str(tmp_path), *flags])
+        line = next(x for x in capsys.readouterr().out.splitlines()
+                    if "--out_dir" in x and "eval_final" in x)
+        argv = shlex.split(line.split("$ ", 1)[1])
+        return argv[argv.index("--checkpoint") + 1]
+
+    assert final_checkpoint() == str(tmp_path / "ppo")
+    assert final_checkpoint("--skip", "ppo") == str(tmp_path / "rs" / "V1")
