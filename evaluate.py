@@ -321,7 +321,9 @@ def format_summary(s: dict) -> str:
     return (f"[{s['label']}] judged score {s['total']:.3f} (floor, an empty reply: "
             f"{s['floor']['empty']:.3f}; a bare correct answer: {s['floor']['bare_answer']:.3f}; "
             f"ceiling 1.0) (content {s['content']:.3f}, instruction {s['instruction']:.3f}, "
-            f"form {s['form']:.3f}), correct {s['correct']:.1%}, EOS {s['eos_rate']:.1%}, "
+            f"form {s['form']:.3f}; with every instruction kept and perfect form, the content "
+            f"unchanged: {s['content_ceiling']:.3f}), correct {s['correct']:.1%}, "
+            f"EOS {s['eos_rate']:.1%}, "
             f"{s['answer_tokens']:.1f} tokens / {s['answer_words']:.1f} words per answer, "
             f"n={s['n']} {split_words(s.get('split'))} prompts\n"
             f"  by family: {fam}\n"
@@ -406,6 +408,9 @@ def _stats(prompts, replies, rm) -> dict:
             # the judge's parts that reward hacking shows in: right answers, and replies that
             # ramble (over world.RAMBLING_WORDS words) or repeat a word trigram; floor 0 for both
             "correct": sum(s.content == 1.0 for s in scores) / n,
+            # the same replies with every instruction kept and perfect form: the most cutting
+            # the tail of form can give (world.content_ceiling)
+            "content_ceiling": world.content_ceiling(scores),
             "rambling": sum(s.rambling for s in scores) / n,
             "repeating": sum(s.repeating for s in scores) / n,
             # which flaw each reply shows (world.flaw_of; no EOS first), as shares: the tail that

@@ -489,6 +489,7 @@ def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
     f = evs[0]["floor"]
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
                "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
+    sec += _tail_room(evs)
     # the same model (V0) has another floor in the judged-score table: other prompts
     n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
     v0 = _summary(run / {"SFT": "eval_sft", "GAtt": "eval_gatt"}.get(start, "-") / "eval.jsonl")
@@ -497,6 +498,26 @@ def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
             "floor" + (f" (the judged-score table scores V0, the {start} model, on {v0['n']} "
                        f"prompts: floor {v0['floor']['empty']:.3f})" if v0 else "") + "."]
     return sec
+
+
+def _tail_room(evs: list[dict]) -> list[str]:
+    """What cutting the tail of form can gain at most: V0's replies with every instruction kept
+    and perfect form, their content unchanged (world.content_ceiling), against its judged score;
+    [] for runs made before evaluate._stats recorded it."""
+    g, smp = evs[0]["greedy"], evs[0]["sampled"]
+    if "content_ceiling" not in g or "content_ceiling" not in smp:
+        return []
+    line = (f"Room for cutting the tail: V0's replies with every instruction kept and perfect "
+            f"form, their content unchanged, would score {g['content_ceiling']:.3f} greedy "
+            f"(+{g['content_ceiling'] - g['judge']:.3f}) and {smp['content_ceiling']:.3f} sampled "
+            f"(+{smp['content_ceiling'] - smp['judge']:.3f}); that is the most a reward model "
+            "that sees form and instructions, but not content, can add (the paper's account, "
+            "§5.1). Beyond it a model must get more answers right")
+    last = evs[-1]
+    if len(evs) > 1 and "content_ceiling" in last["greedy"]:
+        line += (f" (correct greedy: V0 {g['correct']:.0%}, V{len(evs) - 1} "
+                 f"{last['greedy']['correct']:.0%})")
+    return ["", line + "."]
 
 
 FLAW_NAMES = ("none", "wrong", "incomplete", "no_instruction", "rambling", "repeating", "no_eos")

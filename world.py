@@ -898,12 +898,23 @@ def score(dialog, response: str, ended_with_eos: bool = True) -> Score:
                  ended_with_eos, rambling, repeating)
 
 
+def content_ceiling(scores: list[Score]) -> float:
+    """The mean judged score the same replies would get with every standing instruction obeyed and
+    perfect form, their content unchanged: the most that cutting a tail of form and instruction
+    flaws can give (the paper's account of RLHF's gain, SPEC.md section 11); beyond it a model
+    must get more answers right."""
+    if not scores:
+        raise ValueError("content_ceiling: no scores given")
+    return sum(W_CONTENT * s.content + W_INSTRUCTION + W_FORM for s in scores) / len(scores)
+
+
 def summarize(dialogs: list, responses: list[str],
               ended_with_eos: list[bool] | None = None) -> dict:
     """Mean judge scores of responses to prompt dialogs: overall, per family, per level, and the
     instruction part over the dialogs that carry a standing instruction (what RLHF/GAtt improve).
 
-    Returns {"n", "total", "content", "instruction", "form", "by_family": {name: mean total},
+    Returns {"n", "total", "content", "instruction", "form", "content_ceiling" (`content_ceiling`),
+    "by_family": {name: mean total},
     "by_level": {level: mean total}, "adherence": mean instruction part or None}.
     """
     if len(dialogs) != len(responses) or (ended_with_eos is not None
@@ -929,6 +940,7 @@ def summarize(dialogs: list, responses: list[str],
         "content": mean(s.content for _, _, s in rows),
         "instruction": mean(s.instruction for _, _, s in rows),
         "form": mean(s.form for _, _, s in rows),
+        "content_ceiling": content_ceiling([s for _, _, s in rows]),
         "by_family": {f: mean(s.total for p, _, s in rows if p.family == f)
                       for f in FAMILIES if any(p.family == f for p, _, _ in rows)},
         "by_level": {lv: mean(s.total for p, _, s in rows if p.level == lv)

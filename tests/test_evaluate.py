@@ -119,6 +119,9 @@ def test_policy_stats_count_correct_rambling_and_repeating_by_hand():
     # the flaw of each reply (world.flaw_of, no EOS first): both wordy replies have the answer
     # wrong, which world.flaw_of names first
     assert s["flaws"] == {"none": 0.25, "wrong": 0.5, "no_eos": 0.25}
+    # one right answer of four (no partial credit for the others), so with every instruction
+    # kept and perfect form: (1.0 + 0.4 + 0.4 + 0.4) / 4
+    assert s["content_ceiling"] == pytest.approx(2.2 / 4)
 
 
 def test_sampled_replies_are_drawn_as_a_user_meets_the_model(monkeypatch):

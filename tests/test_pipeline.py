@@ -236,7 +236,8 @@ def test_the_report_reads_rejection_sampling_outputs(tmp_path):
         d = run / "rs" / f"iter{i + 1}"
         d.mkdir(parents=True)
         one = {"judge": judge, "rm": -1.0 + i, "eos_rate": 1.0, "correct": 0.25 * i,
-               "rambling": 0.0, "repeating": 0.0, "judge_scores": [judge], "rm_scores": [0.0]}
+               "rambling": 0.0, "repeating": 0.0, "judge_scores": [judge], "rm_scores": [0.0],
+               "content_ceiling": judge + 0.125}
         ev = {"label": f"V{i}", "floor": {"judge_empty": 0.3, "rm_empty": -2.0},
               "best_of_n": {"temperature": 1.0, "rm": curve, "judge": curve},
               "greedy": one, "sampled": {**one, "judge": judge - 0.1},
@@ -252,6 +253,10 @@ def test_the_report_reads_rejection_sampling_outputs(tmp_path):
     assert "| V1 | 1.0 | 0.550 | 0.450 | +0.000 | +0.000 | 75% / 50% | 100% | 25% / 0% / 0% | " \
            "62% / 50% |" in text
     assert "| floor | | 0.300 (empty) | | -2.000 (empty) | | 50% | | 0% / 0% / 0% | 50% |" in text
+    # V0's room for a tail cut: greedy 0.500 -> 0.625, sampled 0.400 -> 0.625 (the sampled
+    # reply is stored with the greedy one's ceiling here), and its right answers beside V1's
+    assert ("would score 0.625 greedy (+0.125) and 0.625 sampled (+0.225)" in text
+            and "(correct greedy: V0 0%, V1 25%)" in text)
 
 
 def _rs_started_from(run, stage):

@@ -602,6 +602,11 @@ def test_summarize():
     assert out["adherence"] == pytest.approx(0.0)  # the one dialog with an instruction broke it
     assert out["by_family"] == pytest.approx({"add": 1.0, "spell": 0.85})
     assert out["by_level"] == pytest.approx({1: 0.85, 2: 1.0})
+    # every answer is right, so with the instruction and EOS fixed each would score 1.0
+    assert out["content_ceiling"] == pytest.approx(1.0)
+    wrong = world.summarize(dialogs, ["82", "c-a-t", "d-o-g"], [True, True, False])
+    # "82" for 81: half the digits right -> content 0.25, so 0.6 * 0.25 + 0.4 = 0.55 at best
+    assert wrong["content_ceiling"] == pytest.approx((0.55 + 1.0 + 1.0) / 3)
     with pytest.raises(ValueError, match="one of each"):
         world.summarize(dialogs, responses[:2])
 
