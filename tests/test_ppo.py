@@ -400,11 +400,13 @@ def test_the_kept_model_is_pi_0_unless_an_iteration_beats_it_by_two_standard_err
 
 
 def _flags(ckpts, out, *more):
+    # float32 on every CPU: these runs are compared to float32 rounding;
+    # test_bf16.py checks bfloat16
     return ["--method", "ppo", "--checkpoint", str(ckpts["sft"]), "--reward_model",
             str(ckpts["rm"]), "--ppo_prompts", "24", "--ppo_batch", "4", "--ppo_minibatch", "2",
             "--whiten_n", "4", "--val_prompts", "3", "--max_new_tokens", "8", "--max_turns", "1",
             "--ppo_lr", "1e-3", "--value_lr", "1e-3", "--device", "cpu", "--out_dir", str(out),
-            *more]
+            "--dtype", "float32", *more]
 
 
 def test_end_to_end_resume_matches_uninterrupted(ckpts, tmp_path, monkeypatch, capsys):

@@ -43,10 +43,12 @@ def corpus(tmp_path_factory):
 
 
 def flags(corpus, out_dir, **over):
+    # float32 on every CPU: these runs are compared to float32 rounding;
+    # test_bf16.py checks bfloat16
     args = dict(data=corpus / "texts", cache_dir=corpus / "cache", vocab_size=384, model="tiny",
                 seq_len=SEQ, batch_size=4, max_steps=30, warmup_steps=3, lr=3e-3,
                 eval_every=1000, eval_batches=2, samples=0, save_every=6, out_dir=out_dir,
-                device="cpu")
+                device="cpu", dtype="float32")
     args.update(over)
     return [f"--{k}={v}" for k, v in args.items()]
 
@@ -204,7 +206,8 @@ def test_bench_train_measures_both_paths_on_the_same_model(tmp_path):
     torch.set_num_threads(1)
     before = llama2.kernels_in_use()
     out = bench_train.main(["--preset", "tiny", "--batch_size", "2", "--seq_len", "16",
-                            "--steps", "1", "--warmup", "0", "--device", "cpu",
+                            "--steps", "1", "--warmup", "0", "--device", "cpu", "--dtype",
+                            "float32",  # the two paths' losses are compared to float32 rounding
                             "--json", str(tmp_path / "b.json")])
     by = {r["path"]: r for r in out["results"]}
     assert json.loads((tmp_path / "b.json").read_text())["results"] == out["results"]

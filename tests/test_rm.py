@@ -540,8 +540,11 @@ def test_torchrun_two_processes_match_one_process(tokenizer, tmp_path, parallel)
     from pathlib import Path
     sft = _chat_ckpt(tokenizer, tmp_path / "sft")
     train = _pairs_file(tmp_path / "train.jsonl", 32, "train", 1)
+    # float32 on every CPU: these runs are compared to float32 rounding;
+    # test_bf16.py checks bfloat16
     flags = ["--checkpoint", str(sft), "--pairs", train, "--batch_size", "8", "--micro_batch", "2",
-             "--lr", "3e-3", "--device", "cpu", "--eval_after", "false", "--parallel", parallel]
+             "--lr", "3e-3", "--device", "cpu", "--eval_after", "false", "--parallel", parallel,
+             "--dtype", "float32"]
     torch.set_num_threads(1)
     train_rm.main(flags + ["--out_dir", str(tmp_path / "one")])
     root = Path(__file__).resolve().parents[1]

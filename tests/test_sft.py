@@ -556,11 +556,15 @@ def test_torchrun_two_processes_match_one_process(tiny_ckpt, tmp_path, parallel)
     import sys
     data = _write(tmp_path / "sft.jsonl", [json.dumps({"messages": d}) for d in
                                            world.sft_dialogs(40, seed=7)])
+    # float32 on every CPU: these runs are compared to float32 rounding;
+    # test_bf16.py checks bfloat16
     sft = ["--checkpoint", str(tiny_ckpt), "--data", data, "--batch_size", "4", "--micro_batch",
-           "1", "--lr", "3e-3", "--epochs", "1", "--seq_len", "128", "--device", "cpu"]
+           "1", "--lr", "3e-3", "--epochs", "1", "--seq_len", "128", "--device", "cpu",
+           "--dtype", "float32"]
     gatt = ["--gatt", "--gatt_n", "4", "--gatt_min_turns", "2", "--gatt_max_turns", "2",
             "--gatt_mix", "16", "--max_new_tokens", "6", "--batch_size", "2", "--micro_batch", "1",
-            "--lr", "3e-3", "--epochs", "1", "--device", "cpu", "--data", data]
+            "--lr", "3e-3", "--epochs", "1", "--device", "cpu", "--data", data, "--dtype",
+            "float32"]
     torch.set_num_threads(1)
     train_sft.main(sft + ["--out_dir", str(tmp_path / "sft1")])
     train_sft.main(gatt + ["--checkpoint", str(tmp_path / "sft1"), "--out_dir", str(tmp_path / "g1")])
