@@ -277,15 +277,19 @@ def pool_gold(per_iteration: list[list[dict | None]]) -> list[dict | None]:
     return gold
 
 
-def write_samples(path: Path, prompts, samples, rewards, best, judged, temperature) -> None:
-    """One JSON line per prompt: its k samples, their rewards and judged scores, the pick."""
+def write_samples(path: Path, prompts, samples, rewards, best, judged, temperature,
+                  greedy=None) -> None:
+    """One JSON line per prompt: its k samples, their rewards and judged scores, the pick, and
+    (given `greedy`: [[Reply] or None] per prompt) the policy's greedy reply."""
     with training.atomic_write(path, "w") as f:
         for p, (d, rs) in enumerate(zip(prompts, samples)):
-            f.write(json.dumps({
-                "prompt": p, "messages": d, "temperature": temperature,
-                "responses": [r.text for r in rs or []], "eos": [r.eos for r in rs or []],
-                "n_tokens": [r.n_tokens for r in rs or []], "rewards": rewards[p],
-                "judged": judged[p], "best": best[p]}) + "\n")
+            row = {"prompt": p, "messages": d, "temperature": temperature,
+                   "responses": [r.text for r in rs or []], "eos": [r.eos for r in rs or []],
+                   "n_tokens": [r.n_tokens for r in rs or []], "rewards": rewards[p],
+                   "judged": judged[p], "best": best[p]}
+            if greedy is not None and greedy[p]:
+                row["greedy"] = greedy[p][0].text
+            f.write(json.dumps(row) + "\n")
 
 
 def read_samples(path: Path) -> list[dict]:
@@ -509,11 +513,15 @@ def select_gold(i: int, T: float, model, tokenizer, rm, prompts, global_step: in
         samples, rewards = sample_and_score(model, tokenizer, rm, prompts, cfg, T,
                                             cfg.seed * 7919 + i, rt, f"V{i} sampling")
         best = choose_best(samples, rewards)
-        # measured only, never used to pick: what the judge thinks of the samples
+        # measured only, never used to pick: what the judge thinks of the samples, and the
+        # policy's own greedy reply to each prompt (what the pick must beat, SPEC.md section 11)
         judged = [evaluate.judge_scores(dd, rs) if rs else None
                   for dd, rs in zip(([p] * cfg.k for p in prompts), samples)]
         if rt.is_master:
-            write_samples(samples_path, prompts, samples, rewards, best, judged, T)
+            greedy = sampling.generate_replies(model, tokenizer, prompts,
+                                               max_new_tokens=cfg.max_new_tokens,
+                                               batch=cfg.gen_batch, rt=rt, desc=f"V{i} greedy")
+            write_samples(samples_path, prompts, samples, rewards, best, judged, T, greedy)
         save_rs(model, tokenizer, prompts, cfg, rt, i, 0, global_step)  # a resume re-reads them
         training.barrier(rt)
         rows = read_samples(samples_path)
@@ -608,6 +616,10 @@ def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
     correct = {"random": sum(sum(c) / len(c) for c in right) / n,
                "picked": sum(c[r["best"]] for c, r in zip(right, picked)) / n,
                "any": sum(any(c) for c in right) / n}
+    greedy = [world.score(r["messages"], r["greedy"]).content == 1.0 for r in picked
+              if "greedy" in r]  # samples written before the greedy reply was kept have none
+    if greedy:
+        correct["greedy"] = sum(greedy) / len(greedy)
     from_earlier = sum(g is not None and g["iteration"] < i for g in gold)
     log.write({"iteration": i, "selection": {"prompts_with_gold": sum(g is not None for g in gold),
                "reward_mean": mean_r, "reward_picked": best_r, "judged_mean": mean_j,
@@ -617,7 +629,8 @@ def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
               f"k={cfg.k} at T={rows[0]['temperature']:g}: reward {mean_r:+.3f} (a random sample) "
               f"-> {best_r:+.3f} (the pick); judged {mean_j:.3f} -> {best_j:.3f}; right answers "
               f"{correct['random']:.1%} -> {correct['picked']:.1%} (any of the k: "
-              f"{correct['any']:.1%}); samples with "
+              f"{correct['any']:.1%}" + (f"; the greedy reply: {correct['greedy']:.1%}"
+                                         if greedy else "") + "); samples with "
               f"EOS {eos:.1%}; " + (f"pooled over V1..V{i}: {from_earlier} gold answers from "
                                     "earlier iterations" if pooled else "no pooling"))
 

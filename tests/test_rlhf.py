@@ -29,10 +29,13 @@ def ckpts(tokenizer, tmp_path_factory):
 
 
 def _flags(ckpts, out, *more):
+    # float32 on every CPU: these runs are compared to float32 rounding;
+    # test_bf16.py checks bfloat16
     return ["--checkpoint", str(ckpts["sft"]), "--reward_model", str(ckpts["rm"]),
             "--prompts", "6", "--k", "4", "--tune_prompts", "3", "--temperatures", "0.8,1.3",
             "--max_new_tokens", "12", "--max_turns", "1", "--batch_size", "1", "--epochs", "2",
-            "--lr", "3e-4", "--eval", "false", "--device", "cpu", "--out_dir", str(out), *more]
+            "--lr", "3e-4", "--eval", "false", "--device", "cpu", "--out_dir", str(out),
+            "--dtype", "float32", *more]
 
 
 def test_the_pick_is_the_rm_argmax_and_the_judge_is_not_called(ckpts, tokenizer, monkeypatch):
@@ -88,6 +91,7 @@ def test_pooling_in_the_script_and_resume_is_bitwise_exact(ckpts, tmp_path):
     a = tmp_path / "a"
     train_rlhf.main(_flags(ckpts, a))
     runs = [_samples(a / f"iter{i}" / "samples.jsonl") for i in (1, 2, 3)]
+    assert all(isinstance(r.get("greedy"), str) for rs in runs for r in rs)  # SPEC §11's yardstick
 
     def best_over(iters, p):
         # the best EOS sample of prompt p over the given iterations, by reward (earliest on ties)
@@ -143,13 +147,15 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
         assert v1["win_rate"][k] == pytest.approx(by_hand(v1[k]["judge_scores"],
                                                           v0[k]["judge_scores"]))
     # --compare other: a different model, evaluated here directly on the same held-out prompts,
-    # with the run's seeds and V0's tuned temperature; its replies are not V0's, and every Vi's
-    # win rate against it is counted by hand from the paired judged scores
+    # with the run's seeds, V0's tuned temperature and the run's runtime (its --dtype); its
+    # replies are not V0's, and every Vi's win rate against it is counted by hand from the
+    # paired judged scores
     cfg = training.parse_config(train_rlhf.Config, flags)
     T0 = json.loads((out / "iter1" / "tune.json").read_text())["temperature"]
     other, tok = llama2.load_model(str(ckpts["other"]))
     rm, _ = llama2.load_reward_model(str(ckpts["rm"]))
-    direct = evaluate.one_sample_stats(other.float().eval(), tok, rm, cfg, T0)
+    rt = training.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    direct = evaluate.one_sample_stats(other.float().eval(), tok, rm, cfg, T0, rt)
     stored = json.loads((out / "compare_other.json").read_text())
     assert stored["checkpoint"] == str(ckpts["other"])
     for k in ("greedy", "sampled"):
@@ -306,3 +312,8 @@ def test_selection_log_counts_right_answers_of_the_pick_by_hand():
     # prompt 1: one of two right, the pick wrong, any right; prompt 2: both right, the pick right
     assert c == {"random": pytest.approx((0.5 + 1.0) / 2), "picked": 0.5, "any": 1.0}
     assert "right answers 75.0% -> 50.0% (any of the k: 100.0%)" in log.text
+    # with the policy's greedy reply kept beside the samples: right on prompt 1 only
+    rows[0]["greedy"], rows[1]["greedy"] = "It is 81.", "c-a-t-s"
+    train_rlhf._log_selection(log, 1, rows, [None, None], False, train_rlhf.Config(k=2))
+    assert log.record["selection"]["correct"]["greedy"] == 0.5
+    assert "(any of the k: 100.0%; the greedy reply: 50.0%)" in log.text
