@@ -93,3 +93,47 @@ def test_bf16_checkpoint_is_float32_and_resumes_under_float32(tmp_path):
     assert "resumed from" in out and "at step 8" in out and "step 12/12 | loss " in out
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 12 and all(v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+def test_sampling_runs_on_a_bfloat16_copy_and_leaves_the_model_float32(tokenizer, monkeypatch):
+    """Under bfloat16 autocast on a CPU the chat sampler decodes with a bfloat16 copy of the
+    weights (autocast would cast every weight at every decode step); the model it was given keeps
+    its float32 weights, and in float32 the sampler uses the model itself."""
+    import llama2
+    import sampling
+    from conftest import chat_model
+    model = chat_model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bf16 = training.Runtime(device=torch.device("cpu"), dtype=torch.bfloat16)
+    f32 = training.Runtime(device=torch.device("cpu"), dtype=torch.float32)
+    assert sampling.inference_model(model, f32) is model
+    assert sampling.inference_model(model, None) is model
+    copy = sampling.inference_model(model, bf16)
+    assert copy is not model
+    for k, v in copy.state_dict().items():  # each weight rounded to bfloat16 once
+        assert v.dtype == torch.bfloat16 and torch.equal(v, before[k].to(torch.bfloat16)), k
+    dialogs = [[{"role": "user", "content": "What is 2 plus 3?"}]] * 3
+    seen, generate = [], llama2.Transformer.generate
+
+    def spy(self, *a, **k):  # what each decode call runs on: weights' dtype, autocast on?
+        seen.append((self.output.weight.dtype, torch.is_autocast_enabled("cpu")))
+        return generate(self, *a, **k)
+    monkeypatch.setattr(llama2.Transformer, "generate", spy)
+    replies = sampling.generate_replies(model, tokenizer, dialogs, max_new_tokens=6, rt=bf16)
+    monkeypatch.setattr(llama2.Transformer, "generate", generate)
+    assert seen and set(seen) == {(torch.bfloat16, False)}
+    assert all(r is not None and len(r) == 1 for r in replies)
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, before[k]), k
+    # the copy's greedy tokens are those of the same weights rounded to bfloat16, decoded by hand
+    # step by step without the KV cache (the reference path)
+    ids = llama2.encode_dialog(tokenizer, dialogs[0])[0]
+    ref = list(ids)
+    with torch.no_grad():
+        for _ in range(replies[0][0].n_tokens):
+            logits, _ = copy(torch.tensor([ref]))
+            ref.append(int(logits[0, -1].float().argmax()))
+    got = copy.generate([ids], replies[0][0].n_tokens, temperature=0.0, eos_id=None)[0]
+    assert got == ref[len(ids):]
+    eos = got[-1] == tokenizer.eos_id
+    assert replies[0][0].text == sampling.clean_reply(tokenizer.decode(got[:-1] if eos else got))
