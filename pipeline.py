@@ -117,7 +117,9 @@ KNOBS = {
         # model V2 +0.002 (GAtt costs content); lr 5e-4 -0.017, 1e-4 +0.020, 2e-5 +0.012; a second
         # iteration -0.010 greedy / +0.011 sampled (a tie: one is cheaper). T fixed at Meta's
         # sampling default: tuned by the RM's E[max] it chose 1.5, where the picks were right less
-        # often than the greedy reply (mixed world, training prompts).
+        # often than the greedy reply (mixed world, training prompts); on validation (session 12,
+        # 400 prompts) T 0.3 gave V1 -0.007 greedy / -0.006 sampled against T 0.6's -0.000 /
+        # +0.002: closer to greedy, the RM's pick was right less often than a random sample.
         rs=["--iterations", "1", "--prompts", "512", "--k", "8", "--temperatures", "0.6",
             "--tune_prompts", "16", "--lr", "1e-4",
             "--eval_n", "200", "--eval_bestof_n", "32", "--eval_k", "16", "--eval_mt_n", "16",
