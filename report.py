@@ -513,10 +513,9 @@ def _tail_room(evs: list[dict]) -> list[str]:
             f"(+{smp['content_ceiling'] - smp['judge']:.3f}); that is the most a reward model "
             "that sees form and instructions, but not content, can add (the paper's account, "
             "§5.1). Beyond it a model must get more answers right")
-    last = evs[-1]
-    if len(evs) > 1 and "content_ceiling" in last["greedy"]:
+    if len(evs) > 1:
         line += (f" (correct greedy: V0 {g['correct']:.0%}, V{len(evs) - 1} "
-                 f"{last['greedy']['correct']:.0%})")
+                 f"{evs[-1]['greedy']['correct']:.0%})")
     return ["", line + "."]
 
 

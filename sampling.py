@@ -48,8 +48,10 @@ def inference_model(model, rt: training.Runtime | None):
     weights; else the model itself. Autocast keeps the weights float32 and casts them again for
     every matmul of every decode step: at the demo size that made decoding slower than float32
     (0.7-0.9x), the copy faster (about 1.4x; BENCHMARKS.md, issue 25). Logits are still
-    upcast to float32 before sampling (Transformer.generate)."""
-    if rt is None or rt.dtype != torch.bfloat16 or rt.device_type != "cpu":
+    upcast to float32 before sampling (Transformer.generate). A model whose weights are already
+    bfloat16 (e.g. a checkpoint loaded with dtype=torch.bfloat16) is used as it is: no copy."""
+    if (rt is None or rt.dtype != torch.bfloat16 or rt.device_type != "cpu"
+            or model.output.weight.dtype == torch.bfloat16):
         return model
     return copy.deepcopy(model).to(torch.bfloat16)
 

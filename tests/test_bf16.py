@@ -110,6 +110,7 @@ def test_sampling_runs_on_a_bfloat16_copy_and_leaves_the_model_float32(tokenizer
     assert sampling.inference_model(model, None) is model
     copy = sampling.inference_model(model, bf16)
     assert copy is not model
+    assert sampling.inference_model(copy, bf16) is copy  # already bfloat16: no second copy
     for k, v in copy.state_dict().items():  # each weight rounded to bfloat16 once
         assert v.dtype == torch.bfloat16 and torch.equal(v, before[k].to(torch.bfloat16)), k
     dialogs = [[{"role": "user", "content": "What is 2 plus 3?"}]] * 3
