@@ -312,8 +312,11 @@ def test_selection_log_counts_right_answers_of_the_pick_by_hand():
     # prompt 1: one of two right, the pick wrong, any right; prompt 2: both right, the pick right
     assert c == {"random": pytest.approx((0.5 + 1.0) / 2), "picked": 0.5, "any": 1.0}
     assert "right answers 75.0% -> 50.0% (any of the k: 100.0%)" in log.text
-    # with the policy's greedy reply kept beside the samples: right on prompt 1 only
+    # with the policy's greedy reply kept beside the samples: right on prompt 1 only, then on both
     rows[0]["greedy"], rows[1]["greedy"] = "It is 81.", "c-a-t-s"
     train_rlhf._log_selection(log, 1, rows, [None, None], False, train_rlhf.Config(k=2))
     assert log.record["selection"]["correct"]["greedy"] == 0.5
     assert "(any of the k: 100.0%; the greedy reply: 50.0%)" in log.text
+    rows[1]["greedy"] = "It is c-a-t."
+    train_rlhf._log_selection(log, 1, rows, [None, None], False, train_rlhf.Config(k=2))
+    assert log.record["selection"]["correct"]["greedy"] == 1.0
