@@ -204,13 +204,8 @@ if fsdp:
     raw_model.to_empty(device=rt.device)
     training.load_model_state_dict(raw_model, full_state, broadcast_from_rank0=True)
     del full_state
-optimizer = training.make_optimizer(raw_model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                    device_type=rt.device_type)
-if resumed:
-    training.load_optimizer_state_dict(raw_model, optimizer, resumed["optimizer"])
-    training.set_rng_state(resumed["rng"])
-    del resumed  # free the host copy of the weights
+optimizer = training.optimizer_for(raw_model, cfg, rt, resumed=resumed)
+del resumed  # free the host copy of the weights
 if cfg.compile:
     model = torch.compile(model)
 

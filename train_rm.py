@@ -935,12 +935,8 @@ def build_rm(chat, tokenizer, resumed, data_key: str, cfg: Config, rt, log):
         rm.load_state_dict(resumed["model"])
         start_step = resumed["step"]
     model = training.wrap_model(rm, rt, cfg.parallel)
-    optimizer = training.make_optimizer(rm, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                        device_type=rt.device_type)
+    optimizer = training.optimizer_for(rm, cfg, rt, resumed=resumed)
     if resumed:
-        training.load_optimizer_state_dict(rm, optimizer, resumed["optimizer"])
-        training.set_rng_state(resumed["rng"])
         log.print(f"resumed from {ckpt_path} at step {start_step}")
     return rm, model, optimizer, start_step
 

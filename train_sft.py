@@ -353,13 +353,9 @@ def resume_and_wrap(model, resumed, rows, data_key: str, cfg: Config, rt, log):
                              "it; use the same flags")
         model.load_state_dict(resumed["model"])
     wrapped = training.wrap_model(model, rt, cfg.parallel)  # DDP / FSDP under torchrun, else model
-    optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                        device_type=rt.device_type)
+    optimizer = training.optimizer_for(model, cfg, rt, resumed=resumed)
     if not resumed:
         return wrapped, optimizer, 0
-    training.load_optimizer_state_dict(model, optimizer, resumed["optimizer"])
-    training.set_rng_state(resumed["rng"])
     log.print(f"resumed from {ckpt_path} at step {resumed['step']}")
     return wrapped, optimizer, resumed["step"]
 

@@ -371,6 +371,20 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float = 0
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
 
 
+def optimizer_for(model: torch.nn.Module, cfg, rt, lr: float | None = None,
+                  resumed: dict | None = None) -> torch.optim.AdamW:
+    """make_optimizer with a stage script's flags (--lr, or `lr` where a stage has two, and
+    --weight_decay, --beta1, --beta2, --eps) on the run's device; from a `resumed` checkpoint, its
+    optimizer state and the random generators' state are restored too."""
+    optimizer = make_optimizer(model, lr=cfg.lr if lr is None else lr,
+                               weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2),
+                               eps=cfg.eps, device_type=rt.device_type)
+    if resumed:
+        load_optimizer_state_dict(model, optimizer, resumed["optimizer"])
+        set_rng_state(resumed["rng"])
+    return optimizer
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
