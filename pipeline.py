@@ -125,11 +125,14 @@ KNOBS = {
             "--eval_n", "200", "--eval_bestof_n", "32", "--eval_k", "16", "--eval_mt_n", "16",
             "--eval_turns", "12", "--log_every", "5"],
         rs_iterations=1, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5),
+        larger="small",  # the distillation ablation's sampler: 8.3M parameters, 2.6x the policy
         # seconds on this 2-core CPU, from the session-8 full run (BENCHMARKS.md, "The SFT budget")
         estimate=dict(world_text=10, pretrain=600, eval_pretrain=60, sft=1080, eval_sft=60,
                       gatt1=60, gatt2=70, eval_gatt=60, rm=330, rs=420, ppo=180,
                       eval_final=65, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
-                      rm_margin=200, rm_ablation=10, report=10)),
+                      rm_margin=200, rm_ablation=10, report=10,
+                      # the larger model (small, 8.3M): session 12, bfloat16 (BENCHMARKS.md)
+                      pretrain_large=510, sft_large=1740, eval_sft_large=90, rs_distill=150)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
@@ -159,14 +162,15 @@ KNOBS = {
             "--temperatures", "0.7,1.0,1.3", "--eval_n", "32",
             "--eval_bestof_n", "8", "--eval_k", "8", "--eval_mt_n", "4", "--eval_turns", "6",
             "--log_every", "2"],
-        rs_iterations=2, rm_seeds=(1,), rm_fracs=(),
+        rs_iterations=2, rm_seeds=(1,), rm_fracs=(), larger="small",
         # a whole QUICK run with the crowd world's defaults took 6m37s on this 2-core machine with
         # no other job (2026-12-07; 3m07s with the careful world's, issue #23: the RM now trains on
         # 320 synthetic pairs too); these are its stages' times. After one run the pipeline
         # estimates from this machine's own times instead (<out_dir>/timings.json).
         estimate=dict(world_text=4, pretrain=40, eval_pretrain=10, sft=58, eval_sft=11, gatt1=17,
                       gatt2=17, eval_gatt=11, rm=90, rs=50, ppo=67, eval_final=12, gatt_judge1=17,
-                      gatt_judge2=17, eval_gatt_judge=11, rm_margin=50, rm_ablation=4, report=8)),
+                      gatt_judge2=17, eval_gatt_judge=11, rm_margin=50, rm_ablation=4, report=8,
+                      pretrain_large=100, sft_large=150, eval_sft_large=15, rs_distill=60)),
     "tiny": dict(
         world_lines=1500,
         pretrain=["--data", "{out}/world_text/world.txt", "--cache_dir", "{out}/pretrain/cache",
@@ -197,10 +201,11 @@ KNOBS = {
             "--batch_size", "1", "--epochs", "1", "--eval_n", "4", "--eval_bestof_n", "2",
             "--eval_k", "2", "--eval_mt_n", "2", "--eval_turns", "2", "--eval_levels", "1",
             "--device", "cpu"],
-        rs_iterations=1, rm_seeds=(1,), rm_fracs=(0.5,),
+        rs_iterations=1, rm_seeds=(1,), rm_fracs=(0.5,), larger="demo",
         estimate=dict(world_text=2, pretrain=5, eval_pretrain=5, sft=5, eval_sft=5, gatt1=5,
                       gatt2=5, eval_gatt=5, rm=6, rs=10, ppo=5, eval_final=5, gatt_judge1=5,
-                      gatt_judge2=5, eval_gatt_judge=5, rm_margin=6, rm_ablation=3, report=3)),
+                      gatt_judge2=5, eval_gatt_judge=5, rm_margin=6, rm_ablation=3, report=3,
+                      pretrain_large=5, sft_large=5, eval_sft_large=5, rs_distill=10)),
 }
 
 
@@ -452,6 +457,43 @@ def _ablation_stages(cfg: Config, out: Path, stages: list[Stage]) -> list[Stage]
                         f"{o}/rs_oracle"],
                        [f"V{n}/ckpt.pt", "report.txt"], ["sft", "rm"], est["rs"],
                        resume=True, stop_flag="--stop_at", oracle=True, tag="ORACLE ablation"))
+    if not cfg.model:
+        extra += _distill_stages(cfg, o, stages)
+    return extra
+
+
+def _distill_stages(cfg: Config, o: str, stages: list[Stage]) -> list[Stage]:
+    """ABLATION, distillation (paper §3.2.3: rejection sampling only with the largest model, the
+    smaller ones fine-tuned on its picks): a larger model (KNOBS "larger") pretrained and
+    fine-tuned by the recipe's own commands, its judged evaluation, then rejection sampling that
+    fine-tunes the SFT model on the RM's picks of the larger model's samples; the rs stage (the
+    policy's own samples, the same RM and prompts) is what it is set against."""
+    k = KNOBS[cfg.size]
+    est = k["estimate"]
+    n = k["rs_iterations"]
+    by_name = {s.name: s for s in stages}
+    large = k["larger"]
+    extra = [Stage("pretrain_large", f"pretraining the larger model ({large}) for the "
+                                     "distillation ablation, the recipe's command (§2.2)",
+                   _with_flags(by_name["pretrain"].argv, model=large,
+                               out_dir=f"{o}/pretrain_large"),
+                   ["ckpt.pt", "metrics.jsonl"], ["world_text"], est["pretrain_large"],
+                   resume=True, oracle=True, tag="ablation"),
+             Stage("sft_large", f"SFT of the larger model ({large}) on the same dialogs (§3.1)",
+                   _with_flags(by_name["sft"].argv, checkpoint=f"{o}/pretrain_large",
+                               out_dir=f"{o}/sft_large"),
+                   ["ckpt.pt"], ["pretrain_large"], est["sft_large"], resume=True,
+                   stop_flag="--stop_at_step", oracle=True, tag="ablation"),
+             _eval_stage(cfg, o, "eval_sft_large", "sft_large", f"SFT, larger model ({large})",
+                         ["sft_large"]),
+             Stage("rs_distill", f"rejection sampling with the larger model ({large}) drawing "
+                                 "the samples, the SFT model fine-tuned on the RM's picks: "
+                                 "distillation (§3.2.3)",
+                   _with_flags(by_name["rs"].argv, sampler=f"{o}/sft_large",
+                               out_dir=f"{o}/rs_distill"),
+                   [f"V{n}/ckpt.pt", "report.txt"], ["sft", "rm", "sft_large"], est["rs_distill"],
+                   resume=True, stop_flag="--stop_at", oracle=True, tag="ablation")]
+    extra[2].oracle, extra[2].tag = True, "ablation"
     return extra
 
 

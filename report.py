@@ -39,7 +39,8 @@ class Config:
 # oracle; their names are the same at every size): counted apart from the recipe's time.
 # tests/test_pipeline.py checks this rule against the stages the pipeline builds
 ABLATION_STAGES = re.compile(r"(eval_)?sft_curated|gatt_judge\d+|eval_gatt_judge|rm_ablation|"
-                             r"rm_frac[\d.]+|rm_(none|small|large)_\d+|rm_nosyn|rs_oracle")
+                             r"rm_frac[\d.]+|rm_(none|small|large)_\d+|rm_nosyn|rs_oracle|"
+                             r"(pretrain|(eval_)?sft)_large|rs_distill")
 NOT_RUN = "not run"
 
 # the paper's results we set ours beside (its Tables 8 and 28)
@@ -145,6 +146,8 @@ def sft_vs_pretrained(run: Path, out: Path):
              ("SFT", _summary(run / "eval_sft" / "eval.jsonl")),
              ("SFT, curated set: the careful writer only (ablation)",
               _summary(run / "eval_sft_curated" / "eval.jsonl")),
+             ("SFT, the larger model that samples for the distillation ablation",
+              _summary(run / "eval_sft_large" / "eval.jsonl")),
              ("GAtt", _summary(run / "eval_gatt" / "eval.jsonl")),
              ("GAtt, judge-picked (ORACLE ablation)",
               _summary(run / "eval_gatt_judge" / "eval.jsonl")),
@@ -482,14 +485,20 @@ def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
     for j, (e, t) in enumerate(zip(evs, tunes)):
         sec.append(_rs_row(f"V{j}", t["temperature"] if t else "-", e, vs, "(itself)"))
     # the ORACLE ablation (ABLATIONS=1): the same iterations with the judge picking
-    ro, j = run / "rs_oracle", 1
-    while (ro / f"iter{j + 1}" / "eval.json").is_file():
-        e, j = _json(ro / f"iter{j + 1}" / "eval.json"), j + 1
-        sec.append(_rs_row(f"V{j - 1}, judge-picked (ORACLE ablation)", "", e, vs, ""))
+    # ... and the distillation ablation: the SFT model fine-tuned on the RM's picks of a larger
+    # model's samples (pipeline rs_distill)
+    for stage, what in (("rs_oracle", "judge-picked (ORACLE ablation)"),
+                        ("rs_distill", "picked from the larger model's samples (distillation "
+                                       "ablation)")):
+        j = 1
+        while (run / stage / f"iter{j + 1}" / "eval.json").is_file():
+            e, j = _json(run / stage / f"iter{j + 1}" / "eval.json"), j + 1
+            sec.append(_rs_row(f"V{j - 1}, {what}", "", e, vs, ""))
     f = evs[0]["floor"]
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
                "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
     sec += _tail_room(evs)
+    sec += _selection_table(run)
     # the same model (V0) has another floor in the judged-score table: other prompts
     n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
     v0 = _summary(run / {"SFT": "eval_sft", "GAtt": "eval_gatt"}.get(start, "-") / "eval.jsonl")
@@ -517,6 +526,38 @@ def _tail_room(evs: list[dict]) -> list[str]:
         line += (f" (correct greedy: V0 {g['correct']:.0%}, V{len(evs) - 1} "
                  f"{evs[-1]['greedy']['correct']:.0%})")
     return ["", line + "."]
+
+
+def _selection_table(run: Path) -> list[str]:
+    """What each rejection-sampling run picked from (train_rlhf's "selection" rows in its
+    metrics.jsonl): on the training prompts, how often a right answer is among the k samples,
+    in a random one, in the pick, and in the policy's greedy reply (SPEC.md §11: selection lifts
+    content only where the pick beats the greedy reply); [] when no run logged them."""
+    runs = (("rs", "the policy's own samples, the RM picks"),
+            ("rs_oracle", "the policy's own samples, the judge picks (ORACLE ablation)"),
+            ("rs_distill", "the larger model's samples, the RM picks (distillation ablation)"))
+    rows = []
+    for stage, what in runs:
+        path = run / stage / "metrics.jsonl"
+        sel = [r for r in training.read_jsonl(path, lambda obj, where: obj)
+               if "selection" in r] if path.is_file() else []
+        for r in sel:
+            c = r["selection"]["correct"]
+            rows.append(f"| V{r['iteration']}: {what} | {r['selection']['judged_mean']:.3f} -> "
+                        f"{r['selection']['judged_picked']:.3f} | {c['random']:.1%} | "
+                        f"{c['picked']:.1%} | {c['any']:.1%} | "
+                        + (f"{c['greedy']:.1%} |" if "greedy" in c else "- |"))
+    if not rows:
+        return []
+    return ["", "What the selection had to pick from, on the training prompts (each prompt's k "
+            "samples; the judge only measures here, after the pick): the judged score of a random "
+            "sample -> the pick's, and how often the answer is right in a random sample, in the "
+            "pick, in any of the k (a perfect selector's ceiling) and in the policy's own greedy "
+            "reply. Fine-tuning on the picks can only add right answers where the pick beats the "
+            "greedy reply (SPEC.md §11). Floor: a random sample; ceiling: any of the k.", "",
+            "| iteration: samples and selector | judged: random -> picked | right: random | "
+            "right: picked | right: any of k | right: the policy's greedy reply |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 FLAW_NAMES = ("none", "wrong", "incomplete", "no_instruction", "rambling", "repeating", "no_eos")

@@ -29,6 +29,9 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
     python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
+    # distillation (§3.2.3): a larger model draws the samples, the RM picks, the demo model is
+    # fine-tuned on its picks (pipeline.py --ablations: rs_distill)
+    python train_rlhf.py --sampler out/pipeline/large/sft --out_dir out/rlhf_rs_distill
     # under torchrun: each rank samples and scores its share of the prompts, the samples are
     # gathered, the fine-tuning is DDP (the same picks as 1 process; weights within float error)
     torchrun --standalone --nproc_per_node=2 train_rlhf.py --device cpu --out_dir out/rlhf_rs2
@@ -94,6 +97,7 @@ class Config:
     # models
     checkpoint: str = "out/pipeline/sft"  # the start policy V0: a chat checkpoint (sft, gatt or rlhf; the pipeline starts from SFT)
     reward_model: str = "out/pipeline/rm"  # the reward model that picks the gold answers (train_rm.py)
+    sampler: str = ""  # distillation (§3.2.3): a chat checkpoint, larger than the policy, that draws the k samples the RM picks from; the policy is fine-tuned on its picks (Llama 2 sampled only with its largest model); "" = the policy's own samples
     select: str = "rm"  # who picks the best sample: rm (the recipe) | judge (world's judge: an ORACLE ablation, it is also the evaluation)
     # rejection sampling (Llama 2 §3.2.3)
     iterations: int = 3  # RLHF versions V1..Vn (Llama 2: V1..V4 by rejection sampling, V5 by PPO on top)
@@ -171,7 +175,7 @@ class Config:
 
 # the flags a --resume must share with the run it continues (the others: logging, --eval, --stop_at;
 # --iterations may grow)
-RESUME_SAME = ("method", "checkpoint", "reward_model", "select", "prompts", "k", "pool",
+RESUME_SAME = ("method", "checkpoint", "reward_model", "sampler", "select", "prompts", "k", "pool",
                "pool_from", "temperatures", "tune_prompts", "top_p", "prompt_levels",
                "p_instruction", "max_turns", "max_new_tokens", "gen_batch", "epochs", "batch_size",
                "micro_batch", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
@@ -354,6 +358,8 @@ def run(cfg: Config, rt, stop_at) -> None:
     model, tokenizer, start_stage = load_policy(cfg, rt)
     rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint,
                                     rt)
+    # who draws the k samples: the policy itself, or (--sampler, distillation) a larger model
+    sampler = load_compare(cfg.sampler, tokenizer, rt, "--sampler") if cfg.sampler else model
     seq_len = training.context_length(cfg.seq_len, model.args.max_seq_len)
     out_dir.mkdir(parents=True, exist_ok=True)
     # fine-tuning steps are numbered across iterations ("step"), so a resume trims the log there
@@ -369,6 +375,8 @@ def run(cfg: Config, rt, stop_at) -> None:
     del resumed
     log.print(f"rejection sampling: V0 = {cfg.checkpoint} ({start_stage}, "
               f"{model.num_params() / 1e6:.2f}M parameters), reward model {cfg.reward_model}, "
+              + (f"samples drawn by {cfg.sampler} ({sampler.num_params() / 1e6:.2f}M parameters: "
+                 "distillation), " if cfg.sampler else "") +
               f"select by {'the RM' if cfg.select == 'rm' else 'the JUDGE (oracle ablation)'}; "
               f"{cfg.prompts} training prompts x k={cfg.k}, {cfg.iterations} iterations; "
               f"{rt.device} x {rt.world_size} process(es), kernels {llama2.kernels_in_use()}")
@@ -377,7 +385,7 @@ def run(cfg: Config, rt, stop_at) -> None:
     for i in range(pos["it"], cfg.iterations + 2):
         # iteration i starts from V(i-1); "iteration" n+1 only tunes and evaluates Vn
         t0 = time.perf_counter()
-        T = retune(i, model, tokenizer, rm, prompts[:cfg.tune_prompts], cfg, rt, log)
+        T = retune(i, sampler, tokenizer, rm, prompts[:cfg.tune_prompts], cfg, rt, log)
         t_train += time.perf_counter() - t0 if i <= cfg.iterations else 0.0
         if cfg.eval and rt.is_master:  # rank 0 evaluates, the others wait at the barrier
             evaluate_iteration(i, T, model, tokenizer, rm, compare, evals, cfg, rt, log)
@@ -386,7 +394,8 @@ def run(cfg: Config, rt, stop_at) -> None:
             break
         t0 = time.perf_counter()
         # ---- rejection sampling: k samples per prompt at T, the RM picks the best
-        gold = select_gold(i, T, model, tokenizer, rm, prompts, pos["global_step"], cfg, rt, log)
+        gold = select_gold(i, T, model, sampler, tokenizer, rm, prompts, pos["global_step"], cfg,
+                           rt, log)
         if stop_at == (i, 0):
             log.print(f"stopped after iteration {i}'s sampling (--stop_at {cfg.stop_at})")
             return
@@ -498,9 +507,10 @@ def evaluate_iteration(i: int, T: float, model, tokenizer, rm, compare: dict, ev
                         f"{w['sampled']:.1%}" for n, w in ev.get("win_rate_vs", {}).items()))
 
 
-def select_gold(i: int, T: float, model, tokenizer, rm, prompts, global_step: int, cfg: Config,
-                rt, log) -> list[dict | None]:
-    """Step 3: k samples per training prompt at T, scored by the RM (the judge only measures),
+def select_gold(i: int, T: float, model, sampler, tokenizer, rm, prompts, global_step: int,
+                cfg: Config, rt, log) -> list[dict | None]:
+    """Step 3: k samples per training prompt at T (drawn by the sampler: the policy `model`, or
+    with --sampler a larger model), scored by the RM (the judge only measures),
     the best with EOS picked; the gold answers are this iteration's picks, or from --pool_from on
     the best over all iterations so far (pooling). Writes iter<i>/samples.jsonl and gold.jsonl."""
     out_dir = Path(cfg.out_dir)
@@ -510,7 +520,7 @@ def select_gold(i: int, T: float, model, tokenizer, rm, prompts, global_step: in
         rows = read_samples(samples_path)
         log.print(f"V{i}: samples read back from {samples_path}")
     else:
-        samples, rewards = sample_and_score(model, tokenizer, rm, prompts, cfg, T,
+        samples, rewards = sample_and_score(sampler, tokenizer, rm, prompts, cfg, T,
                                             cfg.seed * 7919 + i, rt, f"V{i} sampling")
         best = choose_best(samples, rewards)
         # measured only, never used to pick: what the judge thinks of the samples, and the
@@ -549,9 +559,7 @@ def fine_tune(i: int, model, ddp_model, tokenizer, prompts, gold, seq_len: int, 
     rows = sft_data.pack_rows([len(e) for e in examples], seq_len)
     sampler = sft_data.RowSampler(len(rows), cfg.seed * 31 + i)
     n_steps = max(1, math.ceil(cfg.epochs * len(rows) / cfg.batch_size))
-    optimizer = training.make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                        betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                        device_type=rt.device_type)
+    optimizer = training.optimizer_for(model, cfg, rt)
     if pos["optimizer"] is not None and pos["it_step"] > 0 and i == pos["it"]:
         optimizer.load_state_dict(pos["optimizer"])
     start = pos["it_step"] if i == pos["it"] else 0
@@ -1058,9 +1066,7 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     critic = critic.float()  # value model initialized from the reward model
     max_len = min(policy.args.max_seq_len, rm.args.max_seq_len)
     dialogs, pool, val_ids = ppo_prompts(cfg, max_len, tokenizer)
-    opt_pi, opt_v = (training.make_optimizer(m, lr=lr, weight_decay=cfg.weight_decay,
-                                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                             device_type=rt.device_type)
+    opt_pi, opt_v = (training.optimizer_for(m, cfg, rt, lr)
                      for m, lr in ((policy, cfg.ppo_lr), (critic, cfg.value_lr)))
     out_dir.mkdir(parents=True, exist_ok=True)
     st = ppo_state(policy, critic, opt_pi, opt_v, resumed, cfg)
@@ -1343,14 +1349,16 @@ def compared_checkpoints(cfg: Config) -> dict[str, str]:
     return compare
 
 
-def load_compare(path: str, tokenizer, rt):
-    """A model to compare against: any chat checkpoint with the policy's tokenizer."""
+def load_compare(path: str, tokenizer, rt, flag: str = "--compare"):
+    """A model to compare against (or, flag --sampler, to draw the samples): any chat checkpoint
+    with the policy's tokenizer."""
     try:
         model, tok = llama2.load_model(path, device=str(rt.device))
     except (FileNotFoundError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: --compare {path}: {e}") from None
+        raise SystemExit(f"error: {flag} {path}: {e}") from None
     if tok is None or tok.model_bytes != tokenizer.model_bytes:
-        raise SystemExit(f"error: --compare {path} does not use the policy's tokenizer")
+        raise SystemExit(f"error: {flag} {path} does not use the policy's tokenizer; train both "
+                         "on the same data with the same vocabulary size")
     return model.float().eval()
 
 
@@ -1394,6 +1402,9 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"error: --keep_se {cfg.keep_se}: give the number of standard "
                              "errors (>= 0) by which an iteration must beat pi_0 to be kept")
     parse_compare(cfg.compare)
+    if cfg.sampler and cfg.method == "ppo":
+        raise SystemExit("error: --sampler is rejection sampling's (distillation: another model "
+                         "draws the samples); PPO's rollouts are the policy's own, leave it out")
     if cfg.select not in ("rm", "judge"):
         raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "
                          "ORACLE ablation)")

@@ -247,9 +247,26 @@ def test_the_report_reads_rejection_sampling_outputs(tmp_path):
         (d / "eval.json").write_text(json.dumps(ev))
         (d / "tune.json").write_text(json.dumps(
             {"temperature": 1.0, "curves": {"1.0": curve}, "prompts": 2}))
+        if i:  # the distillation ablation's V1: the same evaluation, another score
+            (run / "rs_distill" / "iter2").mkdir(parents=True)
+            (run / "rs_distill" / "iter2" / "eval.json").write_text(json.dumps(
+                {**ev, "greedy": {**one, "judge": 0.6}}))
+    # the selection's health numbers, as train_rlhf logs them (3 of 4 prompts' picks right, ...)
+    for stage, correct in (("rs", {"random": 0.5, "picked": 0.75, "any": 1.0, "greedy": 0.625}),
+                           ("rs_distill", {"random": 0.25, "picked": 0.5, "any": 0.875})):
+        (run / stage / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n"
+                                                   + json.dumps({"iteration": 1, "selection": {
+                                                       "judged_mean": 0.5, "judged_picked": 0.7,
+                                                       "correct": correct}}) + "\n")
     text = report.write_report(run, tmp_path / "r")
     row = next(ln for ln in text.splitlines() if ln.startswith("| judged score / win rate"))
     assert ("V0 0.500 -> V1 0.550 (wins 75%); win rate against sft: V0 38% -> V1 62%") in row
+    assert ("| V1, picked from the larger model's samples (distillation ablation) | | 0.600 | "
+            "0.450 | +0.000 | +0.000 | 75% / 50% | 100% | 25% / 0% / 0% | 62% / 50% |") in text
+    assert ("| V1: the policy's own samples, the RM picks | 0.500 -> 0.700 | 50.0% | 75.0% | "
+            "100.0% | 62.5% |") in text
+    assert ("| V1: the larger model's samples, the RM picks (distillation ablation) | 0.500 -> "
+            "0.700 | 25.0% | 50.0% | 87.5% | - |") in text
     assert "| V1 | 1.0 | 0.550 | 0.450 | +0.000 | +0.000 | 75% / 50% | 100% | 25% / 0% / 0% | " \
            "62% / 50% |" in text
     assert "| floor | | 0.300 (empty) | | -2.000 (empty) | | 50% | | 0% / 0% / 0% | 50% |" in text
@@ -608,6 +625,33 @@ def test_writers_and_synthetic_pairs_reach_the_stages(tmp_path):
     assert "sft_curated" not in argvs(writers="careful", ablations=True)
     with pytest.raises(SystemExit, match="--writers 'sloppy'"):
         pipeline.main(["--writers", "sloppy", "--list"])
+
+
+def test_the_distillation_ablation_is_the_recipes_commands_with_a_larger_sampler(tmp_path):
+    """--ablations: the larger model is pretrained and fine-tuned by the recipe's own commands with
+    only --model (and the folders) changed, and rs_distill is the rs command with --sampler; a
+    run that already chose its --model has no such stages."""
+    st = {s.name: s for s in pipeline.build_stages(pipeline.Config(size="full", ablations=True),
+                                                     tmp_path)}
+    strip = lambda a, *flags: [x for i, x in enumerate(a) if not (  # noqa: E731
+        x in flags or (i and a[i - 1] in flags))]
+    pre, sft, rs = st["pretrain_large"].argv, st["sft_large"].argv, st["rs_distill"].argv
+    assert pipeline._flag(pre, "--model") == "small" and pipeline._flag(st["pretrain"].argv,
+                                                                       "--model") == "demo"
+    assert strip(pre, "--model", "--out_dir") == strip(st["pretrain"].argv, "--model", "--out_dir")
+    assert pipeline._flag(sft, "--checkpoint") == f"{tmp_path}/pretrain_large"
+    assert strip(sft, "--checkpoint", "--out_dir") == strip(st["sft"].argv, "--checkpoint",
+                                                            "--out_dir")
+    assert pipeline._flag(rs, "--sampler") == f"{tmp_path}/sft_large"
+    assert pipeline._flag(rs, "--checkpoint") == f"{tmp_path}/sft"
+    assert strip(rs, "--sampler", "--out_dir") == strip(st["rs"].argv, "--out_dir")
+    assert set(st["rs_distill"].needs) == {"sft", "rm", "sft_large"}
+    assert all(st[n].oracle for n in ("pretrain_large", "sft_large", "eval_sft_large",
+                                      "rs_distill"))
+    other = pipeline.build_stages(pipeline.Config(size="full", ablations=True, model="small"),
+                                  tmp_path)
+    assert not {s.name for s in other} & {"pretrain_large", "sft_large", "eval_sft_large",
+                                          "rs_distill"}
 
 
 def test_the_report_shows_the_rm_by_kind_with_and_without_synthetic_pairs(tmp_path):

@@ -223,6 +223,47 @@ def test_bad_input_is_one_clear_error(ckpts, tmp_path):
             train_rlhf.main(base + extra)
 
 
+def test_distillation_samples_come_from_the_sampler_and_train_the_policy(ckpts, tokenizer,
+                                                                         tmp_path):
+    """--sampler (paper §3.2.3): the k samples the RM picks from are the other model's, drawn as
+    a direct generate call on it draws them; the greedy yardstick and the fine-tuning are the
+    policy's (V1 has the policy's shape and moved away from it); PPO refuses the flag."""
+    out = tmp_path / "d"
+    train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--sampler", str(ckpts["other"])))
+    rows = _samples(out / "iter1" / "samples.jsonl")
+    T = json.loads((out / "iter1" / "tune.json").read_text())["temperature"]
+    assert rows[0]["temperature"] == T
+    prompts = [r["messages"] for r in rows]
+    rt = training.setup_runtime("cpu", "float32", 0)
+
+    def draw(path):  # the script's one generate group (6 prompts < gen_batch // k), its seed
+        model, tok = llama2.load_model(str(path))
+        return sampling.generate_replies(model.float().eval(), tok, prompts, n=4, temperature=T,
+                                         top_p=1.0, max_new_tokens=12, seed=1337 * 7919 + 1,
+                                         batch=64, rt=rt)
+    other, own = draw(ckpts["other"]), draw(ckpts["sft"])
+    assert [r["responses"] for r in rows] == [[x.text for x in rs] for rs in other]
+    assert [r["responses"] for r in rows] != [[x.text for x in rs] for rs in own]
+    # the greedy reply logged beside them is the policy's own
+    sft, tok = llama2.load_model(str(ckpts["sft"]))
+    greedy = sampling.generate_replies(sft.float().eval(), tok, prompts, max_new_tokens=12,
+                                       batch=64, rt=rt)
+    assert [r.get("greedy") for r in rows] == [g[0].text if g else None for g in greedy]
+    # V1 is the policy fine-tuned on the picks of the other model's samples
+    gold = _gold(out / "iter1" / "gold.jsonl")
+    assert any(g is not None for g in gold)
+    assert all(g is None or g in r["responses"] for g, r in zip(gold, rows))
+    v1 = torch.load(out / "V1" / "ckpt.pt", weights_only=True)["model"]
+    v0 = torch.load(ckpts["sft"] / "ckpt.pt", weights_only=True)["model"]
+    assert v1.keys() == v0.keys() and all(v1[k].shape == v0[k].shape for k in v0)
+    assert any(not torch.equal(v1[k], v0[k]) for k in v0)
+    with pytest.raises(SystemExit, match="error: --sampler is rejection sampling's"):
+        train_rlhf.main(_flags(ckpts, tmp_path / "p", "--method", "ppo", "--sampler",
+                               str(ckpts["other"])))
+    with pytest.raises(SystemExit, match="error: --sampler .*nope"):
+        train_rlhf.main(_flags(ckpts, tmp_path / "q", "--sampler", str(tmp_path / "nope")))
+
+
 def test_evaluate_curves_from_the_saved_samples_match_brute_force(ckpts, tmp_path):
     # the best-of-N curve of real sampled rewards equals the brute-force mean over N-subsets
     import itertools
