@@ -4,7 +4,8 @@
     python pipeline.py --size quick         # every stage small (<= 10 min): a smoke run of the recipe
     python pipeline.py --list               # the stages, their commands and what is finished
     python pipeline.py --fresh              # start over (deletes every stage's output under --out_dir)
-    python pipeline.py --ablations          # + the ORACLE / ablation stages (judge-picked GAtt, RM margins x seeds)
+    python pipeline.py --ablations          # + the ORACLE / ablation stages (judge-picked GAtt, RM margins x seeds,
+                                            #   distillation from a larger model, ...)
     python pipeline.py --until sft          # stop after a stage; --skip eval_pretrain leaves one out
     python pipeline.py --model small        # the same recipe with an 8.3M-parameter model (out/pipeline_small)
     bash scripts/demo.sh                    # the same, from the shell (QUICK=1, FRESH=1, ABLATIONS=1)
