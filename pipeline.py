@@ -125,7 +125,7 @@ KNOBS = {
             "--tune_prompts", "16", "--lr", "1e-4",
             "--eval_n", "200", "--eval_bestof_n", "32", "--eval_k", "16", "--eval_mt_n", "16",
             "--eval_turns", "12", "--log_every", "5"],
-        rs_iterations=1, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5),
+        rs_iterations=1, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5), rs_seeds=(2, 3),
         larger="small",  # the distillation ablation's sampler: 8.3M parameters, 2.6x the policy
         # seconds on this 2-core CPU, from the session-8 full run (BENCHMARKS.md, "The SFT budget")
         estimate=dict(world_text=10, pretrain=600, eval_pretrain=60, sft=1080, eval_sft=60,
@@ -458,6 +458,14 @@ def _ablation_stages(cfg: Config, out: Path, stages: list[Stage]) -> list[Stage]
                         f"{o}/rs_oracle"],
                        [f"V{n}/ckpt.pt", "report.txt"], ["sft", "rm"], est["rs"],
                        resume=True, stop_flag="--stop_at", oracle=True, tag="ORACLE ablation"))
+    # ABLATION: the spread over seeds of rejection sampling (its training prompts, samples, data
+    # order and held-out prompts change; SFT and the RM stay), the rs stage being seed 1337
+    rs = next(s for s in stages if s.name == "rs")
+    extra += [Stage(f"rs_seed{seed}", f"rejection sampling as the rs stage, seed {seed}: the "
+                                      "spread of its gain over seeds (§3.2.3)",
+                    _with_flags(rs.argv, seed=seed, out_dir=f"{o}/rs_seed{seed}"), rs.outputs,
+                    ["sft", "rm"], est["rs"], resume=True, stop_flag="--stop_at", oracle=True,
+                    tag="ablation") for seed in k.get("rs_seeds", ())]
     if not cfg.model:
         extra += _distill_stages(cfg, o, stages)
     return extra

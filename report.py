@@ -40,7 +40,7 @@ class Config:
 # tests/test_pipeline.py checks this rule against the stages the pipeline builds
 ABLATION_STAGES = re.compile(r"(eval_)?sft_curated|gatt_judge\d+|eval_gatt_judge|rm_ablation|"
                              r"rm_frac[\d.]+|rm_(none|small|large)_\d+|rm_nosyn|rs_oracle|"
-                             r"(pretrain|(eval_)?sft)_large|rs_distill")
+                             r"(pretrain|(eval_)?sft)_large|rs_distill|rs_seed\d+")
 NOT_RUN = "not run"
 
 # the paper's results we set ours beside (its Tables 8 and 28)
@@ -498,6 +498,7 @@ def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
                "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
     sec += _tail_room(evs)
+    sec += _seed_spread(run)
     sec += _selection_table(run)
     # the same model (V0) has another floor in the judged-score table: other prompts
     n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
@@ -526,6 +527,52 @@ def _tail_room(evs: list[dict]) -> list[str]:
         line += (f" (correct greedy: V0 {g['correct']:.0%}, V{len(evs) - 1} "
                  f"{evs[-1]['greedy']['correct']:.0%})")
     return ["", line + "."]
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over paired items, and its standard error (0 for one item)."""
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+               if len(d) > 1 else 0.0)
+
+
+def _seed_spread(run: Path) -> list[str]:
+    """The last rejection-sampling model's judged change over SFT for each seed (the rs stage and
+    its rs_seed<N> ablations: other training prompts, samples, data order and held-out prompts;
+    SFT and the RM the same), paired over each run's own held-out prompts with its standard error,
+    then the mean and standard deviation over the seeds; [] with fewer than two seeds."""
+    rows, gains = [], []
+    for d in [run / "rs"] + sorted(run.glob("rs_seed*")):
+        j = 1
+        while (d / f"iter{j + 1}" / "eval.json").is_file():
+            j += 1
+        e, ref = _json(d / f"iter{j}" / "eval.json"), _json(d / "compare_sft.json")
+        if j == 1 or not e or not ref:
+            continue
+        argv = (_json(d / "done.json") or {}).get("argv", [])
+        seed = training.last_flag(argv, "--seed") if "--seed" in argv else "1337 (the recipe's)"
+        g, smp = (_paired(e[k]["judge_scores"], ref[k]["judge_scores"])
+                  for k in ("greedy", "sampled"))
+        w = e.get("win_rate_vs", {}).get("sft")
+        gains.append((g[0], smp[0]))
+        rows.append(f"| {seed} | V{j - 1} | {g[0]:+.3f} +- {g[1]:.3f} | {smp[0]:+.3f} +- "
+                    f"{smp[1]:.3f} | " + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "-")
+                    + " |")
+    if len(gains) < 2:
+        return []
+
+    def mean_sd(xs):
+        m = sum(xs) / len(xs)
+        return f"{m:+.3f}, sd {math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)):.3f}"
+    return ["", f"Over seeds (the rs stage and its rs_seed ablations: other training prompts, "
+            "samples, data order and held-out prompts; the SFT model and the RM the same), the "
+            "last model's judged change over SFT, paired over each run's own held-out prompts "
+            "(+- one standard error); floor 0 (no change):", "",
+            "| seed | model | judged change greedy | judged change sampled | win rate vs SFT "
+            "(greedy / sampled) |", "|---|---|---|---|---|", *rows,
+            f"| mean over {len(gains)} seeds | | {mean_sd([g for g, _ in gains])} | "
+            f"{mean_sd([x for _, x in gains])} | |"]
 
 
 def _selection_table(run: Path) -> list[str]:

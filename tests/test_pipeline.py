@@ -276,6 +276,33 @@ def test_the_report_reads_rejection_sampling_outputs(tmp_path):
             and "(correct greedy: V0 0%, V1 25%)" in text)
 
 
+def test_the_report_shows_the_spread_of_rejection_samplings_gain_over_seeds(tmp_path):
+    """For each seed (the rs stage, rs_seed<N>), the last model's judged change over SFT paired
+    prompt by prompt with its standard error, then the mean and sd over seeds (by hand)."""
+    run = tmp_path / "run"
+    # seed 1337: V1 - SFT greedy (+0.1, +0.3) -> +0.2 +- 0.1; sampled (0, 0) -> 0 +- 0
+    # seed 2: greedy (-0.1, +0.1) -> 0 +- 0.1; sampled (+0.2, +0.2) -> +0.2 +- 0
+    for d, v1, sft, seed in (("rs", ([0.6, 0.8], [0.5, 0.5]), ([0.5, 0.5], [0.5, 0.5]), None),
+                             ("rs_seed2", ([0.4, 0.6], [0.7, 0.7]), ([0.5, 0.5], [0.5, 0.5]),
+                              "2")):
+        for j in (1, 2):
+            (run / d / f"iter{j}").mkdir(parents=True)
+            (run / d / f"iter{j}" / "eval.json").write_text(json.dumps(
+                {"greedy": {"judge_scores": v1[0]}, "sampled": {"judge_scores": v1[1]},
+                 "win_rate_vs": {"sft": {"greedy": 0.75, "sampled": 0.5}}}))
+        (run / d / "compare_sft.json").write_text(json.dumps(
+            {"greedy": {"judge_scores": sft[0]}, "sampled": {"judge_scores": sft[1]}}))
+        (run / d / "done.json").write_text(json.dumps(
+            {"argv": ["train_rlhf.py"] + (["--seed", seed] if seed else [])}))
+    text = "\n".join(report._seed_spread(run))
+    assert "| 1337 (the recipe's) | V1 | +0.200 +- 0.100 | +0.000 +- 0.000 | 75% / 50% |" in text
+    assert "| 2 | V1 | +0.000 +- 0.100 | +0.200 +- 0.000 | 75% / 50% |" in text
+    # mean (+0.2, 0) -> +0.1, sd 0.141; (0, +0.2) -> +0.1, sd 0.141
+    assert "| mean over 2 seeds | | +0.100, sd 0.141 | +0.100, sd 0.141 | |" in text
+    shutil.rmtree(run / "rs_seed2")
+    assert report._seed_spread(run) == []  # one seed: no spread to show
+
+
 def _rs_started_from(run, stage):
     """The rs stage's done.json as pipeline.py writes it, started from `stage`'s checkpoint."""
     (run / "rs").mkdir(parents=True, exist_ok=True)
