@@ -498,8 +498,6 @@ def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
     sec.append(f"| floor | | {f['judge_empty']:.3f} (empty) | | {f['rm_empty']:+.3f} (empty) | "
                "| 50% | | 0% / 0% / 0% |" + " 50% |" * len(vs))
     sec += _tail_room(evs)
-    sec += _seed_spread(run)
-    sec += _selection_table(run)
     # the same model (V0) has another floor in the judged-score table: other prompts
     n = len(evs[0]["greedy"].get("judge_scores", [])) or "these"
     v0 = _summary(run / {"SFT": "eval_sft", "GAtt": "eval_gatt"}.get(start, "-") / "eval.jsonl")
@@ -507,7 +505,7 @@ def _rs_table(run: Path, evs: list[dict], tunes: list[dict]) -> list[str]:
             "empty reply's score depends on the prompt, so a table on other prompts has another "
             "floor" + (f" (the judged-score table scores V0, the {start} model, on {v0['n']} "
                        f"prompts: floor {v0['floor']['empty']:.3f})" if v0 else "") + "."]
-    return sec
+    return sec + _seed_spread(run) + _selection_table(run)
 
 
 def _tail_room(evs: list[dict]) -> list[str]:
