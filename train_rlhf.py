@@ -31,7 +31,7 @@ each prompt's samples across iterations. Evaluation uses held-out problems only.
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
     # distillation (§3.2.3): a larger model draws the samples, the RM picks, the demo model is
     # fine-tuned on its picks (pipeline.py --ablations: rs_distill)
-    python train_rlhf.py --sampler out/pipeline/large/sft --out_dir out/rlhf_rs_distill
+    python train_rlhf.py --sampler out/pipeline/sft_large --out_dir out/rlhf_rs_distill
     # under torchrun: each rank samples and scores its share of the prompts, the samples are
     # gathered, the fine-tuning is DDP (the same picks as 1 process; weights within float error)
     torchrun --standalone --nproc_per_node=2 train_rlhf.py --device cpu --out_dir out/rlhf_rs2
