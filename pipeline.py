@@ -131,13 +131,14 @@ KNOBS = {
             "--eval_turns", "12", "--log_every", "5"],
         rs_iterations=1, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5), rs_seeds=(2, 3),
         larger="small",  # the distillation ablation's sampler: 8.3M parameters, 2.6x the policy
-        # seconds on this 2-core CPU, from the session-8 full run (BENCHMARKS.md, "The SFT budget")
-        estimate=dict(world_text=10, pretrain=600, eval_pretrain=60, sft=1080, eval_sft=60,
-                      gatt1=60, gatt2=70, eval_gatt=60, rm=330, rs=420, ppo=180,
-                      eval_final=65, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
-                      rm_margin=200, rm_ablation=10, report=10,
-                      # the larger model (small, 8.3M): session 12, bfloat16 (BENCHMARKS.md)
-                      pretrain_large=510, sft_large=1740, eval_sft_large=90, rs_distill=150)),
+        # seconds on a 2-core CPU: session 13's run (AMD EPYC with AVX512-BF16, bfloat16;
+        # BENCHMARKS.md); the judge-picked GAtt and the margin RMs from earlier runs
+        estimate=dict(world_text=5, pretrain=372, eval_pretrain=28, sft=954, eval_sft=32,
+                      gatt1=42, gatt2=46, eval_gatt=34, rm=469, rs=171, ppo=226,
+                      eval_final=27, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
+                      rm_margin=200, rm_ablation=10, report=5,
+                      # the larger model (small, 8.3M), sharing the cores with other runs at times
+                      pretrain_large=984, sft_large=2183, eval_sft_large=53, rs_distill=192)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
