@@ -13,7 +13,7 @@ import sampling
 import train_rlhf
 import training
 import world
-from conftest import chat_model, plain_model, save_model
+from conftest import chat_model, make_corpus, plain_model, save_model
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +262,13 @@ def test_distillation_samples_come_from_the_sampler_and_train_the_policy(ckpts, 
                                str(ckpts["other"])))
     with pytest.raises(SystemExit, match="error: --sampler .*nope"):
         train_rlhf.main(_flags(ckpts, tmp_path / "q", "--sampler", str(tmp_path / "nope")))
+    # a sampler whose tokenizer is not the policy's: its samples would be read in other tokens
+    other_tok = llama2.Tokenizer(llama2.train_tokenizer(
+        [make_corpus(str(tmp_path / "corpus.txt"), seed=1)], str(tmp_path / "tok2"),
+        vocab_size=450))
+    alien = save_model(tmp_path / "alien", plain_model(other_tok, seed=2), other_tok, "sft")
+    with pytest.raises(SystemExit, match="error: --sampler .* does not use the policy's tokenizer"):
+        train_rlhf.main(_flags(ckpts, tmp_path / "r", "--sampler", str(alien)))
 
 
 def test_evaluate_curves_from_the_saved_samples_match_brute_force(ckpts, tmp_path):
