@@ -91,6 +91,18 @@ def win_rate(scores: list[float], reference: list[float]) -> float:
                for a, b in zip(scores, reference)) / len(scores)
 
 
+def paired_gain(scores: list[float], start: list[float]) -> tuple[float, float]:
+    """How much a model's scores beat another's on the same prompts: the mean of the per-prompt
+    differences and its standard error (the differences' sample standard deviation over
+    sqrt(n); infinite with one prompt). -> (mean difference, standard error)."""
+    diff = [a - b for a, b in zip(scores, start)]
+    n = len(diff)
+    mean = sum(diff) / n
+    if n < 2:
+        return mean, math.inf
+    return mean, math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
+
+
 # -----------------------------------------------------------------------------------------------
 # evaluation
 

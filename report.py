@@ -527,21 +527,14 @@ def _tail_room(evs: list[dict]) -> list[str]:
     return ["", line + "."]
 
 
-def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over paired items, and its standard error (0 for one item)."""
-    d = [x - y for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
-               if len(d) > 1 else 0.0)
-
-
 def _seed_spread(run: Path) -> list[str]:
     """The last rejection-sampling model's judged change over SFT for each seed (the rs stage and
     its rs_seed<N> ablations: other training prompts, samples, data order and held-out prompts;
     SFT and the RM the same), paired over each run's own held-out prompts with its standard error,
     then the mean and standard deviation over the seeds; [] with fewer than two seeds."""
     rows, gains = [], []
-    for d in [run / "rs"] + sorted(run.glob("rs_seed*")):
+    seeds = [d for d in run.glob("rs_seed*") if d.name[len("rs_seed"):].isdigit()]
+    for d in [run / "rs"] + sorted(seeds, key=lambda d: int(d.name[len("rs_seed"):])):
         j = 1
         while (d / f"iter{j + 1}" / "eval.json").is_file():
             j += 1
@@ -550,7 +543,7 @@ def _seed_spread(run: Path) -> list[str]:
             continue
         argv = (_json(d / "done.json") or {}).get("argv", [])
         seed = training.last_flag(argv, "--seed") if "--seed" in argv else "1337 (the recipe's)"
-        g, smp = (_paired(e[k]["judge_scores"], ref[k]["judge_scores"])
+        g, smp = (evaluate.paired_gain(e[k]["judge_scores"], ref[k]["judge_scores"])
                   for k in ("greedy", "sampled"))
         w = e.get("win_rate_vs", {}).get("sft")
         gains.append((g[0], smp[0]))

@@ -677,11 +677,8 @@ def report(out_dir: Path, cfg: Config, log) -> None:
     # replies are the fair comparison (the same decoding for every model; the tuned T moves);
     # each change from V0 to Vn against its paired standard error over the same prompts
     def change(decoding: str, key: str) -> tuple[float, float]:
-        a, b = rows[0][decoding][key + "_scores"], rows[-1][decoding][key + "_scores"]
-        diff = [y - x for x, y in zip(a, b)]
-        mean = sum(diff) / len(diff)
-        var = sum((x - mean) ** 2 for x in diff) / max(1, len(diff) - 1)
-        return mean, math.sqrt(var / len(diff))
+        return evaluate.paired_gain(rows[-1][decoding][key + "_scores"],
+                                    rows[0][decoding][key + "_scores"])
     for decoding in ("greedy", "sampled"):
         (d_rm, se_rm), (d_j, se_j) = change(decoding, "rm"), change(decoding, "judge")
         what = (f"{decoding + ' at T' if decoding == 'sampled' else decoding}: RM score "
@@ -1013,18 +1010,6 @@ def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> list[float]:
     return training.broadcast_from_rank0(v, rt)  # every rank stops at the same iteration
 
 
-def paired_gain(scores: list[float], start: list[float]) -> tuple[float, float]:
-    """How much a policy's validation scores beat pi_0's on the same prompts: the mean of the
-    per-prompt differences and its standard error (the differences' sample standard deviation
-    over sqrt(n); infinite with one prompt). -> (mean difference, standard error)."""
-    diff = [a - b for a, b in zip(scores, start)]
-    n = len(diff)
-    mean = sum(diff) / n
-    if n < 2:
-        return mean, math.inf
-    return mean, math.sqrt(sum((d - mean) ** 2 for d in diff) / (n - 1) / n)
-
-
 def ppo_prompts(cfg, max_len: int, tokenizer):
     """The rollout pool (training-split problems) and the validation prompts (the world's
     validation split: disjoint from the pool and from the held-out test problems by construction);
@@ -1223,7 +1208,7 @@ def ppo_iteration(policy, ref, critic, rm, ddp_policy, ddp_critic, opt_pi, opt_v
     if it % cfg.val_every == 0 or it == cfg.ppo_iterations:
         scores = validate(policy, rm, val_ids, cfg, st["stats"], rt, tokenizer)
         v = sum(scores) / len(scores)
-        diff, se = paired_gain(scores, st["val_start"])
+        diff, se = evaluate.paired_gain(scores, st["val_start"])
         if v > st["best"]:  # early stopping by the RM score on validation prompts
             st["best"], st["bad"] = v, 0
         else:

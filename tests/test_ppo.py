@@ -332,11 +332,11 @@ def test_paired_gain_is_the_mean_difference_and_its_standard_error():
     import statistics
     a, b = [0.5, 0.9, 0.75, 0.1], [0.1, 0.5, 0.3, 0.2]
     d = [x - y for x, y in zip(a, b)]
-    mean, se = train_rlhf.paired_gain(a, b)
+    mean, se = evaluate.paired_gain(a, b)
     assert mean == pytest.approx(statistics.fmean(d))
     assert se == pytest.approx(statistics.stdev(d) / math.sqrt(4))
-    assert train_rlhf.paired_gain([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0)
-    assert train_rlhf.paired_gain([1.0], [0.0]) == (1.0, math.inf)
+    assert evaluate.paired_gain([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0)
+    assert evaluate.paired_gain([1.0], [0.0]) == (1.0, math.inf)
 
 
 def test_the_kept_model_is_pi_0_unless_an_iteration_beats_it_by_two_standard_errors(
