@@ -226,6 +226,12 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     summary["dialogs_reaching_turn"] = report["reaching"]
     summary["seconds"] = {"greedy": t_greedy, "bestof": t_bestof,
                           "rollout": time.perf_counter() - t0 - t_greedy - t_bestof}
+
+    # 4. safety: requests for held-out people's secrets and borderline prompts (paper §4.2)
+    if getattr(cfg, "eval_safety_n", 0) > 0 and not cfg.fewshot:
+        t1 = time.perf_counter()
+        summary["safety"] = safety_eval(model, tokenizer, cfg, rt, (prompts, texts, eos), records)
+        summary["seconds"]["safety"] = time.perf_counter() - t1
     summary.update({"kind": "summary", "label": label, "checkpoint": cfg.checkpoint,
                     "fewshot": cfg.fewshot, "levels": list(levels),
                     "split": eval_split(cfg)})
@@ -242,6 +248,67 @@ def run_eval(model, tokenizer, cfg, rt=None, label: str = "model") -> dict:
     print(format_summary(summary))
     print(f"wrote {path} and {out_dir / 'adherence.png'}")
     return summary
+
+
+# Meta's chat default (`chat_completion`): how a user meets the model, and where the tail lives
+USER_TEMPERATURE, USER_TOP_P = 0.6, 0.9
+
+
+def safety_eval(model, tokenizer, cfg, rt=None, ordinary: tuple | None = None,
+                records: list | None = None) -> dict:
+    """Safety on prompts of the evaluation split only (world.safety_prompts, cfg.eval_safety_n of
+    them: requests for a held-out person's secret, 80% adversarial, and borderline prompts), one
+    greedy reply and one sampled at Meta's chat default (T 0.6, top-p 0.9) each, judged by
+    world.safety_summary: the violation rate (adversarial and direct apart), the share that leak the
+    secret, the false-refusal rate on borderline prompts, and (from `ordinary`: (prompts, replies)
+    of the judged evaluation) on ordinary prompts. Floors: world.safety_floors, "always refuse"
+    and "never refuse" on the same prompts. Appends a "safety" record per prompt to `records`."""
+    levels = world.parse_levels(cfg.eval_levels)
+    prompts = world.safety_prompts(cfg.eval_safety_n, eval_split(cfg), cfg.seed + 3, levels=levels)
+    out = {"n": len(prompts), "split": eval_split(cfg)}
+    for name, t, p in (("greedy", 0.0, 1.0), ("sampled", USER_TEMPERATURE, USER_TOP_P)):
+        replies = _one_each(model, tokenizer, prompts, t, cfg, rt, cfg.seed + 41, f"safety {name}",
+                            top_p=p)
+        out[name] = world.safety_summary(prompts, [r.text for r in replies],
+                                         [r.eos for r in replies])
+        if ordinary is not None and name == "greedy":
+            o = world.safety_summary(*ordinary)
+            out[name]["false_refusal_ordinary"] = o["false_refusal_ordinary"]
+            out[name]["n"]["ordinary"] = o["n"]["ordinary"]
+        for d, r in zip(prompts, replies):
+            if records is not None:
+                v = world.safety_verdict(d, r.text, r.eos)
+                records.append({"kind": f"safety_{name}", "messages": d, "response": r.text,
+                                "eos": r.eos, "prompt_kind": v.kind, "violation": v.violation,
+                                "refusal": v.refusal, "safety": v.score})
+    out["sampled"].update(temperature=USER_TEMPERATURE, top_p=USER_TOP_P)
+    out["floor"] = world.safety_floors(prompts)
+    return out
+
+
+def _share(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_safety(s: dict) -> str:
+    """The safety lines of an evaluation (`safety_eval`), each rate beside its floors."""
+    fl = s["floor"]
+    lines = [f"  safety on {s['n']} {split_words(s.get('split'))} safety prompts (floors: always "
+             f"refuse / never refuse):"]
+    for name in ("greedy", "sampled"):
+        x = s[name]
+        how = "greedy" if name == "greedy" else f"T {x['temperature']:g} top-p {x['top_p']:g}"
+        fro = x.get("false_refusal_ordinary")
+        lines.append(
+            f"    {how:>16}: violation {_share(x['violation'])} (adversarial "
+            f"{_share(x['violation_adversarial'])}, direct {_share(x['violation_direct'])}; floors "
+            f"{_share(fl['always_refuse']['violation'])} / {_share(fl['never_refuse']['violation'])}),"
+            f" leaks {_share(x['leak'])}; false refusal: borderline "
+            f"{_share(x['false_refusal_borderline'])} (floors "
+            f"{_share(fl['always_refuse']['false_refusal_borderline'])} / "
+            f"{_share(fl['never_refuse']['false_refusal_borderline'])})"
+            + (f", ordinary {_share(fro)}" if fro is not None else ""))
+    return "\n".join(lines)
 
 
 def best_of_k(model, tokenizer, prompts, shown, records: list, cfg, rt=None) -> dict:
@@ -345,7 +412,8 @@ def format_summary(s: dict) -> str:
             f"{bo['pass1_correct']:.1%}, pass@{bo['k']} {bo['passk_correct']:.1%}\n"
             f"  instruction adherence (%), given once as the system message, "
             f"{s['adherence']['reaching'][0]} held-out dialogs "
-            f"(reaching each turn: {s['adherence']['reaching']}):\n" + adherence_table(s))
+            f"(reaching each turn: {s['adherence']['reaching']}):\n" + adherence_table(s)
+            + ("\n" + format_safety(s["safety"]) if "safety" in s else ""))
 
 
 # -----------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ class Config:
     world_levels: str = "1,2,3,4"  # difficulty levels of the generated dialogs
     world_p_instruction: float = 0.35  # share of generated dialogs with a standing instruction (always 1-2 turns)
     world_writers: str = "careful"  # who writes the generated answers: careful (the curated set), mixed (writers of varied quality, world.WRITERS: the paper's §5.1 tail) or crowd (world.CROWD: a lapse most writers share)
+    world_safety: float = 0.0  # share of the generated dialogs that are safety demonstrations (world.safety_dialogs: requests for a secret, 80% adversarial, and borderline prompts, written by --world_writers; paper §4.2.2)
     pack: bool = True  # pack examples into full rows (no attention across examples); false = one padded example per row
     seq_len: int = 0  # tokens per row (0 = the model's context; Llama 2: 4096); longer examples are dropped
     # optimization (Llama 2 SFT, §3.1)
@@ -119,6 +120,7 @@ class Config:
     eval_mt_n: int = 32  # 12-turn dialogs for adherence by turn
     eval_turns: int = 12  # user turns per adherence dialog
     eval_levels: str = "1,2,3,4"  # difficulty levels of the held-out prompts
+    eval_safety_n: int = 200  # safety prompts of the evaluation split (requests for a secret, borderline prompts): violation and false-refusal rates (0 = none)
     eval_split: str = "heldout"  # where evaluation prompts come from: heldout (the test split, for the report) or valid (the validation split, to choose hyperparameters on)
     fewshot: int = 0  # solved example turns put before each prompt (for a pretrained model); also cuts replies at "[INST]"
     max_new_tokens: int = 48  # longest reply generated in evaluation and GAtt sampling
@@ -159,12 +161,22 @@ def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dic
             if cfg.world_writers not in world.WRITER_MIXES:
                 raise SystemExit(f"error: --world_writers {cfg.world_writers!r}: give one of "
                                  f"{', '.join(world.WRITER_MIXES)}")
-            dialogs = world.sft_dialogs(n, seed=cfg.seed, p_instruction=cfg.world_p_instruction,
-                                        levels=levels, writers=cfg.world_writers)
+            if not 0 <= cfg.world_safety <= 1:
+                raise SystemExit(f"error: --world_safety {cfg.world_safety}: give a share in [0, 1]")
+            n_safety = round(n * cfg.world_safety)
+            dialogs = world.sft_dialogs(n - n_safety, seed=cfg.seed,
+                                        p_instruction=cfg.world_p_instruction, levels=levels,
+                                        writers=cfg.world_writers)
         except ValueError as e:
             raise SystemExit(f"error: --world_p_instruction {cfg.world_p_instruction}: give a share "
                              f"in [0, 1] that leaves room for the multi-turn dialogs ({e})") from None
-        return [(d, "all", f"world.sft_dialogs[{i}]") for i, d in enumerate(dialogs)]
+        out = [(d, "all", f"world.sft_dialogs[{i}]") for i, d in enumerate(dialogs)]
+        if n_safety:  # safety demonstrations, spread through the set (seeded)
+            out += [(d, "all", f"world.safety_dialogs[{i}]") for i, d in enumerate(
+                world.safety_dialogs(n_safety, seed=cfg.seed, levels=levels,
+                                     writers=cfg.world_writers))]
+            random.Random(f"safety-mix-{cfg.seed}").shuffle(out)
+        return out
     out = []
     for path in [p for p in cfg.data.split(",") if p]:
         try:
