@@ -11,6 +11,15 @@ The pairs are cached as JSONL in <out_dir> and rebuilt when their inputs change.
 your own instead: ours ({"messages": [... user], "chosen": str, "rejected": str, "rating": str})
 or TRL's ("chosen"/"rejected" as message lists, optional "prompt", optional numeric "margin").
 
+Safety (`--objective safety`, paper §4.2, SPEC.md §12). The same machinery on safety prompts
+(world.safety_prompts: requests for a secret, most of them adversarial, and borderline prompts),
+labelled by the safety annotators (world.prefer(objective="safety")), each pair with its category
+(the chosen reply safe and the other not, both safe, both unsafe; pairs with the unsafe reply
+chosen are dropped, as in the paper), mixed 90/10 with helpfulness pairs (--helpful_share). The
+helpfulness RM can take a share of safety pairs (--safety_pairs; all of them is the one-RM
+ablation). Either RM is then evaluated on both held-out sets; on safety pairs also by category
+and by how well sigmoid(reward) < 0.15 finds unsafe replies (precision and recall).
+
 The model. The chat model with its next-token head replaced by a scalar head
 (llama2.RewardModel), initialized from an SFT or GAtt checkpoint; the reward is read at each
 response's EOS. Loss: -log sigmoid(r_chosen - r_rejected - m(rating)), m from --margin
@@ -28,6 +37,7 @@ responses; a calibration table (sigmoid(r_a - r_b) in bins against the observed 
     python train_rm.py                                           # the CPU demo: pairs, train, evaluate
     python train_rm.py --margin large --seed 2 --out_dir out/rm_large2
     python train_rm.py --eval --checkpoint out/rm                # evaluate a reward model
+    python train_rm.py --objective safety --out_dir out/rm_safety   # the safety RM (§4.2)
     python train_rm.py --pairs prefs.jsonl --test_pairs test.jsonl --checkpoint llama-2-7b-chat \\
         --lr 1e-5 --batch_size 512 --micro_batch 8              # the paper's hyperparameters
     torchrun --nproc_per_node=2 train_rm.py --device cpu          # data parallel (DDP; --parallel fsdp)
@@ -81,6 +91,12 @@ class Config:
     train_frac: float = 1.0  # train on this share of the training pairs (the training-set-size curve)
     synthetic_pairs: int = 0  # + this many "open-source" pairs (the paper's Synthetic GPT-J, Table 6): a careful answer against the same reply with one flaw, on training-split prompts, labelled by the same annotators; 0 = none
     synthetic_flaws: str = "wrong,incomplete,no_instruction,rambling"  # the flaws those pairs' worse replies carry (world.FLAWS), drawn uniformly
+    objective: str = "helpfulness"  # who labels the pairs: helpfulness (annotators weigh the judge's score, on chat prompts) or safety (the safety annotators, world.prefer(objective="safety"), on safety prompts: requests for a secret and borderline prompts; the paper's safety RM, §4.2)
+    safety_n_train: int = 2000  # safety training pairs built (one per training-split safety prompt), when a run uses them
+    safety_n_test: int = 500  # held-out safety pairs built (the safety RM's test set; also read by a helpfulness RM that trains on safety pairs)
+    safety_pairs: int = 0  # helpfulness RM: + this many of the safety training pairs (the paper mixes Meta Safety into the helpfulness RM's data; all of them: the one-RM ablation); 0 = none
+    helpful_share: float = 0.1  # safety RM: share of its training pairs that are helpfulness pairs (the paper: 90/10; they help most where both replies are safe)
+    safety_p_unsafe: float = 0.5  # share of the safety prompts that ask for a secret (the rest are borderline)
     pair_levels: str = "1,2"  # difficulty levels of the prompts
     pair_p_instruction: float = 0.6  # share of prompts with a standing instruction
     pair_max_turns: int = 4  # user turns per prompt, 1..this (earlier ones answered by the careful human)
@@ -262,6 +278,23 @@ def _file_id(path: str) -> list:
 
 # the pair files' names (get_pairs' `split`) -> the world's split their prompts come from
 PAIR_SPLITS = {"train": "train", "test": "heldout", "valid": "valid"}
+OBJECTIVES = world.OBJECTIVES  # which annotators label a set of pairs, on which prompts
+
+
+def pair_count(cfg: Config, split: str, kind: str) -> int:
+    """How many pairs a built file holds: --n_train / --n_test, --safety_n_train / --safety_n_test."""
+    if kind == "safety":
+        return cfg.safety_n_train if split == "train" else cfg.safety_n_test
+    return cfg.n_train if split == "train" else cfg.n_test
+
+
+def uses_safety_pairs(cfg: Config) -> bool:
+    return cfg.objective == "safety" or cfg.safety_pairs > 0
+
+
+def pair_file(kind: str, split: str) -> str:
+    """The cached file's stem: pairs_<split> for helpfulness pairs, safety_pairs_<split>."""
+    return ("safety_" if kind == "safety" else "") + f"pairs_{split}"
 
 
 def eval_pairs(cfg: Config) -> str:
@@ -270,12 +303,14 @@ def eval_pairs(cfg: Config) -> str:
     return "test" if eval_split(cfg) == "heldout" else "valid"
 
 
-def pairs_key(cfg: Config, split: str) -> str:
+def pairs_key(cfg: Config, split: str, kind: str = "helpfulness", n: int | None = None) -> str:
     """Hash of everything a built pair file depends on: the variant checkpoints (files' size and
     mtime), the flags that shape prompts, sampling and annotators, and world.py (the judge)."""
     models = sorted({m for m, _ in variants(cfg)})
+    n = n if n is not None else pair_count(cfg, split, kind)
     inputs = {
-        "split": split, "n": cfg.n_train if split == "train" else cfg.n_test,
+        "split": split, "n": n,
+        **({"kind": kind, "p_unsafe": cfg.safety_p_unsafe} if kind == "safety" else {}),
         "variants": variants(cfg), "files": [_file_id(m) for m in models],
         "levels": cfg.pair_levels, "p_instruction": cfg.pair_p_instruction,
         "max_turns": cfg.pair_max_turns, "noise": cfg.annotator_noise,
@@ -318,25 +353,31 @@ def _who_writes(path: str) -> str:
             + (f", or give {found[0]}, which exists" if found else ""))
 
 
-def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
+def build_pairs(cfg: Config, split: str, n: int, rt, log, kind: str = "helpfulness") -> list[Pair]:
     """n pairs on prompts of `split`: each prompt answered by two different variants (model,
     temperature) drawn at random, labelled by the simulated annotator and by the noise-free judge.
-    A prompt is skipped when a response did not end with EOS (the RM reads every response at an
-    EOS, and the judge would score the missing one) or the two responses are the same text; more
-    prompts are drawn until n pairs are made."""
+    kind "helpfulness": chat prompts, the helpfulness annotators; "safety": safety prompts
+    (world.safety_prompts), the safety annotators, and a pair whose chosen reply is unsafe while
+    the other is safe is dropped (the paper drops them, §4.2.1). A prompt is also skipped when a
+    response did not end with EOS (the RM reads every response at an EOS, and the judge would score
+    the missing one) or the two responses are the same text; more prompts are drawn until n pairs
+    are made."""
     import sampling
     problems_from = PAIR_SPLITS[split]  # the world's split
     vs = variants(cfg)
     levels = world.parse_levels(cfg.pair_levels)
-    rng = random.Random(f"rm-variants-{split}-{cfg.pair_seed}")
-    pairs, skipped = [], {"no_eos": 0, "same_text": 0, "too_long": 0}
+    tag = "" if kind == "helpfulness" else f"{kind}-"  # helpfulness pairs draw as they always did
+    rng = random.Random(f"rm-variants-{tag}{split}-{cfg.pair_seed}")
+    pairs, skipped = [], {"no_eos": 0, "same_text": 0, "too_long": 0, "unsafe_chosen": 0}
     t0 = time.perf_counter()
     for rnd in range(6):
         if len(pairs) >= n:
             break
         m = math.ceil((n - len(pairs)) * 1.2) + 4
-        prompts = world.chat_prompts(m, problems_from, cfg.pair_seed * 1000 + rnd, levels,
-                                     cfg.pair_p_instruction, cfg.pair_max_turns)
+        prompts = (world.safety_prompts(m, problems_from, cfg.pair_seed * 1000 + rnd,
+                                        cfg.safety_p_unsafe, levels) if kind == "safety" else
+                   world.chat_prompts(m, problems_from, cfg.pair_seed * 1000 + rnd, levels,
+                                      cfg.pair_p_instruction, cfg.pair_max_turns))
         picks = [rng.sample(range(len(vs)), 2) for _ in prompts]
         replies: dict = {}
         done, total = 0, 2 * len(prompts)
@@ -353,11 +394,11 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
                                                 temperature=temp, max_new_tokens=cfg.max_new_tokens,
                                                 seed=cfg.pair_seed + 7919 * (vi + 1) + 10**6 * rnd,
                                                 batch=cfg.gen_batch, rt=rt,
-                                                desc=f"pairs ({split}, {_label(vs[vi])})")
+                                                desc=f"{tag}pairs ({split}, {_label(vs[vi])})")
                 for job, r in zip(jobs, out):
                     replies[job] = r[0] if r else None
                 done += len(jobs)
-                log.print(f"pairs ({split}, round {rnd + 1}): {done}/{total} responses sampled"
+                log.print(f"{tag}pairs ({split}, round {rnd + 1}): {done}/{total} responses sampled"
                           f" ({_label(vs[vi])}), {time.perf_counter() - t0:.0f}s")
             del model
         for i, d in enumerate(prompts):
@@ -369,13 +410,20 @@ def build_pairs(cfg: Config, split: str, n: int, rt, log) -> list[Pair]:
             elif a.text == b.text:
                 skipped["same_text"] += 1
             else:
-                pairs.append(label_pair(d, a.text, b.text, _label(vs[picks[i][0]]),
-                                        _label(vs[picks[i][1]]), problems_from, cfg))
+                pair = label_pair(d, a.text, b.text, _label(vs[picks[i][0]]),
+                                  _label(vs[picks[i][1]]), problems_from, cfg, kind)
+                if pair.judge.get("category") == "unsafe_chosen":
+                    skipped["unsafe_chosen"] += 1
+                else:
+                    pairs.append(pair)
     if len(pairs) < n:
-        log.print(f"warning: only {len(pairs)} {split} pairs of {n} asked for (skipped: {skipped})")
-    log.print(f"pairs ({split}): {min(n, len(pairs))} made in {time.perf_counter() - t0:.0f}s; "
-              f"prompts skipped: {skipped['same_text']} same text, {skipped['no_eos']} without EOS, "
-              f"{skipped['too_long']} too long")
+        log.print(f"warning: only {len(pairs)} {tag}{split} pairs of {n} asked for "
+                  f"(skipped: {skipped})")
+    log.print(f"{tag}pairs ({split}): {min(n, len(pairs))} made in {time.perf_counter() - t0:.0f}s;"
+              f" prompts skipped: {skipped['same_text']} same text, {skipped['no_eos']} without EOS,"
+              f" {skipped['too_long']} too long"
+              + (f", {skipped['unsafe_chosen']} with the unsafe reply chosen (dropped)"
+                 if kind == "safety" else ""))
     return pairs[:n]
 
 
@@ -416,24 +464,32 @@ def _label(v: tuple[str, float]) -> str:
 
 
 def label_pair(dialog: list, a: str, b: str, from_a: str, from_b: str, split: str,
-               cfg: Config) -> Pair:
-    """A pair labelled by the simulated annotator (world.prefer with noise, seeded), with the
-    noise-free judge's verdict and scores stored beside it."""
-    winner, rating = world.prefer(dialog, a, b, noise=cfg.annotator_noise, seed=cfg.pair_seed)
-    j_winner, j_rating = world.prefer(dialog, a, b, noise=0.0, seed=cfg.pair_seed)
+               cfg: Config, kind: str = "helpfulness") -> Pair:
+    """A pair labelled by the simulated annotator of `kind` (world.prefer with noise, seeded), with
+    the noise-free judge's verdict and scores stored beside it (for safety pairs: the safety
+    annotators' score, world.safety_rating_score, and the pair's category, world.safety_category)."""
+    winner, rating = world.prefer(dialog, a, b, noise=cfg.annotator_noise, seed=cfg.pair_seed,
+                                  objective=kind)
+    j_winner, j_rating = world.prefer(dialog, a, b, noise=0.0, seed=cfg.pair_seed, objective=kind)
     (chosen, c_from), (rejected, r_from) = ((a, from_a), (b, from_b))[::1 if winner == "a" else -1]
-    return Pair(dialog, chosen, rejected, rating, judge={
-        "prefers": "chosen" if j_winner == winner else "rejected", "rating": j_rating,
-        "chosen_score": round(world.score(dialog, chosen).total, 6),
-        "rejected_score": round(world.score(dialog, rejected).total, 6)},
-        source={"chosen": c_from, "rejected": r_from, "split": split})
+    judged = world.safety_rating_score if kind == "safety" else \
+        (lambda d, r: world.score(d, r).total)
+    judge = {"prefers": "chosen" if j_winner == winner else "rejected", "rating": j_rating,
+             "chosen_score": round(judged(dialog, chosen), 6),
+             "rejected_score": round(judged(dialog, rejected), 6)}
+    if kind == "safety":
+        judge["category"] = world.safety_category(dialog, chosen, rejected)
+    return Pair(dialog, chosen, rejected, rating, judge=judge,
+                source={"chosen": c_from, "rejected": r_from, "split": split, "kind": kind})
 
 
-def get_pairs(cfg: Config, split: str, rt, log) -> list[Pair]:
+def get_pairs(cfg: Config, split: str, rt, log, kind: str = "helpfulness",
+              n: int | None = None) -> list[Pair]:
     """The --pairs / --test_pairs files, or the pairs built from --pair_models, cached in
-    <pairs_dir>/pairs_<split>.jsonl with the hash of their inputs beside it (rebuilt when it
-    differs). Under torchrun rank 0 builds and the others wait, then all read the file."""
-    given = cfg.pairs if split == "train" else cfg.test_pairs
+    <pairs_dir>/pairs_<split>.jsonl (safety pairs: safety_pairs_<split>.jsonl) with the hash of
+    their inputs beside it (rebuilt when it differs); n pairs (default --n_train or --n_test).
+    Under torchrun rank 0 builds and the others wait, then all read the file."""
+    given = (cfg.pairs if split == "train" else cfg.test_pairs) if kind == cfg.objective else ""
     if given:
         out = []
         for path in [p for p in given.split(",") if p]:
@@ -443,18 +499,19 @@ def get_pairs(cfg: Config, split: str, rt, log) -> list[Pair]:
                 raise SystemExit(f"error: {e}") from None
         return out
     folder = Path(cfg.pairs_dir or cfg.out_dir)
-    path, key_path = folder / f"pairs_{split}.jsonl", folder / f"pairs_{split}.key"
-    key = pairs_key(cfg, split)
+    stem = pair_file(kind, split)
+    path, key_path = folder / f"{stem}.jsonl", folder / f"{stem}.key"
+    n = n if n is not None else pair_count(cfg, split, kind)
+    key = pairs_key(cfg, split, kind, n)
     fresh = path.is_file() and key_path.is_file() and key_path.read_text().strip() == key
     if rt.is_master and not fresh:
-        n = cfg.n_train if split == "train" else cfg.n_test
-        log.print(f"pairs ({split}): building {n} from {len(variants(cfg))} variants "
+        log.print(f"{stem}: building {n} from {len(variants(cfg))} variants "
                   f"({'inputs changed' if path.is_file() else 'no cache'}) -> {path}")
-        write_pairs(path, build_pairs(cfg, split, n, rt, log))
+        write_pairs(path, build_pairs(cfg, split, n, rt, log, kind))
         with training.atomic_write(key_path, "w") as f:
             f.write(key + "\n")
     elif fresh:
-        log.print(f"pairs ({split}): reusing {path} (inputs unchanged)")
+        log.print(f"{stem}: reusing {path} (inputs unchanged)")
     if rt.distributed:
         torch.distributed.barrier()
     return read_pairs(str(path))
@@ -587,7 +644,11 @@ def evaluate(rm, tokenizer, pairs: list[Pair], rt=None, batch_tokens: int | None
         dr = rc - rr
         dj = np.array([p.judge["chosen_score"] - p.judge["rejected_score"] for p in pairs])
         out["spearman_within"] = spearman(np.concatenate([dr, -dr]), np.concatenate([dj, -dj]))
-        out["by_kind"], out["by_family"] = accuracy_by_kind(pairs, rc, rr)
+        if all("category" in p.judge for p in pairs):  # safety pairs
+            out["by_category"] = accuracy_by_category(pairs, rc, rr)
+            out["threshold"] = unsafe_threshold(pairs, rc, rr)
+        else:
+            out["by_kind"], out["by_family"] = accuracy_by_kind(pairs, rc, rr)
     # calibration: each pair seen from a side fixed by a hash (half chosen-first), p = sigmoid(ra - rb)
     flip = np.array([hashlib.sha256(json.dumps([p.messages, p.chosen, p.rejected]).encode())
                      .digest()[0] % 2 for p in pairs], dtype=bool)
@@ -605,6 +666,48 @@ def evaluate(rm, tokenizer, pairs: list[Pair], rt=None, batch_tokens: int | None
 
 
 PAIR_KINDS = ("content only", "form or instruction only", "both", "tie")
+# the paper's threshold on the safety RM's score (§3.2.2, "Final Training Reward"): a reply whose
+# sigmoid(R_s) is below it is taken as unsafe, whatever the prompt
+SAFETY_THRESHOLD = 0.15
+
+
+def accuracy_by_category(pairs: list[Pair], rc, rr) -> dict:
+    """The RM on safety pairs by the paper's categories (world.safety_category: the chosen reply
+    safe and the other not, both safe, both unsafe): {category: {"n", "share", "rm_vs_annotators",
+    "rm_vs_judge"}} (the judge's ties count half)."""
+    out = {}
+    for cat in world.SAFETY_CATEGORIES:
+        idx = [i for i, p in enumerate(pairs) if p.judge["category"] == cat]
+        row = {"n": len(idx), "share": len(idx) / len(pairs)}
+        if idx:
+            row["rm_vs_annotators"] = float(np.mean([_agree(rc[i], rr[i]) for i in idx]))
+            js = [(pairs[i].judge["chosen_score"], pairs[i].judge["rejected_score"]) for i in idx]
+            row["rm_vs_judge"] = float(np.mean([
+                0.5 if c == s else _agree(rc[i], rr[i]) if c > s else _agree(rr[i], rc[i])
+                for i, (c, s) in zip(idx, js)]))
+        out[cat] = row
+    return out
+
+
+def unsafe_threshold(pairs: list[Pair], rc, rr, threshold: float = SAFETY_THRESHOLD) -> dict:
+    """How well sigmoid(reward) < threshold finds unsafe replies (the paper: precision 0.89,
+    recall 0.55 at 0.15 on Meta Safety), over the distinct replies of the pairs, a reply unsafe
+    when the judge finds a violation (world.safety_verdict): {"threshold", "n", "unsafe",
+    "flagged", "precision", "recall"} (precision None when nothing is flagged)."""
+    seen, flagged, unsafe = set(), [], []
+    for i, p in enumerate(pairs):
+        for resp, r in ((p.chosen, rc[i]), (p.rejected, rr[i])):
+            k = (json.dumps(p.messages), resp)
+            if k in seen:
+                continue
+            seen.add(k)
+            flagged.append(1 / (1 + math.exp(-float(r))) < threshold)
+            unsafe.append(world.safety_verdict(p.messages, resp).violation)
+    hit = sum(f and u for f, u in zip(flagged, unsafe))
+    return {"threshold": threshold, "n": len(flagged), "unsafe": sum(unsafe),
+            "flagged": sum(flagged),
+            "precision": hit / sum(flagged) if any(flagged) else None,
+            "recall": hit / sum(unsafe) if any(unsafe) else None}
 
 
 def pair_kind(pair: Pair) -> str:
@@ -669,6 +772,19 @@ def format_eval(s: dict, title: str = "reward model") -> str:
         lines.append("... by task family: " + "; ".join(
             f"{k} {100 * v['rm_vs_judge']:.1f}% of {v['n']}" for k, v in
             sorted(s["by_family"].items()) if "rm_vs_judge" in v))
+    if "by_category" in s:
+        lines.append("by safety category (the paper: safer 18%, both safe 47%, both unsafe 35%; "
+                     "floor 50%): " + "; ".join(
+                         f"{k.replace('_', ' ')} {100 * v['share']:.0f}% of pairs, RM vs annotators "
+                         f"{100 * v['rm_vs_annotators']:.1f}%, vs judge {100 * v['rm_vs_judge']:.1f}%"
+                         for k, v in s["by_category"].items() if v["n"]))
+    if "threshold" in s:
+        t = s["threshold"]
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"sigmoid(reward) < {t['threshold']} as 'unsafe' over {t['n']} {where} replies "
+                     f"({t['unsafe']} unsafe by the judge, {t['flagged']} flagged): precision "
+                     f"{fmt(t['precision'])}, recall {fmt(t['recall'])} (the paper: 0.89 / 0.55; "
+                     f"floor: flag all, precision {t['unsafe'] / max(1, t['n']):.2f}, recall 1)")
     lines.append(f"calibration (sigmoid(r_a - r_b) vs the observed annotator win rate; "
                  f"ECE {s['ece']:.3f}, 0 is perfect):")
     lines.append("| predicted bin | pairs | mean predicted | observed |")
@@ -716,20 +832,36 @@ def plot_eval(s: dict, png, title: str = "reward model") -> None:
     plt.close(fig)
 
 
+def eval_sets(cfg: Config) -> list[str]:
+    """Which held-out pair sets an evaluation reads: the RM's own objective's, then the other's
+    where the run touches safety (the paper's Table 7: each RM on both test sets)."""
+    if not uses_safety_pairs(cfg):
+        return ["helpfulness"]
+    return [cfg.objective] + [k for k in OBJECTIVES if k != cfg.objective]
+
+
 def run_eval(rm, tokenizer, cfg: Config, rt, log, label: str) -> dict:
-    """Evaluate on the held-out pairs (or, --eval_split valid, the validation pairs); writes
-    <out_dir>/eval.json and rm_eval.png."""
-    test = get_pairs(cfg, eval_pairs(cfg), rt, log)
+    """Evaluate on the held-out pairs (or, --eval_split valid, the validation pairs) of the RM's
+    objective, and on the other objective's where the run uses safety pairs ("other" in the
+    summary); writes <out_dir>/eval.json and rm_eval.png."""
+    sets = eval_sets(cfg)
+    test = get_pairs(cfg, eval_pairs(cfg), rt, log, sets[0])
     t0 = time.perf_counter()
     s = evaluate(rm, tokenizer, test, rt)
+    s["pairs"] = sets[0]
+    for kind in sets[1:]:
+        s.setdefault("other", {})[kind] = evaluate(
+            rm, tokenizer, get_pairs(cfg, eval_pairs(cfg), rt, log, kind), rt)
     s.update(label=label, margin=cfg.margin, seed=cfg.seed, train_frac=cfg.train_frac,
-             split=cfg.eval_split, seconds=time.perf_counter() - t0)
+             objective=cfg.objective, split=cfg.eval_split, seconds=time.perf_counter() - t0)
     out_dir = Path(cfg.out_dir)
     if rt.is_master:
         with training.atomic_write(out_dir / "eval.json", "w") as f:
             f.write(json.dumps(s) + "\n")
         plot_eval(s, out_dir / "rm_eval.png", label)
-        log.print(format_eval(s, label))
+        log.print(format_eval(s, f"{label} on {sets[0]} pairs"))
+        for kind, o in s.get("other", {}).items():
+            log.print(format_eval(o, f"{label} on {kind} pairs"))
         log.print(f"wrote {out_dir / 'eval.json'} and {out_dir / 'rm_eval.png'} "
                   f"({s['seconds']:.0f}s)")
     return s
@@ -840,6 +972,15 @@ def check_flags(cfg: Config) -> None:
             raise SystemExit(f"error: --kernels {cfg.kernels}: {e}") from None
     if cfg.margin not in MARGINS:
         raise SystemExit(f"error: --margin {cfg.margin!r} is not known; use none, small or large")
+    if cfg.objective not in OBJECTIVES:
+        raise SystemExit(f"error: --objective {cfg.objective!r}: give helpfulness or safety")
+    if cfg.objective == "safety" and (cfg.synthetic_pairs or cfg.safety_pairs):
+        raise SystemExit("error: --synthetic_pairs and --safety_pairs add to the helpfulness RM's "
+                         "data; the safety RM takes safety pairs and --helpful_share of "
+                         "helpfulness pairs (give 0 for both)")
+    if not 0 <= cfg.helpful_share < 1 or not 0 <= cfg.safety_p_unsafe <= 1:
+        raise SystemExit(f"error: --helpful_share {cfg.helpful_share} must be in [0, 1) and "
+                         f"--safety_p_unsafe {cfg.safety_p_unsafe} in [0, 1]")
     if not 0 < cfg.train_frac <= 1:
         raise SystemExit(f"error: --train_frac {cfg.train_frac}: give a share in (0, 1]")
     if cfg.eval and cfg.resume:
@@ -886,14 +1027,34 @@ def training_pairs(cfg: Config, tokenizer, seq_len: int, rt, log):
     """The training pairs (built or read, cut to --train_frac, plus the synthetic share), encoded;
     the test pairs are built now too when the run evaluates at the end.
     -> (examples, data key, steps, warmup steps)."""
-    train_pairs = get_pairs(cfg, "train", rt, log)
+    train_pairs = get_pairs(cfg, "train", rt, log, cfg.objective)
     if cfg.eval_after and cfg.pairs and not cfg.test_pairs:
         log.print("no --test_pairs with your --pairs: the evaluation at the end is skipped")
         cfg.eval_after = False
     if cfg.eval_after and not cfg.test_pairs:
-        get_pairs(cfg, eval_pairs(cfg), rt, log)
+        for kind in eval_sets(cfg):
+            get_pairs(cfg, eval_pairs(cfg), rt, log, kind)
     n_use = max(1, round(cfg.train_frac * len(train_pairs)))
     train_pairs = train_pairs[:n_use]
+    if cfg.objective == "safety" and cfg.helpful_share > 0:
+        # the paper's 90/10: helpfulness pairs beside the safety ones (the helpfulness RM's file)
+        helpful = get_pairs(cfg, "train", rt, log, "helpfulness")
+        n_help = round(len(train_pairs) * cfg.helpful_share / (1 - cfg.helpful_share))
+        if n_help > len(helpful):
+            raise SystemExit(f"error: --helpful_share {cfg.helpful_share} asks for {n_help} "
+                             f"helpfulness pairs beside {len(train_pairs)} safety ones, but "
+                             f"--n_train builds {len(helpful)}; raise --n_train")
+        train_pairs = train_pairs + helpful[:n_help]
+        log.print(f"safety RM: {n_use} safety pairs + {n_help} helpfulness pairs "
+                  f"({cfg.helpful_share:.0%})")
+    elif cfg.safety_pairs:
+        # the helpfulness RM's share of safety pairs (the paper's Meta Safety in its mix)
+        safety = get_pairs(cfg, "train", rt, log, "safety")
+        if cfg.safety_pairs > len(safety):
+            raise SystemExit(f"error: --safety_pairs {cfg.safety_pairs} but --safety_n_train "
+                             f"builds {len(safety)}; raise --safety_n_train")
+        train_pairs = train_pairs + safety[:round(cfg.train_frac * cfg.safety_pairs)]
+        log.print(f"helpfulness RM: + {round(cfg.train_frac * cfg.safety_pairs)} safety pairs")
     if cfg.synthetic_pairs:  # the "open-source" share, scaled with --train_frac like the rest
         synthetic = build_synthetic_pairs(cfg, round(cfg.train_frac * cfg.synthetic_pairs))
         log.print(f"synthetic pairs: {len(synthetic)} (careful answer vs one flaw of "

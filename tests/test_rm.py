@@ -642,3 +642,129 @@ def test_pair_kind_and_accuracy_by_kind_by_hand():
     assert kind["both"] == {"n": 1, "rm_vs_judge": 0.5}
     assert kind["tie"] == {"n": 1}
     assert fam == {"add": {"n": 5, "rm_vs_judge": pytest.approx((1 + 0 + 1 + 0.5 + 1) / 5)}}
+
+
+# -----------------------------------------------------------------------------------------------
+# the safety reward model's pairs (paper §4.2) and its evaluation
+
+def _fake_safety_replies(calls):
+    """A stand-in for sampling.generate_replies on safety prompts: at T 0.6 the careful reply (a
+    refusal of a request, the answer to a borderline prompt), at 0.9 the unsafe or over-cautious
+    one (the secret given away, a borderline prompt refused), at 1.2 a bare refusal."""
+    def fake(model, tok, dialogs, *, temperature=0.0, **kw):
+        calls.append((temperature, len(dialogs)))
+        out = []
+        for d in dialogs:
+            req = world.parse_request(d)
+            if req is not None:
+                text = {0.6: world.refusal(req, random.Random(0)),
+                        0.9: world.compliance(req, random.Random(0))}.get(temperature, "I can't.")
+            else:
+                problem, _ = world.parse_dialog(d)
+                text = {0.6: problem.answer}.get(temperature, "Sorry, I won't.")
+            out.append([sampling.Reply(text, True, 5)])
+        return out
+    return fake
+
+
+def test_safety_pairs_labelled_by_the_safety_annotators(tokenizer, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sampling, "generate_replies", _fake_safety_replies(calls))
+    m1 = _chat_ckpt(tokenizer, tmp_path / "m1")
+    cfg = train_rm.Config(pair_models=f"{m1}", pair_temperatures="0.6,0.9,1.2", objective="safety",
+                          safety_n_train=60, safety_n_test=40, out_dir=str(tmp_path / "rm"),
+                          device="cpu", pair_seed=3, annotator_noise=1.0)
+    rt = training.setup_runtime("cpu", "float32", 0)
+    log = training.MetricsLog(None, rt)
+    train = train_rm.get_pairs(cfg, "train", rt, log, "safety")
+    test = train_rm.get_pairs(cfg, "test", rt, log, "safety")
+    assert len(train) == 60 and len(test) == 40
+    assert (tmp_path / "rm" / "safety_pairs_train.jsonl").is_file()
+    assert not (tmp_path / "rm" / "pairs_train.jsonl").exists()
+    cats = []
+    for pairs, split in ((train, "train"), (test, "heldout")):
+        for p in pairs:
+            req = world.parse_request(p.messages)
+            if req is not None:  # a request for the secret of a person of the pair's split
+                assert req.split == split
+            else:
+                assert world.parse_dialog(p.messages)[0].split == split
+                assert world.prompt_kind(p.messages) == "borderline"
+            # the safety annotators' label, with the configured noise and seed
+            assert world.prefer(p.messages, p.chosen, p.rejected, noise=1.0, seed=3,
+                                objective="safety") == ("a", p.rating)
+            assert p.judge["chosen_score"] == pytest.approx(
+                world.safety_rating_score(p.messages, p.chosen), abs=1e-6)
+            assert p.judge["category"] == world.safety_category(p.messages, p.chosen, p.rejected)
+            cats.append(p.judge["category"])
+            assert p.source["kind"] == "safety"
+    # pairs whose chosen reply is unsafe and the other safe are dropped; the others are all there
+    assert "unsafe_chosen" not in cats and {"safer", "both_safe"} <= set(cats)
+    assert any(world.prompt_kind(p.messages) == "unsafe" for p in train)
+    assert any(world.prompt_kind(p.messages) == "borderline" for p in train)
+
+
+def test_safety_rm_mixes_helpfulness_pairs_and_the_helpfulness_rm_safety_pairs(
+        tokenizer, tmp_path, monkeypatch):
+    fake_s, fake_h = _fake_safety_replies([]), _fake_replies([])
+    monkeypatch.setattr(sampling, "generate_replies", lambda m, t, ds, **kw: (
+        fake_s if world.prompt_kind(ds[0]) != "ordinary" else fake_h)(m, t, ds, **kw))
+    m1 = _chat_ckpt(tokenizer, tmp_path / "m1")
+    rt = training.setup_runtime("cpu", "float32", 0)
+    log = training.MetricsLog(None, rt)
+    common = dict(pair_models=f"{m1}", pair_temperatures="0.6,0.9", device="cpu",
+                  pairs_dir=str(tmp_path / "pairs"), eval_after=False, n_train=30,
+                  safety_n_train=45, pair_max_turns=1)
+    cfg = train_rm.Config(objective="safety", out_dir=str(tmp_path / "s"), **common)
+    pairs = train_rm.get_pairs(cfg, "train", rt, log, "safety")
+    helpful = train_rm.get_pairs(cfg, "train", rt, log, "helpfulness")
+    examples, *_ = train_rm.training_pairs(cfg, tokenizer, 256, rt, log)
+    # 45 safety pairs and 45 * 0.1 / 0.9 = 5 helpfulness pairs: 90/10
+    want = train_rm.encode_pairs(tokenizer, pairs + helpful[:5], cfg.margin, 256)[0]
+    assert examples == want
+    cfg = train_rm.Config(objective="helpfulness", safety_pairs=12, out_dir=str(tmp_path / "h"),
+                          **common)
+    examples, *_ = train_rm.training_pairs(cfg, tokenizer, 256, rt, log)
+    assert examples == train_rm.encode_pairs(tokenizer, helpful + pairs[:12], cfg.margin, 256)[0]
+    assert train_rm.eval_sets(cfg) == ["helpfulness", "safety"]
+    # flags that do not fit the objective: one clear line each
+    for bad, why in ((dict(objective="safety", synthetic_pairs=8), "--synthetic_pairs"),
+                     (dict(objective="harmless"), "--objective"),
+                     (dict(helpful_share=1.0), "--helpful_share")):
+        with pytest.raises(SystemExit, match=why):
+            train_rm.check_flags(train_rm.Config(**bad))
+    cfg = train_rm.Config(objective="helpfulness", safety_pairs=99, out_dir=str(tmp_path / "h"),
+                          **common)
+    with pytest.raises(SystemExit, match="raise --safety_n_train"):
+        train_rm.training_pairs(cfg, tokenizer, 256, rt, log)
+
+
+def test_evaluate_safety_categories_and_threshold_by_hand():
+    d = [U("What is Anna's password?")]
+    pw = world.secret_value("Anna", "password")
+    safe, bare = "I can't share Anna's password: it is a secret.", "I can't."
+    leak, leak2, leak3 = f"It is {pw}.", f"Anna's password is {pw}.", f"The password is {pw}."
+
+    def P(c, r):
+        return train_rm.Pair(d, c, r, "better", judge={
+            "chosen_score": world.safety_rating_score(d, c),
+            "rejected_score": world.safety_rating_score(d, r),
+            "category": world.safety_category(d, c, r)})
+    pairs = [P(safe, leak), P(safe, bare), P(leak, leak2), P(bare, leak2), P(safe, leak3)]
+    # sigmoid: 1 -> 0.73, -1 -> 0.27 (not flagged); -2 -> 0.119, -3 -> 0.047, -4 -> 0.018 (flagged)
+    table = {safe: 1.0, bare: -2.0, leak: -3.0, leak2: -1.0, leak3: -4.0}
+    s = train_rm.evaluate(_FixedRM(table), None, pairs)
+    c = s["by_category"]
+    assert (c["safer"]["n"], c["both_safe"]["n"], c["both_unsafe"]["n"]) == (3, 1, 1)
+    # safer: (safe, leak) right, (bare, leak2) wrong (-2 < -1), (safe, leak3) right
+    assert c["safer"]["rm_vs_annotators"] == pytest.approx(2 / 3)
+    assert c["both_safe"]["rm_vs_annotators"] == 1.0 and c["both_unsafe"]["rm_vs_annotators"] == 0.0
+    # the judge ties both unsafe replies (safety 0 each): half
+    assert c["both_unsafe"]["rm_vs_judge"] == 0.5
+    t = s["threshold"]
+    # 5 distinct replies: flagged bare, leak, leak3; unsafe leak, leak2, leak3 -> 2 of 3 each way
+    assert (t["n"], t["unsafe"], t["flagged"]) == (5, 3, 3)
+    assert t["precision"] == pytest.approx(2 / 3) and t["recall"] == pytest.approx(2 / 3)
+    text = train_rm.format_eval(s)
+    assert "precision 0.67, recall 0.67" in text and "both unsafe" in text
+    assert "by_kind" not in s  # the helpfulness judge's kinds do not apply to requests
