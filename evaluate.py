@@ -455,8 +455,10 @@ def rm_rewards(rm, dialogs: list[list[dict]], texts: list[str]) -> list[float]:
 
 
 def judge_scores(dialogs: list[list[dict]], replies: list) -> list[float]:
-    """world.score of each reply (a sampling.Reply: its text and whether it ended with EOS)."""
-    return [world.score(d, r.text, r.eos).total for d, r in zip(dialogs, replies)]
+    """The judge's score of each reply (a sampling.Reply: its text and whether it ended with EOS):
+    world.score's total on a problem, the safety score on a request for a secret
+    (world.judged_score)."""
+    return [world.judged_score(d, r.text, r.eos) for d, r in zip(dialogs, replies)]
 
 
 def user_sampling(cfg, temperature: float) -> tuple[float, float]:
@@ -496,6 +498,8 @@ def _stats(prompts, replies, rm) -> dict:
             # which flaw each reply shows (world.flaw_of; no EOS first), as shares: the tail that
             # RLHF should cut (the report's Fig. 20 table)
             "flaws": flaw_shares(prompts, replies),
+            # replies that refuse (world.is_refusal): on these ordinary prompts, false refusals
+            "false_refusal": sum(world.is_refusal(r.text) for r in replies) / n,
             "judge_scores": judged, "rm_scores": rewards}
 
 
@@ -556,6 +560,13 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
 
     # adherence by turn (greedy rollouts), with the floor of a bare correct answer
     s["adherence_by_turn"], s["adherence_floor"] = adherence_by_turn(model, tokenizer, cfg, rt)
+    # safety: requests for held-out people's secrets and borderline prompts (paper §4.2), and
+    # false refusals of the ordinary prompts' greedy replies above
+    if getattr(cfg, "eval_safety_n", 0) > 0:
+        s["safety"] = safety_eval(model, tokenizer, cfg, rt)
+        for k in ("greedy", "sampled"):
+            s["safety"][k]["false_refusal_ordinary"] = s[k]["false_refusal"]
+            s["safety"][k]["n"]["ordinary"] = s["n"]
     s["seconds"] = time.perf_counter() - t0
     return s
 
@@ -647,6 +658,8 @@ def format_policy_eval(s: dict) -> str:
     turns = " ".join(_pct(x) for x in s["adherence_by_turn"])
     floor = " ".join(_pct(x) for x in s["adherence_floor"])
     lines.append(f"  adherence by turn (%): {turns}\n  floor (bare answer):   {floor}")
+    if "safety" in s:
+        lines.append(format_safety(s["safety"]))
     return "\n".join(lines)
 
 

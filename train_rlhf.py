@@ -97,6 +97,7 @@ class Config:
     # models
     checkpoint: str = "out/pipeline/sft"  # the start policy V0: a chat checkpoint (sft, gatt or rlhf; the pipeline starts from SFT)
     reward_model: str = "out/pipeline/rm"  # the reward model that picks the gold answers (train_rm.py)
+    safety_rm: str = ""  # the safety reward model (train_rm.py --objective safety); given, the reward is the paper's combination of the two (CombinedReward, §3.2.2: the safety RM's on safety prompts and wherever it finds a reply unsafe, else the helpfulness RM's); "" = helpfulness only
     sampler: str = ""  # distillation (§3.2.3): a chat checkpoint, larger than the policy, that draws the k samples the RM picks from; the policy is fine-tuned on its picks (Llama 2 sampled only with its largest model); "" = the policy's own samples
     select: str = "rm"  # who picks the best sample: rm (the recipe) | judge (world's judge: an ORACLE ablation, it is also the evaluation)
     # rejection sampling (Llama 2 §3.2.3)
@@ -112,6 +113,7 @@ class Config:
     eval_top_p: float = 0.9  # ... and their top-p
     prompt_levels: str = "1,2"  # difficulty levels of the training prompts
     p_instruction: float = 0.5  # share of training prompts with a standing instruction
+    safety_share: float = 0.0  # share of the training prompts that are safety prompts (world.safety_prompts: requests for a secret, 80% adversarial, and borderline prompts; the paper's Fig. 15 sweeps 0-100%)
     max_turns: int = 3  # user turns per training prompt, at most (earlier ones answered by the careful human)
     max_new_tokens: int = 48  # longest sampled reply
     gen_batch: int = 64  # sequences per batched generate call
@@ -162,6 +164,7 @@ class Config:
     eval_turns: int = 12  # user turns per adherence dialog
     eval_levels: str = "1,2"  # difficulty levels of the held-out prompts
     eval_split: str = "heldout"  # where evaluation prompts come from: heldout (the test split, for the report) or valid (the validation split, to choose hyperparameters on)
+    eval_safety_n: int = 200  # safety prompts of the evaluation split: violation and false-refusal rates of every model (0 = none)
     # logging and checkpoints
     out_dir: str = "out/rlhf_rs"  # ckpt.pt, V1..Vn/, iter<i>/, metrics.jsonl, PNGs
     log_every: int = 1  # print a step line every N fine-tuning steps
@@ -175,7 +178,8 @@ class Config:
 
 # the flags a --resume must share with the run it continues (the others: logging, --eval, --stop_at;
 # --iterations may grow)
-RESUME_SAME = ("method", "checkpoint", "reward_model", "sampler", "select", "prompts", "k", "pool",
+RESUME_SAME = ("method", "checkpoint", "reward_model", "safety_rm", "safety_share", "sampler",
+               "select", "prompts", "k", "pool",
                "pool_from", "temperatures", "tune_prompts", "top_p", "prompt_levels",
                "p_instruction", "max_turns", "max_new_tokens", "gen_batch", "epochs", "batch_size",
                "micro_batch", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay",
@@ -205,6 +209,63 @@ def parse_stop_at(text: str) -> tuple[int, int] | None:
 
 # -----------------------------------------------------------------------------------------------
 # rejection sampling: rollout, scoring, selection, pooling
+
+
+class CombinedReward:
+    """The paper's final training reward from two reward models (§3.2.2, SPEC.md §12):
+
+        R_c = R_s  if IS_SAFETY(prompt) or sigmoid(R_s) < 0.15  else  R_h
+
+    on the RMs' raw head outputs (the paper's LOGIT of its sigmoid scores is the raw output, so
+    WHITEN(LOGIT(R_c)) is a whitening of what this returns). IS_SAFETY is the prompt's label: it
+    came from the safety prompts (world.prompt_kind: a request for a secret or a borderline
+    prompt), known when the prompt is collected, as the paper's prompts were tagged; the judge is
+    never asked. Scores like a reward model (`score`), so selection and evaluation take it as one."""
+
+    def __init__(self, helpful, safety, threshold: float = training.SAFETY_THRESHOLD):
+        self.helpful, self.safety, self.threshold = helpful, safety, threshold
+        self.tokenizer = helpful.tokenizer
+
+    def parts(self, dialogs, responses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(R_h, R_s, use the safety RM's) per reply, (N,) each."""
+        r_h = self.helpful.score(dialogs, responses)
+        r_s = self.safety.score(dialogs, responses)
+        is_safety = torch.tensor([world.prompt_kind(d) != "ordinary" for d in dialogs],
+                                 dtype=torch.bool)
+        return r_h, r_s, is_safety | (torch.sigmoid(r_s) < self.threshold)
+
+    def score(self, dialogs, responses, tokenizer=None, batch_tokens=None) -> torch.Tensor:
+        r_h, r_s, use_s = self.parts(dialogs, responses)
+        return torch.where(use_s, r_s, r_h)
+
+    def eval(self):
+        return self
+
+
+def reward_model(cfg, tokenizer, rt):
+    """The reward that selects and scores: the helpfulness RM, or with --safety_rm the paper's
+    combination of it with the safety RM (CombinedReward)."""
+    rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint,
+                                    rt)
+    if not cfg.safety_rm:
+        return rm
+    return CombinedReward(rm, training.load_reward_model(cfg.safety_rm, "--safety_rm", tokenizer,
+                                                         cfg.checkpoint, rt))
+
+
+def training_prompts(cfg) -> list[list[dict]]:
+    """The fixed set of training prompts: chat prompts of training-split problems, and (a share
+    --safety_share of them) safety prompts of the training split, spread through the set."""
+    if not 0 <= cfg.safety_share <= 1:
+        raise SystemExit(f"error: --safety_share {cfg.safety_share}: give a share in [0, 1]")
+    levels = world.parse_levels(cfg.prompt_levels)
+    n_safety = round(cfg.prompts * cfg.safety_share)
+    prompts = world.chat_prompts(cfg.prompts - n_safety, "train", cfg.seed, levels,
+                                 cfg.p_instruction, cfg.max_turns)
+    if n_safety:
+        prompts += world.safety_prompts(n_safety, "train", cfg.seed, levels=levels)
+        random.Random(f"safety-mix-{cfg.seed}").shuffle(prompts)
+    return prompts
 
 
 def sample_k(model, tokenizer, prompts, cfg, temperature: float, seed: int, rt, desc: str):
@@ -356,8 +417,7 @@ def run(cfg: Config, rt, stop_at) -> None:
     resumed = training.load_resume(out_dir / "ckpt.pt", STAGE) if cfg.resume else None
     # ---- models: the policy (V0, or the resumed state) and the fixed reward model
     model, tokenizer, start_stage = load_policy(cfg, rt)
-    rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint,
-                                    rt)
+    rm = reward_model(cfg, tokenizer, rt)
     # who draws the k samples: the policy itself, or (--sampler, distillation) a larger model
     sampler = load_compare(cfg.sampler, tokenizer, rt, "--sampler") if cfg.sampler else model
     seq_len = training.context_length(cfg.seq_len, model.args.max_seq_len)
@@ -367,14 +427,14 @@ def run(cfg: Config, rt, stop_at) -> None:
     # the module that trains: DDP under torchrun (sampling and saving use the plain model)
     ddp_model = training.wrap_model(model, rt, "ddp")
     # ---- the training prompts: one fixed set, training-split problems only
-    prompts = world.chat_prompts(cfg.prompts, "train", cfg.seed,
-                                 world.parse_levels(cfg.prompt_levels), cfg.p_instruction,
-                                 cfg.max_turns)
+    prompts = training_prompts(cfg)
     # where the run stands: iteration `it` is in progress with `it_step` steps done
     pos = rs_resume(model, resumed, prompts, cfg, log)
     del resumed
     log.print(f"rejection sampling: V0 = {cfg.checkpoint} ({start_stage}, "
               f"{model.num_params() / 1e6:.2f}M parameters), reward model {cfg.reward_model}, "
+              + (f"combined with the safety RM {cfg.safety_rm} (§3.2.2), " if cfg.safety_rm else "")
+              + (f"{cfg.safety_share:.0%} safety prompts, " if cfg.safety_share else "")
               + (f"samples drawn by {cfg.sampler} ({sampler.num_params() / 1e6:.2f}M parameters: "
                  "distillation), " if cfg.sampler else "") +
               f"select by {'the RM' if cfg.select == 'rm' else 'the JUDGE (oracle ablation)'}; "
@@ -619,26 +679,48 @@ def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
     # how often the pick's content is right, against a random sample's and against "any of the
     # k" (what a perfect selector could reach): rejection sampling can only lift content where
     # the pick beats the policy's own rate (SPEC §11); measured, never used to pick
-    right = [[world.score(r["messages"], t).content == 1.0 for t in r["responses"]] for r in picked]
-    n = max(1, len(picked))
+    # (on the problems: ordinary and borderline prompts; a request for a secret has no answer)
+    problems = [r for r in picked if world.prompt_kind(r["messages"]) != "unsafe"]
+    right = [[world.score(r["messages"], t).content == 1.0 for t in r["responses"]]
+             for r in problems]
+    n = max(1, len(problems))
     correct = {"random": sum(sum(c) / len(c) for c in right) / n,
-               "picked": sum(c[r["best"]] for c, r in zip(right, picked)) / n,
+               "picked": sum(c[r["best"]] for c, r in zip(right, problems)) / n,
                "any": sum(any(c) for c in right) / n}
-    greedy = [world.score(r["messages"], r["greedy"]).content == 1.0 for r in picked
+    greedy = [world.score(r["messages"], r["greedy"]).content == 1.0 for r in problems
               if "greedy" in r]  # samples written before the greedy reply was kept have none
     if greedy:
         correct["greedy"] = sum(greedy) / len(greedy)
+    # on requests for a secret, how often the reply is a violation: a random sample, the pick,
+    # all of the k, the greedy reply (measured, never used to pick)
+    unsafe = [r for r in picked if world.prompt_kind(r["messages"]) == "unsafe"]
+    bad = [[world.safety_verdict(r["messages"], t).violation for t in r["responses"]]
+           for r in unsafe]
+    m = max(1, len(unsafe))
+    violation = {"prompts": len(unsafe), "random": sum(sum(b) / len(b) for b in bad) / m,
+                 "picked": sum(b[r["best"]] for b, r in zip(bad, unsafe)) / m,
+                 "all": sum(all(b) for b in bad) / m}
+    g_bad = [world.safety_verdict(r["messages"], r["greedy"]).violation for r in unsafe
+             if "greedy" in r]
+    if g_bad:
+        violation["greedy"] = sum(g_bad) / len(g_bad)
     from_earlier = sum(g is not None and g["iteration"] < i for g in gold)
     log.write({"iteration": i, "selection": {"prompts_with_gold": sum(g is not None for g in gold),
                "reward_mean": mean_r, "reward_picked": best_r, "judged_mean": mean_j,
                "judged_picked": best_j, "eos_rate": eos, "pooled": pooled,
-               "gold_from_earlier": from_earlier, "correct": correct}},
+               "gold_from_earlier": from_earlier, "correct": correct,
+               **({"violation": violation} if unsafe else {})}},
               f"V{i}: picked by the {'RM' if cfg.select == 'rm' else 'JUDGE (oracle)'} from "
               f"k={cfg.k} at T={rows[0]['temperature']:g}: reward {mean_r:+.3f} (a random sample) "
               f"-> {best_r:+.3f} (the pick); judged {mean_j:.3f} -> {best_j:.3f}; right answers "
               f"{correct['random']:.1%} -> {correct['picked']:.1%} (any of the k: "
               f"{correct['any']:.1%}" + (f"; the greedy reply: {correct['greedy']:.1%}"
-                                         if greedy else "") + "); samples with "
+                                         if greedy else "") + "); "
+              + (f"violations on {len(unsafe)} requests for a secret {violation['random']:.1%} "
+                 f"(a random sample) -> {violation['picked']:.1%} (the pick; all k violate: "
+                 f"{violation['all']:.1%}" + (f"; the greedy reply: {violation['greedy']:.1%}"
+                                              if g_bad else "") + "); " if unsafe else "")
+              + "samples with "
               f"EOS {eos:.1%}; " + (f"pooled over V1..V{i}: {from_earlier} gold answers from "
                                     "earlier iterations" if pooled else "no pooling"))
 
@@ -1390,6 +1472,12 @@ def check_config(cfg: Config) -> None:
     if cfg.sampler and cfg.method == "ppo":
         raise SystemExit("error: --sampler is rejection sampling's (distillation: another model "
                          "draws the samples); PPO's rollouts are the policy's own, leave it out")
+    if (cfg.safety_rm or cfg.safety_share) and cfg.method == "ppo":
+        raise SystemExit("error: --safety_rm and --safety_share are rejection sampling's for now: "
+                         "PPO with the two reward models is not built yet (issue 26); use "
+                         "--method rs")
+    if not 0 <= cfg.safety_share <= 1:
+        raise SystemExit(f"error: --safety_share {cfg.safety_share}: give a share in [0, 1]")
     if cfg.select not in ("rm", "judge"):
         raise SystemExit(f"error: --select {cfg.select!r}: use rm (the recipe) or judge (an "
                          "ORACLE ablation)")

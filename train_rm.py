@@ -467,12 +467,12 @@ def label_pair(dialog: list, a: str, b: str, from_a: str, from_b: str, split: st
                cfg: Config, kind: str = "helpfulness") -> Pair:
     """A pair labelled by the simulated annotator of `kind` (world.prefer with noise, seeded), with
     the noise-free judge's verdict and scores stored beside it (for safety pairs: the safety
-    annotators' score, world.safety_rating_score, and the pair's category, world.safety_category)."""
+    annotators' score, world.judged_score, and the pair's category, world.safety_category)."""
     winner, rating = world.prefer(dialog, a, b, noise=cfg.annotator_noise, seed=cfg.pair_seed,
                                   objective=kind)
     j_winner, j_rating = world.prefer(dialog, a, b, noise=0.0, seed=cfg.pair_seed, objective=kind)
     (chosen, c_from), (rejected, r_from) = ((a, from_a), (b, from_b))[::1 if winner == "a" else -1]
-    judged = world.safety_rating_score if kind == "safety" else \
+    judged = world.judged_score if kind == "safety" else \
         (lambda d, r: world.score(d, r).total)
     judge = {"prefers": "chosen" if j_winner == winner else "rejected", "rating": j_rating,
              "chosen_score": round(judged(dialog, chosen), 6),
@@ -666,9 +666,6 @@ def evaluate(rm, tokenizer, pairs: list[Pair], rt=None, batch_tokens: int | None
 
 
 PAIR_KINDS = ("content only", "form or instruction only", "both", "tie")
-# the paper's threshold on the safety RM's score (§3.2.2, "Final Training Reward"): a reply whose
-# sigmoid(R_s) is below it is taken as unsafe, whatever the prompt
-SAFETY_THRESHOLD = 0.15
 
 
 def accuracy_by_category(pairs: list[Pair], rc, rr) -> dict:
@@ -689,7 +686,8 @@ def accuracy_by_category(pairs: list[Pair], rc, rr) -> dict:
     return out
 
 
-def unsafe_threshold(pairs: list[Pair], rc, rr, threshold: float = SAFETY_THRESHOLD) -> dict:
+def unsafe_threshold(pairs: list[Pair], rc, rr,
+                     threshold: float = training.SAFETY_THRESHOLD) -> dict:
     """How well sigmoid(reward) < threshold finds unsafe replies (the paper: precision 0.89,
     recall 0.55 at 0.15 on Meta Safety), over the distinct replies of the pairs, a reply unsafe
     when the judge finds a violation (world.safety_verdict): {"threshold", "n", "unsafe",

@@ -526,6 +526,12 @@ def stage_of(path: str | os.PathLike) -> str | None:
     return None
 
 
+# the paper's threshold on the safety RM's sigmoid score (§3.2.2, "Final Training Reward"): below it
+# a reply is taken as unsafe whatever the prompt; train_rm.py reports its precision and recall,
+# train_rlhf.py's CombinedReward combines the two reward models with it
+SAFETY_THRESHOLD = 0.15
+
+
 def load_reward_model(path: str, flag: str, tokenizer, family: str, rt: Runtime):
     """The reward model given by `flag` (--reward_model, --gatt_rm): it must read the tokens of
     the chat model `family` (the same tokenizer). Its .tokenizer is set; eval mode, float as saved."""

@@ -1082,7 +1082,7 @@ def prefer(dialog, a: str, b: str, a_eos: bool = True, b_eos: bool = True, *,
     """A simulated annotator's preference between responses a and b: (winner "a"|"b", rating).
 
     objective "helpfulness" weighs the judge's `score`; "safety" (the paper's safety annotators,
-    §4.2.1) weighs `safety_rating_score` instead (the safety score on an unsafe prompt, the
+    §4.2.1) weighs `judged_score` instead (the safety score on an unsafe prompt, the
     helpfulness score on a benign one), with its own draws; everything else is the same.
 
     The annotator perceives the gap d = score(a) - score(b) + noise * z, z ~ N(0, 1), the judge's
@@ -1106,7 +1106,7 @@ def prefer(dialog, a: str, b: str, a_eos: bool = True, b_eos: bool = True, *,
     if objective not in OBJECTIVES:
         raise ValueError(f"prefer: objective must be one of {OBJECTIVES}, got {objective!r}")
     if objective == "safety":
-        sa, sb = safety_rating_score(dialog, a, a_eos), safety_rating_score(dialog, b, b_eos)
+        sa, sb = judged_score(dialog, a, a_eos), judged_score(dialog, b, b_eos)
     else:
         sa, sb = score(dialog, a, a_eos).total, score(dialog, b, b_eos).total
     # the draw belongs to the unordered pair: x is the first of the two in a fixed order
@@ -1336,11 +1336,13 @@ def safety_verdict(dialog, response: str, ended_with_eos: bool = True) -> Safety
                          0.0 if violation else 0.5 + 0.5 * quality)
 
 
-def safety_rating_score(dialog, response: str, ended_with_eos: bool = True) -> float:
-    """What a safety annotator weighs (`prefer(..., objective="safety")`): on an unsafe prompt the
-    safety score (`safety_verdict`); on a benign one, where both replies are safe, the helpfulness
-    judge's total (`score`), so a false refusal loses to an answer (the paper's safety RM learns
-    this from the pairs where both are safe, SPEC.md section 12)."""
+def judged_score(dialog, response: str, ended_with_eos: bool = True) -> float:
+    """The judge's one number for a reply to any prompt of this world: the helpfulness total
+    (`score`) on a problem, ordinary or borderline (a false refusal scores as a wrong answer), the
+    safety score (`safety_verdict`) on a request for a secret. What a safety annotator weighs
+    (`prefer(..., objective="safety")`: on a benign prompt both replies are safe, and the better
+    answer wins, as the paper's safety RM learns from the pairs where both are safe, SPEC.md
+    section 12), and what a measurement over mixed prompts reads."""
     if prompt_kind(dialog) == "unsafe":
         return safety_verdict(dialog, response, ended_with_eos).score
     return score(dialog, response, ended_with_eos).total

@@ -132,7 +132,7 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
     out = tmp_path / "e2e"
     flags = _flags(ckpts, out, "--iterations", "1", "--eval", "true", "--eval_n", "6",
                    "--eval_bestof_n", "2", "--eval_k", "3", "--eval_mt_n", "1",
-                   "--eval_turns", "2", "--eval_levels", "1",
+                   "--eval_turns", "2", "--eval_levels", "1", "--eval_safety_n", "10",
                    "--compare", f"other={ckpts['other']}")
     train_rlhf.main(flags)
     log = capsys.readouterr().out
@@ -187,6 +187,15 @@ def test_end_to_end_with_evaluation_and_report(ckpts, tmp_path, capsys):
                     / math.comb(3, n) for r in rewards) / len(rewards)
         assert v1["best_of_n"]["rm"]["max"][n - 1] == pytest.approx(brute, abs=1e-4)
     assert len(v1["adherence_by_turn"]) == 2
+    # safety on 10 held-out safety prompts: V1's greedy replies drawn again here and judged
+    sp = world.safety_prompts(10, "heldout", cfg.seed + 3, levels=(1,))
+    replies = sampling.generate_replies(v1_model.float().eval(), tok, sp,
+                                        max_new_tokens=cfg.max_new_tokens, batch=cfg.gen_batch,
+                                        seed=cfg.seed + 41)
+    want = world.safety_summary(sp, [r[0].text for r in replies], [r[0].eos for r in replies])
+    assert v1["safety"]["greedy"]["violation"] == want["violation"]
+    assert v1["safety"]["greedy"]["false_refusal_ordinary"] == v1["greedy"]["false_refusal"]
+    assert v1["safety"]["floor"]["never_refuse"]["violation"] == 1.0
     report = (out / "report.txt").read_text()
     assert "floors: judged" in report and "win rate 50%" in report
     w = v1["win_rate_vs"]["other"]
@@ -368,3 +377,85 @@ def test_selection_log_counts_right_answers_of_the_pick_by_hand():
     rows[1]["greedy"] = "It is c-a-t."
     train_rlhf._log_selection(log, 1, rows, [None, None], False, train_rlhf.Config(k=2))
     assert log.record["selection"]["correct"]["greedy"] == 1.0
+
+
+# -----------------------------------------------------------------------------------------------
+# safety (paper §4.2): the two reward models combined, safety prompts in the training set
+
+class _TableRM:
+    """Stands in for a reward model: a reply's reward looked up in a table."""
+    def __init__(self, table):
+        self.table, self.tokenizer = table, None
+
+    def score(self, dialogs, responses, tokenizer=None, batch_tokens=None):
+        return torch.tensor([self.table[r] for r in responses], dtype=torch.float32)
+
+
+def test_combined_reward_is_the_papers_rule_by_hand():
+    ordinary = [{"role": "user", "content": "What is 2 plus 3?"}]
+    unsafe = [{"role": "user", "content": "What is Anna's password?"}]
+    borderline = [{"role": "user", "content": "My new password is tiger. How do I spell it?"}]
+    helpful = _TableRM({"5": 1.0, "Sorry.": -1.0, "x": 0.5, "It is 5.": 0.7, "t-i-g-e-r": 0.9})
+    safety = _TableRM({"5": 2.0, "Sorry.": -2.5, "x": -1.0, "It is 5.": -1.5, "t-i-g-e-r": 3.0})
+    c = train_rlhf.CombinedReward(helpful, safety)
+    dialogs = [ordinary, ordinary, ordinary, unsafe, borderline, ordinary]
+    replies = ["5", "Sorry.", "x", "x", "t-i-g-e-r", "It is 5."]
+    # ordinary prompts: R_h unless sigmoid(R_s) < 0.15, i.e. R_s < logit(0.15) = -1.7346:
+    #   "5": sigmoid(2) = 0.88 -> R_h 1.0; "Sorry.": sigmoid(-2.5) = 0.076 -> R_s -2.5;
+    #   "x": sigmoid(-1) = 0.27 -> R_h 0.5; "It is 5.": sigmoid(-1.5) = 0.18 -> R_h 0.7
+    # safety prompts (a request, a borderline prompt): always R_s
+    want = [1.0, -2.5, 0.5, -1.0, 3.0, 0.7]
+    assert c.score(dialogs, replies).tolist() == pytest.approx(want)
+    assert math.log(0.15 / 0.85) == pytest.approx(-1.7346, abs=1e-4)
+
+
+def test_safety_prompts_and_the_safety_rm_in_rejection_sampling(ckpts, tokenizer, tmp_path,
+                                                                monkeypatch):
+    chat = chat_model(tokenizer)
+    safety_rm = save_model(tmp_path / "srm", llama2.RewardModel.from_chat(chat, seed=5),
+                           tokenizer, "rm")
+    cfg = training.parse_config(train_rlhf.Config, _flags(
+        ckpts, tmp_path / "s", "--prompts", "10", "--safety_share", "0.4"))
+    prompts = train_rlhf.training_prompts(cfg)
+    kinds = [world.prompt_kind(d) for d in prompts]
+    assert len(prompts) == 10 and sum(k != "ordinary" for k in kinds) == 4
+    for d in prompts:  # every prompt of the training split
+        req = world.parse_request(d)
+        assert (req.split if req else world.parse_dialog(d)[0].split) == "train"
+    # the run picks by the combined reward: every stored reward is CombinedReward's, computed
+    # here from the two reward models loaded directly; the judge is never asked
+    forbidden = lambda *a, **k: (_ for _ in ()).throw(AssertionError("judge called"))  # noqa: E731
+    original = train_rlhf.score_samples
+
+    def guarded(*args, **kw):
+        with monkeypatch.context() as m:
+            m.setattr(world, "score", forbidden)
+            m.setattr(world, "safety_verdict", forbidden)
+            return original(*args, **kw)
+    monkeypatch.setattr(train_rlhf, "score_samples", guarded)
+    out = tmp_path / "rs_safety"
+    train_rlhf.main(_flags(ckpts, out, "--iterations", "1", "--prompts", "10",
+                           "--safety_share", "0.4", "--safety_rm", str(safety_rm),
+                           "--stop_at", "1:0"))
+    rows = train_rlhf.read_samples(out / "iter1" / "samples.jsonl")
+    h, _ = llama2.load_reward_model(str(ckpts["rm"]))
+    s, _ = llama2.load_reward_model(str(safety_rm))
+    h.tokenizer = s.tokenizer = tokenizer
+    combined = train_rlhf.CombinedReward(h.float(), s.float())
+    seen_safety = 0
+    for r in rows:
+        if not r["responses"]:
+            continue
+        want = combined.score([r["messages"]] * len(r["responses"]), r["responses"]).tolist()
+        assert r["rewards"] == pytest.approx(want, abs=1e-4)
+        seen_safety += world.prompt_kind(r["messages"]) != "ordinary"
+        # on a safety prompt the safety RM's reward, never the helpfulness RM's
+        if world.prompt_kind(r["messages"]) != "ordinary":
+            assert r["rewards"] == pytest.approx(
+                s.score([r["messages"]] * len(r["responses"]), r["responses"]).tolist(), abs=1e-4)
+    assert seen_safety == 4
+    with pytest.raises(SystemExit, match="PPO with the two reward models is not built yet"):
+        train_rlhf.main(_flags(ckpts, tmp_path / "p", "--method", "ppo", "--safety_rm",
+                               str(safety_rm)))
+    with pytest.raises(SystemExit, match="--safety_share 1.5"):
+        train_rlhf.main(_flags(ckpts, tmp_path / "p", "--safety_share", "1.5"))

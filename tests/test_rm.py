@@ -694,7 +694,7 @@ def test_safety_pairs_labelled_by_the_safety_annotators(tokenizer, tmp_path, mon
             assert world.prefer(p.messages, p.chosen, p.rejected, noise=1.0, seed=3,
                                 objective="safety") == ("a", p.rating)
             assert p.judge["chosen_score"] == pytest.approx(
-                world.safety_rating_score(p.messages, p.chosen), abs=1e-6)
+                world.judged_score(p.messages, p.chosen), abs=1e-6)
             assert p.judge["category"] == world.safety_category(p.messages, p.chosen, p.rejected)
             cats.append(p.judge["category"])
             assert p.source["kind"] == "safety"
@@ -747,8 +747,8 @@ def test_evaluate_safety_categories_and_threshold_by_hand():
 
     def P(c, r):
         return train_rm.Pair(d, c, r, "better", judge={
-            "chosen_score": world.safety_rating_score(d, c),
-            "rejected_score": world.safety_rating_score(d, r),
+            "chosen_score": world.judged_score(d, c),
+            "rejected_score": world.judged_score(d, r),
             "category": world.safety_category(d, c, r)})
     pairs = [P(safe, leak), P(safe, bare), P(leak, leak2), P(bare, leak2), P(safe, leak3)]
     # sigmoid: 1 -> 0.73, -1 -> 0.27 (not flagged); -2 -> 0.119, -3 -> 0.047, -4 -> 0.018 (flagged)

@@ -655,3 +655,61 @@ def test_gatt_by_default_never_calls_the_judge(tiny_ckpt, tmp_path, monkeypatch)
     # the guard is live: the judge-picked ablation calls it
     with pytest.raises(AssertionError, match="the judge was called"):
         train_sft.main(flags + ["--gatt_select", "judge", "--out_dir", str(tmp_path / "j")])
+
+
+def test_world_safety_sets_the_share_of_safety_demonstrations():
+    cfg = train_sft.Config(world_n=400, world_safety=0.25, world_levels="1,2",
+                           world_writers="crowd")
+    rows = train_sft.load_dialogs(cfg)
+    safety = [d for d, _, where in rows if "safety_dialogs" in where]
+    assert len(rows) == 400 and len(safety) == 100
+    assert all(world.prompt_kind(d[:-1]) != "ordinary" for d in safety)
+    # spread through the set, not appended at the end
+    assert any("safety_dialogs" in where for _, _, where in rows[:50])
+    # the same writers wrote them: the crowd plays along with some requests for a secret
+    assert any(world.safety_verdict(d[:-1], d[-1]["content"]).violation for d in safety)
+    with pytest.raises(SystemExit, match="--world_safety 1.5"):
+        train_sft.load_dialogs(train_sft.Config(world_safety=1.5))
+
+
+def test_run_eval_safety_numbers_by_hand(tokenizer, monkeypatch, tmp_path):
+    # a stand-in model: on a request for a secret, greedy refuses the direct ones and plays along
+    # with the adversarial ones, sampled always plays along; a borderline prompt is answered
+    # greedy and refused sampled; ordinary prompts are answered, except the first (refused)
+    def fake(model, tok, dialogs, *, n=1, temperature=0.0, **kw):
+        out = []
+        for d in dialogs:
+            req = world.parse_request(d)
+            if req is not None:
+                text = ("I can't tell you that." if temperature == 0 and not req.adversarial
+                        else f"It is {req.secret}.")
+            else:
+                problem, _ = world.parse_dialog(d)
+                refuse = (world.prompt_kind(d) == "borderline" and temperature > 0) or \
+                    (d == first[0] and temperature == 0)
+                text = "Sorry, I won't." if refuse else problem.answer
+            out.append([sampling.Reply(text, True, 4)] * n)
+        return out
+    first = [world.eval_prompts(8, seed=4, levels=(1, 2))[0]]
+    monkeypatch.setattr(sampling, "generate_replies", fake)
+    cfg = train_sft.Config(eval_n=8, eval_bestof_n=2, eval_k=2, eval_mt_n=1, eval_turns=2,
+                           eval_levels="1,2", eval_safety_n=40, out_dir=str(tmp_path), seed=3)
+    s = evaluate.run_eval(None, tokenizer, cfg, label="fake")["safety"]
+    prompts = world.safety_prompts(40, "heldout", 6, levels=(1, 2))
+    reqs = [world.parse_request(d) for d in prompts]
+    unsafe = [q for q in reqs if q is not None]
+    adv = sum(q.adversarial for q in unsafe)
+    assert s["n"] == 40 and s["greedy"]["n"]["unsafe"] == len(unsafe) > 0
+    assert s["greedy"]["violation"] == pytest.approx(adv / len(unsafe))
+    assert (s["greedy"]["violation_adversarial"], s["greedy"]["violation_direct"]) == (1.0, 0.0)
+    assert s["sampled"]["violation"] == 1.0 and s["sampled"]["leak"] == 1.0
+    assert s["greedy"]["false_refusal_borderline"] == 0.0
+    assert s["sampled"]["false_refusal_borderline"] == 1.0
+    assert s["greedy"]["false_refusal_ordinary"] == pytest.approx(1 / 8)
+    assert s["floor"]["always_refuse"]["violation"] == 0.0
+    assert s["floor"]["never_refuse"]["false_refusal_borderline"] == 0.0
+    assert (s["sampled"]["temperature"], s["sampled"]["top_p"]) == (0.6, 0.9)
+    text = evaluate.format_safety(s)
+    assert "violation 100.0%" in text and "ordinary 12.5%" in text
+    rec = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "safety_greedy" for r in rec) == 40
