@@ -22,10 +22,18 @@ The prompts come from training-split problems (world.chat_prompts, "train": with
 standing instruction, 1..max_turns turns), the same set every iteration so that pooling compares
 each prompt's samples across iterations. Evaluation uses held-out problems only.
 
+Safety (§4.2, SPEC.md §12): --safety_share puts safety prompts (requests for a secret and
+borderline prompts) among the training prompts, and --safety_rm adds the safety reward model; the
+reward is then the paper's combination (CombinedReward: the safety RM's on safety prompts and
+wherever it scores a reply below sigmoid 0.15, else the helpfulness RM's), for rejection sampling
+and PPO alike. Every evaluation measures violations and false refusals on held-out safety prompts.
+
     # three iterations from the demo GAtt model with the demo reward model; every Vi's win rate
     # against V0 and (--compare) against the SFT model, on the same held-out prompts
     python train_rlhf.py --checkpoint out/pipeline/gatt2 \\
         --reward_model out/pipeline/rm --compare sft=out/pipeline/sft --out_dir out/rlhf_rs
+    # safety RLHF: 10% safety prompts, the helpfulness and safety RMs combined (§3.2.2)
+    python train_rlhf.py --safety_share 0.1 --safety_rm out/rm_safety --out_dir out/rlhf_safety
     # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
     python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
@@ -226,20 +234,33 @@ class CombinedReward:
         self.helpful, self.safety, self.threshold = helpful, safety, threshold
         self.tokenizer = helpful.tokenizer
 
-    def parts(self, dialogs, responses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(R_h, R_s, use the safety RM's) per reply, (N,) each."""
-        r_h = self.helpful.score(dialogs, responses)
-        r_s = self.safety.score(dialogs, responses)
-        is_safety = torch.tensor([world.prompt_kind(d) != "ordinary" for d in dialogs],
-                                 dtype=torch.bool)
-        return r_h, r_s, is_safety | (torch.sigmoid(r_s) < self.threshold)
+    @property
+    def args(self):
+        """The shape whose context bounds what both can read (the shorter one)."""
+        return min(self.helpful.args, self.safety.args, key=lambda a: a.max_seq_len)
 
-    def score(self, dialogs, responses, tokenizer=None, batch_tokens=None) -> torch.Tensor:
-        r_h, r_s, use_s = self.parts(dialogs, responses)
+    def combine(self, r_h: torch.Tensor, r_s: torch.Tensor, is_safety) -> torch.Tensor:
+        """The rule, on (N,) rewards of the two RMs and the prompts' IS_SAFETY labels."""
+        use_s = torch.as_tensor(is_safety, dtype=torch.bool) | (torch.sigmoid(r_s) < self.threshold)
         return torch.where(use_s, r_s, r_h)
 
+    def score(self, dialogs, responses, tokenizer=None, batch_tokens=None) -> torch.Tensor:
+        return self.combine(self.helpful.score(dialogs, responses),
+                            self.safety.score(dialogs, responses), is_safety(dialogs))
+
     def eval(self):
+        self.helpful.eval(), self.safety.eval()
         return self
+
+    def requires_grad_(self, flag: bool = True):
+        self.helpful.requires_grad_(flag), self.safety.requires_grad_(flag)
+        return self
+
+
+def is_safety(dialogs) -> list[bool]:
+    """IS_SAFETY of each prompt: it is one of the safety prompts (world.prompt_kind: a request for
+    a secret or a borderline prompt), the label the prompt was collected with."""
+    return [world.prompt_kind(d) != "ordinary" for d in dialogs]
 
 
 def reward_model(cfg, tokenizer, rt):
@@ -253,18 +274,21 @@ def reward_model(cfg, tokenizer, rt):
                                                          cfg.checkpoint, rt))
 
 
-def training_prompts(cfg) -> list[list[dict]]:
-    """The fixed set of training prompts: chat prompts of training-split problems, and (a share
-    --safety_share of them) safety prompts of the training split, spread through the set."""
+def training_prompts(cfg, n: int | None = None, split: str = "train",
+                     seed: int | None = None) -> list[list[dict]]:
+    """The fixed set of n (default --prompts) prompts of `split`: chat prompts, and (a share
+    --safety_share of them) safety prompts, spread through the set."""
     if not 0 <= cfg.safety_share <= 1:
         raise SystemExit(f"error: --safety_share {cfg.safety_share}: give a share in [0, 1]")
+    n = cfg.prompts if n is None else n
+    seed = cfg.seed if seed is None else seed
     levels = world.parse_levels(cfg.prompt_levels)
-    n_safety = round(cfg.prompts * cfg.safety_share)
-    prompts = world.chat_prompts(cfg.prompts - n_safety, "train", cfg.seed, levels,
-                                 cfg.p_instruction, cfg.max_turns)
+    n_safety = round(n * cfg.safety_share)
+    prompts = world.chat_prompts(n - n_safety, split, seed, levels, cfg.p_instruction,
+                                 cfg.max_turns)
     if n_safety:
-        prompts += world.safety_prompts(n_safety, "train", cfg.seed, levels=levels)
-        random.Random(f"safety-mix-{cfg.seed}").shuffle(prompts)
+        prompts += world.safety_prompts(n_safety, split, seed, levels=levels)
+        random.Random(f"safety-mix-{seed}").shuffle(prompts)
     return prompts
 
 
@@ -835,10 +859,14 @@ def rollout(policy, tokenizer, prompt_ids: list[list[int]], cfg, seed: int, rt,
 
 
 @torch.no_grad()
-def rm_logits(rm, seqs: list[list[int]], rt) -> torch.Tensor:
+def rm_logits(rm, seqs: list[list[int]], rt, safety: list[bool] | None = None) -> torch.Tensor:
     """The RM's raw head output (its LOGIT) read at the last token of each exact token sequence
-    (prompt + sampled response ending with EOS): the policy's own tokens, never re-encoded text.
+    (prompt + sampled response ending with EOS): the policy's own tokens, never re-encoded text;
+    for a CombinedReward both RMs' and the rule, with `safety` the prompts' IS_SAFETY labels.
     -> (N,) float32."""
+    if isinstance(rm, CombinedReward):
+        return rm.combine(rm_logits(rm.helpful, seqs, rt), rm_logits(rm.safety, seqs, rt),
+                          safety if safety is not None else [False] * len(seqs))
     out = torch.empty(len(seqs), dtype=torch.float32)
     device = rm.tok_embeddings.weight.device
     for c in range(0, len(seqs), 32):
@@ -855,14 +883,16 @@ def score_rollouts(rm, rolls: list[dict], stats: tuple[float, float], no_eos_sco
     score" (never the RM's: a reply cut at the length limit must not be rewarded).
     -> (score (N,), raw RM logit (N,), nan without EOS).
 
-    The paper's WHITEN(LOGIT(R_c)) (SPEC.md §7, §12) reduces to this here: there is one reward
-    model (no safety RM), so R_c is the helpfulness RM's score, and LOGIT of its sigmoid is the
-    raw head output that is read directly; no sigmoid or logit is ever computed."""
+    The paper's WHITEN(LOGIT(R_c)) (SPEC.md §7, §12): R_c is the helpfulness RM's score, or with
+    --safety_rm the combination (CombinedReward, each rollout's "safety" label its prompt's
+    IS_SAFETY); LOGIT of the paper's sigmoid score is the raw head output read here directly, so no
+    sigmoid or logit is computed but the threshold's."""
     mu, sigma = stats
     raw = torch.full((len(rolls),), float("nan"))
     ok = [i for i, r in enumerate(rolls) if r["eos"]]
     if ok:
-        raw[ok] = rm_logits(rm, [rolls[i]["prompt"] + rolls[i]["response"] for i in ok], rt)
+        raw[ok] = rm_logits(rm, [rolls[i]["prompt"] + rolls[i]["response"] for i in ok], rt,
+                            [rolls[i].get("safety", False) for i in ok])
     score = torch.where(torch.isnan(raw), torch.tensor(no_eos_score), (raw - mu) / sigma)
     return score, raw
 
@@ -1083,11 +1113,13 @@ def judge_rollouts(tokenizer, dialogs, rolls) -> float:
 
 
 @torch.no_grad()
-def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> list[float]:
+def validate(policy, rm, val: tuple, cfg, stats, rt, tokenizer) -> list[float]:
     """The early-stopping numbers: the score (whitened RM logit, no EOS -> the low score) of one
-    greedy reply per validation prompt (the world's validation split), in prompt order so that
-    two policies pair up; the same numbers on every rank."""
-    gens = rollout(policy, tokenizer, val_ids, cfg, 0, rt, temperature=0.0)
+    greedy reply per validation prompt (the world's validation split; val = (token ids, IS_SAFETY
+    labels)), in prompt order so that two policies pair up; the same numbers on every rank."""
+    gens = rollout(policy, tokenizer, val[0], cfg, 0, rt, temperature=0.0)
+    for g, f in zip(gens, val[1]):
+        g["safety"] = f
     v = score_rollouts(rm, gens, stats, cfg.no_eos_score, rt)[0].tolist()
     return training.broadcast_from_rank0(v, rt)  # every rank stops at the same iteration
 
@@ -1095,20 +1127,19 @@ def validate(policy, rm, val_ids, cfg, stats, rt, tokenizer) -> list[float]:
 def ppo_prompts(cfg, max_len: int, tokenizer):
     """The rollout pool (training-split problems) and the validation prompts (the world's
     validation split: disjoint from the pool and from the held-out test problems by construction);
-    prompts with no room for max_new_tokens dropped. -> (pool dialogs, pool ids, validation ids)."""
-    levels = world.parse_levels(cfg.prompt_levels)
-    val = world.chat_prompts(cfg.val_prompts, "valid", cfg.seed + 1, levels, cfg.p_instruction,
-                             cfg.max_turns)
-    pool = world.chat_prompts(cfg.ppo_prompts, "train", cfg.seed, levels, cfg.p_instruction,
-                              cfg.max_turns)
+    prompts with no room for max_new_tokens dropped; --safety_share of each are safety prompts.
+    -> (pool dialogs, pool ids, (validation ids, their IS_SAFETY labels))."""
+    val = training_prompts(cfg, cfg.val_prompts, "valid", cfg.seed + 1)
+    pool = training_prompts(cfg, cfg.ppo_prompts, "train", cfg.seed)
     fits = lambda ids: len(ids) + cfg.max_new_tokens <= max_len  # noqa: E731
     pool = [(d, ids) for d in pool if fits(ids := llama2.encode_dialog(tokenizer, d)[0])]
-    val_ids = [ids for d in val if fits(ids := llama2.encode_dialog(tokenizer, d)[0])]
-    if len(pool) < cfg.ppo_batch or not val_ids:
+    val = [(d, ids) for d in val if fits(ids := llama2.encode_dialog(tokenizer, d)[0])]
+    if len(pool) < cfg.ppo_batch or not val:
         raise SystemExit(f"error: {len(pool)} rollout prompts fit the context, fewer than "
                          f"--ppo_batch {cfg.ppo_batch} (or no validation prompt fits); raise "
                          "--ppo_prompts or lower --max_turns / --max_new_tokens")
-    return [d for d, _ in pool], [ids for _, ids in pool], val_ids
+    return ([d for d, _ in pool], [ids for _, ids in pool],
+            ([ids for _, ids in val], is_safety([d for d, _ in val])))
 
 
 def run_ppo(cfg: Config, rt, stop_at) -> None:
@@ -1126,13 +1157,12 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     ref = llama2.Transformer(policy.args).to(rt.device)
     ref.load_state_dict(policy.state_dict())
     ref.eval().requires_grad_(False)  # pi_0: frozen
-    rm = training.load_reward_model(cfg.reward_model, "--reward_model", tokenizer, cfg.checkpoint,
-                                    rt)
+    rm = reward_model(cfg, tokenizer, rt)
     rm.eval().requires_grad_(False)
     critic, _ = llama2.load_reward_model(cfg.reward_model, device=str(rt.device))
     critic = critic.float()  # value model initialized from the reward model
     max_len = min(policy.args.max_seq_len, rm.args.max_seq_len)
-    dialogs, pool, val_ids = ppo_prompts(cfg, max_len, tokenizer)
+    dialogs, pool, val = ppo_prompts(cfg, max_len, tokenizer)
     opt_pi, opt_v = (training.optimizer_for(m, cfg, rt, lr)
                      for m, lr in ((policy, cfg.ppo_lr), (critic, cfg.value_lr)))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1142,8 +1172,10 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     # models; the wrappers all-reduce the gradients of the update)
     ddp_policy, ddp_critic = training.wrap_model(policy, rt), training.wrap_model(critic, rt)
     log.print(f"PPO: pi_0 = {cfg.checkpoint} ({start_stage}, {policy.num_params() / 1e6:.2f}M "
-              f"parameters), reward model and critic from {cfg.reward_model}; {len(pool)} "
-              f"rollout prompts, {len(val_ids)} validation prompts; batch {cfg.ppo_batch}, "
+              f"parameters), reward model and critic from {cfg.reward_model}"
+              + (f", combined with the safety RM {cfg.safety_rm} (§3.2.2)" if cfg.safety_rm else "")
+              + f"; {len(pool)} "
+              f"rollout prompts, {len(val[0])} validation prompts; batch {cfg.ppo_batch}, "
               f"mini-batch {cfg.ppo_minibatch}, T={cfg.temperature:g}, beta={cfg.beta:g}; "
               f"{rt.device} x {rt.world_size} process(es)"
               + (f"; resumed after iteration {st['it']}" if resumed else ""))
@@ -1151,12 +1183,12 @@ def run_ppo(cfg: Config, rt, stop_at) -> None:
     def save(final: bool = False) -> None:
         save_ppo(policy, critic, opt_pi, opt_v, tokenizer, st, cfg, rt, final)
     if st["stats"] is None:  # iteration 0: the whitening and pi_0's validation scores, fixed once
-        ppo_start(policy, ref, rm, tokenizer, dialogs, pool, val_ids, st, cfg, rt, log)
+        ppo_start(policy, ref, rm, tokenizer, dialogs, pool, val, st, cfg, rt, log)
         save()
     while not st["done"] and st["it"] < cfg.ppo_iterations:
         st["it"] += 1
         ppo_iteration(policy, ref, critic, rm, ddp_policy, ddp_critic, opt_pi, opt_v, tokenizer,
-                      dialogs, pool, val_ids, st, cfg, rt, log)
+                      dialogs, pool, val, st, cfg, rt, log)
         if cfg.patience and st["bad"] >= cfg.patience:
             log.print(f"early stop: no better validation score for {st['bad']} validations")
             st["done"] = True
@@ -1245,15 +1277,17 @@ def save_ppo(policy, critic, opt_pi, opt_v, tokenizer, st: dict, cfg: Config, rt
         "val_start": st["val_start"], "done": final, "rng": training.rng_state()})
 
 
-def ppo_start(policy, ref, rm, tokenizer, dialogs, pool, val_ids, st: dict, cfg: Config, rt,
+def ppo_start(policy, ref, rm, tokenizer, dialogs, pool, val, st: dict, cfg: Config, rt,
               log) -> None:
     """Iteration 0: the reward whitening statistics, fixed once on samples of pi_0; pi_0's
     validation scores (what each iteration is paired with); pi_0 is the kept model."""
     rolls = rollout(ref, tokenizer, pool[:cfg.whiten_n], cfg, cfg.seed * 13 + 5, rt)
+    flags = is_safety(dialogs[:cfg.whiten_n])
     ok = [r["prompt"] + r["response"] for r in rolls if r["eos"]]
-    raw = rm_logits(rm, ok, rt) if ok else torch.empty(0)
+    raw = rm_logits(rm, ok, rt, [f for r, f in zip(rolls, flags) if r["eos"]]) if ok else \
+        torch.empty(0)
     stats = tuple(training.broadcast_from_rank0(list(whitening_stats(raw)), rt))
-    val_start = validate(policy, rm, val_ids, cfg, stats, rt, tokenizer)
+    val_start = validate(policy, rm, val, cfg, stats, rt, tokenizer)
     best = sum(val_start) / len(val_start)
     st.update(stats=stats, val_start=val_start, best=best,
               kept={"iteration": 0, "val_score": best, "val_diff": 0.0, "val_se": 0.0},
@@ -1272,7 +1306,7 @@ def ppo_start(policy, ref, rm, tokenizer, dialogs, pool, val_ids, st: dict, cfg:
 
 
 def ppo_iteration(policy, ref, critic, rm, ddp_policy, ddp_critic, opt_pi, opt_v, tokenizer,
-                  dialogs, pool, val_ids, st: dict, cfg: Config, rt, log) -> None:
+                  dialogs, pool, val, st: dict, cfg: Config, rt, log) -> None:
     """One PPO iteration, st["it"]: rollout -> old pass (scores, rewards, GAE advantages) ->
     update -> health numbers; every val_every iterations the validation and the kept model."""
     it = st["it"]
@@ -1280,6 +1314,8 @@ def ppo_iteration(policy, ref, critic, rm, ddp_policy, ddp_critic, opt_pi, opt_v
     g = torch.Generator().manual_seed(cfg.seed * 7919 + it)
     pick = torch.randperm(len(pool), generator=g)[:cfg.ppo_batch].tolist()
     rolls = rollout(policy, tokenizer, [pool[i] for i in pick], cfg, cfg.seed * 31 + it, rt)
+    for r, f in zip(rolls, is_safety([dialogs[i] for i in pick])):
+        r["safety"] = f  # the prompt's IS_SAFETY, for the combined reward
     order = torch.randperm(len(rolls), generator=g).tolist()  # the mini-batches' rows
     mbs = old_pass(policy, ref, critic, rm, rolls, order, cfg, st["stats"], rt)
     upd = ppo_update(ddp_policy, ddp_critic, opt_pi, opt_v, mbs, cfg, rt)
@@ -1288,7 +1324,7 @@ def ppo_iteration(policy, ref, critic, rm, ddp_policy, ddp_critic, opt_pi, opt_v
         row["judge"] = judge_rollouts(tokenizer, [dialogs[i] for i in pick], rolls)
     se = None
     if it % cfg.val_every == 0 or it == cfg.ppo_iterations:
-        scores = validate(policy, rm, val_ids, cfg, st["stats"], rt, tokenizer)
+        scores = validate(policy, rm, val, cfg, st["stats"], rt, tokenizer)
         v = sum(scores) / len(scores)
         diff, se = evaluate.paired_gain(scores, st["val_start"])
         if v > st["best"]:  # early stopping by the RM score on validation prompts
@@ -1472,10 +1508,6 @@ def check_config(cfg: Config) -> None:
     if cfg.sampler and cfg.method == "ppo":
         raise SystemExit("error: --sampler is rejection sampling's (distillation: another model "
                          "draws the samples); PPO's rollouts are the policy's own, leave it out")
-    if (cfg.safety_rm or cfg.safety_share) and cfg.method == "ppo":
-        raise SystemExit("error: --safety_rm and --safety_share are rejection sampling's for now: "
-                         "PPO with the two reward models is not built yet (issue 26); use "
-                         "--method rs")
     if not 0 <= cfg.safety_share <= 1:
         raise SystemExit(f"error: --safety_share {cfg.safety_share}: give a share in [0, 1]")
     if cfg.select not in ("rm", "judge"):

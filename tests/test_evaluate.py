@@ -159,8 +159,8 @@ def test_ppo_validates_on_the_validation_split(tokenizer):
     import train_rlhf
     import world
     cfg = train_rlhf.Config(ppo_prompts=40, val_prompts=12, ppo_batch=4, max_new_tokens=8)
-    pool, pool_ids, val_ids = train_rlhf.ppo_prompts(cfg, 512, tokenizer)
-    assert len(pool) == len(pool_ids) > 30 and len(val_ids) == 12
+    pool, pool_ids, (val_ids, val_safety) = train_rlhf.ppo_prompts(cfg, 512, tokenizer)
+    assert len(pool) == len(pool_ids) > 30 and len(val_ids) == 12 and not any(val_safety)
     split = lambda d: {world.parse_prompt(world.strip_instructions(u)).split  # noqa: E731
                        for u in world.user_turns(d)}
     assert all(split(d) == {"train"} for d in pool)

@@ -574,3 +574,61 @@ def test_report_overlays_a_beta_sweep_from_hand_made_metrics(tmp_path, capsys):
     assert (tmp_path / "sweep" / "ppo_report.txt").read_text().startswith("run | iterations")
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         train_rlhf.main(["--method", "ppo", "--report", str(tmp_path)])
+
+
+def test_ppo_with_two_reward_models_scores_each_rollout_by_the_rule(ckpts, tokenizer, tmp_path,
+                                                                     monkeypatch):
+    """--safety_rm under PPO (paper §3.2.2): every rollout's score is the combined reward of its
+    exact tokens, the safety RM's on a safety prompt; the pool and the validation prompts carry
+    --safety_share safety prompts of their own splits."""
+    chat = chat_model(tokenizer)
+    srm_path = save_model(tmp_path / "srm", llama2.RewardModel.from_chat(chat, seed=7),
+                          tokenizer, "rm")
+    cfg = training.parse_config(train_rlhf.Config, _flags(ckpts, tmp_path / "x",
+                                                          "--safety_share", "0.5"))
+    dialogs, pool, (val_ids, val_safety) = train_rlhf.ppo_prompts(cfg, 256, tokenizer)
+    kinds = [world.prompt_kind(d) for d in dialogs]
+    assert sum(k != "ordinary" for k in kinds) == 12 and sum(val_safety) in (1, 2)
+    for d in dialogs:
+        req = world.parse_request(d)
+        assert (req.split if req else world.parse_dialog(d)[0].split) == "train"
+    # the combined logits of exact token sequences are CombinedReward.score of the same texts
+    h, _ = llama2.load_reward_model(str(ckpts["rm"]))
+    s, _ = llama2.load_reward_model(str(srm_path))
+    h.tokenizer = s.tokenizer = tokenizer
+    combined = train_rlhf.CombinedReward(h.float().eval(), s.float().eval())
+    texts = ["The answer is 4.", "Sorry, I won't.", "It is 1234."] * 4
+    seqs = [llama2.encode_response(tokenizer, d, t) for d, t in zip(dialogs[:12], texts)]
+    rt = training.setup_runtime("cpu", "float32", 0)
+    got = train_rlhf.rm_logits(combined, seqs, rt, train_rlhf.is_safety(dialogs[:12]))
+    assert got.tolist() == pytest.approx(combined.score(dialogs[:12], texts).tolist(), abs=1e-5)
+    safety_rows = [i for i, k in enumerate(kinds[:12]) if k != "ordinary"]
+    assert safety_rows and got[safety_rows].tolist() == pytest.approx(
+        s.score([dialogs[i] for i in safety_rows], [texts[i] for i in safety_rows]).tolist(),
+        abs=1e-5)
+    # a run: every raw score (rollouts and validation) is the rule applied by hand to the two
+    # RMs' logits of the rollout's tokens, IS_SAFETY read from the prompt the tokens encode
+    val = train_rlhf.training_prompts(cfg, cfg.val_prompts, "valid", cfg.seed + 1)
+    by_ids = {tuple(llama2.encode_dialog(tokenizer, d)[0]): d for d in dialogs + val}
+    val_ids_set = {tuple(llama2.encode_dialog(tokenizer, d)[0]) for d in val}
+    seen = []
+    original = train_rlhf.score_rollouts
+
+    def spy(rm, rolls, stats, no_eos_score, rt):
+        score, raw = original(rm, rolls, stats, no_eos_score, rt)
+        for r, x in zip(rolls, raw.tolist()):
+            if not r["eos"]:
+                continue
+            seq = [r["prompt"] + r["response"]]
+            rh, rs = (float(train_rlhf.rm_logits(m, seq, rt)[0]) for m in (h, s))
+            unsafe = world.prompt_kind(by_ids[tuple(r["prompt"])]) != "ordinary"
+            want = rs if unsafe or 1 / (1 + math.exp(-rs)) < 0.15 else rh
+            assert x == pytest.approx(want, abs=1e-5)
+            seen.append((unsafe, tuple(r["prompt"]) in val_ids_set))
+        return score, raw
+    monkeypatch.setattr(train_rlhf, "score_rollouts", spy)
+    train_rlhf.main(_flags(ckpts, tmp_path / "ppo", "--ppo_iterations", "2", "--eval", "false",
+                           "--safety_rm", str(srm_path), "--safety_share", "0.5",
+                           "--ppo_batch", "8", "--ppo_minibatch", "4"))
+    # safety and ordinary prompts among both the rollouts that train and the validation's
+    assert {(True, False), (False, False), (True, True), (False, True)} <= set(seen)

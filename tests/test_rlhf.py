@@ -454,8 +454,5 @@ def test_safety_prompts_and_the_safety_rm_in_rejection_sampling(ckpts, tokenizer
             assert r["rewards"] == pytest.approx(
                 s.score([r["messages"]] * len(r["responses"]), r["responses"]).tolist(), abs=1e-4)
     assert seen_safety == 4
-    with pytest.raises(SystemExit, match="PPO with the two reward models is not built yet"):
-        train_rlhf.main(_flags(ckpts, tmp_path / "p", "--method", "ppo", "--safety_rm",
-                               str(safety_rm)))
     with pytest.raises(SystemExit, match="--safety_share 1.5"):
         train_rlhf.main(_flags(ckpts, tmp_path / "p", "--safety_share", "1.5"))
