@@ -87,11 +87,13 @@ KNOBS = {
                   "--max_steps", "400", "--warmup_steps", "40", "--lr", "2e-3",
                   "--eval_every", "200", "--save_every", "50", "--samples", "1"],
         evals=["--eval_n", "200", "--eval_bestof_n", "48", "--eval_k", "8", "--eval_mt_n", "96",
-               "--eval_turns", "12", "--eval_levels", "1,2"],
+               "--eval_turns", "12", "--eval_levels", "1,2", "--eval_safety_n", "200"],
         eval_pretrain=["--eval_n", "100", "--eval_bestof_n", "24", "--eval_k", "8",
                        "--eval_mt_n", "48", "--eval_turns", "12", "--eval_levels", "1,2"],
+        # a tenth of the dialogs are safety demonstrations (requests for a secret, borderline
+        # prompts) by the same writers (world.safety_dialogs; paper §4.2.2)
         world=["--data", "world", "--world_n", "3000", "--world_p_instruction", "0.5",
-               "--world_levels", "1,2"],
+               "--world_levels", "1,2", "--world_safety", "0.1"],
         # SFT sees 80,000 dialogs once: in session 5, 20,000 instead of 3,000 x 2 raised greedy
         # accuracy on held-out problems from 9% to 22%; in session 8, 80,000 instead of 20,000
         # raised it from 25% to 52.5% (judged 0.572 -> 0.736; BENCHMARKS.md, "The SFT budget").
@@ -114,8 +116,11 @@ KNOBS = {
         # 4,000 training pairs, not 1,200: in session 5 the held-out average rose 52.1% -> 56.9%
         # with them (BENCHMARKS.md, "Reward model, session 5"); 6.5 minutes with the pairs
         # (session 8: 2.8 min of pairs, 3.3 of training and evaluation on one thread)
-        rm=["--n_train", "4000", "--n_test", "1000", "--log_every", "10", "--save_every", "10"],
+        rm=["--n_train", "4000", "--n_test", "1000", "--log_every", "10", "--save_every", "10",
+            "--safety_n_train", "2000", "--safety_n_test", "500"],
         synthetic_pairs=8000,
+        # the helpfulness RM's share of safety pairs (the paper mixes Meta Safety into it, §3.2.2)
+        safety_pairs=400,
         # Rejection sampling from the SFT model, one iteration of 512 prompts x 8 at T 0.6, lr
         # 1e-4, each chosen on the validation split (BENCHMARKS.md, "The crowd world, defaults
         # chosen on the validation split"): from SFT V1 judged +0.020 over SFT, from the GAtt
@@ -128,8 +133,12 @@ KNOBS = {
         rs=["--iterations", "1", "--prompts", "512", "--k", "8", "--temperatures", "0.6",
             "--tune_prompts", "16", "--lr", "1e-4",
             "--eval_n", "200", "--eval_bestof_n", "32", "--eval_k", "16", "--eval_mt_n", "16",
-            "--eval_turns", "12", "--log_every", "5"],
+            "--eval_turns", "12", "--eval_safety_n", "200", "--log_every", "5"],
+        # safety RLHF (§4.2.3): a tenth of the RLHF prompts are safety prompts, and the reward
+        # combines the helpfulness and safety RMs (train_rlhf.CombinedReward)
+        safety_share=0.1,
         rs_iterations=1, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5), rs_seeds=(2, 3),
+        safety_shares=(0.0, 0.25, 0.5, 1.0),  # Fig. 15's curve beside the rs stage's share
         larger="small",  # the distillation ablation's sampler: 8.3M parameters, 2.6x the policy
         # seconds on a 2-core CPU: session 13's run (AMD EPYC with AVX512-BF16, bfloat16;
         # BENCHMARKS.md); the judge-picked GAtt and the margin RMs from earlier runs
@@ -138,7 +147,9 @@ KNOBS = {
                       eval_final=27, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
                       rm_margin=200, rm_ablation=10, report=5,
                       # the larger model (small, 8.3M), sharing the cores with other runs at times
-                      pretrain_large=984, sft_large=2183, eval_sft_large=53, rs_distill=192)),
+                      pretrain_large=984, sft_large=2183, eval_sft_large=53, rs_distill=192,
+                      # safety (session 14's validation runs, this CPU)
+                      rm_safety=240)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
@@ -147,12 +158,12 @@ KNOBS = {
                   "--eval_every", "30", "--eval_batches", "4", "--save_every", "20",
                   "--samples", "1", "--sample_tokens", "60"],
         evals=["--eval_n", "40", "--eval_bestof_n", "8", "--eval_k", "4", "--eval_mt_n", "6",
-               "--eval_turns", "6", "--eval_levels", "1,2"],
+               "--eval_turns", "6", "--eval_levels", "1,2", "--eval_safety_n", "40"],
         eval_pretrain=["--eval_n", "24", "--eval_bestof_n", "6", "--eval_k", "4",
                        "--eval_mt_n", "4", "--eval_turns", "6", "--eval_levels", "1,2",
                        "--max_new_tokens", "32"],
         world=["--data", "world", "--world_n", "1200", "--world_p_instruction", "0.5",
-               "--world_levels", "1,2"],
+               "--world_levels", "1,2", "--world_safety", "0.1"],
         # 55 steps: with 10 (400 dialogs, 1 epoch) the SFT model never ended a reply (EOS 0%), so
         # no preference pair and no gold answer could be made; with 55 it ends 97% of them
         sft=["--epochs", "2", "--batch_size", "8", "--lr", "2e-3", "--warmup_steps", "3",
@@ -162,13 +173,15 @@ KNOBS = {
               "--lr", "1e-3", "--warmup_steps", "1", "--log_every", "2", "--save_every", "2"],
         gatt_k=4,
         rm=["--n_train", "160", "--n_test", "80", "--batch_size", "16", "--micro_batch", "16",
-            "--log_every", "2", "--save_every", "4"],
-        synthetic_pairs=320,
+            "--log_every", "2", "--save_every", "4", "--safety_n_train", "90",
+            "--safety_n_test", "40"],
+        synthetic_pairs=320, safety_pairs=16,
         rs=["--iterations", "2", "--prompts", "24", "--k", "4", "--tune_prompts", "6",
             "--temperatures", "0.7,1.0,1.3", "--eval_n", "32",
             "--eval_bestof_n", "8", "--eval_k", "8", "--eval_mt_n", "4", "--eval_turns", "6",
-            "--log_every", "2"],
-        rs_iterations=2, rm_seeds=(1,), rm_fracs=(), larger="small",
+            "--eval_safety_n", "32", "--log_every", "2"],
+        safety_share=0.1,
+        rs_iterations=2, rm_seeds=(1,), rm_fracs=(), larger="small", safety_shares=(0.0, 0.5),
         # a whole QUICK run with the crowd world's defaults took 6m37s on this 2-core machine with
         # no other job (2026-12-07; 3m07s with the careful world's, issue #23: the RM now trains on
         # 320 synthetic pairs too); these are its stages' times. After one run the pipeline
@@ -176,7 +189,8 @@ KNOBS = {
         estimate=dict(world_text=4, pretrain=40, eval_pretrain=10, sft=58, eval_sft=11, gatt1=17,
                       gatt2=17, eval_gatt=11, rm=90, rs=50, ppo=67, eval_final=12, gatt_judge1=17,
                       gatt_judge2=17, eval_gatt_judge=11, rm_margin=50, rm_ablation=4, report=8,
-                      pretrain_large=100, sft_large=150, eval_sft_large=15, rs_distill=60)),
+                      pretrain_large=100, sft_large=150, eval_sft_large=15, rs_distill=60,
+                      rm_safety=40)),
     "tiny": dict(
         world_lines=1500,
         pretrain=["--data", "{out}/world_text/world.txt", "--cache_dir", "{out}/pretrain/cache",
@@ -186,12 +200,12 @@ KNOBS = {
                   "--save_every", "2", "--samples", "0", "--device", "cpu"],
         evals=["--eval_n", "6", "--eval_bestof_n", "2", "--eval_k", "2", "--eval_mt_n", "2",
                "--eval_turns", "3", "--eval_levels", "1", "--max_new_tokens", "8",
-               "--device", "cpu"],
+               "--eval_safety_n", "4", "--device", "cpu"],
         eval_pretrain=["--eval_n", "4", "--eval_bestof_n", "2", "--eval_k", "2",
                        "--eval_mt_n", "2", "--eval_turns", "2", "--eval_levels", "1",
                        "--max_new_tokens", "8", "--device", "cpu"],
         world=["--data", "world", "--world_n", "40", "--world_p_instruction", "0.5",
-               "--world_levels", "1"],
+               "--world_levels", "1", "--world_safety", "0.1"],
         sft=["--epochs", "2", "--batch_size", "2", "--lr", "3e-3", "--warmup_steps", "1",
              "--save_every", "1", "--device", "cpu"],
         gatt=["--gatt_n", "3", "--gatt_min_turns", "2", "--gatt_max_turns", "2",
@@ -200,18 +214,20 @@ KNOBS = {
         gatt_k=2,
         rm=["--n_train", "12", "--n_test", "8", "--batch_size", "4", "--micro_batch", "4",
             "--max_new_tokens", "8", "--pair_max_turns", "1", "--save_every", "1",
-            "--device", "cpu"],
-        synthetic_pairs=8,
+            "--safety_n_train", "9", "--safety_n_test", "4", "--device", "cpu"],
+        synthetic_pairs=8, safety_pairs=2,
         rs=["--iterations", "1", "--prompts", "4", "--k", "2", "--tune_prompts", "2",
             "--temperatures", "0.8,1.3", "--max_new_tokens", "8", "--max_turns", "1",
             "--batch_size", "1", "--epochs", "1", "--eval_n", "4", "--eval_bestof_n", "2",
             "--eval_k", "2", "--eval_mt_n", "2", "--eval_turns", "2", "--eval_levels", "1",
-            "--device", "cpu"],
-        rs_iterations=1, rm_seeds=(1,), rm_fracs=(0.5,), larger="demo",
+            "--eval_safety_n", "4", "--device", "cpu"],
+        safety_share=0.25,
+        rs_iterations=1, rm_seeds=(1,), rm_fracs=(0.5,), larger="demo", safety_shares=(0.0,),
         estimate=dict(world_text=2, pretrain=5, eval_pretrain=5, sft=5, eval_sft=5, gatt1=5,
                       gatt2=5, eval_gatt=5, rm=6, rs=10, ppo=5, eval_final=5, gatt_judge1=5,
                       gatt_judge2=5, eval_gatt_judge=5, rm_margin=6, rm_ablation=3, report=3,
-                      pretrain_large=5, sft_large=5, eval_sft_large=5, rs_distill=10)),
+                      pretrain_large=5, sft_large=5, eval_sft_large=5, rs_distill=10,
+                      rm_safety=6)),
 }
 
 
@@ -297,22 +313,34 @@ def synthetic_pairs(cfg: Config) -> int:
 
 
 def _rm_stage(cfg: Config, o: str, name: str, margin: str, seed: int, oracle: bool = False,
-              frac: float = 1.0, synthetic: bool = True) -> Stage:
-    """A reward model (train_rm.py) from the SFT model, on pairs of the SFT and GAtt models."""
+              frac: float = 1.0, synthetic: bool = True, objective: str = "helpfulness",
+              safety_pairs: int | None = None) -> Stage:
+    """A reward model (train_rm.py) from the SFT model, on pairs of the SFT and GAtt models: the
+    helpfulness RM (with its share of safety pairs, KNOBS "safety_pairs", or `safety_pairs`) or
+    the safety RM (objective "safety")."""
     k = KNOBS[cfg.size]
     part = f", {frac:g} of the training pairs" if frac != 1.0 else ""
-    return Stage(name, f"reward model, margin {margin}, seed {seed}{part}: preference pairs from the "
-                       "SFT and GAtt models labelled by simulated annotators, trained and "
-                       "evaluated on held-out pairs (§3.2.2, Tables 8 and 28)",
+    n_safety = k.get("safety_pairs", 0) if safety_pairs is None else safety_pairs
+    what = ("safety reward model: safety pairs (requests for a secret, borderline prompts) "
+            "labelled by the safety annotators, 10% helpfulness pairs (§4.2, Table 8)"
+            if objective == "safety" else
+            "reward model: preference pairs from the SFT and GAtt models labelled by simulated "
+            "annotators (§3.2.2, Tables 8 and 28)")
+    return Stage(name, f"{what}, margin {margin}, seed {seed}{part}, trained and evaluated on "
+                       "held-out pairs",
                  ["train_rm.py", "--checkpoint", f"{o}/sft", "--pair_models",
                   f"{o}/sft,{o}/gatt2", "--pairs_dir", f"{o}/rm_pairs", *_fill(cfg, o, k["rm"]),
                   "--margin", margin, "--seed", str(seed), "--threads", "1",
                   *(["--train_frac", str(frac)] if frac != 1.0 else []),
                   *(["--synthetic_pairs", str(synthetic_pairs(cfg))]
-                    if synthetic_pairs(cfg) and synthetic else []),
+                    if synthetic_pairs(cfg) and synthetic and objective == "helpfulness" else []),
+                  *(["--safety_pairs", str(n_safety)]
+                    if n_safety and objective == "helpfulness" else []),
+                  *(["--objective", "safety"] if objective == "safety" else []),
                   "--out_dir", f"{o}/{name}"],
                  ["ckpt.pt", "eval.json"], ["sft", "gatt2"],
-                 k["estimate"]["rm"] if not oracle else k["estimate"]["rm_margin"], resume=True,
+                 k["estimate"]["rm_margin"] if oracle else k["estimate"].get(name, k["estimate"]["rm"]),
+                 resume=True,
                  stop_flag="--stop_at_step", oracle=oracle)
 
 
@@ -325,6 +353,8 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
     fill = lambda args: _fill(cfg, o, args)  # noqa: E731
     ev = lambda *a, **kw: _eval_stage(cfg, o, *a, **kw)  # noqa: E731
     n = k["rs_iterations"]
+    # safety RLHF: the safety RM beside the helpfulness RM, a share of safety prompts (§4.2.3)
+    safety_flags = ["--safety_rm", f"{o}/rm_safety", "--safety_share", str(k["safety_share"])]
     stages = [
         Stage("world_text", "the simulated world's text (prompts and answers as plain lines), "
                             "pretrained on beside Shakespeare so the chat words are not new",
@@ -364,6 +394,8 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
         # 2.5e-4 (1e-5 barely moves a 3M model; session 6: 2.5e-4 58.0% over 3 seeds, 5e-4 56.9%);
         # one CPU thread (batched generation ran 4x faster with one than with two on 2 busy cores)
         _rm_stage(cfg, o, "rm", "small", 1),
+        # the safety RM (§4.2): its own pairs and annotators; RLHF combines the two (§3.2.2)
+        _rm_stage(cfg, o, "rm_safety", "small", 1, objective="safety"),
         # Rejection sampling starts from the SFT model, and the GAtt model stays a measured
         # branch (its samples also feed the RM's comparisons). On the validation split of the
         # crowd world GAtt cost content (judged 0.699 -> 0.677: it fine-tunes on the model's own
@@ -375,15 +407,15 @@ def build_stages(cfg: Config, out: Path) -> list[Stage]:
                     "prompt, the RM keeps the best, fine-tune on it; best-of-N curves "
                     "(§3.2.3, Figs. 7, 8)",
               ["train_rlhf.py", "--checkpoint", f"{o}/sft", "--reward_model", f"{o}/rm",
-               *fill(k["rs"]), "--compare", f"sft={o}/sft", "--out_dir", f"{o}/rs"],
-              [f"V{n}/ckpt.pt", f"iter{n + 1}/eval.json", "report.txt"], ["sft", "rm"],
+               *fill(k["rs"]), *safety_flags, "--compare", f"sft={o}/sft", "--out_dir", f"{o}/rs"],
+              [f"V{n}/ckpt.pt", f"iter{n + 1}/eval.json", "report.txt"], ["sft", "rm", "rm_safety"],
               est["rs"], resume=True, stop_flag="--stop_at"),
         # PPO (issue 13): from the last rejection-sampling model, KL penalty to it; the rs flags
         # for the shared knobs (evaluation sizes, max_new_tokens, ...), then PPO's own scale per
         # size (train_rlhf.py's defaults are the full demo's: 20 iterations of 64 rollouts)
         Stage("ppo", "PPO on top of the last rejection-sampling model, KL penalty to it (§3.2.3)",
               ["train_rlhf.py", "--method", "ppo", "--checkpoint", f"{o}/rs/V{n}",
-               "--reward_model", f"{o}/rm", *fill(k["rs"]),
+               "--reward_model", f"{o}/rm", *fill(k["rs"]), *safety_flags,
                "--compare", f"sft={o}/sft,rs={o}/rs/V{n}",  # final win rates against both
                *{"full": [], "quick": ["--ppo_iterations", "5", "--ppo_batch", "32",
                                        "--ppo_minibatch", "8", "--whiten_n", "32"],
@@ -471,8 +503,42 @@ def _ablation_stages(cfg: Config, out: Path, stages: list[Stage]) -> list[Stage]
                     _with_flags(rs.argv, seed=seed, out_dir=f"{o}/rs_seed{seed}"), rs.outputs,
                     ["sft", "rm"], est["rs"], resume=True, stop_flag="--stop_at", oracle=True,
                     tag="ablation") for seed in k.get("rs_seeds", ())]
+    extra += _safety_stages(cfg, o, rs)
     if not cfg.model:
         extra += _distill_stages(cfg, o, stages)
+    return extra
+
+
+def _safety_stages(cfg: Config, o: str, rs: Stage) -> list[Stage]:
+    """ABLATIONS of safety RLHF (paper §4.2), each the rs stage with one thing changed: the share
+    of safety prompts (Fig. 15's curve; 0 is helpfulness-only data, the combined reward kept),
+    helpfulness-only RLHF (no safety RM, no safety prompts), and one reward model trained on all
+    the pairs (helpfulness and safety) in place of the two combined."""
+    k = KNOBS[cfg.size]
+    est = k["estimate"]
+    extra = [Stage(f"rs_share{share:g}", f"rejection sampling as the rs stage with {share:.0%} "
+                                         "safety prompts (§4.2.3, Fig. 15)",
+                   _with_flags(rs.argv, safety_share=share, out_dir=f"{o}/rs_share{share:g}"),
+                   rs.outputs, rs.needs, est["rs"], resume=True, stop_flag="--stop_at",
+                   oracle=True, tag="ablation") for share in k.get("safety_shares", ())]
+    plain = [a for i, a in enumerate(rs.argv) if a not in ("--safety_rm", "--safety_share")
+             and rs.argv[i - 1] not in ("--safety_rm", "--safety_share")]
+    extra.append(Stage("rs_help", "rejection sampling as the rs stage with the helpfulness RM "
+                                  "alone and no safety prompts: helpfulness-only RLHF (§4.2)",
+                       _with_flags(plain, out_dir=f"{o}/rs_help"), rs.outputs, ["sft", "rm"],
+                       est["rs"], resume=True, stop_flag="--stop_at", oracle=True,
+                       tag="ablation"))
+    n_all = int(_flag(k["rm"], "--safety_n_train"))
+    one = _rm_stage(cfg, o, "rm_one", "small", 1, oracle=True, safety_pairs=n_all)
+    one.title = ("one reward model on all the pairs, helpfulness and safety, in place of the "
+                 "two (§4.2 ablation)")
+    one.tag = "ablation"
+    extra += [one, Stage("rs_one", "rejection sampling as the rs stage, the one RM of all pairs "
+                                   "in place of the two combined (§4.2 ablation)",
+                         _with_flags(plain, reward_model=f"{o}/rm_one",
+                                     safety_share=k["safety_share"], out_dir=f"{o}/rs_one"),
+                         rs.outputs, ["sft", "rm_one"], est["rs"], resume=True,
+                         stop_flag="--stop_at", oracle=True, tag="ablation")]
     return extra
 
 

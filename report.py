@@ -40,7 +40,8 @@ class Config:
 # tests/test_pipeline.py checks this rule against the stages the pipeline builds
 ABLATION_STAGES = re.compile(r"(eval_)?sft_curated|gatt_judge\d+|eval_gatt_judge|rm_ablation|"
                              r"rm_frac[\d.]+|rm_(none|small|large)_\d+|rm_nosyn|rs_oracle|"
-                             r"(pretrain|(eval_)?sft)_large|rs_distill|rs_seed\d+")
+                             r"(pretrain|(eval_)?sft)_large|rs_distill|rs_seed\d+|"
+                             r"rs_share[\d.]+|rs_help|rm_one|rs_one")
 NOT_RUN = "not run"
 
 # the paper's results we set ours beside (its Tables 8 and 28)

@@ -681,6 +681,45 @@ def test_the_distillation_ablation_is_the_recipes_commands_with_a_larger_sampler
                                           "rs_distill"}
 
 
+def test_safety_stages_are_the_recipes_commands_with_one_thing_changed(tmp_path):
+    """Safety in the recipe (issue 26): SFT with safety demonstrations, the safety RM (its own
+    objective, no synthetic pairs), rejection sampling and PPO with both RMs and a share of safety
+    prompts; the ablations are the rs command with only the share, the RMs or the folder changed."""
+    st = {s.name: s for s in pipeline.build_stages(pipeline.Config(size="full", ablations=True),
+                                                     tmp_path)}
+    strip = lambda a, *flags: [x for i, x in enumerate(a) if not (  # noqa: E731
+        x in flags or (i and a[i - 1] in flags))]
+    o = str(tmp_path)
+    assert pipeline._flag(st["sft"].argv, "--world_safety") == "0.1"
+    assert pipeline._flag(st["eval_sft"].argv, "--eval_safety_n") == "200"
+    rm, srm = st["rm"].argv, st["rm_safety"].argv
+    assert pipeline._flag(srm, "--objective") == "safety" and "--synthetic_pairs" not in srm
+    assert "--safety_pairs" not in srm and pipeline._flag(rm, "--safety_pairs") == "400"
+    assert "--objective" not in rm
+    assert strip(srm, "--objective", "--out_dir") == strip(rm, "--safety_pairs", "--synthetic_pairs",
+                                                           "--out_dir")
+    for name in ("rs", "ppo"):
+        a = st[name].argv
+        assert pipeline._flag(a, "--safety_rm") == f"{o}/rm_safety"
+        assert pipeline._flag(a, "--safety_share") == "0.1"
+    assert "rm_safety" in st["rs"].needs
+    rs = st["rs"].argv
+    for share in (0.0, 0.25, 0.5, 1.0):
+        a = st[f"rs_share{share:g}"].argv
+        assert pipeline._flag(a, "--safety_share") == str(share)
+        assert strip(a, "--safety_share", "--out_dir") == strip(rs, "--safety_share", "--out_dir")
+    help_ = st["rs_help"].argv
+    assert "--safety_rm" not in help_ and "--safety_share" not in help_
+    assert strip(help_, "--out_dir") == strip(rs, "--safety_rm", "--safety_share", "--out_dir")
+    one, rs_one = st["rm_one"].argv, st["rs_one"].argv
+    assert pipeline._flag(one, "--safety_pairs") == pipeline._flag(rm, "--safety_n_train") == "2000"
+    assert strip(one, "--safety_pairs", "--out_dir") == strip(rm, "--safety_pairs", "--out_dir")
+    assert pipeline._flag(rs_one, "--reward_model") == f"{o}/rm_one" and "--safety_rm" not in rs_one
+    assert pipeline._flag(rs_one, "--safety_share") == "0.1"
+    assert all(st[n].oracle for n in ("rs_share0", "rs_help", "rm_one", "rs_one"))
+    assert not st["rm_safety"].oracle
+
+
 def test_the_report_shows_the_rm_by_kind_with_and_without_synthetic_pairs(tmp_path):
     run = tmp_path / "run"
 
