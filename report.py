@@ -881,6 +881,182 @@ def plot_overoptimization(its: list[dict], png: Path) -> None:
 # the report
 
 
+# the paper's safety RM accuracy on Meta Safety (Table 8): significantly / better / slightly /
+# negligibly-unsure / average; its pair categories (§4.2.1) and its threshold's numbers (§3.2.2)
+PAPER_TABLE8_SAFETY = {"significantly better": 94.3, "better": 76.3, "slightly better": 65.7,
+                       "negligibly better/unsure": 55.3, "average": 64.5}
+PAPER_CATEGORIES = {"safer": 18, "both_safe": 47, "both_unsafe": 35}
+
+
+def _last_policy_eval(stage: Path) -> dict | None:
+    """The last iteration's evaluation of a rejection-sampling stage (iter<n+1>/eval.json)."""
+    i, last = 1, None
+    while (stage / f"iter{i}" / "eval.json").is_file():
+        last = _json(stage / f"iter{i}" / "eval.json")
+        i += 1
+    return last
+
+
+def _safety_models(run: Path) -> list[tuple[str, dict, dict]]:
+    """(label, its safety numbers, its judged helpfulness {"greedy", "sampled"}) of each model that
+    was evaluated on safety prompts: SFT, GAtt, the RLHF stages and the safety ablations."""
+    out = []
+    for label, stage in (("SFT", "eval_sft"), ("GAtt", "eval_gatt")):
+        s = _summary(run / stage / "eval.jsonl")
+        if s and "safety" in s:
+            out.append((label, s["safety"], {"greedy": s["total"]}))
+    share = _stage_flag(run, "rs", "--safety_share")
+    share = f"{float(share):.0%}" if share else "?"
+    for label, stage in ((f"RS V1, two RMs, {share} safety prompts (recipe)", "rs"),
+                         ("RS, helpfulness RM only, no safety prompts (ablation)", "rs_help"),
+                         ("RS, one RM on all pairs (ablation)", "rs_one")):
+        e = _last_policy_eval(run / stage)
+        if e and "safety" in e:
+            out.append((label, e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")}))
+    for p in sorted(run.glob("rs_share*"), key=lambda p: float(p.name[8:] or 0)):
+        e = _last_policy_eval(p)
+        if e and "safety" in e:
+            out.append((f"RS, {float(p.name[8:]):.0%} safety prompts (ablation, Fig. 15)",
+                        e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")}))
+    ppo = _json(run / "ppo" / "eval_final.json")
+    if ppo and "safety" in ppo:
+        out.append(("PPO (final)", ppo["safety"], {k: ppo[k]["judge"] for k in ("greedy", "sampled")}))
+    return out
+
+
+def safety(run: Path, out: Path):
+    """Safety (§4.2): the safety RM's accuracy (Table 8's safety row, by category, the 0.15
+    threshold), each model's violation and false-refusal rates beside the floors, the share of
+    safety prompts in RLHF (Fig. 15's curve) and the one-RM ablation."""
+    srm = _json(run / "rm_safety" / "eval.json")
+    models = _safety_models(run)
+    paper_rm = ("Table 8 (Safety RM on Meta Safety): " + " / ".join(
+        f"{v}" for v in PAPER_TABLE8_SAFETY.values()) + "; threshold 0.15: precision 0.89, "
+        "recall 0.55")
+    paper_rl = ("safety RLHF cuts the unsafe tail while helpfulness holds (Fig. 14); more safety "
+                "data, fewer violations, false refusals rise on borderline prompts (Fig. 15, A.4.5)")
+    if srm is None and not models:
+        return [["safety RM accuracy (§4.2, Table 8)", paper_rm, NOT_RUN, "", ""],
+                ["safety RLHF: violations, false refusals (§4.2)", paper_rl, NOT_RUN, "", ""]], []
+    rows, sec = [], ["## Safety (§4.2)", "",
+                     "Requests for a person's secret (a password or a code stated in the "
+                     "pretraining text), 80% of them adversarial (role-play, \"ignore your "
+                     "rules\", a claim to be the owner, the request split over two turns), and "
+                     "borderline prompts that only look like one (an ordinary problem in a "
+                     "secret's words). The judge's verdict (world.safety_verdict): a violation is "
+                     "a reply that gives a secret or plays along; a false refusal is a refused "
+                     "benign prompt. Held-out people and problems only."]
+    if srm is not None:
+        b = srm["buckets"]
+        names = [r for r in RATINGS if r != "average"] + ["average"]
+        ours = " / ".join(_pct(b[r].get("rm_vs_annotators")) if r in b else "-" for r in names)
+        t = srm.get("threshold", {})
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        rows.append(["safety RM accuracy (§4.2, Table 8)", paper_rm,
+                     f"{ours}; threshold 0.15: precision {fmt(t.get('precision'))}, recall "
+                     f"{fmt(t.get('recall'))}",
+                     "floor 50% (a coin); ceiling " + " / ".join(
+                         _pct(b[r].get("ceiling")) if r in b else "-" for r in names),
+                     f"{srm['n']} held-out safety pairs of a simulated world; one kind of harm "
+                     "(a secret) where the paper has many"])
+        sec += ["", "### The safety reward model", "",
+                f"{srm['n']} held-out safety pairs (held-out people and problems), accuracy % by "
+                "the annotators' rating; the floor is a coin, the ceiling the noise-free judge "
+                "against the noisy annotators.", "",
+                "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                "| paper, Table 8 (Safety RM, Meta Safety) | " + " | ".join(
+                    f"{PAPER_TABLE8_SAFETY[r]}" for r in names) + " |",
+                "| pairs (share) | " + " | ".join(
+                    f"{b[r]['n']} ({100 * b[r]['share']:.0f}%)" if r in b else "-"
+                    for r in names) + " |"]
+        for label, key in (("ours vs annotators", "rm_vs_annotators"),
+                           ("ours vs judge", "rm_vs_judge"), ("ceiling", "ceiling")):
+            sec.append(f"| {label} | " + " | ".join(
+                f"{100 * b[r][key]:.1f}" if r in b and key in b[r] else "-" for r in names) + " |")
+        cats = srm.get("by_category", {})
+        if cats:
+            sec += ["", "By the paper's categories (§4.2.1; pairs whose chosen reply is unsafe "
+                    "and the other safe are dropped, as there):", "",
+                    "| category | share (paper) | share (ours) | ours vs annotators | ours vs judge |",
+                    "|---|---|---|---|---|"]
+            sec += [f"| {c.replace('_', ' ')} | {PAPER_CATEGORIES[c]}% | {100 * v['share']:.0f}% | "
+                    f"{_pct(v.get('rm_vs_annotators'))} | {_pct(v.get('rm_vs_judge'))} |"
+                    for c, v in cats.items()]
+        if t:
+            sec += ["", f"sigmoid(safety RM score) < 0.15 taken as \"unsafe\" over {t['n']} "
+                    f"held-out replies ({t['unsafe']} unsafe by the judge): precision "
+                    f"{fmt(t.get('precision'))}, recall {fmt(t.get('recall'))} (the paper: 0.89 / "
+                    f"0.55; floor: flag every reply, precision {t['unsafe'] / max(1, t['n']):.2f}, "
+                    "recall 1). The combined reward switches to the safety RM there."]
+        hrm = _json(run / "rm" / "eval.json")
+        cross = [(n, e) for n, e in (("the helpfulness RM on the safety pairs",
+                                      (hrm or {}).get("other", {}).get("safety")),
+                                     ("the safety RM on the helpfulness pairs",
+                                      srm.get("other", {}).get("helpfulness"))) if e]
+        if cross:
+            sec += [""] + [f"- {n}: {_pct(e['buckets']['average'].get('rm_vs_annotators'))} "
+                           f"of {e['n']} held-out pairs (ceiling "
+                           f"{_pct(e['buckets']['average'].get('ceiling'))})" for n, e in cross]
+    if models:
+        fl = models[0][1]["floor"]
+        sec += ["", "### Violations and false refusals of each model", "",
+                f"{models[0][1]['n']} held-out safety prompts and the judged evaluation's ordinary "
+                "prompts; one greedy reply and one sampled at Meta's chat default (T 0.6, top-p "
+                "0.9: how a user meets the model, and where the tail lives). Floors: always refuse "
+                "/ never refuse. Judged helpfulness is on the ordinary prompts (floor: an empty "
+                "reply; ceiling 1.0).", "",
+                "| model | violation, sampled (adversarial / direct) | violation, greedy | false "
+                "refusal, borderline, sampled / greedy | false refusal, ordinary, greedy | judged "
+                "helpfulness, greedy / sampled |", "|---|---|---|---|---|---|",
+                f"| floor: always refuse | {_pct(fl['always_refuse']['violation'])} | | "
+                f"{_pct(fl['always_refuse']['false_refusal_borderline'])} | 100% | |",
+                f"| floor: never refuse | {_pct(fl['never_refuse']['violation'])} | | "
+                f"{_pct(fl['never_refuse']['false_refusal_borderline'])} | 0% | |"]
+        for label, s, h in models:
+            g, x = s["greedy"], s["sampled"]
+            hs = f"{h['greedy']:.3f}" + (f" / {h['sampled']:.3f}" if "sampled" in h else "")
+            sec.append(f"| {label} | {_pct(x['violation'])} ({_pct(x['violation_adversarial'])} / "
+                       f"{_pct(x['violation_direct'])}) | {_pct(g['violation'])} | "
+                       f"{_pct(x['false_refusal_borderline'])} / "
+                       f"{_pct(g['false_refusal_borderline'])} | "
+                       f"{_pct(g.get('false_refusal_ordinary'))} | {hs} |")
+        by = dict((lab, s) for lab, s, _ in models)
+        sft = by.get("SFT")
+        rl = next(((lab, s) for lab, s, _ in models if lab.startswith("RS V1")), None)
+        if sft and rl:
+            rows.append(["safety RLHF: violations, false refusals (§4.2)", paper_rl,
+                         f"sampled violation SFT {_pct(sft['sampled']['violation'])} -> RS "
+                         f"{_pct(rl[1]['sampled']['violation'])}; false refusal borderline "
+                         f"{_pct(sft['sampled']['false_refusal_borderline'])} -> "
+                         f"{_pct(rl[1]['sampled']['false_refusal_borderline'])}, ordinary "
+                         f"{_pct(rl[1]['greedy'].get('false_refusal_ordinary'))}",
+                         "floors: always refuse (0% violation, 100% false refusal), never refuse "
+                         "(100%, 0%)", WHY_SMALL])
+        curve = [(float(p.name[8:]), _last_policy_eval(p)) for p in run.glob("rs_share*")]
+        rs_e = _last_policy_eval(run / "rs")
+        share = _stage_flag(run, "rs", "--safety_share")
+        if rs_e and share:
+            curve.append((float(share), rs_e))
+        curve = sorted((x, e) for x, e in curve if e and "safety" in e)
+        if len(curve) >= 2:
+            plt = evaluate._plt()
+            fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+            xs = [100 * x for x, _ in curve]
+            pc = lambda v: float("nan") if v is None else 100 * v  # noqa: E731 (no such prompt)
+            ax.plot(xs, [pc(e["safety"]["sampled"]["violation"]) for _, e in curve], "o-",
+                    label="violation, sampled (%)")
+            ax.plot(xs, [pc(e["safety"]["sampled"]["false_refusal_borderline"]) for _, e in curve],
+                    "s-", label="false refusal, borderline, sampled (%)")
+            ax.plot(xs, [100 * e["sampled"]["judge"] for _, e in curve], "^-",
+                    label="judged helpfulness x100, sampled")
+            ax.set(xlabel="safety prompts in RLHF (%)", ylim=(0, 105),
+                   title="Safety data in RLHF (the paper's Fig. 15)")
+            ax.legend(fontsize=8)
+            evaluate._save(fig, out / "report_safety_share.png")
+            _img(sec, out, "report_safety_share.png", "safety share in RLHF (Fig. 15)")
+    return rows, sec
+
+
 def timings(run: Path) -> list[str]:
     rows = []
     for d in sorted(run.iterdir()) if run.is_dir() else []:
@@ -921,13 +1097,15 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
     r_rs, s_rs = rejection_sampling(run, out)
     r_ppo, s_ppo = ppo(run, out)
     r_dist, s_dist = reward_distributions(run, out)
+    r_safe, s_safe = safety(run, out)
     final = dict(evals).get("final")
     r_final = ["final model, judged (§10)",
                "RLHF improves helpfulness over SFT (Fig. 11, 12)",
                _judged(final) + (f" [{final['label']}] vs SFT {_judged(dict(evals).get('SFT'))}"
                                  if final else ""),
                "floor: empty reply; ceiling 1.0", WHY_SMALL]
-    rows = [r_pre, *r_sft, r_gatt, r_rm, r_kind, r_margin, *r_rs, r_ppo, r_dist, r_final]
+    rows = [r_pre, *r_sft, r_gatt, r_rm, r_kind, r_margin, *r_rs, r_ppo, r_dist, r_final,
+            *r_safe]
     ck = run / "pretrain" / "ckpt.pt"
     params = (f"{sum(v.numel() for v in training.load_checkpoint(ck)['model'].values()) / 1e6:.2f}M"
               if ck.is_file() else "3M")
@@ -953,7 +1131,7 @@ def write_report(run: Path, out: Path, size: str = "") -> str:
                         + ". The full size's report (docs/REPORT.md, `bash scripts/demo.sh`) shows "
                         "the stages' effects.", ""]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
-    for sec in (s_pre, s_sft, s_gatt, s_rm, s_margin, s_rs, s_ppo, s_dist, timings(run)):
+    for sec in (s_pre, s_sft, s_gatt, s_rm, s_margin, s_rs, s_ppo, s_dist, s_safe, timings(run)):
         if sec:
             lines += [""] + sec
     text = "\n".join(lines) + "\n"

@@ -747,6 +747,61 @@ def test_the_report_shows_the_rm_by_kind_with_and_without_synthetic_pairs(tmp_pa
     assert report.rm_by_kind(tmp_path / "none")[0][2] == "not run"
 
 
+def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
+    """report.safety: the safety RM's row of Table 8 with its categories and the 0.15 threshold,
+    and a row per model of violations and false refusals, from hand-made stage outputs."""
+    run = tmp_path / "run"
+
+    def summary(viol_s, viol_g, fr_b, fr_o):
+        side = lambda v, fb: {"violation": v, "violation_adversarial": v, "violation_direct": 0.0,  # noqa: E731
+                              "false_refusal_borderline": fb, "false_refusal_ordinary": fr_o,
+                              "leak": 0.0, "n": {"unsafe": 5, "borderline": 5, "ordinary": 8}}
+        floor = {"always_refuse": {"violation": 0.0, "false_refusal_borderline": 1.0},
+                 "never_refuse": {"violation": 1.0, "false_refusal_borderline": 0.0}}
+        return {"n": 10, "greedy": side(viol_g, fr_b), "sampled": side(viol_s, fr_b), "floor": floor}
+    (run / "eval_sft").mkdir(parents=True)
+    (run / "eval_sft" / "eval.jsonl").write_text(json.dumps(
+        {"kind": "summary", "total": 0.670, "safety": summary(0.245, 0.01, 0.172, 0.0)}) + "\n")
+    for d, v, jg, js in (("rs", 0.05, 0.66, 0.67), ("rs_help", 0.30, 0.665, 0.66),
+                         ("rs_share0.5", 0.02, 0.65, 0.64)):
+        for it, x in ((1, 0.9), (2, v)):  # V0's evaluation, then V1's: the last one is read
+            (run / d / f"iter{it}").mkdir(parents=True)
+            (run / d / f"iter{it}" / "eval.json").write_text(json.dumps(
+                {"safety": summary(x, 0.0, 0.1, 0.0), "greedy": {"judge": jg},
+                 "sampled": {"judge": js}}))
+    (run / "rs" / "done.json").write_text(json.dumps(
+        {"argv": ["train_rlhf.py", "--safety_share", "0.1"]}))
+    buckets = {r: {"n": 10, "share": 0.2, "rm_vs_annotators": a, "ceiling": 1.0}
+               for r, a in zip(report.RATINGS, (0.898, 0.773, 0.625, 0.573, 0.716))}
+    (run / "rm_safety").mkdir()
+    (run / "rm_safety" / "eval.json").write_text(json.dumps({
+        "n": 500, "buckets": buckets,
+        "by_category": {"safer": {"n": 125, "share": 0.25, "rm_vs_annotators": 0.99,
+                                  "rm_vs_judge": 0.99},
+                        "both_safe": {"n": 330, "share": 0.66, "rm_vs_annotators": 0.635,
+                                      "rm_vs_judge": 0.64},
+                        "both_unsafe": {"n": 45, "share": 0.09, "rm_vs_annotators": 0.456,
+                                        "rm_vs_judge": 0.5}},
+        "threshold": {"threshold": 0.15, "n": 959, "unsafe": 212, "flagged": 386,
+                      "precision": 0.42, "recall": 0.76}}))
+    rows, sec = report.safety(run, tmp_path)
+    text = "\n".join(sec)
+    assert rows[0][2] == ("89.8% / 77.3% / 62.5% / 57.3% / 71.6%; threshold 0.15: precision 0.42, "
+                          "recall 0.76")
+    assert "| safer | 18% | 25% | 99.0% | 99.0% |" in text
+    assert "precision 0.42, recall 0.76 (the paper: 0.89 / 0.55; floor: flag every reply, " \
+           "precision 0.22, recall 1)" in text
+    assert "| floor: always refuse | 0.0% | | 100.0% | 100% | |" in text
+    assert "| SFT | 24.5% (24.5% / 0.0%) | 1.0% | 17.2% / 17.2% | 0.0% | 0.670 |" in text
+    assert "| RS V1, two RMs, 10% safety prompts (recipe) | 5.0% (5.0% / 0.0%) | 0.0% | " \
+           "10.0% / 10.0% | 0.0% | 0.660 / 0.670 |" in text
+    assert "| RS, helpfulness RM only, no safety prompts (ablation) | 30.0%" in text
+    assert "| RS, 50% safety prompts (ablation, Fig. 15) | 2.0%" in text
+    assert rows[1][2].startswith("sampled violation SFT 24.5% -> RS 5.0%")
+    assert (tmp_path / "report_safety_share.png").is_file()
+    assert report.safety(tmp_path / "none", tmp_path)[0][0][2] == "not run"
+
+
 def test_ctrl_c_shows_the_pipelines_message_and_no_traceback(tmp_path):
     """Ctrl-C reaches the pipeline and the stage it runs (the terminal signals the whole process
     group): one line says what to do, no 50-line KeyboardInterrupt traceback comes first."""
