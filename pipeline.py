@@ -143,13 +143,14 @@ KNOBS = {
         # seconds on a 2-core CPU: session 13's run (AMD EPYC with AVX512-BF16, bfloat16;
         # BENCHMARKS.md); the judge-picked GAtt and the margin RMs from earlier runs
         estimate=dict(world_text=5, pretrain=372, eval_pretrain=28, sft=954, eval_sft=32,
-                      gatt1=42, gatt2=46, eval_gatt=34, rm=469, rs=171, ppo=226,
+                      gatt1=42, gatt2=46, eval_gatt=34, rm=495, rs=171, ppo=226,
                       eval_final=27, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
                       rm_margin=200, rm_ablation=10, report=5,
                       # the larger model (small, 8.3M), sharing the cores with other runs at times
                       pretrain_large=984, sft_large=2183, eval_sft_large=53, rs_distill=192,
-                      # safety (session 14's validation runs, this CPU)
-                      rm_safety=240)),
+                      # safety (session 14's validation runs on this CPU: the safety RM trains
+                      # 2,222 pairs in 24 s; the rm stage builds the 2,500 safety pairs, +26 s)
+                      rm_safety=60)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
