@@ -255,14 +255,16 @@ USER_TEMPERATURE, USER_TOP_P = 0.6, 0.9
 
 
 def safety_eval(model, tokenizer, cfg, rt=None, ordinary: tuple | None = None,
-                records: list | None = None) -> dict:
+                records: list | None = None, rm=None) -> dict:
     """Safety on prompts of the evaluation split only (world.safety_prompts, cfg.eval_safety_n of
     them: requests for a held-out person's secret, 80% adversarial, and borderline prompts), one
     greedy reply and one sampled at Meta's chat default (T 0.6, top-p 0.9) each, judged by
     world.safety_summary: the violation rate (adversarial and direct apart), the share that leak the
     secret, the false-refusal rate on borderline prompts, and (from `ordinary`: (prompts, replies)
     of the judged evaluation) on ordinary prompts. Floors: world.safety_floors, "always refuse"
-    and "never refuse" on the same prompts. Appends a "safety" record per prompt to `records`."""
+    and "never refuse" on the same prompts. Appends a "safety" record per prompt to `records`.
+    With `rm` two reward models (train_rlhf.CombinedReward), each sampled reply's scores by both
+    (`rm_parts`: the paper's Fig. 14 reads the safety RM's on safety prompts)."""
     levels = world.parse_levels(cfg.eval_levels)
     prompts = world.safety_prompts(cfg.eval_safety_n, eval_split(cfg), cfg.seed + 3, levels=levels)
     out = {"n": len(prompts), "split": eval_split(cfg)}
@@ -271,6 +273,8 @@ def safety_eval(model, tokenizer, cfg, rt=None, ordinary: tuple | None = None,
                             top_p=p)
         out[name] = world.safety_summary(prompts, [r.text for r in replies],
                                          [r.eos for r in replies])
+        if name == "sampled" and rm_parts(rm, prompts, replies):
+            out[name]["rm_parts"] = rm_parts(rm, prompts, replies)
         if ordinary is not None and name == "greedy":
             o = world.safety_summary(*ordinary)
             out[name]["false_refusal_ordinary"] = o["false_refusal_ordinary"]
@@ -479,6 +483,15 @@ def _one_each(model, tokenizer, prompts, temperature, cfg, rt, seed, desc, top_p
     return [r[0] if r else sampling.Reply("", False, 0) for r in out]
 
 
+def rm_parts(rm, prompts, replies) -> dict | None:
+    """Each reply's score by each of two reward models ({"helpful": [...], "safety": [...]}), when
+    `rm` combines two (train_rlhf.CombinedReward); None for one reward model."""
+    if not (hasattr(rm, "helpful") and hasattr(rm, "safety")):
+        return None
+    texts = [r.text for r in replies]
+    return {k: rm_rewards(getattr(rm, k), prompts, texts) for k in ("helpful", "safety")}
+
+
 def _stats(prompts, replies, rm) -> dict:
     scores = [world.score(d, r.text, r.eos) for d, r in zip(prompts, replies)]
     judged = [s.total for s in scores]
@@ -500,7 +513,9 @@ def _stats(prompts, replies, rm) -> dict:
             "flaws": flaw_shares(prompts, replies),
             # replies that refuse (world.is_refusal): on these ordinary prompts, false refusals
             "false_refusal": sum(world.is_refusal(r.text) for r in replies) / n,
-            "judge_scores": judged, "rm_scores": rewards}
+            "judge_scores": judged, "rm_scores": rewards,
+            # with two reward models, each one's scores (the paper's Fig. 14)
+            **({"rm_parts": parts} if (parts := rm_parts(rm, prompts, replies)) else {})}
 
 
 def flaw_shares(prompts, replies) -> dict:
@@ -563,7 +578,7 @@ def policy_eval(model, tokenizer, rm, cfg, temperature: float, reference: dict |
     # safety: requests for held-out people's secrets and borderline prompts (paper §4.2), and
     # false refusals of the ordinary prompts' greedy replies above
     if getattr(cfg, "eval_safety_n", 0) > 0:
-        s["safety"] = safety_eval(model, tokenizer, cfg, rt)
+        s["safety"] = safety_eval(model, tokenizer, cfg, rt, rm=rm)
         for k in ("greedy", "sampled"):
             s["safety"][k]["false_refusal_ordinary"] = s[k]["false_refusal"]
             s["safety"][k]["n"]["ordinary"] = s["n"]

@@ -924,6 +924,35 @@ def _safety_models(run: Path) -> list[tuple[str, dict, dict]]:
     return out
 
 
+def _fig14(run: Path, out: Path) -> list[str]:
+    """The paper's Fig. 14: the safety RM's scores of sampled replies to held-out safety prompts
+    and the helpfulness RM's of replies to ordinary ones, before (V0) and after safety RLHF (the
+    rs stage's last model), from the evaluations' rm_parts; [] when the run has none."""
+    first, last = _json(run / "rs" / "iter1" / "eval.json"), _last_policy_eval(run / "rs")
+    try:
+        parts = [(e["label"], e["safety"]["sampled"]["rm_parts"]["safety"],
+                  e["sampled"]["rm_parts"]["helpful"]) for e in (first, last)]
+    except (KeyError, TypeError):
+        return []
+    plt = evaluate._plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for ax, j, what in ((axes[0], 1, "safety RM score, held-out safety prompts"),
+                        (axes[1], 2, "helpfulness RM score, held-out ordinary prompts")):
+        for p in parts:
+            ax.hist(p[j], bins=30, alpha=0.5, label=p[0])
+        ax.set(xlabel=what, ylabel="replies (T 0.6, top-p 0.9)")
+        ax.legend()
+    fig.suptitle("Before and after safety RLHF (the paper's Fig. 14)")
+    evaluate._save(fig, out / "report_safety_rm_scores.png")
+    m = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    sec = ["", f"Reward-model scores of the sampled replies (the paper's Fig. 14): the safety RM's "
+           f"on the held-out safety prompts, mean {m(parts[0][1]):+.3f} ({parts[0][0]}) -> "
+           f"{m(parts[1][1]):+.3f} ({parts[1][0]}); the helpfulness RM's on the ordinary prompts "
+           f"{m(parts[0][2]):+.3f} -> {m(parts[1][2]):+.3f}."]
+    _img(sec, out, "report_safety_rm_scores.png", "safety and helpfulness RM scores (Fig. 14)")
+    return sec
+
+
 def safety(run: Path, out: Path):
     """Safety (§4.2): the safety RM's accuracy (Table 8's safety row, by category, the 0.15
     threshold), each model's violation and false-refusal rates beside the floors, the share of
@@ -1032,6 +1061,7 @@ def safety(run: Path, out: Path):
                          f"{_pct(rl[1]['greedy'].get('false_refusal_ordinary'))}",
                          "floors: always refuse (0% violation, 100% false refusal), never refuse "
                          "(100%, 0%)", WHY_SMALL])
+        sec += _fig14(run, out)
         curve = [(float(p.name[8:]), _last_policy_eval(p)) for p in run.glob("rs_share*")]
         rs_e = _last_policy_eval(run / "rs")
         share = _stage_flag(run, "rs", "--safety_share")

@@ -1535,11 +1535,11 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("error: --eval_n, --eval_bestof_n and --eval_k must be >= 1")
 
 
-def _light(ev: dict) -> dict:
-    """An evaluation without its per-prompt score lists (for metrics.jsonl)."""
-    return {k: ({kk: vv for kk, vv in v.items() if not kk.endswith("_scores")}
-                if isinstance(v, dict) else v)
-            for k, v in ev.items()}
+def _light(ev):
+    """An evaluation without its per-prompt score lists, at any depth (for metrics.jsonl)."""
+    if not isinstance(ev, dict):
+        return ev
+    return {k: _light(v) for k, v in ev.items() if not (k.endswith("_scores") or k == "rm_parts")}
 
 
 # -----------------------------------------------------------------------------------------------

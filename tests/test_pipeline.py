@@ -766,9 +766,11 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
                          ("rs_share0.5", 0.02, 0.65, 0.64)):
         for it, x in ((1, 0.9), (2, v)):  # V0's evaluation, then V1's: the last one is read
             (run / d / f"iter{it}").mkdir(parents=True)
+            sf = summary(x, 0.0, 0.1, 0.0)
+            sf["sampled"]["rm_parts"] = {"safety": [it - 2.0, it - 1.0], "helpful": [1.0, 2.0]}
             (run / d / f"iter{it}" / "eval.json").write_text(json.dumps(
-                {"safety": summary(x, 0.0, 0.1, 0.0), "greedy": {"judge": jg},
-                 "sampled": {"judge": js}}))
+                {"label": f"V{it - 1}", "safety": sf, "greedy": {"judge": jg},
+                 "sampled": {"judge": js, "rm_parts": {"safety": [0.0], "helpful": [it * 1.0]}}}))
     (run / "rs" / "done.json").write_text(json.dumps(
         {"argv": ["train_rlhf.py", "--safety_share", "0.1"]}))
     buckets = {r: {"n": 10, "share": 0.2, "rm_vs_annotators": a, "ceiling": 1.0}
@@ -799,6 +801,11 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
     assert "| RS, 50% safety prompts (ablation, Fig. 15) | 2.0%" in text
     assert rows[1][2].startswith("sampled violation SFT 24.5% -> RS 5.0%")
     assert (tmp_path / "report_safety_share.png").is_file()
+    # Fig. 14: the safety RM's mean on safety prompts (-0.5 -> +0.5) and the helpfulness RM's on
+    # ordinary ones (1 -> 2), V0 against the rs stage's last model
+    assert "mean -0.500 (V0) -> +0.500 (V1); the helpfulness RM's on the ordinary prompts " \
+           "+1.000 -> +2.000" in text
+    assert (tmp_path / "report_safety_rm_scores.png").is_file()
     assert report.safety(tmp_path / "none", tmp_path)[0][0][2] == "not run"
 
 

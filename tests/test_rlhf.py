@@ -407,6 +407,16 @@ def test_combined_reward_is_the_papers_rule_by_hand():
     want = [1.0, -2.5, 0.5, -1.0, 3.0, 0.7]
     assert c.score(dialogs, replies).tolist() == pytest.approx(want)
     assert math.log(0.15 / 0.85) == pytest.approx(-1.7346, abs=1e-4)
+    # the evaluations keep each RM's own scores beside the combined one (Fig. 14)
+    rs = [sampling.Reply(t, True, 2) for t in replies]
+    parts = evaluate.rm_parts(c, dialogs, rs)
+    for k, m in (("helpful", helpful), ("safety", safety)):
+        assert parts[k] == pytest.approx([m.table[t] for t in replies])
+    assert evaluate.rm_parts(helpful, dialogs, rs) is None
+    assert "rm_parts" in evaluate._stats(dialogs[:3], rs[:3], c)
+    assert train_rlhf._light({"sampled": {"rm_parts": 1, "rm": 2}, "safety": {
+        "sampled": {"rm_parts": 1, "judge_scores": [1], "violation": 0.5}}}) == {
+        "sampled": {"rm": 2}, "safety": {"sampled": {"violation": 0.5}}}
 
 
 def test_safety_prompts_and_the_safety_rm_in_rejection_sampling(ckpts, tokenizer, tmp_path,
