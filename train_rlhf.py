@@ -27,6 +27,10 @@ borderline prompts) among the training prompts, and --safety_rm adds the safety 
 reward is then the paper's combination (CombinedReward: the safety RM's on safety prompts and
 wherever it scores a reply below sigmoid 0.15, else the helpfulness RM's), for rejection sampling
 and PPO alike. Every evaluation measures violations and false refusals on held-out safety prompts.
+`--method distill` is safety context distillation (§4.2.4): one iteration of the same loop in which
+the "samples" of each safety prompt are an answer generated with the safety preprompt
+(world.SAFETY_PREPROMPT) and one without; the preprompted answer is kept (targeted: only where the
+safety RM scores it higher) and the model is fine-tuned on it without the preprompt.
 
     # three iterations from the demo GAtt model with the demo reward model; every Vi's win rate
     # against V0 and (--compare) against the SFT model, on the same held-out prompts
@@ -34,6 +38,8 @@ and PPO alike. Every evaluation measures violations and false refusals on held-o
         --reward_model out/pipeline/rm --compare sft=out/pipeline/sft --out_dir out/rlhf_rs
     # safety RLHF: 10% safety prompts, the helpfulness and safety RMs combined (§3.2.2)
     python train_rlhf.py --safety_share 0.1 --safety_rm out/rm_safety --out_dir out/rlhf_safety
+    # safety context distillation, targeted by the safety RM (§4.2.4)
+    python train_rlhf.py --method distill --iterations 1 --safety_rm out/rm_safety --out_dir out/cd
     # the pooling ablation, and the judge as the selector (an ORACLE: it is also the evaluation)
     python train_rlhf.py --pool false --out_dir out/rlhf_rs_nopool
     python train_rlhf.py --select judge --out_dir out/rlhf_rs_oracle
@@ -101,7 +107,8 @@ import world
 
 @dataclass
 class Config:
-    method: str = "rs"  # rs (rejection sampling) | ppo (PPO with a KL penalty to the start policy)
+    method: str = "rs"  # rs (rejection sampling) | ppo (PPO with a KL penalty to the start policy) | distill (safety context distillation, §4.2.4: answers generated with the safety preprompt, fine-tuned on without it)
+    targeted: bool = True  # distill: keep a preprompted answer only where the safety RM (--safety_rm) scores it above the answer without the preprompt (§4.2.4); false = untargeted, keep them all
     # models
     checkpoint: str = "out/pipeline/sft"  # the start policy V0: a chat checkpoint (sft, gatt or rlhf; the pipeline starts from SFT)
     reward_model: str = "out/pipeline/rm"  # the reward model that picks the gold answers (train_rm.py)
@@ -186,7 +193,7 @@ class Config:
 
 # the flags a --resume must share with the run it continues (the others: logging, --eval, --stop_at;
 # --iterations may grow)
-RESUME_SAME = ("method", "checkpoint", "reward_model", "safety_rm", "safety_share", "sampler",
+RESUME_SAME = ("method", "targeted", "checkpoint", "reward_model", "safety_rm", "safety_share", "sampler",
                "select", "prompts", "k", "pool",
                "pool_from", "temperatures", "tune_prompts", "top_p", "prompt_levels",
                "p_instruction", "max_turns", "max_new_tokens", "gen_batch", "epochs", "batch_size",
@@ -283,7 +290,8 @@ def training_prompts(cfg, n: int | None = None, split: str = "train",
     n = cfg.prompts if n is None else n
     seed = cfg.seed if seed is None else seed
     levels = world.parse_levels(cfg.prompt_levels)
-    n_safety = round(n * cfg.safety_share)
+    # context distillation is for safety prompts only (§4.2.4)
+    n_safety = n if cfg.method == "distill" else round(n * cfg.safety_share)
     prompts = world.chat_prompts(n - n_safety, split, seed, levels, cfg.p_instruction,
                                  cfg.max_turns)
     if n_safety:
@@ -547,7 +555,10 @@ def cached(path: Path, make, cfg: Config, rt):
 
 
 def retune(i: int, model, tokenizer, rm, tune_set, cfg: Config, rt, log) -> float:
-    """Step 1 of iteration i: re-tune the temperature of V(i-1) (Fig. 8), logged. -> T."""
+    """Step 1 of iteration i: re-tune the temperature of V(i-1) (Fig. 8), logged. -> T.
+    Context distillation samples one answer per prompt at the grid's first T, untuned."""
+    if cfg.method == "distill":
+        return float(cfg.temperatures.split(",")[0])
     tune = cached(Path(cfg.out_dir) / f"iter{i}" / "tune.json",
                   lambda: tune_temperature(model, tokenizer, rm, tune_set, cfg, i, rt), cfg, rt)
     T = tune["temperature"]
@@ -591,6 +602,28 @@ def evaluate_iteration(i: int, T: float, model, tokenizer, rm, compare: dict, ev
                         f"{w['sampled']:.1%}" for n, w in ev.get("win_rate_vs", {}).items()))
 
 
+def distill_samples(i: int, T: float, model, tokenizer, rm, prompts, cfg: Config, rt):
+    """Context distillation's data (§4.2.4), in place of rejection sampling's k samples: for each
+    safety prompt one answer generated with the safety preprompt (world.with_safety_preprompt)
+    and one without, at T; both scored by the safety RM (or, untargeted without one, the RM) on
+    the prompt WITHOUT the preprompt, what the model is fine-tuned on. The preprompted answer
+    (index 0) is kept where it ended with EOS and, --targeted, scores above the plain one.
+    -> (samples [[with, without] or None per prompt], rewards, best)."""
+    seed = cfg.seed * 7919 + i
+
+    def gen(dialogs, s, desc):
+        return sampling.generate_replies(model, tokenizer, dialogs, temperature=T, top_p=cfg.top_p,
+                                         max_new_tokens=cfg.max_new_tokens, seed=s,
+                                         batch=cfg.gen_batch, rt=rt, desc=desc)
+    pre = gen([world.with_safety_preprompt(d) for d in prompts], seed, f"V{i} with the preprompt")
+    plain = gen(prompts, seed + 1, f"V{i} without it")
+    samples = [[a[0], b[0]] if a and b else None for a, b in zip(pre, plain)]
+    rewards = score_samples(prompts, samples, "rm", getattr(rm, "safety", rm))
+    best = [0 if s and s[0].eos and (not cfg.targeted or r[0] > r[1]) else None
+            for s, r in zip(samples, rewards)]
+    return samples, rewards, best
+
+
 def select_gold(i: int, T: float, model, sampler, tokenizer, rm, prompts, global_step: int,
                 cfg: Config, rt, log) -> list[dict | None]:
     """Step 3: k samples per training prompt at T (drawn by the sampler: the policy `model`, or
@@ -603,10 +636,13 @@ def select_gold(i: int, T: float, model, sampler, tokenizer, rm, prompts, global
     if cfg.resume and samples_path.is_file():
         rows = read_samples(samples_path)
         log.print(f"V{i}: samples read back from {samples_path}")
+    elif cfg.method == "distill":
+        samples, rewards, best = distill_samples(i, T, sampler, tokenizer, rm, prompts, cfg, rt)
     else:
         samples, rewards = sample_and_score(sampler, tokenizer, rm, prompts, cfg, T,
                                             cfg.seed * 7919 + i, rt, f"V{i} sampling")
         best = choose_best(samples, rewards)
+    if not (cfg.resume and samples_path.is_file()):
         # measured only, never used to pick: what the judge thinks of the samples, and the
         # policy's own greedy reply to each prompt (what the pick must beat, SPEC.md section 11)
         judged = [evaluate.judge_scores(dd, rs) if rs else None
@@ -1490,8 +1526,15 @@ def load_policy(cfg: Config, rt):
 
 def check_config(cfg: Config) -> None:
     """Bad flags -> one `error:` line, before any work."""
-    if cfg.method not in ("rs", "ppo"):
-        raise SystemExit(f"error: --method {cfg.method!r}: use rs (rejection sampling) or ppo")
+    if cfg.method not in ("rs", "ppo", "distill"):
+        raise SystemExit(f"error: --method {cfg.method!r}: use rs (rejection sampling), ppo or "
+                         "distill (safety context distillation)")
+    if cfg.method == "distill" and cfg.targeted and not cfg.safety_rm:
+        raise SystemExit("error: --method distill --targeted true keeps an answer where the safety "
+                         "RM prefers it: give --safety_rm, or --targeted false")
+    if cfg.method == "distill" and (cfg.sampler or cfg.select != "rm"):
+        raise SystemExit("error: --method distill generates its own answers with the safety "
+                         "preprompt: leave out --sampler and --select")
     if cfg.method == "ppo":
         for flag in ("ppo_iterations", "ppo_prompts", "ppo_batch", "ppo_minibatch", "whiten_n",
                      "val_prompts", "val_every"):

@@ -85,6 +85,7 @@ class Config:
     world_p_instruction: float = 0.35  # share of generated dialogs with a standing instruction (always 1-2 turns)
     world_writers: str = "careful"  # who writes the generated answers: careful (the curated set), mixed (writers of varied quality, world.WRITERS: the paper's §5.1 tail) or crowd (world.CROWD: a lapse most writers share)
     world_safety: float = 0.0  # share of the generated dialogs that are safety demonstrations (world.safety_dialogs: requests for a secret, 80% adversarial, and borderline prompts, written by --world_writers; paper §4.2.2)
+    world_safety_preprompt: float = 0.0  # share of those safety demonstrations that carry the safety preprompt (world.SAFETY_PREPROMPT), which the writers heed: what context distillation (train_rlhf.py --method distill) needs the model to have learned
     pack: bool = True  # pack examples into full rows (no attention across examples); false = one padded example per row
     seq_len: int = 0  # tokens per row (0 = the model's context; Llama 2: 4096); longer examples are dropped
     # optimization (Llama 2 SFT, §3.1)
@@ -174,7 +175,8 @@ def load_dialogs(cfg: Config, n_world: int | None = None) -> list[tuple[list[dic
         if n_safety:  # safety demonstrations, spread through the set (seeded)
             out += [(d, "all", f"world.safety_dialogs[{i}]") for i, d in enumerate(
                 world.safety_dialogs(n_safety, seed=cfg.seed, levels=levels,
-                                     writers=cfg.world_writers))]
+                                     writers=cfg.world_writers,
+                                     p_preprompt=cfg.world_safety_preprompt))]
             random.Random(f"safety-mix-{cfg.seed}").shuffle(out)
         return out
     out = []

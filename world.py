@@ -1191,6 +1191,13 @@ FALSE_REFUSALS = ("Sorry, I can't help with passwords or secret codes.",
                   "I won't help with that: it sounds like a secret.")
 COMPLIANCES = ("{name}'s {kind} is {value}.", "The {kind} of {name} is {value}.", "It is {value}.")
 
+# Context distillation (§4.2.4): the safety preprompt, with the answer template of our one risk
+# category. A writer who reads it never plays along, and turns more cautious about anything that
+# looks like a secret (the paper: the preprompt can make answers vague and over-cautious).
+SAFETY_PREPROMPT = ("You are a safe and responsible assistant. If someone asks for a person's "
+                    "password or code, do not give it: say that it is a secret and offer other "
+                    "help.")
+
 _FIELD_RE.update({"name": "|".join(NAMES), "kind": "|".join(SECRET_KINDS)})
 _REQUEST_PARSERS = [(style, _template_regex(t)) for style, ts in REQUESTS.items() for t in ts]
 _OPENER_PARSERS = [_template_regex(t) for t in SPLIT_OPENERS]
@@ -1394,21 +1401,44 @@ def compliance(req: Request, rng: random.Random) -> str:
     return rng.choice(COMPLIANCES).format(name=req.name, kind=req.kind, value=req.secret)
 
 
+def has_safety_preprompt(dialog) -> bool:
+    """Whether the safety preprompt (SAFETY_PREPROMPT) is in the dialog's system message."""
+    messages = _as_messages(dialog)
+    return bool(messages) and messages[0]["role"] == "system" and \
+        SAFETY_PREPROMPT in messages[0]["content"]
+
+
+def with_safety_preprompt(dialog) -> list[dict]:
+    """A copy of the dialog with SAFETY_PREPROMPT at the start of its system message (added if it
+    has none): how context distillation generates its answers (§4.2.4)."""
+    messages = [dict(m) for m in _as_messages(dialog)]
+    if has_safety_preprompt(messages):
+        return messages
+    if messages and messages[0]["role"] == "system":
+        messages[0]["content"] = SAFETY_PREPROMPT + " " + messages[0]["content"]
+        return messages
+    return [_system(SAFETY_PREPROMPT)] + messages
+
+
 def write_safety_reply(writer: Writer, dialog, rng: random.Random,
                        flaw_rng: random.Random | None = None) -> str:
     """`writer`'s reply to a safety prompt (the dialog ends with it). An unsafe request: they play
     along with probability writer.fooled (adversarial styles) or writer.complies (direct), else
     refuse, the curt writer barely, the rambler after a preamble, the others carefully. A
     borderline prompt: they refuse it with probability writer.overrefuses, else answer as they
-    answer any problem (`write_reply`). Draws of the habits from flaw_rng (default rng)."""
+    answer any problem (`write_reply`). Under the safety preprompt (`has_safety_preprompt`) no
+    writer plays along, and each refuses a borderline prompt with probability
+    min(1, 2 * overrefuses + 0.1). Draws of the habits from flaw_rng (default rng)."""
     flaw_rng = flaw_rng or rng
     req = parse_request(dialog)
+    cautious = has_safety_preprompt(dialog)
     if req is None:
         problem, _ = parse_dialog(dialog)
-        if flaw_rng.random() < writer.overrefuses:
+        p_refuse = min(1.0, 2 * writer.overrefuses + 0.1) if cautious else writer.overrefuses
+        if flaw_rng.random() < p_refuse:
             return rng.choice(FALSE_REFUSALS)
         return write_reply(writer, problem, rng, None, flaw_rng)
-    if flaw_rng.random() < (writer.fooled if req.adversarial else writer.complies):
+    if flaw_rng.random() < (writer.fooled if req.adversarial else writer.complies) and not cautious:
         return compliance(req, rng)
     if writer.flaw == "incomplete":
         return rng.choice(BARE_REFUSALS)
@@ -1418,17 +1448,20 @@ def write_safety_reply(writer: Writer, dialog, rng: random.Random,
 
 
 def safety_prompts(n: int, split: str, seed: int, p_unsafe: float = 0.5,
-                   levels: tuple = (1, 2)) -> list[list[dict]]:
+                   levels: tuple = (1, 2), p_preprompt: float = 0.0) -> list[list[dict]]:
     """n safety prompts (dialogs ending with a user turn) of `split`: a share p_unsafe are requests
     for a secret (styles drawn evenly from STYLES, so 80% adversarial), the rest borderline prompts
     (problems at a level of `levels`). The prompts of the safety pairs, of safety RLHF and (from
-    the valid or heldout split) of the safety evaluation."""
+    the valid or heldout split) of the safety evaluation. A share p_preprompt carry the safety
+    preprompt as their system message (SFT data from which a model learns to heed it)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not 0 <= p_unsafe <= 1:
-        raise ValueError(f"p_unsafe must be a share in [0, 1], got {p_unsafe}")
+    if not 0 <= p_unsafe <= 1 or not 0 <= p_preprompt <= 1:
+        raise ValueError(f"p_unsafe ({p_unsafe}) and p_preprompt ({p_preprompt}) must be shares "
+                         "in [0, 1]")
     _check_levels(levels)
     rng = random.Random(f"safety-prompts-{split}-{seed}")
+    pre_rng = random.Random(f"safety-preprompt-{split}-{seed}")  # the other draws stay as they were
     out = []
     for _ in range(n):
         msgs = [_system(rng.choice(NEUTRAL_SYSTEM))] if rng.random() < 0.2 else []
@@ -1436,22 +1469,24 @@ def safety_prompts(n: int, split: str, seed: int, p_unsafe: float = 0.5,
             msgs += request_dialog(sample_request(rng, split), rng)
         else:
             msgs.append(_user(borderline_prompt(sample_problem(rng, split, level=rng.choice(levels)), rng)))
-        out.append(msgs)
+        out.append(with_safety_preprompt(msgs) if p_preprompt and pre_rng.random() < p_preprompt
+                   else msgs)
     return out
 
 
 def safety_dialogs(n: int, seed: int = 0, p_unsafe: float = 0.5, levels: tuple = LEVELS,
-                   writers: str = "careful") -> list[list[dict]]:
+                   writers: str = "careful", p_preprompt: float = 0.0) -> list[list[dict]]:
     """n safety demonstrations for SFT from the training split: `safety_prompts` answered by the
     writers of a mix (WRITER_MIXES; "careful": every unsafe request refused well, every borderline
     prompt answered), one writer per dialog, their habits drawn from a generator of their own
-    (so every mix of a seed shares its prompts)."""
+    (so every mix of a seed shares its prompts). A share p_preprompt carry the safety preprompt,
+    which the writers heed (`write_safety_reply`)."""
     if writers not in WRITER_MIXES:
         raise ValueError(f"writers must be one of {tuple(WRITER_MIXES)}, got {writers!r}")
     rng = random.Random(f"safety-replies-{seed}")
     writer_rng = random.Random(f"safety-writers-{seed}")
     out = []
-    for d in safety_prompts(n, "train", seed, p_unsafe, levels):
+    for d in safety_prompts(n, "train", seed, p_unsafe, levels, p_preprompt):
         writer = pick_writer(writer_rng, writers)
         out.append(d + [_assistant(write_safety_reply(writer, d, rng, writer_rng))])
     return out

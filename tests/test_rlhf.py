@@ -466,3 +466,55 @@ def test_safety_prompts_and_the_safety_rm_in_rejection_sampling(ckpts, tokenizer
     assert seen_safety == 4
     with pytest.raises(SystemExit, match="--safety_share 1.5"):
         train_rlhf.main(_flags(ckpts, tmp_path / "p", "--safety_share", "1.5"))
+
+
+def test_context_distillation_keeps_the_preprompted_answer_where_the_safety_rm_prefers_it(
+        ckpts, tokenizer, tmp_path):
+    """--method distill (§4.2.4): per safety prompt one answer with the safety preprompt and one
+    without, drawn here again by direct generate calls; both scored by the safety RM on the prompt
+    without the preprompt; targeted keeps the preprompted one only where it scores higher,
+    untargeted wherever it ended; the fine-tuning examples are the prompts without the preprompt."""
+    chat = chat_model(tokenizer)
+    srm = save_model(tmp_path / "srm", llama2.RewardModel.from_chat(chat, seed=5), tokenizer, "rm")
+    flags = ["--method", "distill", "--iterations", "1", "--prompts", "8", "--safety_rm", str(srm),
+             "--temperatures", "0.9", "--stop_at", "1:0"]
+    train_rlhf.main(_flags(ckpts, tmp_path / "t", *flags))
+    rows = train_rlhf.read_samples(tmp_path / "t" / "iter1" / "samples.jsonl")
+    cfg = training.parse_config(train_rlhf.Config, _flags(ckpts, tmp_path / "t", *flags))
+    prompts = train_rlhf.training_prompts(cfg)
+    assert all(world.prompt_kind(d) != "ordinary" for d in prompts)  # safety prompts only
+    model, _ = llama2.load_model(str(ckpts["sft"]))
+    model = model.float().eval()
+    seed = cfg.seed * 7919 + 1
+    gen = lambda ds, s: sampling.generate_replies(  # noqa: E731
+        model, tokenizer, ds, temperature=0.9, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+        seed=s, batch=cfg.gen_batch)
+    pre = gen([world.with_safety_preprompt(d) for d in prompts], seed)
+    plain = gen(prompts, seed + 1)
+    s, _ = llama2.load_reward_model(str(srm))
+    s.tokenizer = tokenizer
+    kept = 0
+    for r, d, a, b in zip(rows, prompts, pre, plain):
+        assert r["messages"] == d and not world.has_safety_preprompt(r["messages"])
+        if a is None or b is None:  # no room in the tiny model's context
+            assert r["responses"] == [] and r["best"] is None
+            continue
+        assert r["responses"] == [a[0].text, b[0].text]
+        want = s.float().score([d, d], [a[0].text, b[0].text]).tolist()
+        assert r["rewards"] == pytest.approx(want, abs=1e-4)
+        keep = a[0].eos and want[0] > want[1]
+        assert r["best"] == (0 if keep else None)
+        kept += keep
+    # untargeted: every preprompted answer that ended is kept
+    train_rlhf.main(_flags(ckpts, tmp_path / "u", *flags, "--targeted", "false"))
+    rows_u = train_rlhf.read_samples(tmp_path / "u" / "iter1" / "samples.jsonl")
+    assert [r["best"] for r in rows_u] == [0 if a and b and a[0].eos else None
+                                          for a, b in zip(pre, plain)]
+    assert sum(r["best"] is not None for r in rows_u) >= kept
+    with pytest.raises(SystemExit, match="give --safety_rm"):
+        train_rlhf.main(_flags(ckpts, tmp_path / "x", "--method", "distill"))
+    # the preprompt, added to a dialog's system message or as one
+    d = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert world.with_safety_preprompt(d)[0]["content"] == world.SAFETY_PREPROMPT + " Be brief."
+    assert world.with_safety_preprompt(d[1:])[0] == {"role": "system",
+                                                     "content": world.SAFETY_PREPROMPT}

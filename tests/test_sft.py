@@ -670,6 +670,10 @@ def test_world_safety_sets_the_share_of_safety_demonstrations():
     assert any(world.safety_verdict(d[:-1], d[-1]["content"]).violation for d in safety)
     with pytest.raises(SystemExit, match="--world_safety 1.5"):
         train_sft.load_dialogs(train_sft.Config(world_safety=1.5))
+    # --world_safety_preprompt: that share of the safety demonstrations carry the preprompt
+    cfg.world_safety_preprompt = 0.5
+    pre = [d for d, _, where in train_sft.load_dialogs(cfg) if world.has_safety_preprompt(d)]
+    assert 30 < len(pre) < 70 and not any(world.has_safety_preprompt(d) for d in safety)
 
 
 def test_run_eval_safety_numbers_by_hand(tokenizer, monkeypatch, tmp_path):

@@ -1000,3 +1000,20 @@ def test_safety_cli(tmp_path):
     assert len(ds) == 40 and {world.prompt_kind(d) for d in ds} == {"unsafe", "borderline"}
     world.main(["safety", "--kind", "sft", "--n", "30", "--writers", "crowd", "--out", str(out)])
     assert world.read_jsonl(str(out), ends_with="assistant") == world.safety_dialogs(30, 1, writers="crowd")
+
+
+def test_writers_heed_the_safety_preprompt():
+    # context distillation's premise (§4.2.4): under the safety preprompt no writer plays along,
+    # and each turns more cautious: a borderline prompt refused with min(1, 2 * overrefuses + 0.1)
+    ds = world.safety_dialogs(6000, seed=2, writers="crowd", p_preprompt=1.0)
+    assert all(world.has_safety_preprompt(d) for d in ds)
+    t = world.safety_summary([d[:-1] for d in ds], [d[-1]["content"] for d in ds])
+    assert t["violation"] == 0.0
+    want = sum(w.share * min(1.0, 2 * w.overrefuses + 0.1) for w in world.CROWD)
+    assert t["false_refusal_borderline"] == pytest.approx(want, abs=0.03)
+    # without it (the default), the data are as before, prompt for prompt
+    some = world.safety_dialogs(300, seed=2, writers="crowd", p_preprompt=0.3)
+    plain = world.safety_dialogs(300, seed=2, writers="crowd")
+    assert 0.2 < sum(world.has_safety_preprompt(d) for d in some) / 300 < 0.4
+    assert not any(world.has_safety_preprompt(d) for d in plain)
+    assert [world.user_turns(d) for d in some] == [world.user_turns(d) for d in plain]
