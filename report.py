@@ -953,6 +953,127 @@ def _fig14(run: Path, out: Path) -> list[str]:
     return sec
 
 
+def _safety_rm(run: Path, srm: dict, paper_rm: str):
+    """The safety RM's summary row and section: Table 8's safety row beside the paper's,
+    its categories, the 0.15 threshold, each RM on the other's pairs."""
+    rows, sec = [], []
+    b = srm["buckets"]
+    names = [r for r in RATINGS if r != "average"] + ["average"]
+    ours = " / ".join(_pct(b[r].get("rm_vs_annotators")) if r in b else "-" for r in names)
+    t = srm.get("threshold", {})
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    rows.append(["safety RM accuracy (§4.2, Table 8)", paper_rm,
+                 f"{ours}; threshold 0.15: precision {fmt(t.get('precision'))}, recall "
+                 f"{fmt(t.get('recall'))}",
+                 "floor 50% (a coin); ceiling " + " / ".join(
+                     _pct(b[r].get("ceiling")) if r in b else "-" for r in names),
+                 f"{srm['n']} held-out safety pairs of a simulated world; one kind of harm "
+                 "(a secret) where the paper has many"])
+    sec += ["", "### The safety reward model", "",
+            f"{srm['n']} held-out safety pairs (held-out people and problems), accuracy % by "
+            "the annotators' rating; the floor is a coin, the ceiling the noise-free judge "
+            "against the noisy annotators.", "",
+            "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+            "| paper, Table 8 (Safety RM, Meta Safety) | " + " | ".join(
+                f"{PAPER_TABLE8_SAFETY[r]}" for r in names) + " |",
+            "| pairs (share) | " + " | ".join(
+                f"{b[r]['n']} ({100 * b[r]['share']:.0f}%)" if r in b else "-"
+                for r in names) + " |"]
+    for label, key in (("ours vs annotators", "rm_vs_annotators"),
+                       ("ours vs judge", "rm_vs_judge"), ("ceiling", "ceiling")):
+        sec.append(f"| {label} | " + " | ".join(
+            f"{100 * b[r][key]:.1f}" if r in b and key in b[r] else "-" for r in names) + " |")
+    cats = srm.get("by_category", {})
+    if cats:
+        sec += ["", "By the paper's categories (§4.2.1; pairs whose chosen reply is unsafe "
+                "and the other safe are dropped, as there):", "",
+                "| category | share (paper) | share (ours) | ours vs annotators | ours vs judge |",
+                "|---|---|---|---|---|"]
+        sec += [f"| {c.replace('_', ' ')} | {PAPER_CATEGORIES[c]}% | {100 * v['share']:.0f}% | "
+                f"{_pct(v.get('rm_vs_annotators'))} | {_pct(v.get('rm_vs_judge'))} |"
+                for c, v in cats.items()]
+    if t:
+        sec += ["", f"sigmoid(safety RM score) < 0.15 taken as \"unsafe\" over {t['n']} "
+                f"held-out replies ({t['unsafe']} unsafe by the judge): precision "
+                f"{fmt(t.get('precision'))}, recall {fmt(t.get('recall'))} (the paper: 0.89 / "
+                f"0.55; floor: flag every reply, precision {t['unsafe'] / max(1, t['n']):.2f}, "
+                "recall 1). The combined reward switches to the safety RM there."]
+    hrm = _json(run / "rm" / "eval.json")
+    cross = [(n, e) for n, e in (("the helpfulness RM on the safety pairs",
+                                  (hrm or {}).get("other", {}).get("safety")),
+                                 ("the safety RM on the helpfulness pairs",
+                                  srm.get("other", {}).get("helpfulness"))) if e]
+    if cross:
+        sec += [""] + [f"- {n}: {_pct(e['buckets']['average'].get('rm_vs_annotators'))} "
+                       f"of {e['n']} held-out pairs (ceiling "
+                       f"{_pct(e['buckets']['average'].get('ceiling'))})" for n, e in cross]
+    return rows[0], sec
+
+
+def _safety_table(run: Path, out: Path, models: list, paper_rl: str):
+    """The models' violations and false refusals beside the floors (rows, section), the
+    paper's Fig. 14 and Fig. 15's curve."""
+    rows, sec = [], []
+    fl = models[0][1]["floor"]
+    sec += ["", "### Violations and false refusals of each model", "",
+            f"{models[0][1]['n']} held-out safety prompts and the judged evaluation's ordinary "
+            "prompts; one greedy reply and one sampled at Meta's chat default (T 0.6, top-p "
+            "0.9: how a user meets the model, and where the tail lives). Floors: always refuse "
+            "/ never refuse. Judged helpfulness is on the ordinary prompts (floor: an empty "
+            "reply; ceiling 1.0).", "",
+            "| model | violation, sampled (adversarial / direct) | violation, greedy | false "
+            "refusal, borderline, sampled / greedy | false refusal, ordinary, greedy | judged "
+            "helpfulness, greedy / sampled |", "|---|---|---|---|---|---|",
+            f"| floor: always refuse | {_pct(fl['always_refuse']['violation'])} | | "
+            f"{_pct(fl['always_refuse']['false_refusal_borderline'])} | 100% | |",
+            f"| floor: never refuse | {_pct(fl['never_refuse']['violation'])} | | "
+            f"{_pct(fl['never_refuse']['false_refusal_borderline'])} | 0% | |"]
+    for label, s, h in models:
+        g, x = s["greedy"], s["sampled"]
+        hs = f"{h['greedy']:.3f}" + (f" / {h['sampled']:.3f}" if "sampled" in h else "")
+        sec.append(f"| {label} | {_pct(x['violation'])} ({_pct(x['violation_adversarial'])} / "
+                   f"{_pct(x['violation_direct'])}) | {_pct(g['violation'])} | "
+                   f"{_pct(x['false_refusal_borderline'])} / "
+                   f"{_pct(g['false_refusal_borderline'])} | "
+                   f"{_pct(g.get('false_refusal_ordinary'))} | {hs} |")
+    by = dict((lab, s) for lab, s, _ in models)
+    sft = by.get("SFT")
+    rl = next(((lab, s) for lab, s, _ in models if lab.startswith("RS V1")), None)
+    if sft and rl:
+        rows.append(["safety RLHF: violations, false refusals (§4.2)", paper_rl,
+                     f"sampled violation SFT {_pct(sft['sampled']['violation'])} -> RS "
+                     f"{_pct(rl[1]['sampled']['violation'])}; false refusal borderline "
+                     f"{_pct(sft['sampled']['false_refusal_borderline'])} -> "
+                     f"{_pct(rl[1]['sampled']['false_refusal_borderline'])}, ordinary "
+                     f"{_pct(rl[1]['greedy'].get('false_refusal_ordinary'))}",
+                     "floors: always refuse (0% violation, 100% false refusal), never refuse "
+                     "(100%, 0%)", WHY_SMALL])
+    sec += _fig14(run, out)
+    curve = [(float(p.name[8:]), _last_policy_eval(p)) for p in run.glob("rs_share*")]
+    rs_e = _last_policy_eval(run / "rs")
+    share = _stage_flag(run, "rs", "--safety_share")
+    if rs_e and share:
+        curve.append((float(share), rs_e))
+    curve = sorted((x, e) for x, e in curve if e and "safety" in e)
+    if len(curve) >= 2:
+        plt = evaluate._plt()
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+        xs = [100 * x for x, _ in curve]
+        pc = lambda v: float("nan") if v is None else 100 * v  # noqa: E731 (no such prompt)
+        ax.plot(xs, [pc(e["safety"]["sampled"]["violation"]) for _, e in curve], "o-",
+                label="violation, sampled (%)")
+        ax.plot(xs, [pc(e["safety"]["sampled"]["false_refusal_borderline"]) for _, e in curve],
+                "s-", label="false refusal, borderline, sampled (%)")
+        ax.plot(xs, [100 * e["sampled"]["judge"] for _, e in curve], "^-",
+                label="judged helpfulness x100, sampled")
+        ax.set(xlabel="safety prompts in RLHF (%)", ylim=(0, 105),
+               title="Safety data in RLHF (the paper's Fig. 15)")
+        ax.legend(fontsize=8)
+        evaluate._save(fig, out / "report_safety_share.png")
+        _img(sec, out, "report_safety_share.png", "safety share in RLHF (Fig. 15)")
+    return rows, sec
+
+
 def safety(run: Path, out: Path):
     """Safety (§4.2): the safety RM's accuracy (Table 8's safety row, by category, the 0.15
     threshold), each model's violation and false-refusal rates beside the floors, the share of
@@ -976,116 +1097,14 @@ def safety(run: Path, out: Path):
                      "a reply that gives a secret or plays along; a false refusal is a refused "
                      "benign prompt. Held-out people and problems only."]
     if srm is not None:
-        b = srm["buckets"]
-        names = [r for r in RATINGS if r != "average"] + ["average"]
-        ours = " / ".join(_pct(b[r].get("rm_vs_annotators")) if r in b else "-" for r in names)
-        t = srm.get("threshold", {})
-        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        rows.append(["safety RM accuracy (§4.2, Table 8)", paper_rm,
-                     f"{ours}; threshold 0.15: precision {fmt(t.get('precision'))}, recall "
-                     f"{fmt(t.get('recall'))}",
-                     "floor 50% (a coin); ceiling " + " / ".join(
-                         _pct(b[r].get("ceiling")) if r in b else "-" for r in names),
-                     f"{srm['n']} held-out safety pairs of a simulated world; one kind of harm "
-                     "(a secret) where the paper has many"])
-        sec += ["", "### The safety reward model", "",
-                f"{srm['n']} held-out safety pairs (held-out people and problems), accuracy % by "
-                "the annotators' rating; the floor is a coin, the ceiling the noise-free judge "
-                "against the noisy annotators.", "",
-                "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-                "| paper, Table 8 (Safety RM, Meta Safety) | " + " | ".join(
-                    f"{PAPER_TABLE8_SAFETY[r]}" for r in names) + " |",
-                "| pairs (share) | " + " | ".join(
-                    f"{b[r]['n']} ({100 * b[r]['share']:.0f}%)" if r in b else "-"
-                    for r in names) + " |"]
-        for label, key in (("ours vs annotators", "rm_vs_annotators"),
-                           ("ours vs judge", "rm_vs_judge"), ("ceiling", "ceiling")):
-            sec.append(f"| {label} | " + " | ".join(
-                f"{100 * b[r][key]:.1f}" if r in b and key in b[r] else "-" for r in names) + " |")
-        cats = srm.get("by_category", {})
-        if cats:
-            sec += ["", "By the paper's categories (§4.2.1; pairs whose chosen reply is unsafe "
-                    "and the other safe are dropped, as there):", "",
-                    "| category | share (paper) | share (ours) | ours vs annotators | ours vs judge |",
-                    "|---|---|---|---|---|"]
-            sec += [f"| {c.replace('_', ' ')} | {PAPER_CATEGORIES[c]}% | {100 * v['share']:.0f}% | "
-                    f"{_pct(v.get('rm_vs_annotators'))} | {_pct(v.get('rm_vs_judge'))} |"
-                    for c, v in cats.items()]
-        if t:
-            sec += ["", f"sigmoid(safety RM score) < 0.15 taken as \"unsafe\" over {t['n']} "
-                    f"held-out replies ({t['unsafe']} unsafe by the judge): precision "
-                    f"{fmt(t.get('precision'))}, recall {fmt(t.get('recall'))} (the paper: 0.89 / "
-                    f"0.55; floor: flag every reply, precision {t['unsafe'] / max(1, t['n']):.2f}, "
-                    "recall 1). The combined reward switches to the safety RM there."]
-        hrm = _json(run / "rm" / "eval.json")
-        cross = [(n, e) for n, e in (("the helpfulness RM on the safety pairs",
-                                      (hrm or {}).get("other", {}).get("safety")),
-                                     ("the safety RM on the helpfulness pairs",
-                                      srm.get("other", {}).get("helpfulness"))) if e]
-        if cross:
-            sec += [""] + [f"- {n}: {_pct(e['buckets']['average'].get('rm_vs_annotators'))} "
-                           f"of {e['n']} held-out pairs (ceiling "
-                           f"{_pct(e['buckets']['average'].get('ceiling'))})" for n, e in cross]
+        row, more = _safety_rm(run, srm, paper_rm)
+        rows.append(row)
+        sec += more
     if models:
-        fl = models[0][1]["floor"]
-        sec += ["", "### Violations and false refusals of each model", "",
-                f"{models[0][1]['n']} held-out safety prompts and the judged evaluation's ordinary "
-                "prompts; one greedy reply and one sampled at Meta's chat default (T 0.6, top-p "
-                "0.9: how a user meets the model, and where the tail lives). Floors: always refuse "
-                "/ never refuse. Judged helpfulness is on the ordinary prompts (floor: an empty "
-                "reply; ceiling 1.0).", "",
-                "| model | violation, sampled (adversarial / direct) | violation, greedy | false "
-                "refusal, borderline, sampled / greedy | false refusal, ordinary, greedy | judged "
-                "helpfulness, greedy / sampled |", "|---|---|---|---|---|---|",
-                f"| floor: always refuse | {_pct(fl['always_refuse']['violation'])} | | "
-                f"{_pct(fl['always_refuse']['false_refusal_borderline'])} | 100% | |",
-                f"| floor: never refuse | {_pct(fl['never_refuse']['violation'])} | | "
-                f"{_pct(fl['never_refuse']['false_refusal_borderline'])} | 0% | |"]
-        for label, s, h in models:
-            g, x = s["greedy"], s["sampled"]
-            hs = f"{h['greedy']:.3f}" + (f" / {h['sampled']:.3f}" if "sampled" in h else "")
-            sec.append(f"| {label} | {_pct(x['violation'])} ({_pct(x['violation_adversarial'])} / "
-                       f"{_pct(x['violation_direct'])}) | {_pct(g['violation'])} | "
-                       f"{_pct(x['false_refusal_borderline'])} / "
-                       f"{_pct(g['false_refusal_borderline'])} | "
-                       f"{_pct(g.get('false_refusal_ordinary'))} | {hs} |")
-        by = dict((lab, s) for lab, s, _ in models)
-        sft = by.get("SFT")
-        rl = next(((lab, s) for lab, s, _ in models if lab.startswith("RS V1")), None)
-        if sft and rl:
-            rows.append(["safety RLHF: violations, false refusals (§4.2)", paper_rl,
-                         f"sampled violation SFT {_pct(sft['sampled']['violation'])} -> RS "
-                         f"{_pct(rl[1]['sampled']['violation'])}; false refusal borderline "
-                         f"{_pct(sft['sampled']['false_refusal_borderline'])} -> "
-                         f"{_pct(rl[1]['sampled']['false_refusal_borderline'])}, ordinary "
-                         f"{_pct(rl[1]['greedy'].get('false_refusal_ordinary'))}",
-                         "floors: always refuse (0% violation, 100% false refusal), never refuse "
-                         "(100%, 0%)", WHY_SMALL])
-        sec += _fig14(run, out)
-        curve = [(float(p.name[8:]), _last_policy_eval(p)) for p in run.glob("rs_share*")]
-        rs_e = _last_policy_eval(run / "rs")
-        share = _stage_flag(run, "rs", "--safety_share")
-        if rs_e and share:
-            curve.append((float(share), rs_e))
-        curve = sorted((x, e) for x, e in curve if e and "safety" in e)
-        if len(curve) >= 2:
-            plt = evaluate._plt()
-            fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-            xs = [100 * x for x, _ in curve]
-            pc = lambda v: float("nan") if v is None else 100 * v  # noqa: E731 (no such prompt)
-            ax.plot(xs, [pc(e["safety"]["sampled"]["violation"]) for _, e in curve], "o-",
-                    label="violation, sampled (%)")
-            ax.plot(xs, [pc(e["safety"]["sampled"]["false_refusal_borderline"]) for _, e in curve],
-                    "s-", label="false refusal, borderline, sampled (%)")
-            ax.plot(xs, [100 * e["sampled"]["judge"] for _, e in curve], "^-",
-                    label="judged helpfulness x100, sampled")
-            ax.set(xlabel="safety prompts in RLHF (%)", ylim=(0, 105),
-                   title="Safety data in RLHF (the paper's Fig. 15)")
-            ax.legend(fontsize=8)
-            evaluate._save(fig, out / "report_safety_share.png")
-            _img(sec, out, "report_safety_share.png", "safety share in RLHF (Fig. 15)")
+        row, more = _safety_table(run, out, models, paper_rl)
+        rows += row
+        sec += more
     return rows, sec
-
 
 def timings(run: Path) -> list[str]:
     rows = []
