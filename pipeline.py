@@ -140,17 +140,18 @@ KNOBS = {
         rs_iterations=1, rm_seeds=(1, 2, 3), rm_fracs=(0.25, 0.5), rs_seeds=(2, 3),
         safety_shares=(0.0, 0.25, 0.5, 1.0),  # Fig. 15's curve beside the rs stage's share
         larger="small",  # the distillation ablation's sampler: 8.3M parameters, 2.6x the policy
-        # seconds on a 2-core CPU: session 13's run (AMD EPYC with AVX512-BF16, bfloat16;
-        # BENCHMARKS.md); the judge-picked GAtt and the margin RMs from earlier runs
-        estimate=dict(world_text=5, pretrain=372, eval_pretrain=28, sft=954, eval_sft=32,
-                      gatt1=42, gatt2=46, eval_gatt=34, rm=495, rs=171, ppo=226,
-                      eval_final=27, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
+        # seconds on a 2-core CPU: session 14's run (AMD EPYC with AVX512-BF16, bfloat16;
+        # BENCHMARKS.md), the recipe with safety; the judge-picked GAtt, the margin RMs, the
+        # curated SFT, the oracle and the larger model from session 13's
+        estimate=dict(world_text=3, pretrain=417, eval_pretrain=35, sft=787, eval_sft=33,
+                      gatt1=40, gatt2=37, eval_gatt=31, rm=450, rs=179, ppo=173,
+                      eval_final=26, gatt_judge1=190, gatt_judge2=250, eval_gatt_judge=60,
                       rm_margin=200, rm_ablation=10, report=5,
                       # the larger model (small, 8.3M), sharing the cores with other runs at times
                       pretrain_large=984, sft_large=2183, eval_sft_large=53, rs_distill=192,
-                      # safety (session 14's validation runs on this CPU: the safety RM trains
-                      # 2,222 pairs in 24 s; the rm stage builds the 2,500 safety pairs, +26 s)
-                      rm_safety=60)),
+                      # the safety RM trains 2,222 pairs in 24 s; the rm stage builds the 2,500
+                      # safety pairs beside its own (+26 s)
+                      rm_safety=38)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
