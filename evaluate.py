@@ -273,8 +273,8 @@ def safety_eval(model, tokenizer, cfg, rt=None, ordinary: tuple | None = None,
                             top_p=p)
         out[name] = world.safety_summary(prompts, [r.text for r in replies],
                                          [r.eos for r in replies])
-        if name == "sampled" and rm_parts(rm, prompts, replies):
-            out[name]["rm_parts"] = rm_parts(rm, prompts, replies)
+        if name == "sampled" and (parts := rm_parts(rm, prompts, replies)):
+            out[name]["rm_parts"] = parts
         if ordinary is not None and name == "greedy":
             o = world.safety_summary(*ordinary)
             out[name]["false_refusal_ordinary"] = o["false_refusal_ordinary"]

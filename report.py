@@ -986,7 +986,7 @@ def _safety_rm(run: Path, srm: dict, paper_rm: str):
     cats = srm.get("by_category", {})
     if cats:
         sec += ["", "By the paper's categories (§4.2.1; pairs whose chosen reply is unsafe "
-                "and the other safe are dropped, as there):", "",
+                "and the other safe are dropped, as there; floor 50%, a coin):", "",
                 "| category | share (paper) | share (ours) | ours vs annotators | ours vs judge |",
                 "|---|---|---|---|---|"]
         sec += [f"| {c.replace('_', ' ')} | {PAPER_CATEGORIES[c]}% | {100 * v['share']:.0f}% | "
