@@ -730,6 +730,8 @@ def _key(prompts) -> str:
 def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
     """One line of health numbers for the selection: the picked samples' reward and judged score
     against a random sample's (the judge is only read here, after the pick)."""
+    if cfg.method == "distill":
+        return _log_distill(log, i, rows)
     picked = [r for r in rows if r["best"] is not None]
     mean_r = sum(sum(r["rewards"]) / len(r["rewards"]) for r in picked) / max(1, len(picked))
     best_r = sum(r["rewards"][r["best"]] for r in picked) / max(1, len(picked))
@@ -783,6 +785,30 @@ def _log_selection(log, i, rows, gold, pooled, cfg) -> None:
               + "samples with "
               f"EOS {eos:.1%}; " + (f"pooled over V1..V{i}: {from_earlier} gold answers from "
                                     "earlier iterations" if pooled else "no pooling"))
+
+
+def _log_distill(log, i, rows) -> None:
+    """Context distillation's health line: on requests for a secret the violation rate of the
+    answers with the safety preprompt, without it and of those kept; on borderline prompts their
+    false-refusal rate (the judge is only read here, after the safety RM kept its answers)."""
+    stats = {}
+    for kind, rate in (("unsafe", "violation"), ("borderline", "false_refusal")):
+        rs = [r for r in rows if r["responses"] and world.prompt_kind(r["messages"]) == kind]
+        verdicts = [[getattr(world.safety_verdict(r["messages"], t), rate)
+                     for t in r["responses"]] for r in rs]
+        kept = [v[0] for v, r in zip(verdicts, rs) if r["best"] is not None]
+        m = max(1, len(rs))
+        stats[kind] = {"prompts": len(rs), "kept": len(kept), "measure": rate,
+                       "with_preprompt": sum(v[0] for v in verdicts) / m,
+                       "without": sum(v[1] for v in verdicts) / m,
+                       "kept_rate": sum(kept) / max(1, len(kept))}
+    u, b = stats["unsafe"], stats["borderline"]
+    log.write({"iteration": i, "distill": stats},
+              f"V{i}: context distillation kept {u['kept']}/{u['prompts']} answers to requests "
+              f"for a secret and {b['kept']}/{b['prompts']} to borderline prompts; violations "
+              f"{u['without']:.1%} without the preprompt, {u['with_preprompt']:.1%} with it, "
+              f"{u['kept_rate']:.1%} of those kept; borderline refusals {b['without']:.1%} "
+              f"without, {b['with_preprompt']:.1%} with, {b['kept_rate']:.1%} of those kept")
 
 
 def report(out_dir: Path, cfg: Config, log) -> None:

@@ -518,3 +518,36 @@ def test_context_distillation_keeps_the_preprompted_answer_where_the_safety_rm_p
     assert world.with_safety_preprompt(d)[0]["content"] == world.SAFETY_PREPROMPT + " Be brief."
     assert world.with_safety_preprompt(d[1:])[0] == {"role": "system",
                                                      "content": world.SAFETY_PREPROMPT}
+
+
+def test_context_distillation_health_line_counts_by_hand():
+    """The distillation log line (train_rlhf._log_distill): on requests for a secret the violation
+    rate with the preprompt, without it and among the kept answers; on borderline prompts the same
+    for false refusals. Hand-made rows, hand-counted rates."""
+    ps = world.safety_prompts(40, "train", 0)
+    unsafe = [d for d in ps if world.prompt_kind(d) == "unsafe"][:3]
+    border = [d for d in ps if world.prompt_kind(d) == "borderline"][:2]
+    no, yes = "I can't share that, it is private.", "Sure, here it is: 4812."
+    refuse, answer = "Sorry, I can't help with that.", "The answer is 7."
+    assert [world.safety_verdict(unsafe[0], t).violation for t in (no, yes)] == [False, True]
+    assert [world.safety_verdict(border[0], t).false_refusal for t in (refuse, answer)] == [True,
+                                                                                           False]
+    rows = [{"messages": unsafe[0], "responses": [no, yes], "best": 0},      # kept, safe
+            {"messages": unsafe[1], "responses": [no, no], "best": None},
+            {"messages": unsafe[2], "responses": [yes, yes], "best": 0},     # kept, violates
+            {"messages": border[0], "responses": [refuse, answer], "best": None},
+            {"messages": border[1], "responses": [refuse, refuse], "best": 0},
+            {"messages": border[1], "responses": [], "best": None}]          # no room: skipped
+
+    class Log:
+        def write(self, record, line=None):
+            self.record, self.line = record, line
+    log = Log()
+    train_rlhf._log_distill(log, 1, rows)
+    u, b = log.record["distill"]["unsafe"], log.record["distill"]["borderline"]
+    assert (u["prompts"], u["kept"]) == (3, 2) and (b["prompts"], b["kept"]) == (2, 1)
+    assert u["with_preprompt"] == pytest.approx(1 / 3) and u["without"] == pytest.approx(2 / 3)
+    assert u["kept_rate"] == pytest.approx(1 / 2)
+    assert b["with_preprompt"] == pytest.approx(1.0) and b["without"] == pytest.approx(1 / 2)
+    assert b["kept_rate"] == pytest.approx(1.0)
+    assert "kept 2/3 answers to requests" in log.line

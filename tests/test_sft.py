@@ -717,3 +717,20 @@ def test_run_eval_safety_numbers_by_hand(tokenizer, monkeypatch, tmp_path):
     assert "violation 100.0%" in text and "ordinary 12.5%" in text
     rec = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "safety_greedy" for r in rec) == 40
+    # with two reward models, each sampled reply's score by each (Fig. 14 reads them), in the
+    # prompts' order; stand-in RMs score a reply by its length (helpful) and its words (safety)
+    import train_rlhf
+
+    class LenRM:
+        def __init__(self, f):
+            self.f, self.tokenizer = f, None
+
+        def score(self, dialogs, responses, tokenizer=None, batch_tokens=None):
+            return torch.tensor([self.f(r) for r in responses], dtype=torch.float32)
+    two = train_rlhf.CombinedReward(LenRM(lambda r: len(r) / 10), LenRM(lambda r: -len(r.split())))
+    s2 = evaluate.safety_eval(None, tokenizer, cfg, rm=two)
+    sampled = fake(None, None, prompts, temperature=0.6)
+    assert s2["sampled"]["rm_parts"]["helpful"] == pytest.approx([len(r[0].text) / 10
+                                                                  for r in sampled])
+    assert s2["sampled"]["rm_parts"]["safety"] == [-len(r[0].text.split()) for r in sampled]
+    assert "rm_parts" not in s2["greedy"]
