@@ -815,14 +815,18 @@ def report(out_dir: Path, cfg: Config, log) -> None:
     """Fig. 7, Fig. 8 and the per-iteration plot; the over-optimization line."""
     evs = [json.loads((out_dir / f"iter{i}" / "eval.json").read_text())
            for i in range(1, cfg.iterations + 2)]
-    tunes = [json.loads((out_dir / f"iter{i}" / "tune.json").read_text())
-             for i in range(1, cfg.iterations + 2)]
+    # context distillation samples at the grid's first T, untuned: no tune.json, no Fig. 8
+    untuned = {"temperature": float(cfg.temperatures.split(",")[0])}
+    tunes = [json.loads(p.read_text()) if (p := out_dir / f"iter{i}" / "tune.json").is_file()
+             else untuned for i in range(1, cfg.iterations + 2)]
     evaluate.plot_best_of_n({e["label"]: e["best_of_n"] for e in evs}, out_dir / "best_of_n.png",
                             "Expected max (solid) and median (dashed) reward among N samples, "
                             f"{evaluate.split_words(cfg.eval_split)} prompts")
-    evaluate.plot_temperatures({f"V0 (start)": tunes[0]["curves"],
-                                f"V{cfg.iterations} (last)": tunes[-1]["curves"]},
-                               out_dir / "temperatures.png")
+    tuned = all("curves" in t for t in tunes)
+    if tuned:
+        evaluate.plot_temperatures({f"V0 (start)": tunes[0]["curves"],
+                                    f"V{cfg.iterations} (last)": tunes[-1]["curves"]},
+                                   out_dir / "temperatures.png")
     rows = [{**e, "iteration": i} for i, e in enumerate(evs)]
     evaluate.plot_iterations(rows, out_dir / "iterations.png")
     vs = list(rows[0].get("win_rate_vs", {}))  # --compare: the win rates against other models
@@ -863,8 +867,8 @@ def report(out_dir: Path, cfg: Config, log) -> None:
     with training.atomic_write(out_dir / "report.txt", "w") as fh:
         fh.write(text + "\n")
     log.print(text)
-    log.print(f"wrote {out_dir / 'report.txt'}, best_of_n.png (Fig. 7), temperatures.png "
-              f"(Fig. 8), iterations.png")
+    log.print(f"wrote {out_dir / 'report.txt'}, best_of_n.png (Fig. 7), "
+              + ("temperatures.png (Fig. 8), " if tuned else "") + "iterations.png")
 
 
 # -----------------------------------------------------------------------------------------------

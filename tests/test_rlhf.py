@@ -505,8 +505,16 @@ def test_context_distillation_keeps_the_preprompted_answer_where_the_safety_rm_p
         keep = a[0].eos and want[0] > want[1]
         assert r["best"] == (0 if keep else None)
         kept += keep
-    # untargeted: every preprompted answer that ended is kept
-    train_rlhf.main(_flags(ckpts, tmp_path / "u", *flags, "--targeted", "false"))
+    # untargeted: every preprompted answer that ended is kept; run to the end, evaluated, with
+    # its report (no temperature was tuned: no Fig. 8)
+    assert flags[-2:] == ["--stop_at", "1:0"]
+    train_rlhf.main(_flags(ckpts, tmp_path / "u", *flags[:-2], "--targeted", "false", "--eval",
+                           "true", "--eval_n", "4", "--eval_bestof_n", "2", "--eval_k", "2",
+                           "--eval_mt_n", "1", "--eval_turns", "2", "--eval_levels", "1",
+                           "--eval_safety_n", "4"))
+    assert (tmp_path / "u" / "V1" / "ckpt.pt").is_file()
+    assert "V1 | 0.9 |" in (tmp_path / "u" / "report.txt").read_text()
+    assert not (tmp_path / "u" / "temperatures.png").exists()
     rows_u = train_rlhf.read_samples(tmp_path / "u" / "iter1" / "samples.jsonl")
     assert [r["best"] for r in rows_u] == [0 if a and b and a[0].eos else None
                                           for a, b in zip(pre, plain)]
