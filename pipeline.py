@@ -91,9 +91,12 @@ KNOBS = {
         eval_pretrain=["--eval_n", "100", "--eval_bestof_n", "24", "--eval_k", "8",
                        "--eval_mt_n", "48", "--eval_turns", "12", "--eval_levels", "1,2"],
         # a tenth of the dialogs are safety demonstrations (requests for a secret, borderline
-        # prompts) by the same writers (world.safety_dialogs; paper §4.2.2)
+        # prompts) by the same writers (world.safety_dialogs; paper §4.2.2); a quarter of those
+        # carry the safety preprompt, which the writers heed, so that the model learns to heed it
+        # and context distillation (the cd stage) has something to distill
         world=["--data", "world", "--world_n", "3000", "--world_p_instruction", "0.5",
-               "--world_levels", "1,2", "--world_safety", "0.1"],
+               "--world_levels", "1,2", "--world_safety", "0.1",
+               "--world_safety_preprompt", "0.25"],
         # SFT sees 80,000 dialogs once: in session 5, 20,000 instead of 3,000 x 2 raised greedy
         # accuracy on held-out problems from 9% to 22%; in session 8, 80,000 instead of 20,000
         # raised it from 25% to 52.5% (judged 0.572 -> 0.736; BENCHMARKS.md, "The SFT budget").
@@ -151,7 +154,7 @@ KNOBS = {
                       pretrain_large=984, sft_large=2183, eval_sft_large=53, rs_distill=192,
                       # the safety RM trains 2,222 pairs in 24 s; the rm stage builds the 2,500
                       # safety pairs beside its own (+26 s)
-                      rm_safety=38)),
+                      rm_safety=38, cd=200)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
@@ -165,7 +168,8 @@ KNOBS = {
                        "--eval_mt_n", "4", "--eval_turns", "6", "--eval_levels", "1,2",
                        "--max_new_tokens", "32"],
         world=["--data", "world", "--world_n", "1200", "--world_p_instruction", "0.5",
-               "--world_levels", "1,2", "--world_safety", "0.1"],
+               "--world_levels", "1,2", "--world_safety", "0.1",
+               "--world_safety_preprompt", "0.25"],
         # 55 steps: with 10 (400 dialogs, 1 epoch) the SFT model never ended a reply (EOS 0%), so
         # no preference pair and no gold answer could be made; with 55 it ends 97% of them
         sft=["--epochs", "2", "--batch_size", "8", "--lr", "2e-3", "--warmup_steps", "3",
@@ -192,7 +196,7 @@ KNOBS = {
                       gatt2=17, eval_gatt=11, rm=90, rs=50, ppo=67, eval_final=12, gatt_judge1=17,
                       gatt_judge2=17, eval_gatt_judge=11, rm_margin=50, rm_ablation=4, report=8,
                       pretrain_large=100, sft_large=150, eval_sft_large=15, rs_distill=60,
-                      rm_safety=40)),
+                      rm_safety=40, cd=40)),
     "tiny": dict(
         world_lines=1500,
         pretrain=["--data", "{out}/world_text/world.txt", "--cache_dir", "{out}/pretrain/cache",
@@ -207,7 +211,8 @@ KNOBS = {
                        "--eval_mt_n", "2", "--eval_turns", "2", "--eval_levels", "1",
                        "--max_new_tokens", "8", "--device", "cpu"],
         world=["--data", "world", "--world_n", "40", "--world_p_instruction", "0.5",
-               "--world_levels", "1", "--world_safety", "0.1"],
+               "--world_levels", "1", "--world_safety", "0.1",
+               "--world_safety_preprompt", "0.25"],
         sft=["--epochs", "2", "--batch_size", "2", "--lr", "3e-3", "--warmup_steps", "1",
              "--save_every", "1", "--device", "cpu"],
         gatt=["--gatt_n", "3", "--gatt_min_turns", "2", "--gatt_max_turns", "2",
@@ -229,7 +234,7 @@ KNOBS = {
                       gatt2=5, eval_gatt=5, rm=6, rs=10, ppo=5, eval_final=5, gatt_judge1=5,
                       gatt_judge2=5, eval_gatt_judge=5, rm_margin=6, rm_ablation=3, report=3,
                       pretrain_large=5, sft_large=5, eval_sft_large=5, rs_distill=10,
-                      rm_safety=6)),
+                      rm_safety=6, cd=10)),
 }
 
 
@@ -505,19 +510,21 @@ def _ablation_stages(cfg: Config, out: Path, stages: list[Stage]) -> list[Stage]
                     _with_flags(rs.argv, seed=seed, out_dir=f"{o}/rs_seed{seed}"), rs.outputs,
                     ["sft", "rm"], est["rs"], resume=True, stop_flag="--stop_at", oracle=True,
                     tag="ablation") for seed in k.get("rs_seeds", ())]
-    extra += _safety_stages(cfg, o, rs)
+    extra += _safety_stages(cfg, o, stages)
     if not cfg.model:
         extra += _distill_stages(cfg, o, stages)
     return extra
 
 
-def _safety_stages(cfg: Config, o: str, rs: Stage) -> list[Stage]:
+def _safety_stages(cfg: Config, o: str, stages: list[Stage]) -> list[Stage]:
     """ABLATIONS of safety RLHF (paper §4.2), each the rs stage with one thing changed: the share
     of safety prompts (Fig. 15's curve; 0 is helpfulness-only data, the combined reward kept),
     helpfulness-only RLHF (no safety RM, no safety prompts), and one reward model trained on all
-    the pairs (helpfulness and safety) in place of the two combined."""
+    the pairs (helpfulness and safety) in place of the two combined; and context distillation from
+    PPO's model, targeted and untargeted (PPO's model is the one without)."""
     k = KNOBS[cfg.size]
     est = k["estimate"]
+    rs = next(s for s in stages if s.name == "rs")
     extra = [Stage(f"rs_share{share:g}", f"rejection sampling as the rs stage with {share:.0%} "
                                          "safety prompts (§4.2.3, Fig. 15)",
                    _with_flags(rs.argv, safety_share=share, out_dir=f"{o}/rs_share{share:g}"),
@@ -541,6 +548,28 @@ def _safety_stages(cfg: Config, o: str, rs: Stage) -> list[Stage]:
                                      safety_share=k["safety_share"], out_dir=f"{o}/rs_one"),
                          rs.outputs, ["sft", "rm_one"], est["rs"], resume=True,
                          stop_flag="--stop_at", oracle=True, tag="ablation")]
+    # safety context distillation (§4.2.4) from PPO's model (the recipe's final model: "none"),
+    # targeted and untargeted. Answers to safety prompts generated with the safety preprompt
+    # (which SFT taught the model to heed: a quarter of its safety demonstrations carry it), kept
+    # (targeted) where the safety RM scores them above the answer without it, fine-tuned on
+    # without the preprompt. An ablation, not the recipe's last step as in the paper: on the
+    # validation split (BENCHMARKS.md, session 15) the RLHF model already violated 0% of the
+    # requests, and targeted distillation left that at 0% and raised greedy borderline refusals
+    # from 3.4% to 12.7%, judged helpfulness level (0.657 -> 0.661 greedy)
+    o_safety = ["--safety_rm", f"{o}/rm_safety"]
+    cd = Stage("cd", "targeted safety context distillation on top of PPO: answers generated with "
+                     "the safety preprompt, kept where the safety RM prefers them, fine-tuned on "
+                     "without it (§4.2.4)",
+               ["train_rlhf.py", "--method", "distill", "--checkpoint", f"{o}/ppo",
+                "--reward_model", f"{o}/rm", *_fill(cfg, o, k["rs"]), *o_safety,
+                "--compare", f"sft={o}/sft", "--out_dir", f"{o}/cd"],
+               ["V1/ckpt.pt", "iter2/eval.json", "report.txt"], ["ppo", "rm", "rm_safety"],
+               est["cd"], resume=True, stop_flag="--stop_at", oracle=True, tag="ablation")
+    extra += [cd, Stage("cd_untargeted", "context distillation as the cd stage, untargeted: "
+                                         "every answer generated with the preprompt kept (§4.2.4)",
+                        _with_flags(cd.argv, targeted="false", out_dir=f"{o}/cd_untargeted"),
+                        cd.outputs, cd.needs, est["cd"], resume=True, stop_flag="--stop_at",
+                        oracle=True, tag="ablation")]
     return extra
 
 

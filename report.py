@@ -41,7 +41,7 @@ class Config:
 ABLATION_STAGES = re.compile(r"(eval_)?sft_curated|gatt_judge\d+|eval_gatt_judge|rm_ablation|"
                              r"rm_frac[\d.]+|rm_(none|small|large)_\d+|rm_nosyn|rs_oracle|"
                              r"(pretrain|(eval_)?sft)_large|rs_distill|rs_seed\d+|"
-                             r"rs_share[\d.]+|rs_help|rm_one|rs_one")
+                             r"rs_share[\d.]+|rs_help|rm_one|rs_one|cd|cd_untargeted")
 NOT_RUN = "not run"
 
 # the paper's results we set ours beside (its Tables 8 and 28)
@@ -920,8 +920,35 @@ def _safety_models(run: Path) -> list[tuple[str, dict, dict]]:
                         e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")}))
     ppo = _json(run / "ppo" / "eval_final.json")
     if ppo and "safety" in ppo:
-        out.append(("PPO (final)", ppo["safety"], {k: ppo[k]["judge"] for k in ("greedy", "sampled")}))
+        out.append(("PPO (final; no context distillation)", ppo["safety"],
+                    {k: ppo[k]["judge"] for k in ("greedy", "sampled")}))
+    for label, stage in (("context distillation, targeted (ablation)", "cd"),
+                         ("context distillation, untargeted (ablation)", "cd_untargeted")):
+        e = _last_policy_eval(run / stage)
+        if e and "safety" in e:
+            out.append((label, e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")}))
     return out
+
+
+def _distill_lines(run: Path) -> list[str]:
+    """What context distillation kept (the cd stages' selection records), one line per stage."""
+    sec = []
+    for label, stage in (("targeted", "cd"), ("untargeted", "cd_untargeted")):
+        path = run / stage / "metrics.jsonl"
+        rec = next((r["distill"] for r in training.read_jsonl(path, lambda obj, where: obj)
+                    if "distill" in r), None) if path.is_file() else None
+        if rec:
+            u, b = rec["unsafe"], rec["borderline"]
+            sec.append(f"- Context distillation, {label}, on {u['prompts'] + b['prompts']} "
+                       f"training safety prompts: kept {u['kept']}/{u['prompts']} answers to "
+                       f"requests and {b['kept']}/{b['prompts']} to borderline prompts. Violations "
+                       f"without the preprompt {_pct(u['without'])}, with it "
+                       f"{_pct(u['with_preprompt'])}, of those kept {_pct(u['kept_rate'])}; "
+                       f"borderline refusals {_pct(b['without'])}, {_pct(b['with_preprompt'])}, "
+                       f"{_pct(b['kept_rate'])} (floors: never refuse 100% / 0%, always refuse "
+                       "0% / 100%).")
+    return ["", "What context distillation (§4.2.4) kept; the judge only counts, after the "
+            "safety RM chose:", ""] + sec if sec else []
 
 
 def _fig14(run: Path, out: Path) -> list[str]:
@@ -1104,6 +1131,7 @@ def safety(run: Path, out: Path):
         row, more = _safety_table(run, out, models, paper_rl)
         rows += row
         sec += more
+    sec += _distill_lines(run)
     return rows, sec
 
 def timings(run: Path) -> list[str]:

@@ -718,6 +718,17 @@ def test_safety_stages_are_the_recipes_commands_with_one_thing_changed(tmp_path)
     assert pipeline._flag(rs_one, "--safety_share") == "0.1"
     assert all(st[n].oracle for n in ("rs_share0", "rs_help", "rm_one", "rs_one"))
     assert not st["rm_safety"].oracle
+    # context distillation (ablations): from PPO's model, targeted by the safety RM, and
+    # untargeted; SFT taught the model the preprompt
+    cd, un = st["cd"].argv, st["cd_untargeted"].argv
+    assert pipeline._flag(cd, "--method") == "distill" and "--targeted" not in cd
+    assert pipeline._flag(cd, "--checkpoint") == f"{o}/ppo" and "ppo" in st["cd"].needs
+    assert pipeline._flag(cd, "--safety_rm") == f"{o}/rm_safety"
+    assert pipeline._flag(un, "--targeted") == "false" and st["cd_untargeted"].oracle
+    assert strip(un, "--targeted", "--out_dir") == strip(cd, "--out_dir") and st["cd"].oracle
+    assert pipeline._flag(st["sft"].argv, "--world_safety_preprompt") == "0.25"
+    assert "cd" not in {s.name for s in pipeline.build_stages(pipeline.Config(size="full"),
+                                                              tmp_path)}
 
 
 def test_the_report_shows_the_rm_by_kind_with_and_without_synthetic_pairs(tmp_path):
@@ -763,7 +774,8 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
     (run / "eval_sft" / "eval.jsonl").write_text(json.dumps(
         {"kind": "summary", "total": 0.670, "safety": summary(0.245, 0.01, 0.172, 0.0)}) + "\n")
     for d, v, jg, js in (("rs", 0.05, 0.66, 0.67), ("rs_help", 0.30, 0.665, 0.66),
-                         ("rs_share0.5", 0.02, 0.65, 0.64)):
+                         ("rs_share0.5", 0.02, 0.65, 0.64), ("cd", 0.03, 0.655, 0.668),
+                         ("cd_untargeted", 0.01, 0.61, 0.6)):
         for it, x in ((1, 0.9), (2, v)):  # V0's evaluation, then V1's: the last one is read
             (run / d / f"iter{it}").mkdir(parents=True)
             sf = summary(x, 0.0, 0.1, 0.0)
@@ -786,8 +798,20 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
                                         "rm_vs_judge": 0.5}},
         "threshold": {"threshold": 0.15, "n": 959, "unsafe": 212, "flagged": 386,
                       "precision": 0.42, "recall": 0.76}}))
+    cd = {"unsafe": {"prompts": 10, "kept": 4, "with_preprompt": 0.1, "without": 0.3,
+                     "kept_rate": 0.0},
+          "borderline": {"prompts": 8, "kept": 2, "with_preprompt": 0.5, "without": 0.25,
+                         "kept_rate": 0.5}}
+    (run / "cd" / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "distill": cd}) + "\n")
     rows, sec = report.safety(run, tmp_path)
     text = "\n".join(sec)
+    assert "| context distillation, targeted (ablation) | 3.0% (3.0% / 0.0%) | 0.0% | " \
+           "10.0% / 10.0% | 0.0% | 0.655 / 0.668 |" in text
+    assert "| context distillation, untargeted (ablation) | 1.0%" in text
+    assert "Context distillation, targeted, on 18 training safety prompts: kept 4/10 answers to " \
+           "requests and 2/8 to borderline prompts. Violations without the preprompt 30.0%, with " \
+           "it 10.0%, of those kept 0.0%; borderline refusals 25.0%, 50.0%, 50.0%" in text
+    assert "untargeted, on" not in text  # its stage wrote no selection record
     assert rows[0][2] == ("89.8% / 77.3% / 62.5% / 57.3% / 71.6%; threshold 0.15: precision 0.42, "
                           "recall 0.76")
     assert "| safer | 18% | 25% | 99.0% | 99.0% |" in text
