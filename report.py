@@ -1131,8 +1131,28 @@ def safety(run: Path, out: Path):
         row, more = _safety_table(run, out, models, paper_rl)
         rows += row
         sec += more
+        rows += _distill_row(models)
     sec += _distill_lines(run)
     return rows, sec
+
+
+def _distill_row(models: list) -> list[list[str]]:
+    """The summary row of context distillation (§4.2.4): PPO's model (none) against the cd stages,
+    on violations, borderline refusals and judged helpfulness (sampled); [] when none ran."""
+    by = {lab.split(" (")[0]: (s, h) for lab, s, h in models}
+    runs = [(name, by[key]) for name, key in (("none (PPO)", "PPO"),
+                                              ("targeted", "context distillation, targeted"),
+                                              ("untargeted", "context distillation, untargeted"))
+            if key in by]
+    if not any(name != "none (PPO)" for name, _ in runs):
+        return []
+    ours = "; ".join(f"{name}: violation {_pct(s['sampled']['violation'])}, borderline refusal "
+                     f"{_pct(s['sampled']['false_refusal_borderline'])}, judged "
+                     f"{h['sampled']:.3f}" for name, (s, h) in runs)
+    return [["context distillation (§4.2.4), sampled",
+             "targeted distillation adds safety; untargeted makes answers vague and refuses more",
+             ours, "floors: always refuse (0% violation, 100% refusal), never refuse (100%, 0%)",
+             WHY_SMALL]]
 
 def timings(run: Path) -> list[str]:
     rows = []

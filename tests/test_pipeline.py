@@ -803,6 +803,10 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
           "borderline": {"prompts": 8, "kept": 2, "with_preprompt": 0.5, "without": 0.25,
                          "kept_rate": 0.5}}
     (run / "cd" / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "distill": cd}) + "\n")
+    (run / "ppo").mkdir()
+    (run / "ppo" / "eval_final.json").write_text(json.dumps(
+        {"safety": summary(0.04, 0.0, 0.1, 0.0), "greedy": {"judge": 0.66},
+         "sampled": {"judge": 0.671}}))
     rows, sec = report.safety(run, tmp_path)
     text = "\n".join(sec)
     assert "| context distillation, targeted (ablation) | 3.0% (3.0% / 0.0%) | 0.0% | " \
@@ -812,6 +816,10 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
            "requests and 2/8 to borderline prompts. Violations without the preprompt 30.0%, with " \
            "it 10.0%, of those kept 0.0%; borderline refusals 25.0%, 50.0%, 50.0%" in text
     assert "untargeted, on" not in text  # its stage wrote no selection record
+    cd_row = next(r for r in rows if r[0].startswith("context distillation"))
+    assert cd_row[2] == ("none (PPO): violation 4.0%, borderline refusal 10.0%, judged 0.671; "
+                         "targeted: violation 3.0%, borderline refusal 10.0%, judged 0.668; "
+                         "untargeted: violation 1.0%, borderline refusal 10.0%, judged 0.600")
     assert rows[0][2] == ("89.8% / 77.3% / 62.5% / 57.3% / 71.6%; threshold 0.15: precision 0.42, "
                           "recall 0.76")
     assert "| safer | 18% | 25% | 99.0% | 99.0% |" in text
@@ -823,6 +831,7 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
            "10.0% / 10.0% | 0.0% | 0.660 / 0.670 |" in text
     assert "| RS, helpfulness RM only, no safety prompts (ablation) | 30.0%" in text
     assert "| RS, 50% safety prompts (ablation, Fig. 15) | 2.0%" in text
+    assert "| PPO (final; no context distillation) | 4.0%" in text
     assert rows[1][2].startswith("sampled violation SFT 24.5% -> RS 5.0%")
     assert (tmp_path / "report_safety_share.png").is_file()
     # Fig. 14: the safety RM's mean on safety prompts (-0.5 -> +0.5) and the helpfulness RM's on
