@@ -532,8 +532,9 @@ def _seed_spread(run: Path) -> list[str]:
     """The last rejection-sampling model's judged change over SFT for each seed (the rs stage and
     its rs_seed<N> ablations: other training prompts, samples, data order and held-out prompts;
     SFT and the RM the same), paired over each run's own held-out prompts with its standard error,
-    then the mean and standard deviation over the seeds; [] with fewer than two seeds."""
-    rows, gains = [], []
+    then the mean and standard deviation over the seeds; with safety RLHF also each seed's
+    violations and borderline refusals (sampled); [] with fewer than two seeds."""
+    rows, gains, safety = [], [], []
     seeds = [d for d in run.glob("rs_seed*") if d.name[len("rs_seed"):].isdigit()]
     for d in [run / "rs"] + sorted(seeds, key=lambda d: int(d.name[len("rs_seed"):])):
         j = 1
@@ -548,23 +549,31 @@ def _seed_spread(run: Path) -> list[str]:
                   for k in ("greedy", "sampled"))
         w = e.get("win_rate_vs", {}).get("sft")
         gains.append((g[0], smp[0]))
+        sf = e.get("safety", {}).get("sampled")  # safety RLHF: the sampled replies' safety
+        if sf:
+            safety.append((sf["violation"], sf["false_refusal_borderline"]))
         rows.append(f"| {seed} | V{j - 1} | {g[0]:+.3f} +- {g[1]:.3f} | {smp[0]:+.3f} +- "
                     f"{smp[1]:.3f} | " + (f"{w['greedy']:.0%} / {w['sampled']:.0%}" if w else "-")
-                    + " |")
+                    + (f" | {_pct(sf['violation'])} / {_pct(sf['false_refusal_borderline'])} |"
+                       if sf else " | - |"))
     if len(gains) < 2:
         return []
 
-    def mean_sd(xs):
+    def mean_sd(xs, fmt="+.3f"):
         m = sum(xs) / len(xs)
-        return f"{m:+.3f}, sd {math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)):.3f}"
+        sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+        return f"{m:{fmt}}, sd {sd:{fmt.lstrip('+')}}"
+    both = (f" {mean_sd([v for v, _ in safety], '.1%')} / {mean_sd([f for _, f in safety], '.1%')} |"
+            if len(safety) == len(gains) else " |")
     return ["", f"Over seeds (the rs stage and its rs_seed ablations: other training prompts, "
             "samples, data order and held-out prompts; the SFT model and the RM the same), the "
             "last model's judged change over SFT, paired over each run's own held-out prompts "
             "(+- one standard error); floor 0 (no change):", "",
             "| seed | model | judged change greedy | judged change sampled | win rate vs SFT "
-            "(greedy / sampled) |", "|---|---|---|---|---|", *rows,
+            "(greedy / sampled) | violation / borderline refusal, sampled (floors: never refuse "
+            "100% / 0%, always refuse 0% / 100%) |", "|---|---|---|---|---|---|", *rows,
             f"| mean over {len(gains)} seeds | | {mean_sd([g for g, _ in gains])} | "
-            f"{mean_sd([x for _, x in gains])} | |"]
+            f"{mean_sd([x for _, x in gains])} | |" + both]
 
 
 def _selection_table(run: Path) -> list[str]:

@@ -295,10 +295,22 @@ def test_the_report_shows_the_spread_of_rejection_samplings_gain_over_seeds(tmp_
         (run / d / "done.json").write_text(json.dumps(
             {"argv": ["train_rlhf.py"] + (["--seed", seed] if seed else [])}))
     text = "\n".join(report._seed_spread(run))
-    assert "| 1337 (the recipe's) | V1 | +0.200 +- 0.100 | +0.000 +- 0.000 | 75% / 50% |" in text
-    assert "| 2 | V1 | +0.000 +- 0.100 | +0.200 +- 0.000 | 75% / 50% |" in text
+    assert "| 1337 (the recipe's) | V1 | +0.200 +- 0.100 | +0.000 +- 0.000 | 75% / 50% | - |" \
+        in text
+    assert "| 2 | V1 | +0.000 +- 0.100 | +0.200 +- 0.000 | 75% / 50% | - |" in text
     # mean (+0.2, 0) -> +0.1, sd 0.141; (0, +0.2) -> +0.1, sd 0.141
-    assert "| mean over 2 seeds | | +0.100, sd 0.141 | +0.100, sd 0.141 | |" in text
+    assert "| mean over 2 seeds | | +0.100, sd 0.141 | +0.100, sd 0.141 | | |" in text
+    # with safety RLHF each seed's sampled violations and borderline refusals, and their mean:
+    # violations 4% and 8% -> 6.0%, sd 2.8%; refusals 10% and 20% -> 15.0%, sd 7.1%
+    for d, v, f in (("rs", 0.04, 0.1), ("rs_seed2", 0.08, 0.2)):
+        p = run / d / "iter2" / "eval.json"
+        e = json.loads(p.read_text())
+        e["safety"] = {"sampled": {"violation": v, "false_refusal_borderline": f}}
+        p.write_text(json.dumps(e))
+    text = "\n".join(report._seed_spread(run))
+    assert "| 2 | V1 | +0.000 +- 0.100 | +0.200 +- 0.000 | 75% / 50% | 8.0% / 20.0% |" in text
+    assert "| mean over 2 seeds | | +0.100, sd 0.141 | +0.100, sd 0.141 | | 6.0%, sd 2.8% / " \
+           "15.0%, sd 7.1% |" in text
     shutil.rmtree(run / "rs_seed2")
     assert report._seed_spread(run) == []  # one seed: no spread to show
 
