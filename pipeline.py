@@ -154,7 +154,9 @@ KNOBS = {
                       pretrain_large=984, sft_large=2183, eval_sft_large=53, rs_distill=192,
                       # the safety RM trains 2,222 pairs in 24 s; the rm stage builds the 2,500
                       # safety pairs beside its own (+26 s)
-                      rm_safety=38, cd=200)),
+                      rm_safety=38,
+                      # context distillation (session 15): 512 safety prompts, two answers each
+                      cd=90)),
     "quick": dict(
         world_lines=3000,
         pretrain=["--data", "shakespeare,{out}/world_text/world.txt", "--model", "demo",
