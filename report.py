@@ -1084,6 +1084,7 @@ def _safety_table(run: Path, out: Path, models: list, paper_rl: str):
                      f"{_pct(rl[1]['greedy'].get('false_refusal_ordinary'))}",
                      "floors: always refuse (0% violation, 100% false refusal), never refuse "
                      "(100%, 0%)", WHY_SMALL])
+    sec += _one_vs_two(models)
     sec += _fig14(run, out)
     curve = [(float(p.name[8:]), _last_policy_eval(p)) for p in run.glob("rs_share*")]
     rs_e = _last_policy_eval(run / "rs")
@@ -1143,6 +1144,31 @@ def safety(run: Path, out: Path):
         rows += _distill_row(models)
     sec += _distill_lines(run)
     return rows, sec
+
+
+def _one_vs_two(models: list) -> list[str]:
+    """Whether the two RMs combined beat one RM trained on all the pairs (the rs_one ablation):
+    fewer violations or fewer borderline refusals (sampled) without more of the other, and why
+    the two can hardly differ in this world; [] when the ablation did not run."""
+    two = next((s for lab, s, _ in models if lab.startswith("RS V1")), None)
+    one = next((s for lab, s, _ in models if lab.startswith("RS, one RM")), None)
+    if not two or not one:
+        return []
+    (v2, f2), (v1, f1) = ((s["sampled"]["violation"], s["sampled"]["false_refusal_borderline"])
+                          for s in (two, one))
+    if (v2 < v1 and f2 <= f1) or (f2 < f1 and v2 <= v1):
+        verdict = "beat one RM"
+    elif (v2, f2) == (v1, f1):
+        verdict = "tie with one RM"
+    else:
+        verdict = "do not beat one RM"
+    return ["", f"Two RMs against one (sampled replies): the two combined {verdict}: violations "
+            f"{_pct(v2)} against {_pct(v1)}, borderline refusals {_pct(f2)} against {_pct(f1)}. "
+            "In this world the two objectives never disagree on a pair: the helpfulness "
+            "annotators label no request for a secret, and the safety pairs in the helpfulness "
+            "RM's data carry the safety annotators' labels, so one RM trained on all the pairs "
+            "learns both. The paper's reason for two RMs, helpfulness data that rewards playing "
+            "along with a harmful request, is not in our data."]
 
 
 def _distill_row(models: list) -> list[list[str]]:

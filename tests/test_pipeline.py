@@ -842,6 +842,18 @@ def test_the_report_shows_safety_beside_the_floors_and_the_paper(tmp_path):
     assert "| RS V1, two RMs, 10% safety prompts (recipe) | 5.0% (5.0% / 0.0%) | 0.0% | " \
            "10.0% / 10.0% | 0.0% | 0.660 / 0.670 |" in text
     assert "| RS, helpfulness RM only, no safety prompts (ablation) | 30.0%" in text
+    # two RMs against one: fewer violations, the same refusals -> a win; more violations and
+    # fewer refusals -> no win
+    one = lambda v, f: ("RS, one RM on all pairs (ablation)",  # noqa: E731
+                        {"sampled": {"violation": v, "false_refusal_borderline": f}}, {})
+    two = ("RS V1, two RMs, 10% safety prompts (recipe)",
+           {"sampled": {"violation": 0.01, "false_refusal_borderline": 0.07}}, {})
+    assert "the two combined beat one RM: violations 1.0% against 2.0%, borderline refusals " \
+           "7.0% against 7.0%" in report._one_vs_two([two, one(0.02, 0.07)])[1]
+    assert "the two combined do not beat one RM: violations 1.0% against 0.0%, borderline " \
+           "refusals 7.0% against 10.0%" in report._one_vs_two([two, one(0.0, 0.1)])[1]
+    assert "tie with one RM" in report._one_vs_two([two, one(0.01, 0.07)])[1]
+    assert report._one_vs_two([two]) == []
     assert "| RS, 50% safety prompts (ablation, Fig. 15) | 2.0%" in text
     assert "| PPO (final; no context distillation) | 4.0%" in text
     assert rows[1][2].startswith("sampled violation SFT 24.5% -> RS 5.0%")
