@@ -360,3 +360,4 @@ if val_loss is not None:
     log.print(f"done: {step} steps, {step * tokens_per_step:,} tokens in {minutes:.0f}m{seconds:02.0f}s"
               f", val loss {val_loss:.4f}, val ppl {math.exp(val_loss):.2f}; checkpoint {ckpt_path}")
 training.cleanup_runtime()
+training.end_process()  # under torchrun: no interpreter teardown (see there)

@@ -1635,3 +1635,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    training.end_process()  # under torchrun: no interpreter teardown (see there)

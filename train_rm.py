@@ -1163,3 +1163,4 @@ def train(rm, model, optimizer, examples, per_rank: int, start_step: int, max_st
 
 if __name__ == "__main__":
     main()
+    training.end_process()  # under torchrun: no interpreter teardown (see there)

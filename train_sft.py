@@ -416,3 +416,4 @@ def train(model, wrapped, optimizer, examples, rows, start_step: int, max_steps:
 
 if __name__ == "__main__":
     main()
+    training.end_process()  # under torchrun: no interpreter teardown (see there)

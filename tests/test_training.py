@@ -403,3 +403,19 @@ def test_log_progress_prints_counts_rate_and_time_left_in_a_log(capsys, monkeypa
     monkeypatch.setattr(training.time, "perf_counter", iter(range(0, 100, 10)).__next__)
     quiet = training.LogProgress(range(5), every=0.0)
     assert list(quiet) == list(range(5)) and quiet.n == 5 and capsys.readouterr().out == ""
+
+
+def test_end_process_leaves_at_once_under_torchrun_only(tmp_path):
+    """training.end_process: with WORLD_SIZE > 1 (torchrun) it flushes and exits 0 at once (what
+    follows never runs), with one process it returns."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import training; print('before', flush=False); training.end_process(); "
+            "print('after')")
+    root = Path(__file__).resolve().parents[1]
+    for world, want in (("2", "before\n"), ("1", "before\nafter\n")):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                              text=True, env={**__import__("os").environ, "WORLD_SIZE": world},
+                              timeout=120)
+        assert (proc.returncode, proc.stdout) == (0, want), proc.stderr[-2000:]
