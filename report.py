@@ -916,26 +916,17 @@ def _safety_models(run: Path) -> list[tuple[str, dict, dict]]:
             out.append((label, s["safety"], {"greedy": s["total"]}))
     share = _stage_flag(run, "rs", "--safety_share")
     share = f"{float(share):.0%}" if share else "?"
-    for label, stage in ((f"RS V1, two RMs, {share} safety prompts (recipe)", "rs"),
-                         ("RS, helpfulness RM only, no safety prompts (ablation)", "rs_help"),
-                         ("RS, one RM on all pairs (ablation)", "rs_one")):
-        e = _last_policy_eval(run / stage)
-        if e and "safety" in e:
-            out.append((label, e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")}))
-    for p in sorted(run.glob("rs_share*"), key=lambda p: float(p.name[8:] or 0)):
-        e = _last_policy_eval(p)
-        if e and "safety" in e:
-            out.append((f"RS, {float(p.name[8:]):.0%} safety prompts (ablation, Fig. 15)",
-                        e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")}))
-    ppo = _json(run / "ppo" / "eval_final.json")
-    if ppo and "safety" in ppo:
-        out.append(("PPO (final; no context distillation)", ppo["safety"],
-                    {k: ppo[k]["judge"] for k in ("greedy", "sampled")}))
-    for label, stage in (("context distillation, targeted (ablation)", "cd"),
-                         ("context distillation, untargeted (ablation)", "cd_untargeted")):
-        e = _last_policy_eval(run / stage)
-        if e and "safety" in e:
-            out.append((label, e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")}))
+    last = _last_policy_eval
+    evals = [(f"RS V1, two RMs, {share} safety prompts (recipe)", last(run / "rs")),
+             ("RS, helpfulness RM only, no safety prompts (ablation)", last(run / "rs_help")),
+             ("RS, one RM on all pairs (ablation)", last(run / "rs_one"))]
+    evals += [(f"RS, {float(p.name[8:]):.0%} safety prompts (ablation, Fig. 15)", last(p))
+              for p in sorted(run.glob("rs_share*"), key=lambda p: float(p.name[8:] or 0))]
+    evals += [("PPO (final; no context distillation)", _json(run / "ppo" / "eval_final.json")),
+              ("context distillation, targeted (ablation)", last(run / "cd")),
+              ("context distillation, untargeted (ablation)", last(run / "cd_untargeted"))]
+    out += [(label, e["safety"], {k: e[k]["judge"] for k in ("greedy", "sampled")})
+            for label, e in evals if e and "safety" in e]
     return out
 
 

@@ -554,11 +554,16 @@ def cached(path: Path, make, cfg: Config, rt):
     return obj
 
 
+def untuned_temperature(cfg: Config) -> float:
+    """Context distillation's T: the grid's first, never tuned (one answer per prompt)."""
+    return float(cfg.temperatures.split(",")[0])
+
+
 def retune(i: int, model, tokenizer, rm, tune_set, cfg: Config, rt, log) -> float:
     """Step 1 of iteration i: re-tune the temperature of V(i-1) (Fig. 8), logged. -> T.
     Context distillation samples one answer per prompt at the grid's first T, untuned."""
     if cfg.method == "distill":
-        return float(cfg.temperatures.split(",")[0])
+        return untuned_temperature(cfg)
     tune = cached(Path(cfg.out_dir) / f"iter{i}" / "tune.json",
                   lambda: tune_temperature(model, tokenizer, rm, tune_set, cfg, i, rt), cfg, rt)
     T = tune["temperature"]
@@ -815,14 +820,14 @@ def report(out_dir: Path, cfg: Config, log) -> None:
     """Fig. 7, Fig. 8 and the per-iteration plot; the over-optimization line."""
     evs = [json.loads((out_dir / f"iter{i}" / "eval.json").read_text())
            for i in range(1, cfg.iterations + 2)]
-    # context distillation samples at the grid's first T, untuned: no tune.json, no Fig. 8
-    untuned = {"temperature": float(cfg.temperatures.split(",")[0])}
-    tunes = [json.loads(p.read_text()) if (p := out_dir / f"iter{i}" / "tune.json").is_file()
-             else untuned for i in range(1, cfg.iterations + 2)]
+    # context distillation samples at an untuned T: no tune.json, no Fig. 8
+    tuned = cfg.method != "distill"
+    tunes = [json.loads((out_dir / f"iter{i}" / "tune.json").read_text()) if tuned
+             else {"temperature": untuned_temperature(cfg)}
+             for i in range(1, cfg.iterations + 2)]
     evaluate.plot_best_of_n({e["label"]: e["best_of_n"] for e in evs}, out_dir / "best_of_n.png",
                             "Expected max (solid) and median (dashed) reward among N samples, "
                             f"{evaluate.split_words(cfg.eval_split)} prompts")
-    tuned = all("curves" in t for t in tunes)
     if tuned:
         evaluate.plot_temperatures({f"V0 (start)": tunes[0]["curves"],
                                     f"V{cfg.iterations} (last)": tunes[-1]["curves"]},

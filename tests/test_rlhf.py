@@ -28,6 +28,12 @@ def ckpts(tokenizer, tmp_path_factory):
             "other": save_model(d / "other", plain_model(tokenizer, seed=1), tokenizer, "sft")}
 
 
+class _Log:
+    """Stands in for training.MetricsLog: keeps the last record and its line."""
+    def write(self, record, text=None):
+        self.record, self.text = record, text
+
+
 def _flags(ckpts, out, *more):
     # float32 on every CPU: these runs are compared to float32 rounding;
     # test_bf16.py checks bfloat16
@@ -360,10 +366,7 @@ def test_selection_log_counts_right_answers_of_the_pick_by_hand():
             {"messages": d2, "responses": ["c-a-t", "It is c-a-t."], "rewards": [0.5, 0.2],
              "judged": [1.0, 1.0], "best": 0, "eos": [True, True], "temperature": 1.0}]
 
-    class Log:
-        def write(self, record, text):
-            self.record, self.text = record, text
-    log = Log()
+    log = _Log()
     train_rlhf._log_selection(log, 1, rows, [None, None], False, train_rlhf.Config(k=2))
     c = log.record["selection"]["correct"]
     # prompt 1: one of two right, the pick wrong, any right; prompt 2: both right, the pick right
@@ -546,11 +549,7 @@ def test_context_distillation_health_line_counts_by_hand():
             {"messages": border[0], "responses": [refuse, answer], "best": None},
             {"messages": border[1], "responses": [refuse, refuse], "best": 0},
             {"messages": border[1], "responses": [], "best": None}]          # no room: skipped
-
-    class Log:
-        def write(self, record, line=None):
-            self.record, self.line = record, line
-    log = Log()
+    log = _Log()
     train_rlhf._log_distill(log, 1, rows)
     u, b = log.record["distill"]["unsafe"], log.record["distill"]["borderline"]
     assert (u["prompts"], u["kept"]) == (3, 2) and (b["prompts"], b["kept"]) == (2, 1)
@@ -558,4 +557,4 @@ def test_context_distillation_health_line_counts_by_hand():
     assert u["kept_rate"] == pytest.approx(1 / 2)
     assert b["with_preprompt"] == pytest.approx(1.0) and b["without"] == pytest.approx(1 / 2)
     assert b["kept_rate"] == pytest.approx(1.0)
-    assert "kept 2/3 answers to requests" in log.line
+    assert "kept 2/3 answers to requests" in log.text
